@@ -1,0 +1,82 @@
+"""The FastAPI app factory: settings → storage → bootstrap → routers → middleware."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from atelier import __version__
+from atelier.api import errors
+from atelier.api.limits import body_limit
+from atelier.api.metrics import Metrics
+from atelier.api.routes import audit, completions, health, keys, models
+from atelier.config import PACKAGE_DIR, Settings, get_settings
+from atelier.registry.db import make_engine, make_sessionmaker
+from atelier.registry.shipped import ensure_shipped
+from atelier.registry.store import BlobStore
+from atelier.runtime.manager import ModelManager
+from atelier.safety import audit as audit_log
+from atelier.safety.keys import create_key, list_keys
+
+log = logging.getLogger("atelier")
+
+
+def bootstrap(settings: Settings, sessions, blobs: BlobStore) -> str | None:
+    """First start: create the admin key (returned once, stored hashed); register shipped models."""
+    secret = None
+    with sessions() as db:
+        if not list_keys(db):
+            key, secret = create_key(db, name="admin", scopes=["admin"], secret=settings.admin_key)
+            audit_log.record(db, action="key.create", target=key.id, detail={"scopes": key.scopes, "bootstrap": True})
+        if settings.shipped_models:
+            for ref in ensure_shipped(db, blobs):
+                log.info("registered shipped model %s", ref)
+    return secret
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    engine = make_engine(settings.db_url)
+    sessions = make_sessionmaker(engine)
+    blobs = BlobStore(settings.blobs_dir)
+    new_admin_secret = bootstrap(settings, sessions, blobs)
+    if new_admin_secret and not settings.admin_key:
+        # Shown once: only its hash is stored.
+        log.warning("created the admin API key (shown once, store it now): %s", new_admin_secret)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.manager.close()
+        engine.dispose()
+
+    app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan,
+                  description="Creative models as a service, in OpenAI's dialect.")
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.blobs = blobs
+    app.state.metrics = Metrics()
+    app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_batch=settings.max_batch)
+    app.state.new_admin_secret = new_admin_secret
+    errors.install(app)
+    for r in (health.router, models.router, completions.router, keys.router, audit.router):
+        app.include_router(r)
+    studio = PACKAGE_DIR / "studio"
+    if (studio / "index.html").exists():
+        app.mount("/studio", StaticFiles(directory=studio, html=True), name="studio")
+
+        @app.get("/", include_in_schema=False)
+        def root():
+            return RedirectResponse("/studio/")
+
+    app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes))
+    app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
+    return app

@@ -1,0 +1,58 @@
+"""Request dependencies as Annotated aliases: settings, database session, the caller's key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from atelier.api.errors import APIError
+from atelier.config import Settings
+from atelier.registry.db import ApiKey
+from atelier.safety.keys import find_key, has_scope
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as db:
+        yield db
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def current_key(request: Request, db: SessionDep) -> ApiKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if not header:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                       code="missing_api_key")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise APIError(401, "malformed Authorization header: expected 'Bearer <key>'",
+                       type="authentication_error", code="invalid_api_key")
+    key = find_key(db, secret=secret.strip())
+    if key is None:
+        raise APIError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
+    request.state.key_id = key.id
+    return key
+
+
+def require(scope: str):
+    def check(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+        if not has_scope(key, scope):
+            raise APIError(403, f"this key's scopes ({', '.join(key.scopes)}) do not allow this route; "
+                                f"it needs '{scope}'", type="permission_error", code="insufficient_scope")
+        return key
+    return check
+
+
+ReadKey = Annotated[ApiKey, Depends(require("read"))]
+GenerateKey = Annotated[ApiKey, Depends(require("generate"))]
+TrainKey = Annotated[ApiKey, Depends(require("train"))]
+AdminKey = Annotated[ApiKey, Depends(require("admin"))]

@@ -1,0 +1,43 @@
+"""Prometheus metrics: requests by route and status, latency, generated tokens."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()  # one per app, so tests can build many apps
+        self.requests = Counter("atelier_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("atelier_request_seconds", "time to the response's first byte", ["route"],
+                                 registry=self.registry)
+        self.generated = Counter("atelier_generated_tokens_total", "tokens generated", registry=self.registry)
+
+    def tokens(self, n: int) -> None:
+        self.generated.inc(n)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def middleware(self, app):
+        async def asgi(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            start = time.perf_counter()
+            status = {"code": 500}
+
+            async def send_wrapped(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                    route = scope.get("route")
+                    path = getattr(route, "path", "unmatched")
+                    self.requests.labels(scope["method"], path, str(status["code"])).inc()
+                    self.latency.labels(path).observe(time.perf_counter() - start)
+                await send(message)
+
+            await app(scope, receive, send_wrapped)
+
+        return asgi

@@ -1,0 +1,291 @@
+"""POST /v1/completions and /v1/chat/completions: a thin translation onto the text engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from atelier.api.deps import GenerateKey, SessionDep, SettingsDep
+from atelier.api.errors import APIError, bad_request
+from atelier.api.models_lookup import load_text_model
+from atelier.api.schemas import UNSUPPORTED, ChatRequest, CompletionRequest, SamplingFields
+from atelier.runtime.sampling import SamplingParams
+from atelier.runtime.text_engine import Finished, Sequence, TextChunk
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+# A chat turn that already ends like a line of verse is continued; anything else is a title.
+_LINE_END = "，。！？；、,.!?;"
+
+
+@dataclass
+class Plan:
+    """What to generate: prompts (as token ids) × n choices, with shared limits."""
+
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    stop: list[str]
+    seed: int
+    params: SamplingParams
+
+
+def _check_common(body: SamplingFields, settings) -> None:
+    for name, default in UNSUPPORTED.items():
+        value = getattr(body, name, None) if name in body.model_fields else (body.model_extra or {}).get(name)
+        if value is not None and value != default:
+            raise bad_request(f"{name} is not supported by Atelier", param=name, code="unsupported_parameter")
+    if body.n > settings.max_n:
+        raise bad_request(f"n={body.n} is above this server's limit of {settings.max_n} (ATELIER_MAX_N)", "n")
+    stops = body.stop_list()
+    if len(stops) > settings.max_stop_sequences:
+        raise bad_request(f"at most {settings.max_stop_sequences} stop sequences are allowed, got {len(stops)}", "stop")
+    if any(not s or len(s) > 64 for s in stops):
+        raise bad_request("each stop sequence must be 1 to 64 characters long", "stop")
+
+
+def _plan(body: SamplingFields, texts: list[str], tokenizer, context: int, settings, *,
+          max_tokens: int | None, prompt_param: str, logprobs: int | None) -> Plan:
+    _check_common(body, settings)
+    prompts = []
+    for text in texts:
+        if not text.strip():
+            raise bad_request(f"{prompt_param} is empty", prompt_param, code="empty_prompt")
+        if len(text) > settings.max_prompt_chars:
+            raise bad_request(f"{prompt_param} has {len(text)} characters; the limit is {settings.max_prompt_chars} "
+                              "(ATELIER_MAX_PROMPT_CHARS)", prompt_param, code="prompt_too_long")
+        ids = [tokenizer.bos_id] + tokenizer.encode(text)
+        if len(ids) >= context:
+            raise bad_request(f"{prompt_param} is {len(ids)} tokens; this model's context is {context} tokens",
+                              prompt_param, code="context_length_exceeded")
+        prompts.append(ids)
+    room = context - max(len(p) for p in prompts)
+    if max_tokens is None:
+        max_tokens = min(settings.max_tokens_limit, room)
+    if max_tokens > settings.max_tokens_limit:
+        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {settings.max_tokens_limit} "
+                          "(ATELIER_MAX_TOKENS_LIMIT)", "max_tokens")
+    if max_tokens > room:
+        raise bad_request(f"max_tokens={max_tokens} does not fit: the model's context is {context} tokens and the "
+                          f"prompt uses {context - room}, so max_tokens must be between 1 and {room}",
+                          "max_tokens", code="context_length_exceeded")
+    seed = body.seed if body.seed is not None else secrets.randbits(62)
+    params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+    return Plan(prompts, body.n, max_tokens, body.stop_list(), seed, params)
+
+
+def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
+    """Submit every choice; choice i of the request uses seed + i."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    seqs = []
+    for p, ids in enumerate(plan.prompts):
+        for j in range(plan.n):
+            index = p * plan.n + j
+            seqs.append(engine.submit(Sequence(index=index, prompt_ids=ids, params=plan.params,
+                                               max_tokens=plan.max_tokens, stop=plan.stop,
+                                               seed=(plan.seed + index) % 2**63, loop=loop, events=events)))
+    return seqs, events
+
+
+async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue):
+    """Yield (index, event) until every choice has finished; cancel all if the client leaves."""
+    remaining = len(seqs)
+    try:
+        while remaining:
+            try:
+                index, event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if isinstance(event, Exception):
+                raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+            if isinstance(event, Finished):
+                remaining -= 1
+            yield index, event
+    finally:
+        for s in seqs:
+            s.cancel()
+
+
+def _usage(finished: dict[int, Finished], plan: Plan) -> dict:
+    prompt = sum(len(p) for p in plan.prompts) * plan.n
+    completion = sum(f.completion_tokens for f in finished.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(chunks: list, tokenizer, offset0: int = 0) -> dict:
+    tokens = [s for c in chunks for s in c.tokens]
+    text_offset, pos = [], offset0
+    for s in tokens:
+        text_offset.append(pos)
+        pos += len(tokenizer.token_text(s.token))
+    return {"tokens": [tokenizer.token_text(s.token) for s in tokens],
+            "token_logprobs": [s.logprob for s in tokens],
+            "top_logprobs": [{tokenizer.token_text(t): lp for t, lp in s.top} for s in tokens],
+            "text_offset": text_offset}
+
+
+def _chat_logprobs(chunks: list, tokenizer) -> dict:
+    def entry(t, lp):
+        text = tokenizer.token_text(t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                        for c in chunks for s in c.tokens]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics):
+    async def body():
+        finished: dict[int, Finished] = {}
+        try:
+            async for index, event in _events(request, seqs, events):
+                if isinstance(event, TextChunk):
+                    metrics.tokens(len(event.tokens))
+                    yield _sse(make_chunk(index, event, None))
+                else:
+                    finished[index] = event
+                    yield _sse(make_chunk(index, None, event.reason))
+            if len(finished) < len(seqs):
+                return  # the client left; nothing more to send
+            if final_usage:
+                yield _sse(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield _sse(e.body())  # OpenAI's error shape, mid-stream too
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(request, seqs, events, metrics):
+    chunks: dict[int, list[TextChunk]] = {s.index: [] for s in seqs}
+    finished: dict[int, Finished] = {}
+    async for index, event in _events(request, seqs, events):
+        if isinstance(event, TextChunk):
+            metrics.tokens(len(event.tokens))
+            chunks[index].append(event)
+        else:
+            finished[index] = event
+    return chunks, finished
+
+
+@router.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
+                            key: GenerateKey):
+    """Continue a prompt (OpenAI's legacy completions)."""
+    loaded = load_text_model(request, db, body.model)
+    if body.poem is not None:
+        from atelier.api.routes.poems import poem_completion
+        return await poem_completion(request, body, loaded, chat=False)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not texts:
+        raise bad_request("prompt is empty", "prompt", code="empty_prompt")
+    if len(texts) > settings.max_n:
+        raise bad_request(f"at most {settings.max_n} prompts per request, got {len(texts)}", "prompt")
+    plan = _plan(body, texts, loaded.tokenizer, loaded.engine.context, settings, max_tokens=body.max_tokens,
+                 prompt_param="prompt", logprobs=body.logprobs or None)
+    seqs, events = _start(plan, loaded.engine)
+    rid, created, metrics = f"cmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
+    base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
+            "system_fingerprint": f"atelier-{loaded.ref}"}
+    prompt_of = lambda index: texts[index // plan.n]  # noqa: E731
+
+    if body.stream:
+        echoed: set[int] = set()
+
+        def make_chunk(index, chunk, reason):
+            if index is None:
+                return dict(base)
+            text = chunk.text if chunk else ""
+            if body.echo and index not in echoed:
+                echoed.add(index)
+                text = prompt_of(index) + text
+            lp = _completion_logprobs([chunk], loaded.tokenizer) if (chunk and body.logprobs) else None
+            return base | {"choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": reason}]}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics)
+
+    chunks, finished = await _collect(request, seqs, events, metrics)
+    choices = []
+    for index in sorted(chunks):
+        text = "".join(c.text for c in chunks[index])
+        prefix = prompt_of(index) if body.echo else ""
+        lp = _completion_logprobs(chunks[index], loaded.tokenizer, len(prefix)) if body.logprobs is not None else None
+        choices.append({"text": prefix + text, "index": index, "logprobs": lp,
+                        "finish_reason": finished[index].reason})
+    return base | {"choices": choices, "usage": _usage(finished, plan)}
+
+
+def chat_prompt(messages) -> str:
+    """The model is a poet, not a chat model: the last user turn is a title, or opening lines."""
+    users = [m.text() for m in messages if m.role == "user"]
+    if not users:
+        raise bad_request("messages must contain at least one user message", "messages")
+    text = users[-1].strip()
+    return text if text and text[-1] in _LINE_END else text + "\n"
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
+                                 key: GenerateKey):
+    """Chat: the last user message is a title (or opening lines); the reply is the poem."""
+    loaded = load_text_model(request, db, body.model)
+    if body.poem is not None:
+        from atelier.api.routes.poems import poem_completion
+        return await poem_completion(request, body, loaded, chat=True)
+    text = chat_prompt(body.messages)
+    if not text.strip():
+        raise bad_request("the last user message is empty", "messages", code="empty_prompt")
+    top = body.top_logprobs if body.top_logprobs is not None else 0
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+    logprobs = (top or 1) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    plan = _plan(body, [text], loaded.tokenizer, loaded.engine.context, settings, max_tokens=max_tokens,
+                 prompt_param="messages", logprobs=logprobs)
+    seqs, events = _start(plan, loaded.engine)
+    rid, created, metrics = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
+    base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
+    trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
+
+    if body.stream:
+        started: set[int] = set()
+
+        def make_chunk(index, chunk, reason):
+            if index is None:
+                return base | {"object": "chat.completion.chunk"}
+            delta = {}
+            if index not in started:
+                started.add(index)
+                delta["role"] = "assistant"
+            if chunk:
+                delta["content"] = chunk.text
+            lp = trim(_chat_logprobs([chunk], loaded.tokenizer)) if (chunk and body.logprobs) else None
+            return base | {"object": "chat.completion.chunk",
+                           "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics)
+
+    chunks, finished = await _collect(request, seqs, events, metrics)
+    choices = [{"index": i,
+                "message": {"role": "assistant", "content": "".join(c.text for c in chunks[i])},
+                "logprobs": trim(_chat_logprobs(chunks[i], loaded.tokenizer)) if body.logprobs else None,
+                "finish_reason": finished[i].reason} for i in sorted(chunks)]
+    return base | {"object": "chat.completion", "choices": choices, "usage": _usage(finished, plan)}

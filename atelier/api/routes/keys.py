@@ -1,0 +1,56 @@
+"""Admin: create, list and revoke API keys (the secret is returned once, at creation)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from atelier.api.deps import AdminKey, SessionDep
+from atelier.api.errors import APIError, bad_request, not_found
+from atelier.registry.db import ApiKey
+from atelier.safety import audit
+from atelier.safety.keys import count_active_admin_keys, create_key, list_keys, revoke_key
+
+router = APIRouter(prefix="/api/keys", tags=["keys"])
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(default="", max_length=128)
+    scopes: list[str] = Field(default_factory=lambda: ["generate"], min_length=1)
+
+
+def key_public(k: ApiKey) -> dict:
+    return {"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes,
+            "created_at": k.created_at.isoformat() + "Z",
+            "revoked_at": k.revoked_at.isoformat() + "Z" if k.revoked_at else None}
+
+
+@router.post("", status_code=201)
+def create(body: KeyCreate, db: SessionDep, key: AdminKey):
+    """Create a key; the response carries its secret, which is never shown again."""
+    try:
+        new, secret = create_key(db, name=body.name, scopes=body.scopes)
+    except ValueError as e:
+        raise bad_request(str(e), "scopes") from None
+    audit.record(db, action="key.create", target=new.id, key_id=key.id, detail={"scopes": new.scopes})
+    return key_public(new) | {"key": secret}
+
+
+@router.get("")
+def list_all(db: SessionDep, key: AdminKey):
+    """Every key, revoked ones included (no secrets: only prefixes)."""
+    return {"object": "list", "data": [key_public(k) for k in list_keys(db)]}
+
+
+@router.delete("/{key_id}")
+def revoke(key_id: str, db: SessionDep, key: AdminKey):
+    """Revoke a key at once; refuses to revoke the last active admin key."""
+    target = db.get(ApiKey, key_id)
+    if target is None:
+        raise not_found(f"key {key_id!r} does not exist", "key_id")
+    if target.revoked_at is None and "admin" in target.scopes and count_active_admin_keys(db) <= 1:
+        raise APIError(409, "refusing to revoke the last active admin key; create another admin key first",
+                       param="key_id", code="last_admin_key")
+    revoked = revoke_key(db, key_id=key_id)
+    audit.record(db, action="key.revoke", target=key_id, key_id=key.id)
+    return key_public(revoked) | {"deleted": True}

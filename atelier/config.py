@@ -1,0 +1,60 @@
+"""All of Atelier's settings, in one pydantic-settings class.
+
+Every field is read from an `ATELIER_*` environment variable (e.g. `ATELIER_PORT=9000`);
+CLI flags override them. Read settings through `get_settings()`, which caches one instance.
+The README's settings table lists every field.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.atelier"), description="data folder: atelier.db and blobs/")
+    host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<home>/atelier.db")
+    admin_key: str | None = Field(default=None, description="on first start, use this as the admin key instead of a random one")
+    log_level: str = Field(default="info", description="debug | info | warning | error")
+
+    # Client side (CLI): where the server is and which key to send
+    url: str = Field(default="http://127.0.0.1:8000", description="server URL the CLI talks to")
+    api_key: str | None = Field(default=None, description="API key the CLI sends")
+
+    # Request limits: every one is explicit, configurable and tested.
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest accepted request body")
+    max_tokens_limit: int = Field(default=512, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(default=8, ge=1, description="largest n (choices per request)")
+    max_prompt_chars: int = Field(default=4000, ge=1, description="longest prompt or message text, in characters")
+    max_stop_sequences: int = Field(default=4, ge=0, description="most stop sequences per request")
+
+    # Runtime
+    max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")
+    threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
+    shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'atelier.db'}"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home_dir / "blobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,282 @@
+"""chargpt: a GPT-2-style decoder over characters.
+
+Read top to bottom: config → attention (with a key/value cache) → MLP → block → model →
+saving and loading in Hugging Face GPT-2 layout → a plain sampling loop for offline use.
+
+The weights are saved exactly as `transformers.GPT2LMHeadModel` names and shapes them
+(`transformer.h.0.attn.c_attn.weight` is (n_embd, 3 * n_embd), a "Conv1D", i.e. the
+transpose of our `nn.Linear`), so `GPT2LMHeadModel.from_pretrained(dir)` loads a saved
+version and gives the same logits. The serving runtime (continuous batching, sampling
+parameters) lives in `atelier/runtime/`; this file only knows how to compute logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from atelier.models.tokenizer import CharTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ChargptConfig:
+    vocab_size: int = 8000
+    n_positions: int = 192  # context length in characters
+    n_embd: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    @property
+    def n_params(self) -> int:
+        d, L = self.n_embd, self.n_layer
+        per_block = 12 * d * d + 13 * d  # attn 4d² + mlp 8d², biases and two LayerNorms
+        return self.vocab_size * d + self.n_positions * d + L * per_block + 2 * d
+
+
+class KVCache:
+    """Key/value buffers for `batch` sequences of up to `n_positions` tokens each.
+
+    Shapes: k, v are (n_layer, batch, n_head, n_positions, head_dim). A sequence's token
+    at position p is stored at index p of its row, so attention masks keys by position.
+    """
+
+    def __init__(self, config: ChargptConfig, batch: int, dtype=torch.float32):
+        shape = (config.n_layer, batch, config.n_head, config.n_positions, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ChargptConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v projections at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, rows=None, pos=None):
+        B, T, C = x.shape  # batch, time, channels
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            # Training and plain prefill: every sequence starts at position 0.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            # Write the new keys/values at their positions in the rows' cache slots, then
+            # attend over everything up to each query's own position.
+            r = rows[:, None]  # (B, 1) broadcasts against pos (B, T)
+            cache.k[layer][r, :, pos] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer][r, :, pos] = v.transpose(1, 2).to(cache.v.dtype)
+            span = int(pos.max()) + 1
+            keys = cache.k[layer][rows, :, :span].to(q.dtype)  # (B, nh, span, hs)
+            values = cache.v[layer][rows, :, :span].to(q.dtype)
+            mask = torch.arange(span)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, span)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChargptConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ChargptConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer=0, cache=None, rows=None, pos=None):
+        x = x + self.attn(self.ln_1(x), layer, cache, rows, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CharGPT(nn.Module):
+    def __init__(self, config: ChargptConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, rows=None, pos=None):
+        """Logits (B, T, vocab) for tokens idx (B, T); with targets, also the mean loss.
+
+        Without a cache every row starts at position 0 (training). With a cache, `rows`
+        (B,) names each sequence's cache slot and `pos` (B, T) its tokens' positions, so
+        rows of different lengths decode together (continuous batching).
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T).expand(B, T)
+        if int(pos.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(pos.max())} is past the context of {self.config.n_positions}")
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, i, cache, rows, pos)
+        x = self.ln_f(x)
+        logits = x @ self.wte.weight.T  # the LM head is tied to the token embedding
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, eos_id: int | None = None):
+        """Sample a continuation of idx (1, T), the nanoGPT way, with a KV cache.
+
+        >>> model.generate(torch.tensor([tok.encode("春眠不觉晓，")]), 20, temperature=0.8)
+        """
+        T = idx.shape[1]
+        n = min(max_new_tokens, self.config.n_positions - T)
+        cache = KVCache(self.config, 1)
+        rows = torch.zeros(1, dtype=torch.long)
+        logits, _ = self(idx, cache=cache, rows=rows, pos=torch.arange(T)[None])
+        out = idx
+        for step in range(n):
+            last = logits[:, -1, :] / max(temperature, 1e-5)
+            if top_k is not None:
+                v, _ = torch.topk(last, min(top_k, last.size(-1)))
+                last[last < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            if eos_id is not None and int(nxt) == eos_id:
+                break
+            if step + 1 < n:
+                logits, _ = self(nxt, cache=cache, rows=rows, pos=torch.tensor([[T + step]]))
+        return out
+
+
+# -- saving and loading in Hugging Face GPT-2 layout ------------------------------------
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_state_dict(model: CharGPT) -> dict[str, torch.Tensor]:
+    """Our parameters under GPT2LMHeadModel's names, Conv1D weights transposed."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(_CONV1D):
+            t = t.T
+        out["transformer." + name] = t.detach().contiguous().clone()
+    return out
+
+
+def hf_config(config: ChargptConfig, tokenizer: CharTokenizer | None = None) -> dict:
+    d = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "atelier_family": "chargpt",
+        "atelier_config": asdict(config),
+    }
+    if tokenizer is not None:
+        d.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return d
+
+
+def save_pretrained(model: CharGPT, tokenizer: CharTokenizer, directory: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json into directory."""
+    from atelier.registry.files import atomic_write_bytes, atomic_write_json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    # transformers expects the tied head to be absent (it re-ties it) and "format": "pt".
+    import safetensors.torch
+
+    atomic_write_bytes(directory / WEIGHTS_FILE, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_FILE, hf_config(model.config, tokenizer))
+    tokenizer.save(directory / TOKENIZER_FILE)
+    return directory
+
+
+def config_from_hf(d: dict) -> ChargptConfig:
+    names = {f.name for f in fields(ChargptConfig)}
+    if "atelier_config" in d:
+        return ChargptConfig(**{k: v for k, v in d["atelier_config"].items() if k in names})
+    return ChargptConfig(vocab_size=d["vocab_size"], n_positions=d["n_positions"], n_embd=d["n_embd"],
+                         n_layer=d["n_layer"], n_head=d["n_head"],
+                         layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
+
+
+def load_state(model: CharGPT, tensors: dict[str, torch.Tensor]) -> CharGPT:
+    ours = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        ours[name] = t.T if name.endswith(_CONV1D) else t
+    model.load_state_dict(ours, strict=True)
+    return model
+
+
+def from_pretrained(directory: str | Path) -> tuple[CharGPT, CharTokenizer]:
+    """Rebuild a model from config.json + model.safetensors (never pickle)."""
+    directory = Path(directory)
+    config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
+    model = load_state(CharGPT(config), load_file(directory / WEIGHTS_FILE))
+    model.eval()
+    return model, CharTokenizer.load(directory / TOKENIZER_FILE)
+
+
+__all__ = ["ChargptConfig", "CharGPT", "KVCache", "save_pretrained", "from_pretrained"]

@@ -1,0 +1,43 @@
+"""Models that ship inside the package (`atelier/assets/models/<name>/`), registered on start.
+
+A shipped folder whose weights are not yet a version of that model becomes a new version
+with the aliases `latest` and `production`; an unchanged one is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from atelier.config import PACKAGE_DIR
+from atelier.registry.db import Model
+from atelier.registry.store import BlobStore, register_version
+from atelier.safety import audit
+
+SHIPPED_DIR = PACKAGE_DIR / "assets" / "models"
+SHIPPED = {"tang-poet": {"family": "chargpt", "task": "text-generation"}}
+
+
+def ensure_shipped(db: Session, blobs: BlobStore, root: Path = SHIPPED_DIR) -> list[str]:
+    """Register every shipped model that is missing or changed; return the refs registered."""
+    registered = []
+    for name, meta in SHIPPED.items():
+        folder = root / name
+        if not (folder / "model.safetensors").exists():
+            continue
+        digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        model = db.query(Model).filter_by(name=name).one_or_none()
+        if model and any(v.files.get("model.safetensors") == digest for v in model.versions):
+            continue
+        training = {}
+        if (folder / "training.json").exists():
+            training = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+        v = register_version(db, blobs, name=name, family=meta["family"], task=meta["task"], folder=folder,
+                             metrics=training.get("metrics", {}), training=training,
+                             aliases=("latest", "production"))
+        audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"source": "shipped"})
+        registered.append(f"{name}@{v.number}")
+    return registered

@@ -1,0 +1,202 @@
+"""The registry: models, immutable versions, aliases, and the blob store behind them.
+
+Plain functions with keyword-only arguments over a SQLAlchemy session. A version's files
+live in the content-addressed blob store (`blobs/sha256/ab/abcdef…`); the database holds
+their hashes, so a version's bytes can be verified at any time.
+
+A model reference is `name`, `name:alias` or `name@version` (`latest` when only a name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from atelier.registry.db import Alias, Model, Version
+from atelier.registry.files import atomic_write_bytes
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class NotFound(LookupError):
+    """A model, version or alias that does not exist."""
+
+
+class Conflict(ValueError):
+    """A name that is taken, or an operation the current state does not allow."""
+
+
+# -- blobs ------------------------------------------------------------------------------
+
+
+class BlobStore:
+    """Content-addressed files: put bytes, get them back by sha256."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def put_bytes(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        p = self.path(digest)
+        if not p.exists():
+            atomic_write_bytes(p, data)
+        return digest
+
+    def put_file(self, src: Path) -> str:
+        return self.put_bytes(Path(src).read_bytes())
+
+    def verify(self, sha256: str) -> bool:
+        p = self.path(sha256)
+        return p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == sha256
+
+
+# -- references -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}@{self.version}"
+        return f"{self.name}:{self.alias}" if self.alias else self.name
+
+
+def parse_ref(ref: str) -> ModelRef:
+    """`tang-poet` | `tang-poet:production` | `tang-poet@3` → ModelRef."""
+    ref = ref.strip()
+    if "@" in ref:
+        name, _, v = ref.partition("@")
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"version in {ref!r} must be a positive integer, as in name@1")
+        return ModelRef(name, version=int(v))
+    if ":" in ref:
+        name, _, alias = ref.partition(":")
+        if not alias:
+            raise ValueError(f"alias in {ref!r} is empty; use name:alias, e.g. tang-poet:production")
+        return ModelRef(name, alias=alias)
+    return ModelRef(ref)
+
+
+def get_model(db: Session, *, name: str) -> Model:
+    model = db.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFound(f"model {name!r} does not exist")
+    return model
+
+
+def resolve(db: Session, *, ref: str) -> Version:
+    """The version a reference points at (a plain name means the `latest` alias)."""
+    r = parse_ref(ref)
+    model = get_model(db, name=r.name)
+    if r.version is not None:
+        number = r.version
+    else:
+        alias = r.alias or "latest"
+        hit = next((a for a in model.aliases if a.name == alias), None)
+        if hit is None:
+            raise NotFound(f"model {r.name!r} has no alias {alias!r}; aliases: "
+                           f"{', '.join(sorted(a.name for a in model.aliases)) or 'none'}")
+        number = hit.version_number
+    version = next((v for v in model.versions if v.number == number), None)
+    if version is None:
+        raise NotFound(f"model {r.name!r} has no version {number}; versions: "
+                       f"{', '.join(str(v.number) for v in model.versions) or 'none'}")
+    return version
+
+
+def list_models(db: Session) -> list[Model]:
+    return list(db.scalars(select(Model).order_by(Model.name)))
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+def register_version(db: Session, blobs: BlobStore, *, name: str, family: str, task: str, folder: Path,
+                     metrics: dict | None = None, training: dict | None = None,
+                     aliases: tuple[str, ...] = ("latest",), owner: str = "atelier") -> Version:
+    """Store every file of `folder` as a blob and record a new immutable version of `name`.
+
+    >>> register_version(db, blobs, name="tang-poet", family="chargpt", task="text-generation",
+    ...                  folder=Path("runs/tang-poet/best"))
+    """
+    if not NAME_RE.match(name):
+        raise ValueError(f"model name {name!r} must match {NAME_RE.pattern}")
+    folder = Path(folder)
+    files = {}
+    size = 0
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            files[p.name] = blobs.put_file(p)
+            size += p.stat().st_size
+    if "config.json" not in files:
+        raise ValueError(f"{folder} has no config.json")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model = db.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        model = Model(name=name, family=family, task=task, owner=owner)
+        db.add(model)
+        db.flush()
+    elif model.family != family:
+        raise Conflict(f"model {name!r} is a {model.family} model, not {family}")
+    number = max((v.number for v in model.versions), default=0) + 1
+    version = Version(model=model, number=number, files=files, config=config, metrics=metrics or {},
+                      training=training or {}, size_bytes=size)
+    db.add(version)
+    db.flush()
+    for alias in aliases:
+        set_alias(db, model=model, alias=alias, number=number)
+    db.commit()
+    return version
+
+
+def set_alias(db: Session, *, model: Model, alias: str, number: int) -> None:
+    if not ALIAS_RE.match(alias):
+        raise ValueError(f"alias {alias!r} must match {ALIAS_RE.pattern}")
+    if not any(v.number == number for v in model.versions):
+        raise NotFound(f"model {model.name!r} has no version {number}")
+    hit = next((a for a in model.aliases if a.name == alias), None)
+    if hit is None:
+        model.aliases.append(Alias(name=alias, version_number=number))
+    else:
+        hit.version_number = number
+
+
+def version_folder(blobs: BlobStore, version: Version, cache_root: Path) -> Path:
+    """A folder holding the version's files under their names (hard links into the blob store).
+
+    Loaders read files by name (config.json, model.safetensors, …); the blobs stay the
+    single copy of the bytes.
+    """
+    folder = Path(cache_root) / version.model.name / str(version.number)
+    if all((folder / n).exists() for n in version.files):
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for fname, digest in version.files.items():
+        src = blobs.path(digest)
+        try:
+            os.link(src, tmp / fname)
+        except OSError:
+            shutil.copyfile(src, tmp / fname)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder

@@ -1,0 +1,197 @@
+"""Continuous batching for a character language model.
+
+One engine per loaded text model, with one worker thread. Requests become *sequences*
+(one per choice of `n`); each active sequence owns a row ("slot") of a shared KV cache.
+Every iteration of the worker:
+  1. admits waiting sequences into free slots, prefilling each prompt into its slot
+  2. decodes one token for every active sequence in a single batched forward, rows of
+     different lengths together (the cache masks keys by position)
+  3. samples each row with its own parameters and seeded generator, applies stop
+     sequences, and hands text to the waiting request
+A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
+one takes it at the next iteration, so short and long requests share the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from atelier.models.chargpt import KVCache
+from atelier.runtime.sampling import Sampled, SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextChunk:
+    text: str
+    tokens: list[Sampled]  # one per character of text (character tokenizer)
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Sequence:
+    """One choice being generated.
+
+    Its events arrive as `(index, TextChunk | Finished | Exception)` on `events`, an
+    asyncio queue of the caller's event loop that the `n` choices of a request share.
+    """
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False
+    # worker-side state
+    generated: list[int] = field(default_factory=list)
+    sampled: list[Sampled] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already sent
+    slot: int = -1
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, event))
+
+
+class TextEngine:
+    def __init__(self, model, tokenizer, max_batch: int = 16):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.config = model.config
+        self.max_batch = max_batch
+        self.cache = KVCache(self.config, max_batch)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.banned = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id]
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="text-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def context(self) -> int:
+        return self.config.n_positions
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if len(seq.prompt_ids) >= self.context:
+            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
+        with self._wake:
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    # -- worker -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.waiting and not any(self.slots):
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    self._decode_step()
+            except Exception:  # a bug must not kill the engine: fail the active sequences
+                log.exception("text engine step failed")
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        s._emit(RuntimeError("generation failed"))
+                        self.slots[i] = None
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                free = next((i for i, s in enumerate(self.slots) if s is None), None)
+                if free is None or not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                continue
+            seq.slot = free
+            self.slots[free] = seq
+            seq.generator = torch.Generator().manual_seed(seq.seed)
+            # 1. prefill the whole prompt into this slot, sample the first token
+            ids = torch.tensor([seq.prompt_ids])
+            logits, _ = self.model(ids, cache=self.cache, rows=torch.tensor([free]),
+                                   pos=torch.arange(len(seq.prompt_ids))[None])
+            self._accept(seq, logits[0, -1])
+
+    def _decode_step(self) -> None:
+        active = [s for s in self.slots if s is not None]
+        if not active:
+            return
+        # 2. one token for every active row, each at its own position
+        last = torch.tensor([[s.generated[-1]] for s in active])
+        pos = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in active])
+        rows = torch.tensor([s.slot for s in active])
+        logits, _ = self.model(last, cache=self.cache, rows=rows, pos=pos)
+        for s, row in zip(active, logits[:, -1]):
+            self._accept(s, row)
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """3. sample, extend, apply stops and limits, emit; free the slot when done."""
+        if seq.cancelled:
+            self._release(seq)
+            return
+        s = sample(logits, seq.params, banned=self.banned, prompt_ids=seq.prompt_ids,
+                   generated=seq.generated, generator=seq.generator)
+        seq.generated.append(s.token)
+        if s.token == self.tok.eos_id:
+            self._finish(seq, "stop")
+            return
+        seq.sampled.append(s)
+        seq.text += self.tok.token_text(s.token)
+        for stop in seq.stop:
+            at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
+            if at != -1:
+                seq.text = seq.text[:at]
+                self._finish(seq, "stop")
+                return
+        if len(seq.generated) >= seq.max_tokens or len(seq.prompt_ids) + len(seq.generated) >= self.context:
+            self._finish(seq, "length")
+            return
+        # Hold back a tail that could still become a stop sequence.
+        hold = max((k for stop in seq.stop for k in range(1, len(stop)) if seq.text.endswith(stop[:k])), default=0)
+        self._flush(seq, len(seq.text) - hold)
+
+    def _flush(self, seq: Sequence, upto: int) -> None:
+        if upto > seq.emitted:
+            seq._emit(TextChunk(seq.text[seq.emitted:upto], seq.sampled[seq.emitted:upto]))
+            seq.emitted = upto
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._flush(seq, len(seq.text))
+        completion = len(seq.generated)
+        seq._emit(Finished(reason, len(seq.prompt_ids), completion))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None

@@ -1,0 +1,65 @@
+"""Train a chargpt model end to end: corpus → tokenizer → model → Trainer → a version folder.
+
+The CLI (`atelier train`) and the job runner both call `train_chargpt`; registering the
+result as a model version is the caller's business (see `atelier.registry.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from atelier.models.chargpt import CharGPT, ChargptConfig
+from atelier.models.tokenizer import CharTokenizer
+from atelier.registry.files import atomic_write_json
+from atelier.training.corpus import load_corpus
+from atelier.training.trainer import Trainer, TrainConfig
+
+
+def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_cfg: TrainConfig,
+                  min_count: int = 1, threads: int | None = None,
+                  on_event: Callable[[dict], None] | None = None) -> Path:
+    """Train from scratch (or resume in workdir) and return the folder of the best weights.
+
+    The folder holds config.json, model.safetensors, tokenizer.json and training.json
+    (config, data provenance, metrics), ready for `registry.store.register_version`.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train_cfg.seed)
+    corpus = load_corpus(data)
+    tok_path = workdir / "tokenizer.json"
+    if tok_path.exists():  # resuming: the vocabulary must not change
+        tok = CharTokenizer.load(tok_path)
+    else:
+        tok = CharTokenizer.train(corpus.train, min_count=min_count)
+        tok.save(tok_path)
+    config = ChargptConfig(vocab_size=len(tok), **model_cfg)
+    model = CharGPT(config)
+    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event)
+    started = time.time()
+    state = trainer.fit()
+    best = trainer.best_dir
+    record = {
+        "family": "chargpt",
+        "model_config": asdict(config),
+        "train_config": asdict(train_cfg),
+        "data": {"source": str(data), "files": corpus.sources, "train_docs": len(corpus.train),
+                 "val_docs": len(corpus.val), "chars": corpus.n_chars, "vocab_size": len(tok)},
+        "metrics": {"val_loss": state.best_val_loss, "val_ppl": float(torch.tensor(state.best_val_loss).exp()),
+                    "best_step": state.best_step, "steps": state.step, "tokens_seen": state.tokens_seen,
+                    "stopped_early": state.stopped_early},
+        "history": state.history,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads(), "wall_seconds_this_run": round(time.time() - started, 1)},
+    }
+    atomic_write_json(best / "training.json", record)
+    return best
