@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI dialect, with the ranges OpenAI documents.
 
-Fields Atelier supports beyond OpenAI's (`top_k`, `min_p`, `repetition_penalty`, `poem`)
-come through the SDK's `extra_body`. Limits that depend on settings (n, max_tokens, prompt
+Fields Atelier supports beyond OpenAI's (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`poem`) come through the SDK's `extra_body`. Limits that depend on settings (n, max_tokens, prompt
+
 length) are checked in the route, where the settings are.
 """
 
@@ -40,6 +41,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(default=0, ge=0, le=100_000)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
     poem: dict | None = None
 
     def stop_list(self) -> list[str]:

@@ -50,6 +50,9 @@ class ModelManager:
                 old.engine.close()
             return loaded
 
+    def get_loaded(self, name: str, number: int) -> LoadedModel | None:
+        return self._loaded.get((name, number))
+
     def loaded(self) -> list[str]:
         return [m.ref for m in self._loaded.values()]
 

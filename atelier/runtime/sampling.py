@@ -1,10 +1,14 @@
-"""Turning one row of logits into the next token, with OpenAI's and HF's sampling knobs.
+"""Turning rows of logits into next tokens, with OpenAI's and HF's sampling knobs.
 
-Order of operations (as in transformers' logits processors, then OpenAI's penalties):
-  1. special tokens other than <eos> are never sampled
+Every row (sequence) has its own parameters and its own seeded generator; the arithmetic
+runs on the whole batch at once. Order of operations (as transformers' logits processors,
+then OpenAI's penalties):
+  1. banned tokens (<pad>, <unk>, <bos>; <eos> too with ignore_eos) are never sampled
   2. repetition_penalty over prompt + generated tokens (HF: divide positive logits, multiply negative)
   3. presence_penalty / frequency_penalty over generated tokens (OpenAI's formula)
   4. temperature 0 → greedy; otherwise divide by temperature, then top_k, top_p, min_p
+  5. draw by inverse CDF with one uniform number from the row's generator, so a row's
+     draw does not depend on the other rows in the batch
 Log-probabilities reported to the client are the model's own (log-softmax after step 1).
 """
 
@@ -26,6 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off; k = also return the top k alternatives
+    ignore_eos: bool = False  # keep going to max_tokens (vLLM's option; benchmarks use it)
 
 
 @dataclass
@@ -35,42 +40,65 @@ class Sampled:
     top: list[tuple[int, float]]  # (token, logprob) alternatives, best first
 
 
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], *, banned: list[list[int]],
+                prompt_ids: list[list[int]], generated: list[list[int]],
+                generators: list[torch.Generator]) -> list[Sampled]:
+    """Pick the next token for each row of logits (B, vocab)."""
+    logits = logits.float().clone()
+    B = logits.shape[0]
+    # 1. banned tokens
+    for i in range(B):
+        logits[i, banned[i]] = -float("inf")
+    want_logprobs = [i for i in range(B) if params[i].logprobs is not None]
+    model_logprobs = F.log_softmax(logits, dim=-1) if want_logprobs else None
+    for i, p in enumerate(params):
+        # 2. repetition penalty
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt_ids[i]) | set(generated[i])), dtype=torch.long)
+            if len(seen):
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        # 3. presence / frequency penalties: mu[j] -= c[j] * alpha_frequency + (c[j] > 0) * alpha_presence
+        if generated[i] and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(generated[i]).unique(return_counts=True)
+            logits[i, ids] -= counts.float() * p.frequency_penalty + p.presence_penalty
+        # top_k, per row
+        if p.temperature > 0 and 0 < p.top_k < logits.shape[1]:
+            kth = torch.topk(logits[i], p.top_k).values[-1]
+            logits[i, logits[i] < kth] = -float("inf")
+    # 4. temperature, top_p, min_p on the whole batch
+    temps = torch.tensor([p.temperature for p in params])
+    greedy = temps == 0
+    probs = F.softmax(logits / torch.where(greedy, 1.0, temps)[:, None], dim=-1)
+    top_p = torch.tensor([p.top_p for p in params])
+    if (top_p < 1).any():
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    min_p = torch.tensor([p.min_p for p in params])
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    # 5. inverse-CDF draw: the first token whose cumulative mass exceeds u * total
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    tokens = torch.where(greedy, logits.argmax(-1), drawn.clamp(max=logits.shape[1] - 1))
+    out = []
+    for i in range(B):
+        t = int(tokens[i])
+        lp, top = 0.0, []
+        if model_logprobs is not None and params[i].logprobs is not None:
+            lp = float(model_logprobs[i, t])
+            if params[i].logprobs:
+                vals, idx = torch.topk(model_logprobs[i], params[i].logprobs)
+                top = list(zip(idx.tolist(), vals.tolist()))
+        out.append(Sampled(token=t, logprob=lp, top=top))
+    return out
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, *, banned: list[int], prompt_ids: list[int],
            generated: list[int], generator: torch.Generator) -> Sampled:
-    """Pick the next token from logits (vocab,) for one sequence."""
-    logits = logits.float().clone()
-    # 1. never sample <pad>, <unk>, <bos>
-    logits[banned] = -float("inf")
-    logprobs = F.log_softmax(logits, dim=-1)
-    # 2. repetition penalty
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(generated)), dtype=torch.long)
-        if len(seen):
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    # 3. presence / frequency penalties: mu[j] -= c[j] * alpha_frequency + (c[j] > 0) * alpha_presence
-    if generated and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(generated).unique(return_counts=True)
-        logits[ids] -= counts.float() * params.frequency_penalty + params.presence_penalty
-    # 4. choose
-    if params.temperature == 0:
-        token = int(torch.argmax(logits))
-    else:
-        logits = logits / params.temperature
-        if params.top_k and params.top_k < logits.numel():
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits[logits < kth] = -float("inf")
-        probs = F.softmax(logits, dim=-1)
-        if params.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop = (sorted_p.cumsum(0) - sorted_p) >= params.top_p
-            probs[order[drop]] = 0.0
-        if params.min_p > 0.0:
-            probs[probs < params.min_p * probs.max()] = 0.0
-        token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-    top = []
-    if params.logprobs:
-        vals, idx = torch.topk(logprobs, params.logprobs)
-        top = list(zip(idx.tolist(), vals.tolist()))
-    return Sampled(token=token, logprob=float(logprobs[token]), top=top)
+    """One row: `sample_rows` for a batch of one."""
+    return sample_rows(logits[None], [params], banned=[banned], prompt_ids=[prompt_ids], generated=[generated],
+                       generators=[generator])[0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atelier.models.chargpt import KVCache
-from atelier.runtime.sampling import Sampled, SamplingParams, sample
+from atelier.runtime.sampling import Sampled, SamplingParams, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class TextEngine:
         self.banned = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id]
         self._wake = threading.Condition()
         self._closed = False
+        self.cancelled = 0  # sequences dropped because their client left
         self._thread = threading.Thread(target=self._run, name="text-engine", daemon=True)
         self._thread.start()
 
@@ -141,10 +142,15 @@ class TextEngine:
             ids = torch.tensor([seq.prompt_ids])
             logits, _ = self.model(ids, cache=self.cache, rows=torch.tensor([free]),
                                    pos=torch.arange(len(seq.prompt_ids))[None])
-            self._accept(seq, logits[0, -1])
+            self._sample_and_accept([seq], logits[:, -1])
 
     def _decode_step(self) -> None:
         active = [s for s in self.slots if s is not None]
+        for s in active:
+            if s.cancelled:
+                self.cancelled += 1
+                self._release(s)
+        active = [s for s in active if not s.cancelled]
         if not active:
             return
         # 2. one token for every active row, each at its own position
@@ -152,16 +158,19 @@ class TextEngine:
         pos = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in active])
         rows = torch.tensor([s.slot for s in active])
         logits, _ = self.model(last, cache=self.cache, rows=rows, pos=pos)
-        for s, row in zip(active, logits[:, -1]):
-            self._accept(s, row)
+        self._sample_and_accept(active, logits[:, -1])
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """3. sample, extend, apply stops and limits, emit; free the slot when done."""
-        if seq.cancelled:
-            self._release(seq)
-            return
-        s = sample(logits, seq.params, banned=self.banned, prompt_ids=seq.prompt_ids,
-                   generated=seq.generated, generator=seq.generator)
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        eos = [self.tok.eos_id]
+        sampled = sample_rows(logits, [s.params for s in seqs],
+                              banned=[self.banned + eos if s.params.ignore_eos else self.banned for s in seqs],
+                              prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
+                              generators=[s.generator for s in seqs])
+        for seq, one in zip(seqs, sampled):
+            self._accept(seq, one)
+
+    def _accept(self, seq: Sequence, s: Sampled) -> None:
+        """3. extend, apply stops and limits, emit; free the slot when done."""
         seq.generated.append(s.token)
         if s.token == self.tok.eos_id:
             self._finish(seq, "stop")

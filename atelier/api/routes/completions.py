@@ -78,7 +78,7 @@ def _plan(body: SamplingFields, texts: list[str], tokenizer, context: int, setti
     seed = body.seed if body.seed is not None else secrets.randbits(62)
     params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                            frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+                            frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos)
     return Plan(prompts, body.n, max_tokens, body.stop_list(), seed, params)
 
 

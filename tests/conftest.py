@@ -1,0 +1,79 @@
+"""Shared fixtures: a real Atelier server on loopback, with a fresh home and small limits."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from atelier.api.app import create_app
+from atelier.config import Settings
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving create_app(settings) in a thread, on 127.0.0.1:<free port>."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_settings(home: Path, **overrides) -> Settings:
+    values = dict(home=home, port=free_port(), admin_key=ADMIN_KEY, max_body_bytes=20_000, max_tokens_limit=100,
+                  max_n=4, max_prompt_chars=150, max_batch=8, threads=None)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    with LiveServer(make_settings(tmp_path_factory.mktemp("home"))) as s:
+        yield s
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)

@@ -1,0 +1,69 @@
+"""The CLI as a user runs it: a subprocess against the real server or a fresh home."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ADMIN_KEY
+
+ATELIER = [sys.executable, "-m", "atelier.cli"]
+
+
+def run(args, env_extra=None, timeout=120):
+    env = os.environ | {"PYTHONIOENCODING": "utf-8", "COLUMNS": "200"} | (env_extra or {})
+    return subprocess.run(ATELIER + args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_generate_streams_a_continuation(server):
+    env = {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY}
+    r = run(["generate", "床前明月光，", "--max-tokens", "12", "--seed", "7"], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("床前明月光，") and len(r.stdout.strip()) > len("床前明月光，")
+    again = run(["generate", "床前明月光，", "--max-tokens", "12", "--seed", "7"], env)
+    assert again.stdout == r.stdout
+
+
+def test_generate_reports_errors_and_missing_key(server):
+    r = run(["generate", "春", "--model", "nope"], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
+    assert r.returncode == 1 and "model 'nope' does not exist" in r.stderr
+    r = run(["generate", "春"], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ""})
+    assert r.returncode == 2 and "ATELIER_API_KEY" in r.stderr
+
+
+def test_models_list_shows_versions_aliases_and_sizes(server):
+    r = run(["models", "list"], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
+    assert r.returncode == 0, r.stderr
+    assert "tang-poet" in r.stdout and "latest, production" in r.stdout and "MB" in r.stdout
+    r = run(["models", "show", "tang-poet@1"], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
+    assert json.loads(r.stdout)["latest"]["version"] == 1
+
+
+def test_keys_create_list_revoke(tmp_path):
+    env = {"ATELIER_HOME": str(tmp_path)}
+    r = run(["keys", "create", "--scope", "generate", "--scope", "train", "--name", "studio"], env)
+    assert r.returncode == 0, r.stderr
+    key_id, secret = r.stdout.split()[0], r.stdout.split()[-1]
+    assert secret.startswith("atl-")
+    listed = run(["keys", "list"], env).stdout
+    assert key_id in listed and secret not in listed and "generate,train" in listed
+    assert run(["keys", "revoke", key_id], env).returncode == 0
+    assert run(["keys", "revoke", "key_missing"], env).returncode == 1
+    assert run(["keys", "create", "--scope", "root"], env).returncode == 2
+
+
+def test_train_registers_a_version_and_resumes(tmp_path):
+    data = tmp_path / "poems.txt"
+    data.write_text("\n\n".join(["春眠不觉晓，处处闻啼鸟。", "床前明月光，疑是地上霜。", "白日依山尽，黄河入海流。"] * 4),
+                    encoding="utf-8")
+    env = {"ATELIER_HOME": str(tmp_path / "home")}
+    args = ["train", "--data", str(data), "--name", "mini", "--workdir", str(tmp_path / "run"), "--context", "32",
+            "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--steps", "20", "--batch-size", "4",
+            "--eval-every", "10", "--warmup", "2"]
+    r = run(args, env)
+    assert r.returncode == 0, r.stderr
+    assert "registered mini@1" in r.stdout and "val loss" in r.stdout
+    longer = [("30" if a == "20" else a) for a in args]  # same run, 30 steps instead of 20
+    r = run(longer, env)
+    assert "resumed from step 20" in r.stdout and "registered mini@2" in r.stdout
+    assert run(args + ["--optimizer", "lamb"], env).returncode == 2

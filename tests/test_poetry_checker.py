@@ -1,0 +1,116 @@
+"""The checker on poems checked by hand: compliant ones pass, broken ones name the position."""
+
+import pytest
+
+from atelier.poetry import PoemError, check
+
+# 王之涣《登鹳雀楼》: 五绝仄起首句不入韵, rhymes 流/楼 in 十一尤 (更 is 平/仄, 一 at a free position).
+DENG_GUAN_QUE_LOU = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+# 杜甫《绝句》: 七绝仄起首句不入韵, rhymes 天/船 in 一先 (行 is 平/仄).
+JUE_JU = ["两个黄鹂鸣翠柳", "一行白鹭上青天", "窗含西岭千秋雪", "门泊东吴万里船"]
+# 杜甫《春望》: 五律仄起首句不入韵, rhymes 深/心/金/簪 in 十二侵.
+CHUN_WANG = "国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"
+# 李白《菩萨蛮》: 仄韵 织/碧 (第十七部入), 平韵 楼/愁, 换仄 立/急, 换平 程/亭.
+PU_SA_MAN = "平林漠漠烟如织，寒山一带伤心碧。暝色入高楼，有人楼上愁。玉阶空伫立，宿鸟归飞急。何处是归程？长亭连短亭。"
+
+
+def test_compliant_jueju():
+    r = check(DENG_GUAN_QUE_LOU)
+    assert r["compliant"] and r["violations"] == []
+    assert (r["form"], r["pattern"], r["rhyme_group"]) == ("wujue", "五绝仄起首句不入韵", "十一尤")
+    r = check(JUE_JU)
+    assert r["compliant"] and r["pattern"] == "七绝仄起首句不入韵" and r["rhyme_group"] == "一先"
+
+
+def test_compliant_lvshi_and_ci():
+    r = check(CHUN_WANG)
+    assert r["compliant"] and r["form"] == "wulv" and r["rhyme_group"] == "十二侵"
+    r = check(PU_SA_MAN)
+    assert r["compliant"] and r["form"] == "ci:菩萨蛮"
+    assert r["rhyme_groups"]["A"] == "第十七部入" and r["rhyme_groups"]["B"] == "第十二部平"
+
+
+def test_report_per_character():
+    r = check(DENG_GUAN_QUE_LOU)
+    first = r["lines"][0]
+    assert first["text"] == "白日依山尽"
+    assert [c["required"] for c in first["chars"]] == list("中仄平平仄")
+    assert first["chars"][0] == {"char": "白", "required": "中", "tones": ["仄"], "ok": True}
+    assert first["rhyme"] is None
+    rhyme = r["lines"][1]["rhyme"]
+    assert rhyme["group"] == "十一尤" and rhyme["ok"] and "十一尤" in rhyme["char_groups"]
+    gengs = r["lines"][3]["chars"][0]
+    assert gengs["char"] == "更" and set(gengs["tones"]) == {"平", "仄"}  # 多音字: either tone
+
+
+def test_broken_rhyme_names_position():
+    r = check(DENG_GUAN_QUE_LOU.replace("层楼", "层天"))
+    assert not r["compliant"]
+    [v] = r["violations"]
+    # One rhyme each way: the first rhyme (流) sets the group, so the last line is the one flagged.
+    assert (v["line"], v["position"], v["char"], v["kind"]) == (3, 4, "天", "rhyme")
+    assert "十一尤" in v["message"] and "一先" in v["message"]
+
+
+def test_broken_tone_names_position():
+    r = check(JUE_JU[:1] + ["一行白鹭下青天"] + JUE_JU[2:])  # fine: 下 is 仄 like 上
+    assert r["compliant"]
+    r = check(JUE_JU[:1] + ["一行白鹭飞青天"] + JUE_JU[2:])  # 飞 is 平 where 仄 is required
+    assert not r["compliant"]
+    [v] = r["violations"]
+    assert (v["line"], v["position"], v["char"], v["kind"]) == (1, 4, "飞", "tone")
+    assert "line 2, character 5" in v["message"]
+
+
+def test_repeated_rhyme():
+    r = check("白日依山尽，黄河入海流。欲穷千里目，更上一层流。")
+    kinds = {(v["line"], v["position"], v["kind"]) for v in r["violations"]}
+    assert (3, 4, "repeated_rhyme") in kinds
+
+
+def test_unknown_character_at_a_tone_position():
+    r = check("白日依山尽，黄河入海流。欲穷千里目，更上这层楼。")  # 这: not in 平水韵
+    [v] = r["violations"]
+    assert (v["line"], v["position"], v["char"], v["kind"]) == (3, 2, "这", "unknown")
+
+
+def test_traditional_title_and_list_input():
+    r = check("登鸛雀樓\n白日依山盡，黃河入海流。欲窮千里目，更上一層樓。")
+    assert r["compliant"] and r["title"] == "登鸛雀樓"
+    assert r["lines"][0]["text"] == "白日依山盡"  # reported as written
+
+
+def test_explicit_form_and_pattern():
+    r = check(DENG_GUAN_QUE_LOU, form="wujue", pattern="五绝仄起首句入韵")
+    assert r["pattern"] == "五绝仄起首句入韵" and not r["compliant"]
+    r = check(DENG_GUAN_QUE_LOU, form="qijue")
+    assert [v["kind"] for v in r["violations"]] == ["length"] and not r["compliant"]
+
+
+def test_ci_recut_by_character_count():
+    # The same 菩萨蛮 punctuated differently still lines up by its 44 characters.
+    r = check(PU_SA_MAN.replace("，", "").replace("。", "").replace("？", ""), form="ci:菩萨蛮")
+    assert r["compliant"]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "hello world", "白日依山尽 hello", 123, "明" * 3000])
+def test_bad_input(text):
+    with pytest.raises(PoemError) as e:
+        check(text)
+    assert e.value.param == "text" and e.value.status == 400
+
+
+def test_undetectable_form():
+    with pytest.raises(PoemError) as e:
+        check("明月松间照，清泉石上流。")
+    assert e.value.param == "form" and "wujue" in str(e.value)
+
+
+def test_xinyun():
+    pytest.importorskip("pypinyin")
+    # 平水韵 compliant, and also in 中华新韵: 流/楼 in 七尤; 白 is bái (平) at a free position.
+    r = check(DENG_GUAN_QUE_LOU, rhyme_scheme="xinyun")
+    assert r["rhyme_scheme"] == "xinyun" and r["rhyme_group"] == "七尤平"
+    # 深/心 are shen/xin: 九文 in 中华新韵 (they were 十二侵 in 平水韵).
+    r = check("国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。", rhyme_scheme="xinyun")
+    assert r["rhyme_group"] == "九文平"
