@@ -67,3 +67,54 @@ def test_train_registers_a_version_and_resumes(tmp_path):
     r = run(longer, env)
     assert "resumed from step 20" in r.stdout and "registered mini@2" in r.stdout
     assert run(args + ["--optimizer", "lamb"], env).returncode == 2
+
+
+def test_serve_prints_the_admin_key_once_and_serves(tmp_path):
+    import time
+
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    env = os.environ | {"ATELIER_HOME": str(tmp_path), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": "",
+                        "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env.pop("ATELIER_ADMIN_KEY")
+    proc = subprocess.Popen(ATELIER + ["serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        secret, lines = None, []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.strip().startswith("atl-"):
+                secret = line.strip()
+            if "Atelier on http://127.0.0.1:" in line:
+                break
+        assert secret, "".join(lines)
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tang-poet"
+        db = (tmp_path / "atelier.db").read_bytes()
+        assert secret.encode() not in db  # only the hash is stored
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    # A second start finds the key and prints none.
+    proc = subprocess.Popen(ATELIER + ["serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out.append(proc.stdout.readline())
+            if "Atelier on http://127.0.0.1:" in out[-1]:
+                break
+        assert not any(l.strip().startswith("atl-") for l in out)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -47,10 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine)
     blobs = BlobStore(settings.blobs_dir)
+    # Shown once by `atelier serve` (never logged); only its hash is stored.
     new_admin_secret = bootstrap(settings, sessions, blobs)
-    if new_admin_secret and not settings.admin_key:
-        # Shown once: only its hash is stored.
-        log.warning("created the admin API key (shown once, store it now): %s", new_admin_secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
