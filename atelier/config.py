@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_n: int = Field(default=8, ge=1, description="largest n (choices per request)")
     max_prompt_chars: int = Field(default=4000, ge=1, description="longest prompt or message text, in characters")
     max_stop_sequences: int = Field(default=4, ge=0, description="most stop sequences per request")
+    max_upload_bytes: int = Field(default=50_000_000, ge=1024, description="largest uploaded file or model archive")
+
+    # Jobs
+    run_worker: bool = Field(default=True, description="start the job worker process with the server")
+    max_jobs: int = Field(default=1, ge=1, description="jobs the worker runs at the same time; more wait queued")
+    max_job_steps: int = Field(default=20_000, ge=1, description="most optimiser steps a job may ask for")
 
     # Runtime
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")

@@ -14,8 +14,9 @@ from atelier import __version__
 from atelier.api import errors
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
-from atelier.api.routes import audit, completions, health, keys, models
+from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, models
 from atelier.config import PACKAGE_DIR, Settings, get_settings
+from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.registry.db import make_engine, make_sessionmaker
 from atelier.registry.shipped import ensure_shipped
 from atelier.registry.store import BlobStore
@@ -52,7 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.run_worker:
+            app.state.worker = WorkerSupervisor(settings)
+            app.state.worker.start()
         yield
+        if app.state.worker is not None:
+            app.state.worker.stop()
         app.state.manager.close()
         engine.dispose()
 
@@ -64,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_batch=settings.max_batch)
     app.state.new_admin_secret = new_admin_secret
+    app.state.worker = None
     errors.install(app)
-    for r in (health.router, models.router, completions.router, keys.router, audit.router):
+    for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, keys.router,
+              audit.router):
         app.include_router(r)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():
@@ -75,6 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def root():
             return RedirectResponse("/studio/")
 
-    app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes))
+    app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes))
     app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
     return app

@@ -81,6 +81,65 @@ class AuditEntry(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class File(Base):
+    """An uploaded file (training data); its bytes are a blob."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # file-…
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    format: Mapped[str] = mapped_column(String(32))  # jsonl-text | jsonl-prompt | jsonl-chat | text | csv | npz | zip
+    records: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """A fine-tuning / training job, run by the worker process."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # ftjob-…
+    base_model: Mapped[str] = mapped_column(String(200))  # a model reference, or a family name
+    family: Mapped[str] = mapped_column(String(32))
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(32), default="queued", index=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[dict | None] = mapped_column(JSON, default=None)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200), default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    key_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "job_checkpoints"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     kwargs = {}
     if url.startswith("sqlite"):

@@ -127,6 +127,6 @@ def load_corpus(source: str | Path, val_fraction: float = 0.02) -> Corpus:
     if not docs:
         raise ValueError(f"{source}: no documents to train on")
     train, val = split_documents(docs, val_fraction)
-    if not val:  # tiny corpora: hold out at least one document
+    if not val and val_fraction > 0:  # tiny corpora: hold out at least one document
         train, val = docs[:-1] or docs, docs[-1:]
     return Corpus(train=train, val=val, sources=sources)

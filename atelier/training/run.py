@@ -15,18 +15,21 @@ from typing import Callable
 
 import torch
 
-from atelier.models.chargpt import CharGPT, ChargptConfig
+from atelier.models.chargpt import CharGPT, ChargptConfig, from_pretrained
 from atelier.models.tokenizer import CharTokenizer
 from atelier.registry.files import atomic_write_json
-from atelier.training.corpus import load_corpus
+from atelier.training.corpus import Corpus, load_corpus
 from atelier.training.trainer import Trainer, TrainConfig
 
 
 def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_cfg: TrainConfig,
                   min_count: int = 1, threads: int | None = None,
-                  on_event: Callable[[dict], None] | None = None) -> Path:
-    """Train from scratch (or resume in workdir) and return the folder of the best weights.
+                  on_event: Callable[[dict], None] | None = None, *, base: Path | None = None,
+                  val_data: str | Path | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Train (or resume in workdir) and return the folder of the best weights.
 
+    From scratch, the tokenizer is built from the corpus and the model from model_cfg;
+    with `base` (a version folder), both come from the base model (fine-tuning).
     The folder holds config.json, model.safetensors, tokenizer.json and training.json
     (config, data provenance, metrics), ready for `registry.store.register_version`.
     """
@@ -36,15 +39,26 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_cfg.seed)
     corpus = load_corpus(data)
-    tok_path = workdir / "tokenizer.json"
-    if tok_path.exists():  # resuming: the vocabulary must not change
-        tok = CharTokenizer.load(tok_path)
+    if val_data is not None:
+        held_out = load_corpus(val_data, val_fraction=0.0)
+        corpus = Corpus(train=corpus.train + corpus.val, val=held_out.train + held_out.val,
+                        sources=corpus.sources + held_out.sources)
+    if base is not None:
+        model, tok = from_pretrained(base)
+        model.train()
+        config = model.config
     else:
-        tok = CharTokenizer.train(corpus.train, min_count=min_count)
-        tok.save(tok_path)
-    config = ChargptConfig(vocab_size=len(tok), **model_cfg)
-    model = CharGPT(config)
+        tok_path = workdir / "tokenizer.json"
+        if tok_path.exists():  # resuming: the vocabulary must not change
+            tok = CharTokenizer.load(tok_path)
+        else:
+            tok = CharTokenizer.train(corpus.train, min_count=min_count)
+            tok.save(tok_path)
+        config = ChargptConfig(vocab_size=len(tok), **model_cfg)
+        model = CharGPT(config)
     trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event)
+    if should_stop is not None:
+        trainer.should_stop = should_stop
     started = time.time()
     state = trainer.fit()
     best = trainer.best_dir
@@ -52,6 +66,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
         "family": "chargpt",
         "model_config": asdict(config),
         "train_config": asdict(train_cfg),
+        "base": str(base) if base is not None else None,
         "data": {"source": str(data), "files": corpus.sources, "train_docs": len(corpus.train),
                  "val_docs": len(corpus.val), "chars": corpus.n_chars, "vocab_size": len(tok)},
         "metrics": {"val_loss": state.best_val_loss, "val_ppl": float(torch.tensor(state.best_val_loss).exp()),

@@ -232,9 +232,9 @@ class Trainer:
                        "train_tokens": len(train), "val_tokens": len(val), "params": model.config.n_params})
         # 3. loop
         while self.state.step < cfg.max_steps and not self.state.stopped_early:
-            if self.should_stop():
-                self.on_event({"type": "cancelled", "step": self.state.step})
-                break
+            if self.should_stop():  # cancelled, or the worker is shutting down: the checkpoint stays
+                self.on_event({"type": "stopped", "step": self.state.step})
+                return self.state
             step = self.state.step
             lr = lr_at(step, cfg)
             for g in opt.param_groups:

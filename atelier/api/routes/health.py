@@ -24,7 +24,9 @@ def readyz(request: Request, db: SessionDep):
         db.execute(text("SELECT 1"))
     except Exception as e:  # noqa: BLE001 — any database failure means not ready
         raise APIError(503, f"database unavailable: {type(e).__name__}", type="server_error", code="not_ready")
-    return {"status": "ready", "loaded_models": request.app.state.manager.loaded()}
+    worker = request.app.state.worker
+    return {"status": "ready", "loaded_models": request.app.state.manager.loaded(),
+            "worker": worker.status() if worker else None}
 
 
 @router.get("/metrics")

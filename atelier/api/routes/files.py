@@ -1,0 +1,111 @@
+"""POST/GET/DELETE /v1/files: training data, validated on upload, stored by content hash."""
+
+from __future__ import annotations
+
+import calendar
+import secrets
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from atelier.api.deps import SessionDep, SettingsDep, TrainKey
+from atelier.api.errors import APIError, bad_request, not_found
+from atelier.registry.db import File, Job
+from atelier.safety import audit
+from atelier.training.uploads import PURPOSES, UploadError, check_upload
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+
+
+def file_public(f: File) -> dict:
+    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": calendar.timegm(f.created_at.timetuple()),
+            "filename": f.filename, "purpose": f.purpose, "status": "processed", "format": f.format,
+            "records": f.records, "sha256": f.sha256}
+
+
+def get_file(db, file_id: str, param: str = "file_id") -> File:
+    f = db.get(File, file_id)
+    if f is None:
+        raise not_found(f"file {file_id!r} does not exist", param)
+    return f
+
+
+async def read_limited(upload: UploadFile, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await upload.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"file is larger than the limit of {limit} bytes (ATELIER_MAX_UPLOAD_BYTES)",
+                           param="file", code="file_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("")
+async def upload(request: Request, db: SessionDep, settings: SettingsDep, key: TrainKey,
+                 file: UploadFile, purpose: str = Form(...)):
+    """Upload a training file; an identical file with the same purpose returns the existing record."""
+    if purpose not in PURPOSES:
+        raise bad_request(f"purpose {purpose!r} is not supported; use one of {', '.join(PURPOSES)}", "purpose")
+    data = await read_limited(file, settings.max_upload_bytes)
+    filename = (file.filename or "upload").rsplit("/", 1)[-1][:256]
+    try:
+        checked = check_upload(filename, data, max_zip_bytes=settings.max_upload_bytes * 4)
+    except UploadError as e:
+        raise bad_request(str(e), e.param, code="invalid_file") from None
+    blobs = request.app.state.blobs
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose))
+    if existing is not None:
+        return file_public(existing) | {"duplicate": True}
+    blobs.put_bytes(data)  # atomic: temp file, fsync, rename
+    f = File(id="file-" + secrets.token_hex(12), filename=filename, purpose=purpose, format=checked.format,
+             records=checked.records, bytes=len(data), sha256=digest, key_id=key.id)
+    db.add(f)
+    db.commit()
+    audit.record(db, action="file.upload", target=f.id, key_id=key.id, detail={"sha256": digest, "bytes": len(data)})
+    return file_public(f)
+
+
+@router.get("")
+def list_files(db: SessionDep, key: TrainKey, purpose: str | None = None, limit: int = Query(100, ge=1, le=1000)):
+    """Uploaded files, newest first."""
+    q = select(File).order_by(File.created_at.desc()).limit(limit)
+    if purpose:
+        q = q.where(File.purpose == purpose)
+    return {"object": "list", "data": [file_public(f) for f in db.scalars(q)], "has_more": False}
+
+
+@router.get("/{file_id}")
+def retrieve(file_id: str, db: SessionDep, key: TrainKey):
+    """One file's record."""
+    return file_public(get_file(db, file_id))
+
+
+@router.get("/{file_id}/content")
+def content(file_id: str, request: Request, db: SessionDep, key: TrainKey):
+    """The file's bytes."""
+    f = get_file(db, file_id)
+    return Response(request.app.state.blobs.path(f.sha256).read_bytes(), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})
+
+
+@router.delete("/{file_id}")
+def delete(file_id: str, request: Request, db: SessionDep, key: TrainKey):
+    """Delete a file (refused while a job uses it); its bytes go when no other file shares them."""
+    f = get_file(db, file_id)
+    busy = db.scalar(select(Job).where(Job.status.in_(ACTIVE_JOB_STATES),
+                                       (Job.training_file == file_id) | (Job.validation_file == file_id)))
+    if busy is not None:
+        raise APIError(409, f"file {file_id!r} is used by job {busy.id} ({busy.status})", param="file_id",
+                       code="file_in_use")
+    db.delete(f)
+    db.commit()
+    if db.scalar(select(File).where(File.sha256 == f.sha256)) is None:
+        request.app.state.blobs.path(f.sha256).unlink(missing_ok=True)
+    audit.record(db, action="file.delete", target=file_id, key_id=key.id)
+    return {"id": file_id, "object": "file", "deleted": True}

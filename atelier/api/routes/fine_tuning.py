@@ -1,0 +1,155 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints.
+
+Jobs run in the worker process (atelier/jobs/worker.py); these routes only read and write
+the job table.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from atelier.api.deps import SessionDep, TrainKey
+from atelier.api.errors import APIError, bad_request, not_found
+from atelier.api.models_lookup import resolve_version
+from atelier.api.routes.files import get_file
+from atelier.jobs import store
+from atelier.jobs.runner import FAMILIES, TABLE_FORMATS, TEXT_FORMATS, JobError, check_hyperparameters
+from atelier.registry.db import Job, JobCheckpoint, JobEvent
+from atelier.safety import audit
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+FINE_TUNABLE = ("chargpt",)
+
+
+class Supervised(BaseModel):
+    hyperparameters: dict = Field(default_factory=dict)
+
+
+class Method(BaseModel):
+    type: str = "supervised"
+    supervised: Supervised | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: str | None = None
+    hyperparameters: dict = Field(default_factory=dict)
+    method: Method | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
+def get_job(db, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise not_found(f"fine-tuning job {job_id!r} does not exist", "fine_tuning_job_id")
+    return job
+
+
+@router.post("")
+def create(body: JobCreate, db: SessionDep, key: TrainKey):
+    """Queue a job: fine-tune a model version, or train a family (`chargpt`, `sklearn`) from scratch."""
+    if body.method is not None and body.method.type != "supervised":
+        raise bad_request(f"method.type {body.method.type!r} is not supported; use 'supervised'", "method.type")
+    hyper = dict(body.hyperparameters)
+    if body.method and body.method.supervised:
+        hyper |= body.method.supervised.hyperparameters
+    if body.suffix is not None and not SUFFIX_RE.match(body.suffix):
+        raise bad_request(f"suffix {body.suffix!r} must match {SUFFIX_RE.pattern}", "suffix")
+    if body.model in FAMILIES:
+        family = body.model
+        if not body.suffix:
+            raise bad_request(f"training {family} from scratch needs a suffix: the new model's name", "suffix")
+    else:
+        version = resolve_version(db, body.model)
+        family = version.model.family
+        if family not in FINE_TUNABLE:
+            raise bad_request(f"model {version.model.name!r} ({family}) does not support fine-tuning; "
+                              f"fine-tunable families: {', '.join(FINE_TUNABLE)}", "model", code="model_not_supported")
+    formats = TABLE_FORMATS if family == "sklearn" else TEXT_FORMATS
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id is None:
+            continue
+        f = get_file(db, file_id, param)
+        if f.purpose != "fine-tune":
+            raise bad_request(f"{param} {file_id} has purpose {f.purpose!r}, not 'fine-tune'", param)
+        if f.format not in formats:
+            raise bad_request(f"{param} {file_id} is {f.format}; a {family} job needs {' or '.join(formats)}", param,
+                              code="invalid_file_format")
+    try:
+        hyper = check_hyperparameters(hyper, family)
+    except JobError as e:
+        raise bad_request(e.message, e.param) from None
+    job = store.create_job(db, base_model=body.model, family=family, suffix=body.suffix,
+                           training_file=body.training_file, validation_file=body.validation_file,
+                           hyperparameters=hyper, seed=body.seed if body.seed is not None else 42, key_id=key.id)
+    audit.record(db, action="job.create", target=job.id, key_id=key.id, detail={"model": body.model})
+    return store.job_public(job)
+
+
+@router.get("")
+def list_jobs(db: SessionDep, key: TrainKey, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
+    """Jobs, newest first; `after` is a job id to page from."""
+    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if after:
+        anchor = get_job(db, after)
+        q = q.where(Job.created_at <= anchor.created_at, Job.id != anchor.id)
+    jobs = list(db.scalars(q.limit(limit + 1)))
+    return {"object": "list", "data": [store.job_public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
+@router.get("/{job_id}")
+def retrieve(job_id: str, db: SessionDep, key: TrainKey):
+    """One job."""
+    return store.job_public(get_job(db, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel(job_id: str, db: SessionDep, key: TrainKey):
+    """Cancel a queued or running job; a finished job cannot be cancelled (409)."""
+    job = get_job(db, job_id)
+    if job.status in store.FINAL:
+        raise APIError(409, f"job {job_id} is already {job.status}", param="fine_tuning_job_id",
+                       code="job_not_cancellable")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status = "cancelled"
+    db.commit()
+    store.add_event(db, job_id, "cancellation requested")
+    audit.record(db, action="job.cancel", target=job_id, key_id=key.id)
+    db.refresh(job)
+    return store.job_public(job) | {"status": "cancelled"}
+
+
+@router.get("/{job_id}/events")
+def events(job_id: str, db: SessionDep, key: TrainKey, after: str | None = None,
+           limit: int = Query(20, ge=1, le=1000), order: str = Query("desc", pattern="^(asc|desc)$")):
+    """Events, newest first (OpenAI's order) or `order=asc`; `after` is an event id to page from."""
+    get_job(db, job_id)
+    q = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after:
+        if not re.fullmatch(r"ftevent-\d+", after):
+            raise bad_request(f"after={after!r} is not an event id (ftevent-N)", "after")
+        n = int(after.split("-")[1])
+        q = q.where(JobEvent.id > n if order == "asc" else JobEvent.id < n)
+    q = q.order_by(JobEvent.id.asc() if order == "asc" else JobEvent.id.desc()).limit(limit + 1)
+    rows = list(db.scalars(q))
+    return {"object": "list", "data": [store.event_public(e) for e in rows[:limit]], "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}/checkpoints")
+def checkpoints(job_id: str, db: SessionDep, key: TrainKey, limit: int = Query(10, ge=1, le=100)):
+    """Checkpoints, newest first."""
+    job = get_job(db, job_id)
+    rows = list(db.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+                           .order_by(JobCheckpoint.id.desc()).limit(limit)))
+    return {"object": "list", "data": [store.checkpoint_public(c, job) for c in rows], "has_more": False}

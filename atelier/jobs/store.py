@@ -1,0 +1,89 @@
+"""Jobs in the database: create, claim, events, checkpoints, finish. Plain functions."""
+
+from __future__ import annotations
+
+import calendar
+import secrets
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from atelier.registry.db import Job, JobCheckpoint, JobEvent, utcnow
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def ts(dt) -> int | None:
+    return calendar.timegm(dt.timetuple()) if dt else None
+
+
+def create_job(db: Session, **fields) -> Job:
+    job = Job(id="ftjob-" + secrets.token_hex(12), status="queued", **fields)
+    db.add(job)
+    db.flush()
+    add_event(db, job.id, f"job created: {job.family} from {job.base_model}", commit=False)
+    db.commit()
+    return job
+
+
+def add_event(db: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict | None = None, commit: bool = True) -> JobEvent:
+    ev = JobEvent(job_id=job_id, message=message, level=level, type=type, data=data or {})
+    db.add(ev)
+    if commit:
+        db.commit()
+    return ev
+
+
+def claim_next(db: Session) -> Job | None:
+    """Atomically move the oldest queued job to running (safe with several claimers)."""
+    for job in db.scalars(select(Job).where(Job.status == "queued").order_by(Job.created_at)):
+        won = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                         .values(status="running", started_at=utcnow(), attempts=Job.attempts + 1)).rowcount
+        db.commit()
+        if won:
+            db.refresh(job)
+            return job
+    return None
+
+
+def requeue_orphans(db: Session) -> list[str]:
+    """Jobs left `running` by a worker that died: queue them again (they resume from checkpoints)."""
+    ids = list(db.scalars(select(Job.id).where(Job.status == "running")))
+    for job_id in ids:
+        db.execute(update(Job).where(Job.id == job_id).values(status="queued"))
+        add_event(db, job_id, "worker restarted: job queued again, it resumes from its last checkpoint",
+                  level="warn", commit=False)
+    db.commit()
+    return ids
+
+
+def finish(db: Session, job: Job, status: str, **fields) -> None:
+    db.execute(update(Job).where(Job.id == job.id).values(status=status, finished_at=utcnow(), **fields))
+    db.commit()
+
+
+def add_checkpoint(db: Session, job_id: str, step: int, metrics: dict) -> None:
+    db.add(JobCheckpoint(job_id=job_id, step=step, metrics=metrics))
+    db.commit()
+
+
+def job_public(job: Job) -> dict:
+    return {"id": job.id, "object": "fine_tuning.job", "model": job.base_model, "created_at": ts(job.created_at),
+            "finished_at": ts(job.finished_at), "fine_tuned_model": job.fine_tuned_model,
+            "organization_id": "atelier", "result_files": [], "status": job.status,
+            "validation_file": job.validation_file, "training_file": job.training_file,
+            "hyperparameters": job.hyperparameters, "trained_tokens": job.trained_tokens, "error": job.error,
+            "seed": job.seed, "suffix": job.suffix, "estimated_finish": None, "integrations": [],
+            "method": {"type": "supervised"}, "family": job.family, "attempts": job.attempts}
+
+
+def event_public(ev: JobEvent) -> dict:
+    return {"id": f"ftevent-{ev.id}", "object": "fine_tuning.job.event", "created_at": ts(ev.created_at),
+            "level": ev.level, "message": ev.message, "data": ev.data, "type": ev.type}
+
+
+def checkpoint_public(cp: JobCheckpoint, job: Job) -> dict:
+    return {"id": f"ftckpt-{cp.id}", "object": "fine_tuning.job.checkpoint", "created_at": ts(cp.created_at),
+            "fine_tuning_job_id": job.id, "step_number": cp.step, "metrics": cp.metrics,
+            "fine_tuned_model_checkpoint": f"{job.id}:step-{cp.step}"}

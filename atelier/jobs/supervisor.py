@@ -1,0 +1,58 @@
+"""The server's side of the worker: start it, restart it if it dies, stop it on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+from atelier.config import Settings
+
+log = logging.getLogger("atelier.jobs")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as ATELIER_* variables, so the worker sees what the server sees."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"ATELIER_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "atelier.jobs.worker"], env=settings_env(self.settings))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.proc.poll() is not None:
+                log.warning("job worker exited with %s; restarting it", self.proc.returncode)
+                self.restarts += 1
+                self._spawn()
+
+    def status(self) -> dict:
+        alive = self.proc is not None and self.proc.poll() is None
+        return {"pid": self.proc.pid if self.proc else None, "alive": alive, "restarts": self.restarts}
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
