@@ -22,8 +22,10 @@ from atelier.config import Settings, get_settings
 app = typer.Typer(help="Atelier: creative models as a service.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="List and inspect models (through the server).", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (in the local registry).", no_args_is_help=True)
+jobs_app = typer.Typer(help="Training jobs on the server: list, show, follow, cancel.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 err = Console(stderr=True)
 
@@ -155,6 +157,154 @@ def models_show(model: str, url: Annotated[Optional[str], typer.Option()] = None
     console.print_json(data=resp.json())
 
 
+def _call(method: str, path: str, url, api_key, **kw) -> httpx.Response:
+    with _client(_settings(url=url, api_key=api_key)) as client:
+        resp = client.request(method, path, **kw)
+    if resp.status_code >= 400:
+        _fail(resp)
+    return resp
+
+
+UrlOpt = Annotated[Optional[str], typer.Option("--url", help="[ATELIER_URL]")]
+KeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="[ATELIER_API_KEY]")]
+
+
+@models_app.command("promote")
+def models_promote(ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                   alias: Annotated[str, typer.Option(help="alias to move")] = "production",
+                   url: UrlOpt = None, api_key: KeyOpt = None):
+    """Point an alias (default production) at a version."""
+    name, _, number = ref.partition("@")
+    if not number.isdigit():
+        err.print("[red]give the version as NAME@VERSION, e.g. tang-poet@2[/red]")
+        raise typer.Exit(2)
+    _call("POST", f"/api/models/{name}/aliases", url, api_key, json={"alias": alias, "version": int(number)})
+    console.print(f"{name}:{alias} → {ref}")
+
+
+@models_app.command("rollback")
+def models_rollback(name: str, alias: Annotated[str, typer.Option()] = "production",
+                    url: UrlOpt = None, api_key: KeyOpt = None):
+    """Move an alias back to the previous version."""
+    out = _call("POST", f"/api/models/{name}/rollback", url, api_key, json={"alias": alias}).json()
+    console.print(f"{name}:{alias} → {name}@{out['aliases'][alias]}")
+
+
+@models_app.command("delete")
+def models_delete(ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                  force: Annotated[bool, typer.Option(help="also remove aliases pointing at it")] = False,
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Delete a version."""
+    _call("DELETE", f"/api/models/{ref}", url, api_key, params={"force": force})
+    console.print(f"deleted {ref}")
+
+
+@models_app.command("export")
+def models_export(ref: str, output: Annotated[Path, typer.Option("-o", "--output", help="archive (.zip) or folder (hf)")],
+                  fmt: Annotated[str, typer.Option("--format", help="atelier (zip + manifest) | hf (GPT-2 folder)")] = "atelier",
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Export a version as one verified archive, or (chargpt) as a Hugging Face GPT-2 folder."""
+    import io
+    import zipfile
+
+    if fmt not in ("atelier", "hf"):
+        err.print(f"[red]--format {fmt!r} is not one of atelier, hf[/red]")
+        raise typer.Exit(2)
+    data = _call("GET", f"/api/models/{ref}/export", url, api_key).content
+    if fmt == "atelier":
+        from atelier.registry.files import atomic_write_bytes
+
+        atomic_write_bytes(output, data)
+    else:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            manifest = json.loads(z.read("manifest.json"))
+            if manifest["family"] != "chargpt":
+                err.print(f"[red]{ref} is a {manifest['family']} model; only chargpt exports to Hugging Face[/red]")
+                raise typer.Exit(2)
+            output.mkdir(parents=True, exist_ok=True)
+            for name in manifest["files"]:
+                (output / name).write_bytes(z.read(name))
+    console.print(f"exported {ref} to {output}")
+
+
+@models_app.command("import")
+def models_import(archive: Path, name: Annotated[Optional[str], typer.Option(help="register under this name")] = None,
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Import an exported archive as a new version (verified; safetensors/JSON only)."""
+    with open(archive, "rb") as f:
+        out = _call("POST", "/api/models/import", url, api_key, files={"file": (archive.name, f)},
+                    data={"name": name} if name else {}).json()
+    console.print(f"imported {out['latest']['ref']}")
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+@jobs_app.command("list")
+def jobs_list(url: UrlOpt = None, api_key: KeyOpt = None):
+    """Recent jobs."""
+    data = _call("GET", "/v1/fine_tuning/jobs", url, api_key, params={"limit": 50}).json()["data"]
+    table = Table(title="Jobs")
+    for col in ("id", "status", "model", "fine_tuned_model", "attempts"):
+        table.add_column(col)
+    for j in data:
+        table.add_row(j["id"], j["status"], j["model"], j["fine_tuned_model"] or "", str(j["attempts"]))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None):
+    """One job as JSON."""
+    console.print_json(data=_call("GET", f"/v1/fine_tuning/jobs/{job_id}", url, api_key).json())
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None):
+    """Cancel a queued or running job."""
+    _call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", url, api_key)
+    console.print(f"cancelled {job_id}")
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None):
+    """A progress bar fed by the job's events, until it ends."""
+    follow(job_id, _settings(url=url, api_key=api_key))
+
+
+def follow(job_id: str, settings: Settings) -> dict:
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    after = None
+    with _client(settings) as client, progress:
+        task = progress.add_task(job_id, total=None, info="")
+        while True:
+            params = {"order": "asc", "limit": 500} | ({"after": after} if after else {})
+            events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+            if events.status_code != 200:
+                _fail(events)
+            for e in events.json()["data"]:
+                after = e["id"]
+                d = e["data"]
+                if "train_loss" in d:
+                    progress.update(task, total=d["total_steps"], completed=d["step"],
+                                    info=f"loss {d['train_loss']:.3f} · {d['tokens_per_s']:.0f} tok/s · lr {d['lr']:.2e}")
+                else:
+                    progress.console.print(e["message"])
+            job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled") and not events.json()["has_more"]:
+                break
+            time.sleep(0.5)
+    color = {"succeeded": "green", "failed": "red"}.get(job["status"], "yellow")
+    console.print(f"[{color}]{job_id} {job['status']}[/{color}]" +
+                  (f": {job['fine_tuned_model']}" if job["fine_tuned_model"] else "") +
+                  (f": {job['error']['message']}" if job.get("error") else ""))
+    return job
+
+
 # -- keys -------------------------------------------------------------------------------
 
 
@@ -242,8 +392,35 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
           seed: Annotated[int, typer.Option()] = 1337,
           threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
           register: Annotated[bool, typer.Option(help="register the result in ATELIER_HOME")] = True,
-          home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
-    """Train a chargpt model (progress bar, eval, early stop, resumable) and register it."""
+          home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None,
+          follow_job: Annotated[bool, typer.Option("--follow", help="run as a job on the server and follow it")] = False,
+          base: Annotated[Optional[str], typer.Option(help="with --follow: fine-tune this model instead")] = None,
+          url: UrlOpt = None, api_key: KeyOpt = None):
+    """Train a chargpt model (progress bar, eval, early stop, resumable) and register it.
+
+    Locally by default; with --follow, the data is uploaded and trained by the server's
+    job worker (from scratch, or fine-tuning --base), with this terminal following it.
+    """
+    if follow_job:
+        if data.is_dir():
+            err.print("[red]--follow uploads one file (.txt or .jsonl), not a folder[/red]")
+            raise typer.Exit(2)
+        base_lr = 3e-4 if base else 2e-3
+        hyper = {"max_steps": steps, "batch_size": batch_size, "learning_rate_multiplier": lr / base_lr,
+                 "optimizer": optimizer, "schedule": schedule, "warmup_steps": warmup, "grad_clip": grad_clip,
+                 "precision": precision, "eval_every": eval_every, "early_stopping_patience": patience}
+        if not base:
+            hyper |= {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "context": context,
+                      "min_count": min_count}
+        with open(data, "rb") as f:
+            up = _call("POST", "/v1/files", url, api_key, files={"file": (data.name, f)},
+                       data={"purpose": "fine-tune"}).json()
+        job = _call("POST", "/v1/fine_tuning/jobs", url, api_key,
+                    json={"model": base or "chargpt", "training_file": up["id"], "suffix": name,
+                          "hyperparameters": hyper, "seed": seed}).json()
+        console.print(f"job {job['id']} queued")
+        done = follow(job["id"], _settings(url=url, api_key=api_key))
+        raise typer.Exit(0 if done["status"] == "succeeded" else 1)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from atelier.training.run import train_chargpt
@@ -288,6 +465,9 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
         with _local_db(home) as db:
             v = register_version(db, BlobStore(settings.blobs_dir), name=name, family="chargpt",
                                  task="text-generation", folder=best, metrics=record["metrics"], training=record)
+            from atelier.safety import audit
+
+            audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"via": "cli"})
             console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
 
 

@@ -55,7 +55,7 @@ class LiveServer:
 
 def make_settings(home: Path, **overrides) -> Settings:
     values = dict(home=home, port=free_port(), admin_key=ADMIN_KEY, max_body_bytes=20_000, max_tokens_limit=100,
-                  max_n=4, max_prompt_chars=150, max_batch=8, threads=None, max_upload_bytes=200_000)
+                  max_n=4, max_prompt_chars=150, max_batch=8, threads=None, max_upload_bytes=40_000_000)
     values.update(overrides)
     return Settings(**values)
 

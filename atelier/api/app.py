@@ -14,7 +14,8 @@ from atelier import __version__
 from atelier.api import errors
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
-from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, models
+from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, lifecycle, models
+from atelier.api.routes import predict
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.registry.db import make_engine, make_sessionmaker
@@ -72,8 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None
     errors.install(app)
-    for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, keys.router,
-              audit.router):
+    for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, lifecycle.router,
+              keys.router, audit.router, predict.router):
         app.include_router(r)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():

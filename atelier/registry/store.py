@@ -200,3 +200,98 @@ def version_folder(blobs: BlobStore, version: Version, cache_root: Path) -> Path
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+# -- lifecycle --------------------------------------------------------------------------
+
+
+def rollback(db: Session, *, name: str, alias: str) -> int:
+    """Point `alias` at the version just before the one it points at now; return that number."""
+    model = get_model(db, name=name)
+    hit = next((a for a in model.aliases if a.name == alias), None)
+    if hit is None:
+        raise NotFound(f"model {name!r} has no alias {alias!r}")
+    older = [v.number for v in model.versions if v.number < hit.version_number]
+    if not older:
+        raise Conflict(f"{name}:{alias} is at version {hit.version_number}; there is no older version to roll back to")
+    hit.version_number = max(older)
+    db.commit()
+    return hit.version_number
+
+
+def delete_version(db: Session, *, version: Version, force: bool = False) -> list[str]:
+    """Delete one version; aliases that point at it are refused unless force (then removed too)."""
+    model = version.model
+    pointing = [a for a in model.aliases if a.version_number == version.number]
+    if pointing and not force:
+        raise Conflict(f"aliases {', '.join(a.name for a in pointing)} point at {model.name}@{version.number}; "
+                       "move them first or force")
+    for a in pointing:
+        model.aliases.remove(a)
+    model.versions.remove(version)
+    if not model.versions:
+        db.delete(model)
+    db.commit()
+    return [a.name for a in pointing]
+
+
+ARCHIVE_FORMAT = "atelier-model/1"
+# Only these ever travel in an archive: weights as safetensors (or skops for sklearn, which
+# loads with an explicit list of trusted types), JSON, and text. Never pickle.
+ARCHIVE_SUFFIXES = (".safetensors", ".json", ".skops", ".md", ".txt")
+
+
+def export_archive(blobs: BlobStore, version: Version) -> bytes:
+    """One zip: the version's files plus manifest.json (metadata and every file's sha256)."""
+    import io
+    import zipfile
+
+    manifest = {"format": ARCHIVE_FORMAT, "name": version.model.name, "family": version.model.family,
+                "task": version.model.task, "version": version.number, "metrics": version.metrics,
+                "training": version.training, "files": version.files}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+        for fname, digest in sorted(version.files.items()):
+            z.write(blobs.path(digest), fname)
+    return buf.getvalue()
+
+
+def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | None = None,
+                   max_unpacked: int = 1 << 30) -> Version:
+    """Verify an exported archive (names, types, sizes, hashes) and register it as a new version."""
+    import io
+    import tempfile
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ValueError("not a zip archive") from None
+    entries = {i.filename: i for i in z.infolist()}
+    if "manifest.json" not in entries:
+        raise ValueError("the archive has no manifest.json")
+    for entry, info in entries.items():
+        if "/" in entry or "\\" in entry or entry.startswith(".") or ".." in entry:
+            raise ValueError(f"archive entry {entry!r} has an unsafe path")
+        if not entry.endswith(ARCHIVE_SUFFIXES):
+            raise ValueError(f"archive entry {entry!r}: only {', '.join(ARCHIVE_SUFFIXES)} files are accepted "
+                             "(no pickle, ever)")
+    if sum(i.file_size for i in entries.values()) > max_unpacked:
+        raise ValueError(f"the archive unpacks to more than {max_unpacked} bytes")
+    manifest = json.loads(z.read("manifest.json"))
+    if manifest.get("format") != ARCHIVE_FORMAT:
+        raise ValueError(f"manifest format {manifest.get('format')!r} is not {ARCHIVE_FORMAT}")
+    files = manifest.get("files", {})
+    if set(files) != set(entries) - {"manifest.json"}:
+        raise ValueError("the archive's files do not match its manifest")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, digest in files.items():
+            content = z.read(fname)
+            if hashlib.sha256(content).hexdigest() != digest:
+                raise ValueError(f"{fname}: sha256 does not match the manifest")
+            (Path(tmp) / fname).write_bytes(content)
+        return register_version(db, blobs, name=name or manifest["name"], family=manifest["family"],
+                                task=manifest["task"], folder=Path(tmp), metrics=manifest.get("metrics", {}),
+                                training=manifest.get("training", {}) | {"imported_from": f"{manifest['name']}@"
+                                                                        f"{manifest['version']}"})
