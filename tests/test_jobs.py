@@ -233,3 +233,43 @@ def test_base_model_that_cannot_be_fine_tuned(http, server, tmp_path):
     f = http.post("/v1/files", files={"file": ("p.txt", "春眠不觉晓".encode())}, data={"purpose": "fine-tune"}).json()
     err = error_of(http.post("/v1/fine_tuning/jobs", json={"model": "painter", "training_file": f["id"]}), 400)
     assert err["param"] == "model" and "does not support fine-tuning" in err["message"]
+
+
+def houses_csv(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    lines = ["size,rooms,city,price"]
+    for _ in range(n):
+        size, rooms, city = rng.uniform(30, 200), int(rng.integers(1, 6)), ["paris", "lyon"][int(rng.integers(0, 2))]
+        price = 3 * size + 10 * rooms + (50 if city == "paris" else 0) + rng.normal(0, 2)
+        lines.append(f"{size:.2f},{rooms},{city},{price:.2f}")
+    return "\n".join(lines).encode()
+
+
+def test_sklearn_train_search_predict_and_fuse(client, http):
+    f = upload(client, "houses.csv", houses_csv(120, 0))
+    jobs = []
+    for estimator, extra in (("ridge", {"search": {"method": "grid", "space": {"alpha": [0.1, 1.0, 10.0]}}}),
+                             ("random_forest", {"params": {"n_estimators": 20}})):
+        job = client.fine_tuning.jobs.create(model="sklearn", training_file=f.id, suffix="house-prices", seed=1,
+                                             hyperparameters={"target": "price", "estimator": estimator, "cv": 3}
+                                             | extra)
+        jobs.append(wait_for(client, job.id))
+    assert [j.status for j in jobs] == ["succeeded", "succeeded"], [j.error for j in jobs]
+    assert [j.fine_tuned_model for j in jobs] == ["house-prices@1", "house-prices@2"]
+    messages = [e["message"] for e in all_events(http, jobs[0].id)]
+    assert sum("alpha" in m for m in messages) >= 3  # every search candidate is reported
+    rows = [{"size": 100.0, "rooms": 3, "city": "paris"}, {"size": 50.0, "rooms": 1, "city": "lyon"}]
+    pred = http.post("/api/models/house-prices@1/predict", json={"rows": rows}).json()["predictions"]
+    assert abs(pred[0] - 380) < 15 and abs(pred[1] - 160) < 15
+    fresh = upload(client, "houses-2.csv", houses_csv(60, 1))
+    fused = client.fine_tuning.jobs.create(model="sklearn", training_file=fresh.id, suffix="house-fused",
+                                           hyperparameters={"target": "price", "cv": 3, "fuse": {
+                                               "method": "voting", "members": ["house-prices@1", "house-prices@2"]}})
+    fused = wait_for(client, fused.id)
+    assert fused.status == "succeeded", fused.error
+    pred = http.post("/api/models/house-fused/predict", json={"rows": rows}).json()["predictions"]
+    assert abs(pred[0] - 380) < 25
+    bad = client.fine_tuning.jobs.create(model="sklearn", training_file=f.id, suffix="house-bad",
+                                         hyperparameters={"target": "no_such_column"})
+    bad = wait_for(client, bad.id)
+    assert bad.status == "failed" and bad.error.param == "hyperparameters.target"

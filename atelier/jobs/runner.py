@@ -125,6 +125,9 @@ class EventSink:
             elif kind == "early_stop":
                 store.add_event(db, self.job_id, f"early stop at step {e['step']}: validation loss stopped "
                                 f"improving (best at step {e['best_step']})", data=e)
+            elif "message" in e:  # the tabular trainer's stages, CV folds, candidates and metrics
+                store.add_event(db, self.job_id, e["message"], type="metrics" if kind in ("cv", "candidate", "metric")
+                                else "message", data={k: v for k, v in e.items() if k != "message"})
 
     def stage(self, message: str) -> None:
         with self.sessions() as db:
@@ -172,7 +175,7 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
                            f"{' or '.join(allowed)}", code="invalid_training_file", param="training_file")
         sink.stage(f"preparing data: {train_file.records} records from {train_file.filename}")
         if job.family == "sklearn":
-            folder = _train_tabular(job, train_path, val_path, workdir, sink)
+            folder = _train_tabular(job, settings, sessions, blobs, train_path, val_path, workdir, sink)
         else:
             folder = _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir, sink, should_stop)
         if folder is None:  # stopped
@@ -235,12 +238,37 @@ def _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir
     return folder
 
 
-def _train_tabular(job, train_path, val_path, workdir, sink):
-    from atelier.training.tabular import train_tabular
+def _train_tabular(job, settings, sessions, blobs, train_path, val_path, workdir, sink):
+    """A pipeline trained on the table, or (hyperparameters.fuse) a fusion of trained versions."""
+    from atelier.training.tabular import TabularError, fuse, train_tabular
 
-    sink.stage("building the model: sklearn pipeline")
-    return train_tabular(train_path, dict(job.hyperparameters, seed=job.seed), workdir / "train", on_event=sink,
-                         validation_path=val_path)
+    hyper = dict(job.hyperparameters)
+    try:
+        if "fuse" not in hyper:
+            sink.stage("building the model: sklearn pipeline")
+            return train_tabular(train_path, hyper | {"seed": job.seed}, workdir / "train", on_event=sink,
+                                 validation_path=val_path)
+        spec = hyper.pop("fuse")
+        refs = spec.get("members", []) if isinstance(spec, dict) else []
+        folders = []
+        with sessions() as db:
+            for ref in refs:
+                try:
+                    version = resolve(db, ref=ref)
+                except (LookupError, ValueError) as e:
+                    raise JobError(f"fusion member {ref!r}: {e}", param="hyperparameters.fuse.members") from None
+                if version.model.family != "sklearn":
+                    raise JobError(f"fusion member {ref!r} is a {version.model.family} model, not sklearn",
+                                   param="hyperparameters.fuse.members")
+                folders.append(version_folder(blobs, version, settings.home_dir / "versions"))
+        sink.stage(f"building the model: {spec.get('method', 'voting')} fusion of {', '.join(refs)}")
+        extra = {k: spec[k] for k in ("weights", "cv") if k in spec}
+        return fuse(folders, spec.get("method", "voting"), train_path, hyper | extra | {"members": refs,
+                                                                                        "seed": job.seed},
+                    workdir / "train", on_event=sink)
+    except TabularError as e:
+        param = e.param if e.param in (None, "training_file", "validation_file") else f"hyperparameters.{e.param}"
+        raise JobError(str(e), param=param) from None
 
 
 def _register(job: Job, sessions, blobs: BlobStore, folder: Path) -> None:

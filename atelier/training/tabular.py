@@ -1,4 +1,4 @@
-"""Train sklearn models on tables: load → prepare → build → search → cross-validate → fit → evaluate → save.
+"""Train sklearn models on tables: prepare → build → search → cross-validate → fit → evaluate → save.
 
 The job runner calls `train_tabular` (one estimator, optional hyper-parameter search) or
 `fuse` (voting / stacking over versions already trained); both return a version folder
@@ -92,6 +92,9 @@ def load_table(path: str | Path, param: str = "training_file") -> Table:
         line = data[:e.start].count(b"\n") + 1
         raise TabularError(f"{path.name} line {line}: not UTF-8 text", param=param, line=line) from None
     suffix = path.suffix.lower()
+    if text.lstrip().startswith("["):
+        raise TabularError(f"{path.name} is a JSON array; send JSONL instead (one flat object a line) or CSV",
+                           param=param, line=1)
     if suffix in (".jsonl", ".ndjson") or (suffix != ".csv" and text.lstrip().startswith("{")):
         columns, rows, lines = _read_jsonl(text, path.name, param)
     else:
@@ -247,7 +250,8 @@ def make_estimator(name: str, task: str, params: dict, seed: int):
         raise TabularError(f"estimator {name!r} does not do {task}; for {task} choose one of "
                            f"{', '.join(TASK_ESTIMATORS[task])}", param="estimator")
     est = classes[name, task]()
-    defaults = {"random_state": seed, "n_jobs": 1, "max_iter": 1000 if name == "logistic" else None}
+    defaults = {"random_state": seed, "n_jobs": 1 if name == "random_forest" else None,
+                "max_iter": 1000 if name == "logistic" else None}
     est.set_params(**{k: v for k, v in defaults.items() if v is not None and k in est.get_params()})
     check_params(est, params, "params")
     return est.set_params(**params)
@@ -461,10 +465,15 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
         why = f"task {task}"
     else:
         raise TabularError(f"task {task!r} is not one of regression, classification, auto", param="task")
+    # the estimator, its params and the search space are checked before any data-dependent check
     estimator_name = hyper.get("estimator", "random_forest")
-    if estimator_name not in ESTIMATORS:
-        raise TabularError(f"unknown estimator {estimator_name!r}; choose one of {', '.join(ESTIMATORS)}",
-                           param="estimator")
+    try:
+        est = make_estimator(estimator_name, task, params, seed)
+    except TabularError as e:
+        if e.param == "estimator" and hyper.get("task", "auto") == "auto":
+            raise TabularError(f"{e} ({why}; set task to override)", param="estimator") from None
+        raise
+    method, cands = candidates(hyper["search"], est, seed) if hyper.get("search") is not None else (None, [])
     kinds = column_kinds(table, features)
     y = target_values(table, target, task)
     X = to_matrix(table.rows, features, kinds)
@@ -502,16 +511,17 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
     if classes is not None and validation is not None:
         unseen = sorted(set(y_test) - set(classes), key=str)
         if unseen:
-            raise TabularError(f"{validation.name} has classes the training data lacks: {unseen}", param="validation_file")
+            raise TabularError(f"{validation.name} has classes the training data lacks: {unseen}",
+                               param="validation_file")
     run.stage("prepare", f"{len(y_train)} rows to train on, {len(y_test)} held out"
                          f"{' (validation file)' if validation else ''}")
 
     # 2. build: preprocessing + estimator
-    est = make_estimator(estimator_name, task, params, seed)
-    pipeline = make_pipeline(kinds, features, est, scale=estimator_name in ("linear", "ridge", "logistic"))
+    scale = estimator_name in ("linear", "ridge", "logistic")
+    pipeline = make_pipeline(kinds, features, est, scale=scale)
     run.stage("build", f"{type(est).__name__} with {_fmt_params(params) or 'default parameters'}; "
-                       f"numeric: impute median{', scale' if estimator_name in ('linear', 'ridge', 'logistic') else ''};"
-                       f" categorical: one-hot", estimator=estimator_name)
+                       f"numeric: impute median{', scale' if scale else ''}; categorical: one-hot",
+              estimator=estimator_name)
     splits = folds(task, k, seed, X_train, y_train)
     caught: list[str] = []
 
@@ -520,8 +530,7 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
     candidate_log = []
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        if hyper.get("search") is not None:
-            method, cands = candidates(hyper["search"], est, seed)
+        if cands:
             run.stage("search", f"{method} search over {len(cands)} candidates, {k} folds each")
             for i, cand in enumerate(cands):
                 folds_i = _fit_or_fail(lambda: cross_validate(pipeline.set_params(**_prefixed(params | cand)),
@@ -565,7 +574,7 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
     metrics |= {f"holdout_{n}": v for n, v in holdout.items()}
     metrics |= {"train_rows": len(y_train), "holdout_rows": len(y_test)}
     for name, value in metrics.items():
-        if name.startswith(("cv_", "holdout_")) and not name.endswith("_rows"):
+        if name.startswith(("cv_", "holdout_")) and name not in ("cv_folds", "holdout_rows"):
             run.emit({"type": "metric", "name": name, "value": value, "message": f"{name} = {value:.4g}"})
 
     # 7. save
@@ -575,8 +584,7 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
             "holdout": "validation file" if validation else f"{HOLDOUT_FRACTION:.0%} of the training file, seed {seed}"}
     record = {"family": "sklearn", "estimator": estimator_name, "task": task, "params": _jsonable(params),
               "hyperparameters": _jsonable(hyper), "metrics": metrics, "folds": fold_scores,
-              "candidates": _jsonable([{k2: v for k2, v in c.items() if k2 != "folds"} | {"folds": c["folds"]}
-                                       for c in candidate_log]),
+              "candidates": _jsonable(candidate_log),
               "data": data, "warnings": caught}
     return _save(workdir, pipeline, config, record, run, started)
 
@@ -700,10 +708,9 @@ def fuse(version_folders: list[Path], method: str, data_path: str | Path, hyper:
         raise TabularError(f"{len(y)} rows are too few for {k}-fold cross-validation", param="cv")
     if task == "classification":
         _min_class_count(y, k, table.name)
-        unseen = sorted(set(y) - set(first.classes), key=str)
-        if unseen:
-            raise TabularError(f"{table.name} has classes the members were not trained on: {unseen}",
-                               param="training_file")
+        if set(y) != set(first.classes):  # the ensemble's label encoder must match the members' columns
+            raise TabularError(f"{table.name} has classes {sorted(set(y), key=str)}; the members know "
+                               f"{first.classes}: every class must appear", param="training_file")
     run.stage("prepare", f"{table.name}: {len(y)} rows, target {target!r}, {len(features)} features")
 
     # 3. build the ensemble over frozen members (fit() leaves them as they are)
@@ -719,10 +726,10 @@ def fuse(version_folders: list[Path], method: str, data_path: str | Path, hyper:
     elif method == "voting":
         ensemble = VotingClassifier(named, voting="soft", weights=weights)  # averages predict_proba
     elif task == "regression":
-        ensemble = StackingRegressor(named, final_estimator=Ridge(alpha=1.0), cv=splits_cv(splits))
+        ensemble = StackingRegressor(named, final_estimator=Ridge(alpha=1.0), cv=k)
     else:
         ensemble = StackingClassifier(named, final_estimator=LogisticRegression(max_iter=1000),
-                                      cv=splits_cv(splits))
+                                      cv=k)
     run.stage("build", f"{type(ensemble).__name__} over {len(named)} frozen members"
                        f"{f', weights {weights}' if weights else ''}", estimator=method)
 
@@ -737,8 +744,9 @@ def fuse(version_folders: list[Path], method: str, data_path: str | Path, hyper:
             member_scores[ref] = summarize(cross_validate(frozen, X, y, task, splits, fit=False))
         primary = PRIMARY[task]
         for ref, s in member_scores.items():
-            run.emit({"type": "metric", "name": f"member_cv_{primary}_mean", "member": ref,
-                      "value": s[f"cv_{primary}_mean"], "message": f"member {ref}: {primary} {s[f'cv_{primary}_mean']:.4g}"})
+            value = s[f"cv_{primary}_mean"]
+            run.emit({"type": "metric", "name": f"member_cv_{primary}_mean", "member": ref, "value": value,
+                      "message": f"member {ref}: {primary} {value:.4g}"})
 
         # 5. fit: stacking fits its meta-model on all rows; voting only records the classes
         run.stage("fit", f"fitting on {len(y)} rows")
@@ -765,8 +773,3 @@ def fuse(version_folders: list[Path], method: str, data_path: str | Path, hyper:
               "warnings": caught}
     return _save(workdir, ensemble, config, record, run, started)
 
-
-def splits_cv(splits):
-    """Stacking's own cv: a plain list of (train, test) index pairs is stored in the model;
-    a fold count is not (its default splitter has no random state), so give the count."""
-    return len(splits)
