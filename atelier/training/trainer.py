@@ -253,7 +253,7 @@ class Trainer:
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
                 now = time.time()
                 self.on_event({"type": "train", "step": self.state.step, "max_steps": cfg.max_steps,
-                               "loss": float(loss), "lr": lr,
+                               "loss": loss.item(), "lr": lr,
                                "tokens_per_s": window_tokens / max(now - window_t, 1e-9)})
                 window_t, window_tokens = now, 0
             out_of_time = cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes
