@@ -28,6 +28,16 @@ def test_sdk_example_runs(server, tmp_path):
     assert "tang-poet" in r.stdout.splitlines()[0]
 
 
+def test_fine_tune_example_runs(server, tmp_path):
+    code = block_after("<!-- readme-test: fine-tune -->").replace("http://127.0.0.1:8000", server.url)
+    script = tmp_path / "fine_tune.py"
+    script.write_text(code, encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("succeeded tang-poet:ft-my-style")
+
+
 def test_every_setting_is_in_the_readme_table():
     for name in Settings.model_fields:
         assert f"`ATELIER_{name.upper()}`" in README, name
