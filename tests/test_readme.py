@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from atelier.config import Settings
 from conftest import ADMIN_KEY, ROOT
@@ -18,24 +17,23 @@ def block_after(marker: str) -> str:
     return m.group(1)
 
 
-def test_sdk_example_runs(server, tmp_path):
-    code = block_after("<!-- readme-test: sdk -->").replace("http://127.0.0.1:8000", server.url)
+def run_example(marker: str, server, tmp_path) -> str:
+    """Run the README's python block after marker against the test server; its stdout."""
     script = tmp_path / "example.py"
-    script.write_text(code, encoding="utf-8")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                       env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})
-    assert r.returncode == 0, r.stderr
-    assert "tang-poet" in r.stdout.splitlines()[0]
-
-
-def test_fine_tune_example_runs(server, tmp_path):
-    code = block_after("<!-- readme-test: fine-tune -->").replace("http://127.0.0.1:8000", server.url)
-    script = tmp_path / "fine_tune.py"
-    script.write_text(code, encoding="utf-8")
+    script.write_text(block_after(marker).replace("http://127.0.0.1:8000", server.url), encoding="utf-8")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                        env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("succeeded tang-poet:ft-my-style")
+    return r.stdout
+
+
+def test_sdk_example_runs(server, tmp_path):
+    assert "tang-poet" in run_example("<!-- readme-test: sdk -->", server, tmp_path).splitlines()[0]
+
+
+def test_fine_tune_example_runs(server, tmp_path):
+    out = run_example("<!-- readme-test: fine-tune -->", server, tmp_path)
+    assert out.startswith("succeeded tang-poet:ft-my-style")
 
 
 def test_every_setting_is_in_the_readme_table():
