@@ -273,3 +273,52 @@ def test_sklearn_train_search_predict_and_fuse(client, http):
                                          hyperparameters={"target": "no_such_column"})
     bad = wait_for(client, bad.id)
     assert bad.status == "failed" and bad.error.param == "hyperparameters.target"
+
+
+def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ADMIN_KEY, free_port
+
+    port = free_port()
+    env = os.environ | {"ATELIER_HOME": str(tmp_path), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY}
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").json()["worker"]["alive"]:
+                    return proc
+            except (httpx.TransportError, KeyError, TypeError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    server = start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ADMIN_KEY, max_retries=0)
+        f = upload(client, "crash.txt", "\n\n".join(POEMS * 3).encode())
+        job = client.fine_tuning.jobs.create(model="chargpt", training_file=f.id, suffix="phoenix",
+                                             hyperparameters=TINY | {"max_steps": 200, "eval_every": 20})
+        deadline = time.time() + 120
+        while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+            assert time.time() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        worker_pid = int((tmp_path / "worker.pid").read_text())
+        server.kill()  # SIGKILL: no shutdown hooks run
+        server.wait()
+        deadline = time.time() + 60  # the orphaned worker notices and leaves
+        while os.path.exists(f"/proc/{worker_pid}") and time.time() < deadline:
+            time.sleep(0.2)
+        server = start()
+        job = wait_for(client, job.id)
+        assert job.status == "succeeded" and job.fine_tuned_model == "phoenix@1", job.error
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as h:
+            resumed = [e for e in all_events(h, job.id) if e["message"].startswith("resumed from the checkpoint")]
+        assert resumed and resumed[0]["data"]["step"] >= 20
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
