@@ -53,6 +53,23 @@ def _fail(resp: httpx.Response) -> None:
     raise typer.Exit(1)
 
 
+def _call(method: str, path: str, url, api_key, **kw) -> httpx.Response:
+    settings = _settings(url=url, api_key=api_key)
+    try:
+        with _client(settings) as client:
+            resp = client.request(method, path, **kw)
+    except httpx.TransportError as e:
+        err.print(f"[red]cannot reach the server at {settings.url}: {e}[/red] (is `atelier serve` running?)")
+        raise typer.Exit(1) from None
+    if resp.status_code >= 400:
+        _fail(resp)
+    return resp
+
+
+UrlOpt = Annotated[Optional[str], typer.Option("--url", help="[ATELIER_URL]")]
+KeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="[ATELIER_API_KEY]")]
+
+
 # -- serve ------------------------------------------------------------------------------
 
 
@@ -113,6 +130,50 @@ def generate(prompt: Annotated[str, typer.Argument(help="opening of a poem, e.g.
         sys.stdout.write("\n")
 
 
+# -- poem -------------------------------------------------------------------------------
+
+
+@app.command()
+def poem(form: Annotated[Optional[str], typer.Option(help="wujue | qijue | wulv | qilv | ci:<tune>, e.g. ci:浣溪沙")] = None,
+         acrostic: Annotated[Optional[str], typer.Option(help="藏头: first character of each line")] = None,
+         title: Annotated[Optional[str], typer.Option()] = None,
+         keywords: Annotated[Optional[str], typer.Option(help="theme characters")] = None,
+         rhyme: Annotated[str, typer.Option(help="平水韵 group such as 一东, or auto")] = "auto",
+         scheme: Annotated[str, typer.Option("--rhyme-scheme", help="pingshui | xinyun")] = "pingshui",
+         script: Annotated[str, typer.Option(help="simplified | traditional")] = "simplified",
+         seed: Annotated[Optional[int], typer.Option()] = None,
+         n: Annotated[int, typer.Option(help="how many poems")] = 1,
+         check: Annotated[Optional[str], typer.Option("--check", help="check this poem instead of writing one")] = None,
+         model: Annotated[str, typer.Option()] = "tang-poet",
+         url: UrlOpt = None, api_key: KeyOpt = None):
+    """Write poems that obey a classical form (or --check one), with a compliance report."""
+    if check is not None:
+        report = _call("POST", "/api/poems/check", url, api_key,
+                       json={"text": check, "form": form, "rhyme_scheme": scheme, "model": model}).json()
+        _print_report(report)
+        raise typer.Exit(0 if report["compliant"] else 1)
+    if form is None:
+        err.print("[red]--form is required to write a poem (wujue, qijue, wulv, qilv, ci:<tune>)[/red]")
+        raise typer.Exit(2)
+    body = {"form": form, "acrostic": acrostic, "title": title, "keywords": keywords, "rhyme": rhyme,
+            "rhyme_scheme": scheme, "script": script, "seed": seed, "n": n, "model": model}
+    out = _call("POST", "/api/poems", url, api_key, json={k: v for k, v in body.items() if v is not None}).json()
+    for p in out["poems"]:
+        console.print(f"[bold]{p['title']}[/bold]  ({p['pattern']}, {p['rhyme_group']}, seed {p['seed']})")
+        console.print(p["text"])
+        _print_report(p["report"])
+
+
+def _print_report(report: dict) -> None:
+    if report["compliant"]:
+        console.print(f"[green]compliant[/green]: {report['pattern']}, rhyme {report['rhyme_group']}\n")
+        return
+    console.print(f"[red]{len(report['violations'])} violation(s)[/red] against {report['pattern']}:")
+    for v in report["violations"]:
+        hint = f"  (try {'、'.join(v['suggestions'])})" if v.get("suggestions") else ""
+        console.print(f"  {v['message']}{hint}")
+
+
 # -- models -----------------------------------------------------------------------------
 
 
@@ -157,16 +218,6 @@ def models_show(model: str, url: Annotated[Optional[str], typer.Option()] = None
     console.print_json(data=resp.json())
 
 
-def _call(method: str, path: str, url, api_key, **kw) -> httpx.Response:
-    with _client(_settings(url=url, api_key=api_key)) as client:
-        resp = client.request(method, path, **kw)
-    if resp.status_code >= 400:
-        _fail(resp)
-    return resp
-
-
-UrlOpt = Annotated[Optional[str], typer.Option("--url", help="[ATELIER_URL]")]
-KeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="[ATELIER_API_KEY]")]
 
 
 @models_app.command("promote")
@@ -469,6 +520,7 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
 
             audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"via": "cli"})
             console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
+
 
 
 def main() -> None:

@@ -114,3 +114,14 @@ def test_xinyun():
     # 深/心 are shen/xin: 九文 in 中华新韵 (they were 十二侵 in 平水韵).
     r = check("国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。", rhyme_scheme="xinyun")
     assert r["rhyme_group"] == "九文平"
+
+
+def test_pattern_names_its_form():
+    r = check(DENG_GUAN_QUE_LOU, pattern="五绝仄起首句不入韵")
+    assert r["form"] == "wujue" and r["compliant"]
+    with pytest.raises(PoemError) as e:
+        check(DENG_GUAN_QUE_LOU, pattern="五绝无此格")
+    assert e.value.param == "pattern"
+    with pytest.raises(PoemError) as e:
+        check(DENG_GUAN_QUE_LOU, top_k=0)
+    assert e.value.param == "top_k"

@@ -15,7 +15,7 @@ from atelier.api import errors
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
 from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, lifecycle, models
-from atelier.api.routes import predict
+from atelier.api.routes import poems, predict
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.registry.db import make_engine, make_sessionmaker
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.worker = None
     errors.install(app)
     for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, lifecycle.router,
-              keys.router, audit.router, predict.router):
+              poems.router, keys.router, audit.router, predict.router):
         app.include_router(r)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():

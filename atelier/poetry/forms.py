@@ -149,7 +149,7 @@ def _ci_pattern(tune: dict) -> Pattern:
         start += l["len"]
     if "".join(l.tones for l in lines) != tones:
         raise ValueError(f"{tune['name']}: lines do not join back to the tone string")
-    label = fmt["label"].split()[0]
+    label = fmt["label"].split()[-1]  # "格二 定格（加衬字）": couyun's number, then 龙榆生's name
     return Pattern(form="ci:" + tune["name"], name=f"{tune['name']}·{source}{label}", kind="ci",
                    lines=tuple(lines), keys=keys,
                    stanza_starts=tuple(fmt["stanza_starts"]) if fmt.get("stanza_starts") else None)
@@ -185,3 +185,33 @@ def get_form(name: str) -> Form:
             return f
     hint = f" (ci tunes are named ci:<tune>, e.g. ci:{name})" if "ci:" + name in FORMS else ""
     raise PoemError(f"unknown form {name!r}{hint}; valid: {', '.join(FORMS)}", param="form")
+
+
+def form_catalog() -> list[dict]:
+    """The forms as plain data, e.g. for an API listing: key, title, kind, lines, patterns."""
+    return [{"form": f.key, "title": f.title, "kind": f.kind, "aliases": list(f.aliases),
+             "lines": list(f.patterns[0].lengths), "patterns": [p.name for p in f.patterns],
+             "rhyme_keys": dict(f.patterns[0].keys)} for f in FORMS.values()]
+
+
+def extract_cipai(src: Path, dst: Path = PACKAGE_DATA / "cipai.json") -> None:
+    """Write the tunes of CI_TUNES from the full cipai.json (4.5 MB) into a small extract.
+
+    Keeps each tune's first 龙榆生 and first 钦定 format, the ones `_ci_pattern` reads.
+        .venv/bin/python -m atelier.poetry.forms ../shared/data/poetry/cipai.json
+    """
+    raw = json.loads(Path(src).read_text(encoding="utf-8"))
+    tunes = [dict(t, qinding=t["qinding"][:1], longyusheng=t["longyusheng"][:1])
+             for t in raw["tunes"] if t["name"] in CI_TUNES]
+    meta = dict(raw["meta"], extract=f"Atelier extract: the {len(tunes)} tunes the poetry engine offers, "
+                                     "first 钦定 and first 龙榆生 format of each (atelier.poetry.forms.extract_cipai)")
+    text = json.dumps({"meta": meta, "tunes": tunes}, ensure_ascii=False, indent=None)
+    Path(dst).write_text(text.replace('}, {"id"', '},\n{"id"') + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write atelier/poetry/data/cipai.json from the full cipai.json.")
+    ap.add_argument("src", type=Path, help="the shared cipai.json (../shared/data/poetry/cipai.json)")
+    extract_cipai(ap.parse_args().src)

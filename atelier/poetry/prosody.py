@@ -4,8 +4,8 @@ Three tables, all read the same way (a character → the groups it is in; a grou
 - `pingshui` 平水韵: 106 groups (上平/下平 are 平; 上声/去声/入声 are 仄). Tones and rhymes
   of 近体诗, and the tones of ci.
 - `cilin` 词林正韵: 19 parts split by tone into 33 groups (平, 仄 = 上+去, 入). Rhymes of ci.
-- `xinyun` 中华新韵: 14 rhymes × {平, 仄} = 28 groups, from the modern readings that
-  `pypinyin` gives (tones 1/2 平, 3/4 仄; the neutral tone is ignored). Tones and rhymes
+- `xinyun` 中华新韵: 14 rhymes × {平, 仄} = 28 groups, from the most common modern
+  reading that `pypinyin` gives (tones 1/2 平, 3/4 仄; the neutral tone is unknown). Tones and rhymes
   of either kind of poem when a request asks for `rhyme_scheme="xinyun"`.
 
 A character's tone class is the set of tones of its groups: {平}, {仄}, {平, 仄} (a 多音字
@@ -104,12 +104,24 @@ def pingshui(data_dir: Path = PACKAGE_DATA) -> RhymeTable:
     another (后/後, 干/乾), it takes both characters' groups: more readings, never fewer.
     """
     raw = json.loads((Path(data_dir) / "pingshui.json").read_text(encoding="utf-8"))
-    groups = []
-    for i, g in enumerate(raw["groups"]):
-        label = g["tone"]
-        groups.append(RhymeGroup(index=i, name=g["name_s"], name_trad=g["name"], part=g["name_s"],
-                                 tone=PING if g["ping"] else ZE, label=label,
-                                 chars=frozenset(g["chars_s"]) | frozenset(g["chars"])))
+    members = [set(g["chars_s"]) | set(g["chars"]) for g in raw["groups"]]
+    # pingshui_supplement.json: common characters the Wikisource table spells another way
+    # (溪 is there as 谿) or lacks (啼, 沉, 炉): small, hand-written, documented in its meta.
+    extra = json.loads((Path(data_dir) / "pingshui_supplement.json").read_text(encoding="utf-8"))
+    known = set().union(*members)
+    index = {g["name_s"]: i for i, g in enumerate(raw["groups"])}
+    for ch, form in extra["variants"].items():
+        if ch not in known:
+            for m in members:
+                if form in m:
+                    m.add(ch)
+    for ch, names in extra["groups"].items():
+        if ch not in known:
+            for name in names:
+                members[index[name]].add(ch)
+    groups = [RhymeGroup(index=i, name=g["name_s"], name_trad=g["name"], part=g["name_s"],
+                         tone=PING if g["ping"] else ZE, label=g["tone"], chars=frozenset(members[i]))
+              for i, g in enumerate(raw["groups"])]
     return RhymeTable("pingshui", groups)
 
 
@@ -169,13 +181,17 @@ def pinyin_final(syllable: str) -> str | None:
 
 @lru_cache(maxsize=65536)
 def xinyun_readings(ch: str) -> tuple[tuple[str, str], ...]:
-    """(rhyme, tone) for each modern reading of ch, e.g. 空 → (('十一庚', '平'), ('十一庚', '仄'))."""
+    """(rhyme, tone) of the modern reading of ch, e.g. 空 → (('十一庚', '平'),).
+
+    Only pypinyin's first (most common) reading counts: its lists of other readings hold
+    rare and historical ones (呼 xià, 家 jià) that would let almost anything rhyme.
+    """
     from pypinyin import Style, pinyin  # optional dependency, needed for xinyun only
 
     if not is_han(ch):
         return ()
     out = []
-    found = pinyin(ch, style=Style.TONE3, heteronym=True, neutral_tone_with_five=True, errors="ignore")
+    found = pinyin(ch, style=Style.TONE3, heteronym=False, neutral_tone_with_five=True, errors="ignore")
     for syl in found[0] if found else []:
         if not syl or not syl[-1].isdigit() or syl[-1] == "5":
             continue  # no reading, or the neutral tone: neither 平 nor 仄

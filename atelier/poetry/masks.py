@@ -1,0 +1,61 @@
+"""The prosody tables as tensors over a model's vocabulary, for masking logits.
+
+For one tokenizer and one (tone table, rhyme table) pair:
+- `han` (V,): the token is one CJK character (no punctuation, no special token);
+- `ping`, `ze` (V,): the character can be read 平 / 仄 (a 多音字 can be both);
+- `member` (G, V): the character is in rhyme group g;
+- `ye_member` (G, V): the character is in a group of g's part with the other tone (叶韵);
+- `usable` (G,): the group has enough common characters to rhyme a whole poem in, so an
+  `auto` rhyme may pick it (三江, 十五咸 and the like are left to explicit requests).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from atelier.poetry.prosody import EITHER, PING, ZE, RhymeTable, is_han, tables
+
+COMMON_IDS = 2500  # CharTokenizer ids are in order of corpus frequency: the 2,500 most common characters
+MIN_COMMON_IN_GROUP = 12  # a group needs this many of them to be picked by an auto rhyme
+
+
+class VocabMasks:
+    def __init__(self, tokenizer, tone_table: RhymeTable, rhyme_table: RhymeTable):
+        V, G = len(tokenizer), len(rhyme_table.groups)
+        self.tone_table, self.rhyme_table = tone_table, rhyme_table
+        self.han = torch.zeros(V, dtype=torch.bool)
+        self.ping = torch.zeros(V, dtype=torch.bool)
+        self.ze = torch.zeros(V, dtype=torch.bool)
+        self.member = torch.zeros(G, V, dtype=torch.bool)
+        for i, ch in enumerate(tokenizer.itos):
+            if i < 4 or len(ch) != 1 or not is_han(ch):
+                continue  # ids 0-3 are <pad> <unk> <bos> <eos>
+            self.han[i] = True
+            tones = tone_table.tones(ch)
+            self.ping[i], self.ze[i] = PING in tones, ZE in tones
+            for g in rhyme_table.groups_of(ch):
+                self.member[g, i] = True
+        groups = rhyme_table.groups
+        # A 叶 character of group g: in a group of the same part (第七部) with the other tone.
+        other = torch.tensor([[h.part == g.part and h.tone != g.tone for h in groups] for g in groups])
+        self.ye_member = (other.float() @ self.member.float()) > 0
+        self.usable = self.member[:, 4:COMMON_IDS].sum(1) >= MIN_COMMON_IN_GROUP
+        self.group_tone = [g.tone for g in groups]
+
+    def tone(self, required: str) -> torch.Tensor:
+        """(V,) the characters that may stand where `required` (平/仄/中) is asked for."""
+        if required == EITHER:
+            return self.han
+        return self.ping if required == PING else self.ze
+
+    def groups_with_tone(self, tone: str) -> torch.Tensor:
+        """(G,) the groups whose rhymes have this tone."""
+        return torch.tensor([t == tone for t in self.group_tone])
+
+
+@lru_cache(maxsize=8)
+def vocab_masks(tokenizer, rhyme_scheme: str, kind: str) -> VocabMasks:
+    """Cached per tokenizer object, scheme (pingshui/xinyun) and kind (shi/ci)."""
+    return VocabMasks(tokenizer, *tables(rhyme_scheme, kind))
