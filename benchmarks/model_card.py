@@ -23,7 +23,7 @@ PROMPTS = [("title", "春晓\n"), ("title", "秋夜\n"), ("title", "浣溪沙\n"
            ("opening", "白日依山尽，")]
 COMMAND = """atelier train --data ../shared/data/poetry --name tang-poet --context 192 --n-embd 192 \\
   --n-layer 6 --n-head 6 --min-count 3 --steps 1400 --batch-size 20 --lr 2e-3 --warmup 100 \\
-  --eval-every 200 --patience 4 --threads 1"""
+  --eval-every 200 --patience 4 --threads 1 --no-register"""
 
 
 def sample(model, tok, prompt: str, seed: int) -> str:
