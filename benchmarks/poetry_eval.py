@@ -164,7 +164,8 @@ def logp_per_char(model, tok, form: str, poems: list) -> float:
         ids = [tok.bos_id] + tok.encode("".join(l + e for l, e in zip(lines, ends)))
         logp = F.log_softmax(model(torch.tensor([ids]))[0][0, :-1].float(), -1)
         picked = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-        han = torch.tensor([is_han(tok.itos[i]) for i in ids[1:]])
+        # score Chinese characters only; an unknown character (<unk>) is not one
+        han = torch.tensor([i != tok.unk_id and is_han(tok.itos[i]) for i in ids[1:]])
         total += float(picked[han].sum())
         count += int(han.sum())
     return total / max(1, count)
