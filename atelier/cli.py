@@ -523,6 +523,89 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
 
 
 
+# -- images -----------------------------------------------------------------------------
+
+
+@app.command()
+def image(prompt: Annotated[str, typer.Argument(help="what to draw, e.g. 'smiling cat face'")],
+          output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write (n > 1: out-1.png, …)")] = Path("out.png"),
+          model: Annotated[str, typer.Option(help="name, name:alias or name@version")] = "emoji-diffusion",
+          n: Annotated[int, typer.Option(help="number of images")] = 1,
+          size: Annotated[Optional[str], typer.Option(help="e.g. 32x32 (see `models show`)")] = None,
+          seed: Annotated[Optional[int], typer.Option(help="same seed, same image")] = None,
+          steps: Annotated[Optional[int], typer.Option(help="denoising steps (ddpm)")] = None,
+          guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (ddpm)")] = None,
+          negative_prompt: Annotated[Optional[str], typer.Option(help="what to steer away from (ddpm)")] = None,
+          url: UrlOpt = None, api_key: KeyOpt = None):
+    """Generate images through the server and save them as PNG (parameters inside)."""
+    import base64
+
+    settings = _settings(url=url, api_key=api_key)
+    body = {"model": model, "prompt": prompt, "n": n, "size": size, "seed": seed, "steps": steps,
+            "guidance": guidance, "negative_prompt": negative_prompt, "response_format": "b64_json"}
+    with _client(settings) as client:
+        resp = client.post("/v1/images/generations", json={k: v for k, v in body.items() if v is not None})
+    if resp.status_code != 200:
+        _fail(resp)
+    data = resp.json()
+    from atelier.registry.files import atomic_write_bytes
+
+    for i, item in enumerate(data["data"]):
+        path = output if len(data["data"]) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
+        atomic_write_bytes(path, base64.b64decode(item["b64_json"]))
+        console.print(f"{path}  seed {item.get('seed')}  {data['model']}"
+                      + (f"  artifact {item['artifact_id']}" if item.get("artifact_id") else ""))
+
+
+@app.command("train-images")
+def train_images_cmd(family: Annotated[str, typer.Option(help="ddpm | dcgan")],
+                     name: Annotated[str, typer.Option(help="model name to register the result under")],
+                     data: Annotated[Path, typer.Option(help="the emoji folder (emoji32.npz + manifest.csv)")] = Path("../shared/data/images/emoji64"),
+                     workdir: Annotated[Optional[Path], typer.Option(help="checkpoints; rerun to resume [runs/<name>]")] = None,
+                     steps: Annotated[int, typer.Option(help="maximum optimiser steps")] = 3000,
+                     batch_size: Annotated[int, typer.Option()] = 64,
+                     lr: Annotated[Optional[float], typer.Option(help="default: 8e-4 ddpm, 2e-4 dcgan")] = None,
+                     base_channels: Annotated[int, typer.Option(help="ddpm UNet width")] = 32,
+                     text_from: Annotated[Optional[Path], typer.Option(help="dcgan: a ddpm version folder whose text encoder to reuse")] = None,
+                     eval_every: Annotated[int, typer.Option()] = 250,
+                     max_minutes: Annotated[Optional[float], typer.Option(help="wall-time budget")] = None,
+                     seed: Annotated[int, typer.Option()] = 0,
+                     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+                     register: Annotated[bool, typer.Option(help="register the result in ATELIER_HOME")] = True,
+                     home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
+    """Train a ddpm or dcgan image model on the emoji set (resumable) and register it."""
+    from atelier.training.image_trainer import ImageTrainConfig, train_images
+
+    try:
+        cfg = ImageTrainConfig(family=family, max_steps=steps, batch_size=batch_size,
+                               lr=lr or (8e-4 if family == "ddpm" else 2e-4), eval_every=eval_every,
+                               max_minutes=max_minutes, seed=seed, warmup_steps=200 if family == "ddpm" else 0)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    model_cfg = {"base_channels": base_channels} if family == "ddpm" else {}
+
+    def on_event(e: dict) -> None:
+        if e["type"] == "train" and e["step"] % 50 == 0:
+            console.print(f"step {e['step']}/{e['max_steps']}  loss {e['loss']:.4f}  {e['images_per_s']:.0f} img/s")
+        elif e["type"] in ("eval", "resumed", "time_limit", "done"):
+            console.print({k: v for k, v in e.items() if k != "type"} | {"event": e["type"]})
+
+    best = train_images(cfg, workdir or Path("runs") / name, data=data, model_cfg=model_cfg, text_from=text_from,
+                        threads=threads, on_event=on_event)
+    record = json.loads((best / "training.json").read_text())
+    console.print(f"best weights: {best}  metrics {record['metrics']}")
+    if register:
+        from atelier.registry.store import BlobStore, register_version
+        from atelier.safety import audit
+
+        settings = _settings(home=home)
+        with _local_db(home) as db:
+            v = register_version(db, BlobStore(settings.blobs_dir), name=name, family=family,
+                                 task="image-generation", folder=best, metrics=record["metrics"], training=record)
+            audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"via": "cli"})
+            console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
+
 def main() -> None:
     app()
 

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
 
+    # Images (generation, uploads, micro-batching, signed links)
+    max_image_n: int = Field(default=8, ge=1, description="largest n (images per request)")
+    max_image_steps: int = Field(default=100, ge=1, description="largest number of denoising or style-transfer steps")
+    max_image_upload_bytes: int = Field(default=4_000_000, ge=1024, description="largest uploaded image (style transfer), in bytes")
+    max_image_upload_pixels: int = Field(default=4_000_000, ge=1024, description="largest uploaded image, in pixels (decompression bombs)")
+    image_max_batch: int = Field(default=16, ge=1, description="images sampled together per image model (micro-batching)")
+    image_batch_wait_ms: float = Field(default=10.0, ge=0, description="how long a batch waits for more requests to join")
+    url_ttl_s: int = Field(default=3600, ge=1, description="lifetime of signed artifact URLs (response_format=url)")
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()

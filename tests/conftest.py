@@ -77,3 +77,56 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+
+
+# -- images: a server with tiny random image models registered (fast, deterministic) -------
+
+
+def make_tiny_image_models(root: Path) -> dict[str, Path]:
+    """Folders of a tiny ddpm and a tiny dcgan (seeded random weights, perturbed so every layer matters)."""
+    import torch
+
+    from atelier.models import dcgan, ddpm
+    from atelier.models.text_encoder import WordVocab
+
+    vocab = WordVocab.build(["grinning cat face", "smiling face with heart eyes", "red apple", "blue car"])
+    torch.manual_seed(0)
+    diffusion = ddpm.EmojiDiffusion(ddpm.DdpmConfig(base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
+                                                    attention_resolutions=[16], vocab_size=len(vocab), text_dim=32))
+    gan = dcgan.EmojiGAN(dcgan.DcganConfig(g_channels=16, d_channels=16, vocab_size=len(vocab), text_dim=32))
+    with torch.no_grad():
+        for p in diffusion.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return {"tiny-diffusion": ddpm.save_pretrained(diffusion.eval(), vocab, root / "tiny-diffusion"),
+            "tiny-gan": dcgan.save_pretrained(gan.eval(), vocab, root / "tiny-gan")}
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory):
+    """A server with image-friendly limits and tiny-diffusion (ddpm) + tiny-gan (dcgan) registered."""
+    from atelier.registry.store import register_version
+
+    settings = make_settings(tmp_path_factory.mktemp("image-home"), max_body_bytes=200_000, max_image_n=4,
+                             max_image_steps=50, max_image_upload_bytes=60_000, max_image_upload_pixels=300_000,
+                             image_max_batch=16, image_batch_wait_ms=50, run_worker=False)
+    folders = make_tiny_image_models(tmp_path_factory.mktemp("tiny-image-models"))
+    with LiveServer(settings) as s:
+        with s.app.state.sessions() as db:
+            register_version(db, s.app.state.blobs, name="tiny-diffusion", family="ddpm", task="image-generation",
+                             folder=folders["tiny-diffusion"], metrics={"val_loss": 1.0})
+            register_version(db, s.app.state.blobs, name="tiny-gan", family="dcgan", task="image-generation",
+                             folder=folders["tiny-gan"])
+        yield s
+
+
+@pytest.fixture()
+def image_http(image_server):
+    with httpx.Client(base_url=image_server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture()
+def image_client(image_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=image_server.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)

@@ -16,6 +16,7 @@ from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
 from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, lifecycle, models
 from atelier.api.routes import poems, predict
+from atelier.api.routes import artifacts, images
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.registry.db import make_engine, make_sessionmaker
@@ -76,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, lifecycle.router,
               poems.router, keys.router, audit.router, predict.router):
         app.include_router(r)
+    app.include_router(images.router)
+    app.include_router(artifacts.router)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():
         app.mount("/studio", StaticFiles(directory=studio, html=True), name="studio")

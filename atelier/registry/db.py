@@ -140,6 +140,21 @@ class JobCheckpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Artifact(Base):
+    """A generated output (image, poem, …) with its provenance; its bytes are a blob (by sha256)."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # art_<hex>
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # "image" | "poem" | …
+    model_ref: Mapped[str] = mapped_column(String(200), index=True, default="")  # name@version
+    key_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    mime: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # every request parameter, the seed included
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 def make_engine(url: str) -> Engine:
     kwargs = {}
     if url.startswith("sqlite"):

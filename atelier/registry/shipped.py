@@ -19,6 +19,9 @@ from atelier.safety import audit
 
 SHIPPED_DIR = PACKAGE_DIR / "assets" / "models"
 SHIPPED = {"tang-poet": {"family": "chargpt", "task": "text-generation"}}
+SHIPPED["emoji-diffusion"] = {"family": "ddpm", "task": "image-generation"}
+SHIPPED["emoji-gan"] = {"family": "dcgan", "task": "image-generation"}
+SHIPPED["style-transfer"] = {"family": "gram", "task": "style-transfer"}
 
 
 def ensure_shipped(db: Session, blobs: BlobStore, root: Path = SHIPPED_DIR) -> list[str]:

@@ -50,6 +50,23 @@ class ModelManager:
                 old.engine.close()
             return loaded
 
+    def get_image(self, version: Version, *, max_batch: int = 16, max_wait_ms: float = 10.0):
+        """An image model (ddpm, dcgan) with its micro-batching engine; shares the LRU with text models."""
+        from atelier.runtime.image_engine import load_image_model
+
+        key = (version.model.name, version.number)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            folder = version_folder(self.blobs, version, self.cache_root)
+            loaded = load_image_model(version, folder, max_batch=max_batch, max_wait_ms=max_wait_ms)
+            self._loaded[key] = loaded
+            while len(self._loaded) > self.max_loaded:
+                _, old = self._loaded.popitem(last=False)
+                old.engine.close()
+            return loaded
+
     def get_loaded(self, name: str, number: int) -> LoadedModel | None:
         return self._loaded.get((name, number))
 

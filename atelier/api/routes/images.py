@@ -27,7 +27,7 @@ from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import resolve_version
 from atelier.images.png import ImageInputError, a1111_parameters, encode_png, open_upload, upscale
 from atelier.registry.artifacts import create_artifact, signed_path, signing_secret
-from atelier.runtime.image_engine import IMAGE_FAMILIES, ImageDone, ImageJob, Preview, Progress
+from atelier.runtime.image_engine import IMAGE_FAMILIES, EngineClosed, ImageDone, ImageJob, Preview, Progress
 
 router = APIRouter(tags=["images"])
 
@@ -120,7 +120,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     if body.n > settings.max_image_n:
         raise bad_request(f"n={body.n} is above this server's limit of {settings.max_image_n} (ATELIER_MAX_IMAGE_N)",
                           "n")
-    size = body.size or loaded.sizes[0]
+    size = loaded.sizes[0] if body.size in (None, "auto") else body.size
     if size not in loaded.sizes:
         raise bad_request(f"size={size!r} is not served by {loaded.ref}; sizes: {', '.join(loaded.sizes)} "
                           f"(the first is native, the others are pixel-exact upscales)", "size",
@@ -179,15 +179,21 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
 
     async def events():
         """(event) until every image is done; the job is cancelled if the client leaves."""
-        done = 0
+        done, checked = 0, time.monotonic()
         try:
             while done < body.n:
                 try:
                     event = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked > 0.5:  # progress events may keep coming: check on a clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if event is None:
                     continue
+                if isinstance(event, EngineClosed):
+                    raise APIError(503, str(event), type="server_error", code="model_unloaded")
                 if isinstance(event, Exception):
                     raise APIError(500, "image generation failed", type="server_error", code="generation_failed")
                 done += isinstance(event, ImageDone)
@@ -234,3 +240,182 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
         raise APIError(499, "client closed the request", code="client_closed")
     data = [await item(i, images[i]) for i in range(body.n)]
     return {"created": created, "data": data, "model": loaded.ref, "seed": seed, **common}
+
+
+# -- style transfer ---------------------------------------------------------------------
+
+STYLE_FAMILIES = {"gram"}
+STYLE_SIDES = (64, 128, 256)  # longest side of the result; the content's aspect is kept
+DEFAULT_STYLE_STEPS, DEFAULT_STRENGTH = 60, 0.8
+
+
+def style_model(request: Request, db, ref: str):
+    """(ref, RandomFeatures) of a style-transfer model; the features are cached per version."""
+    from atelier.images.style import RandomFeatures
+    from atelier.registry.store import version_folder
+
+    version = resolve_version(db, ref)
+    if version.model.family not in STYLE_FAMILIES:
+        raise bad_request(f"model {version.model.name!r} ({version.model.task}) does not do style transfer; use "
+                          "model='style-transfer'", "model", code="model_not_supported")
+    cache = getattr(request.app.state, "style_features", None)
+    if cache is None:
+        cache = request.app.state.style_features = {}
+    key = f"{version.model.name}@{version.number}"
+    if key not in cache:
+        manager = request.app.state.manager
+        cache[key] = RandomFeatures.from_pretrained(version_folder(manager.blobs, version, manager.cache_root))
+    return key, cache[key]
+
+
+async def read_form(request: Request):
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_request("send multipart/form-data with the image as a file part", "image",
+                          code="invalid_content_type")
+    try:
+        return await request.form(max_files=4, max_fields=40)
+    except Exception:  # noqa: BLE001 — any parser failure is the client's malformed body
+        raise bad_request("malformed multipart/form-data body", None, code="invalid_multipart") from None
+
+
+def form_number(form, name: str, kind, default, lo, hi):
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    if isinstance(raw, UploadFile):
+        raise bad_request(f"{name} must be a plain field, not a file", name)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise bad_request(f"{name}={raw!r} is not a{'n integer' if kind is int else ' number'}", name) from None
+    if not lo <= value <= hi:
+        raise bad_request(f"{name}={value} must be between {lo} and {hi}", name)
+    return value
+
+
+async def form_image(form, names: tuple[str, ...], settings, *, required: bool):
+    """The decoded RGB image of the first file field in `names`, and its bytes' sha256."""
+    import hashlib
+
+    field_name = next((n for n in names if n in form), None)
+    if field_name is None:
+        if required:
+            raise bad_request(f"{names[0]} is required (an image file)", names[0], code="missing_image")
+        return None, None
+    part = form.get(field_name)
+    param = names[0]
+    if not isinstance(part, UploadFile):
+        raise bad_request(f"{param} must be a file part (PNG, JPEG or WebP)", param, code="invalid_image")
+    data = await part.read()
+    try:
+        image = open_upload(data, max_bytes=settings.max_image_upload_bytes, max_pixels=settings.max_image_upload_pixels)
+    except ImageInputError as e:
+        raise bad_request(str(e), param, code=e.code) from None
+    return image, hashlib.sha256(data).hexdigest()
+
+
+async def style_transfer(request: Request, form, settings, key, *, content_fields: tuple[str, ...],
+                         style_field: str, default_model: str = "style-transfer") -> dict:
+    """Shared by /v1/images/edits and /api/style-transfer: validate, run in a thread, store, answer."""
+    import threading
+
+    from atelier.images.style import METHODS, list_styles, load_style, normalise_style_name, transfer
+
+    for name in ("mask",):
+        if name in form:
+            raise bad_request(f"{name} is not supported by style transfer", name, code="unsupported_parameter")
+    check_openai_fields({k: form.get(k) for k in ("quality", "background", "output_format", "input_fidelity")
+                         if k in form})
+    model_ref = str(form.get("model") or default_model)
+    with request.app.state.sessions() as db:
+        ref, features = style_model(request, db, model_ref)
+    method = str(form.get("method") or "gram")
+    if method not in METHODS:
+        raise bad_request(f"method={method!r} is not one of {', '.join(METHODS)}", "method")
+    n = form_number(form, "n", int, 1, 1, 1)
+    strength = form_number(form, "strength", float, DEFAULT_STRENGTH, 0.0, 1.0)
+    steps = form_number(form, "steps", int, DEFAULT_STYLE_STEPS, 1, settings.max_image_steps)
+    response_format = str(form.get("response_format") or "b64_json")
+    if response_format not in ("b64_json", "url"):
+        raise bad_request(f"response_format={response_format!r} is not one of b64_json, url", "response_format")
+    store = str(form.get("store", "true")).lower() not in ("false", "0", "no")
+    if response_format == "url" and not store:
+        raise bad_request("response_format='url' needs the image stored", "response_format")
+    size = str(form.get("size") or "auto")
+    allowed = ["auto"] + [f"{s}x{s}" for s in STYLE_SIDES]
+    if size not in allowed:
+        raise bad_request(f"size={size!r} is not one of {', '.join(allowed)} (the longest side of the result; the "
+                          "content's aspect ratio is kept)", "size", code="unsupported_size")
+    max_side = 128 if size == "auto" else int(size.split("x")[0])
+    content, content_sha = await form_image(form, content_fields, settings, required=True)
+    style_image, style_sha = await form_image(form, ("style_image",), settings, required=False)
+    style_name = form.get(style_field)
+    style_name = style_name if isinstance(style_name, str) else ""
+    if style_image is not None and style_name.strip() and style_field != "prompt":
+        raise bad_request(f"give either {style_field} (a style's name) or style_image (a file), not both",
+                          style_field)
+    if style_image is None:
+        if not style_name.strip():
+            raise bad_request(f"name a style in {style_field!r} ({', '.join(sorted(list_styles()))}) or upload "
+                              "style_image", style_field, code="missing_style")
+        try:
+            style_image = load_style(style_name)
+        except KeyError as e:
+            raise bad_request(str(e.args[0]), style_field, code="unknown_style") from None
+        style_label = normalise_style_name(style_name)
+    else:
+        style_label = f"upload:{style_sha[:12]}"
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(transfer, content, style_image, features, method=method,
+                                                   strength=strength, steps=steps, max_side=max_side,
+                                                   should_stop=stop.is_set))
+    while not work.done():
+        await asyncio.wait({work}, timeout=0.5)
+        if not work.done() and await request.is_disconnected():
+            stop.set()  # the client left: stop at the next step
+    result = work.result()
+    if stop.is_set():
+        raise APIError(499, "client closed the request", code="client_closed")
+    h, w = result.image.shape[:2]
+    losses = {"style_before": result.style_loss_before, "style": result.style_loss, "content": result.content_loss}
+    sampler = {"gram": "Gram (random features)", "color": "Reinhard colour transfer"}[method]
+    text = a1111_parameters(prompt=style_label, steps=result.steps if method == "gram" else None, sampler=sampler,
+                            size=f"{w}x{h}", model=ref, Strength=f"{strength:g}")
+    meta = {"model": ref, "style": style_label, "method": method, "strength": strength, "steps": result.steps,
+            "size": f"{w}x{h}", "content_sha256": content_sha, "style_sha256": style_sha}
+    png = encode_png(result.image, parameters=text, meta=meta)
+    item = {"revised_prompt": None}
+    if store:
+        art = await asyncio.to_thread(store_png, request, png, model_ref=ref, key_id=key.id,
+                                      params=meta | {"losses": losses, "n": n})
+        item["artifact_id"] = art.id
+        if response_format == "url":
+            item["url"] = artifact_url(request, art.id)
+    if response_format == "b64_json":
+        item["b64_json"] = base64.b64encode(png).decode()
+    return {"created": int(time.time()), "data": [item], "model": ref, "style": style_label, "method": method,
+            "strength": strength, "steps": result.steps, "losses": losses, "seconds": round(result.seconds, 3),
+            "size": f"{w}x{h}", "output_format": "png"}
+
+
+@router.post("/v1/images/edits")
+async def edit_image(request: Request, settings: SettingsDep, key: GenerateKey):
+    """Style transfer in OpenAI's images.edit shape: image = content, prompt = a style name."""
+    form = await read_form(request)
+    return await style_transfer(request, form, settings, key, content_fields=("image", "image[]"),
+                                style_field="prompt")
+
+
+@router.post("/api/style-transfer")
+async def native_style_transfer(request: Request, settings: SettingsDep, key: GenerateKey):
+    """Multipart: content (file), style (a shipped style's name) or style_image (file), method, strength, steps."""
+    form = await read_form(request)
+    return await style_transfer(request, form, settings, key, content_fields=("content",), style_field="style")
+
+
+@router.get("/api/styles")
+def styles(key: GenerateKey):
+    """The shipped style paintings, with artist, title, year and source."""
+    from atelier.images.style import list_styles
+
+    return {"object": "list", "data": [{"id": k, **v} for k, v in sorted(list_styles().items())]}

@@ -10,6 +10,7 @@ from atelier.api.deps import ReadKey, SessionDep
 from atelier.api.models_lookup import resolve_version
 from atelier.registry.db import Model, Version
 from atelier.registry.store import list_models
+from atelier.runtime.image_engine import IMAGE_FAMILIES, image_sizes
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -32,7 +33,14 @@ def model_public(m: Model, current: Version | None = None) -> dict:
             "family": m.family, "task": m.task,
             "aliases": {a.name: a.version_number for a in sorted(m.aliases, key=lambda a: a.name)},
             "versions": [version_public(v) for v in m.versions],
-            "latest": version_public(latest) if latest else None}
+            "latest": version_public(latest) if latest else None} | _image_fields(m, latest)
+
+
+def _image_fields(m: Model, v: Version | None) -> dict:
+    """Image models list the sizes they serve (`size` must be one of them)."""
+    if m.family not in IMAGE_FAMILIES or v is None:
+        return {}
+    return {"image_sizes": image_sizes(v.config)}
 
 
 @router.get("/models")

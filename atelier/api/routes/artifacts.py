@@ -1,0 +1,85 @@
+"""GET /api/artifacts, /api/artifacts/{id}, /api/artifacts/{id}/content — the gallery.
+
+A key sees the artifacts it created; an admin key sees all of them and can filter by key.
+The content route also answers signed links (`?expires=…&sig=…`, as handed out for
+`response_format="url"`) without a key, until they expire.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from atelier.api.deps import ReadKey, SessionDep, current_key
+from atelier.api.errors import APIError, bad_request, not_found
+from atelier.registry.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
+                                        signing_secret)
+from atelier.registry.db import ApiKey, Artifact
+from atelier.registry.store import NotFound
+from atelier.safety.keys import has_scope
+
+router = APIRouter(prefix="/api/artifacts", tags=["artifacts"])
+
+
+def _visible(db, artifact_id: str, key: ApiKey) -> Artifact:
+    try:
+        art = get_artifact(db, artifact_id=artifact_id)
+    except NotFound:
+        art = None
+    if art is None or (not has_scope(key, "admin") and art.key_id != key.id):
+        raise not_found(f"artifact {artifact_id!r} does not exist", "artifact_id")
+    return art
+
+
+@router.get("")
+def list_all(db: SessionDep, key: ReadKey, kind: str | None = None, model: str | None = None,
+             key_id: str | None = None, limit: int = Query(default=20, ge=1, le=100), after: str | None = None):
+    """Newest first, `limit` per page; pass the last id as `after` for the next page."""
+    if kind is not None and kind not in KINDS:
+        raise bad_request(f"kind={kind!r} is not one of {', '.join(KINDS)}", "kind")
+    if not has_scope(key, "admin"):
+        if key_id not in (None, key.id):
+            raise APIError(403, "only an admin key can list other keys' artifacts", type="permission_error",
+                           param="key_id", code="insufficient_scope")
+        key_id = key.id
+    if after is not None:
+        _visible(db, after, key)
+    rows, more = list_artifacts(db, kind=kind, model=model, key_id=key_id, limit=limit, after=after)
+    data = [artifact_public(a) for a in rows]
+    return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/{artifact_id}")
+def retrieve(artifact_id: str, db: SessionDep, key: ReadKey):
+    """One artifact with its provenance (model@version, parameters, seed, key, time, sha256)."""
+    return artifact_public(_visible(db, artifact_id, key))
+
+
+@router.get("/{artifact_id}/content")
+def content(artifact_id: str, request: Request, db: SessionDep, expires: int | None = None, sig: str | None = None):
+    """The artifact's bytes: with a key, or through a signed link that has not expired."""
+    if sig is not None or expires is not None:
+        secret = signing_secret(request.app.state.settings.home_dir)
+        if expires is None or sig is None or not check_signature(secret, artifact_id, expires=expires, sig=sig,
+                                                                  now=time.time()):
+            expired = expires is not None and expires < time.time()
+            raise APIError(403, "this link has expired; ask for a new one" if expired else "invalid link signature",
+                           type="permission_error", param="sig", code="url_expired" if expired else "invalid_signature")
+        try:
+            art = get_artifact(db, artifact_id=artifact_id)
+        except NotFound:
+            raise not_found(f"artifact {artifact_id!r} does not exist", "artifact_id") from None
+    else:
+        key = current_key(request, db)
+        if not has_scope(key, "read"):
+            raise APIError(403, "this key cannot read artifacts", type="permission_error", code="insufficient_scope")
+        art = _visible(db, artifact_id, key)
+    path = request.app.state.blobs.path(art.sha256)
+    if not path.exists():
+        raise APIError(410, f"the bytes of artifact {artifact_id!r} are gone from the blob store", code="blob_missing")
+    ext = {"image/png": ".png", "text/plain": ".txt", "application/json": ".json"}.get(art.mime, "")
+    return FileResponse(path, media_type=art.mime, filename=f"{art.id}{ext}", content_disposition_type="inline",
+                        headers={"Cache-Control": "private, max-age=3600", "ETag": f'"{art.sha256}"'})

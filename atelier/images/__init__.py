@@ -1,0 +1,1 @@
+"""Image helpers that are not model families: PNG metadata and uploads (png.py), style transfer (style.py)."""
