@@ -148,3 +148,8 @@ def test_client_disconnect_stops_generation(server):
         time.sleep(0.05)
     assert not any(engine.slots), "the engine kept generating for a client that left"
     assert engine.cancelled - before >= 1
+
+
+def test_query_parameters_are_named_plainly(http):
+    err = error_of(http.get("/api/audit", params={"limit": 0}), 400)
+    assert err["param"] == "limit"

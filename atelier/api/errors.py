@@ -54,7 +54,8 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # ("body", "max_tokens") → max_tokens; ("query", "limit") → limit
+        loc = [str(p) for p in first.get("loc", ())][1:] if first.get("loc") else []
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
