@@ -66,17 +66,25 @@ def server(tmp_path_factory):
         yield s
 
 
+def admin_http(live: LiveServer) -> httpx.Client:
+    return httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+
+def admin_openai(live: LiveServer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=live.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+
+
 @pytest.fixture()
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+    with admin_http(server) as c:
         yield c
 
 
 @pytest.fixture()
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+    return admin_openai(server)
 
 
 # -- images: a server with tiny random image models registered (fast, deterministic) -------
@@ -121,12 +129,10 @@ def image_server(tmp_path_factory):
 
 @pytest.fixture()
 def image_http(image_server):
-    with httpx.Client(base_url=image_server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+    with admin_http(image_server) as c:
         yield c
 
 
 @pytest.fixture()
 def image_client(image_server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=image_server.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+    return admin_openai(image_server)

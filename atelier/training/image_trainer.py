@@ -36,7 +36,7 @@ from atelier.models.ddim import DDIMScheduler
 from atelier.models.text_encoder import VOCAB_FILE, WordVocab
 from atelier.registry.files import atomic_write_json
 from atelier.training.image_data import EmojiSet, load_emoji, sample_batch, to_tensor
-from atelier.training.trainer import load_optimizer, save_optimizer
+from atelier.training.trainer import load_optimizer, publish_checkpoint, save_optimizer
 
 FAMILIES = ("ddpm", "dcgan")
 
@@ -210,11 +210,7 @@ class ImageTrainer:
         for name, opt in self.opts.items():
             save_optimizer(opt, d / f"optimizer-{name}")
         atomic_write_json(d / "state.json", {"state": asdict(self.state), "config": asdict(self.cfg)})
-        atomic_write_json(self.workdir / "latest.json", {"checkpoint": d.name, "step": step})
-        for old in self.workdir.glob("checkpoint-*"):
-            if old != d:
-                shutil.rmtree(old, ignore_errors=True)
-        self.on_event({"type": "checkpoint", "step": step, "path": str(d)})
+        publish_checkpoint(self.workdir, d, step, self.on_event)
 
     def _resume(self) -> bool:
         pointer = self.workdir / "latest.json"

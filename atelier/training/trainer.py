@@ -133,6 +133,18 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def publish_checkpoint(workdir: Path, folder: Path, step: int, on_event: Callable[[dict], None]) -> None:
+    """Make a fully written checkpoint folder the one to resume from, then drop older ones.
+
+    `latest.json` flips atomically, so a crash at any point leaves a complete checkpoint.
+    """
+    atomic_write_json(workdir / "latest.json", {"checkpoint": folder.name, "step": step})
+    for old in workdir.glob("checkpoint-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    on_event({"type": "checkpoint", "step": step, "path": str(folder)})
+
+
 class Trainer:
     """Train a CharGPT on a corpus, checkpointing into workdir.
 
@@ -198,11 +210,7 @@ class Trainer:
         save_file(hf_state_dict(self.model), str(d / "model.safetensors"))
         save_optimizer(opt, d / "optimizer")
         atomic_write_json(d / "state.json", {"state": asdict(self.state), "config": asdict(self.cfg)})
-        atomic_write_json(self.workdir / "latest.json", {"checkpoint": d.name, "step": step})
-        for old in self.workdir.glob("checkpoint-*"):
-            if old != d:
-                shutil.rmtree(old, ignore_errors=True)
-        self.on_event({"type": "checkpoint", "step": step, "path": str(d)})
+        publish_checkpoint(self.workdir, d, step, self.on_event)
 
     def _resume(self, opt) -> bool:
         pointer = self.workdir / "latest.json"
