@@ -341,8 +341,10 @@ def follow(job_id: str, settings: Settings) -> dict:
                 after = e["id"]
                 d = e["data"]
                 if "train_loss" in d:
+                    rate = (f"{d['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in d
+                            else f"{d.get('images_per_s', 0):.1f} img/s")
                     progress.update(task, total=d["total_steps"], completed=d["step"],
-                                    info=f"loss {d['train_loss']:.3f} · {d['tokens_per_s']:.0f} tok/s · lr {d['lr']:.2e}")
+                                    info=f"loss {d['train_loss']:.3f} · {rate} · lr {d['lr']:.2e}")
                 else:
                     progress.console.print(e["message"])
             job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()

@@ -322,3 +322,35 @@ def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_image_model_from_scratch_as_a_job(client):
+    rng = np.random.default_rng(0)
+    images = np.full((12, 32, 32, 3), 255, dtype=np.uint8)
+    names = []
+    for i in range(12):
+        color = [(220, 30, 30), (30, 30, 220)][i % 2]
+        y, x = rng.integers(4, 16, size=2)
+        images[i, y:y + 12, x:x + 12] = color
+        names.append(["red square", "blue square"][i % 2])
+    buf = io.BytesIO()
+    np.savez(buf, images=images, names=np.array(names))
+    f = upload(client, "squares.npz", buf.getvalue())
+    assert f.model_extra["format"] == "npz" and f.model_extra["records"] == 12
+    for family in ("ddpm", "dcgan"):
+        job = client.fine_tuning.jobs.create(model=family, training_file=f.id, suffix=f"squares-{family}",
+                                             hyperparameters={"max_steps": 4, "batch_size": 4, "eval_every": 2})
+        job = wait_for(client, job.id)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model == f"squares-{family}@1"
+        r = client.images.generate(model=f"squares-{family}", prompt="red square", n=1, size="32x32",
+                                   response_format="b64_json",
+                                   extra_body={"seed": 1} | ({"steps": 4} if family == "ddpm" else {}))
+        assert r.data[0].b64_json
+    text = upload(client, "t.txt", "春眠不觉晓".encode())
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model="ddpm", training_file=text.id, suffix="nope")
+    assert e.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model="ddpm", training_file=f.id, suffix="nope", hyperparameters={"n_embd": 8})
+    assert e.value.body["param"] == "hyperparameters"

@@ -28,7 +28,15 @@ log = logging.getLogger("atelier.jobs")
 
 TEXT_FORMATS = ("jsonl-text", "jsonl-prompt", "jsonl-chat", "text")
 TABLE_FORMATS = ("csv", "jsonl-table")
-FAMILIES = ("chargpt", "sklearn")
+IMAGE_FORMATS = ("npz",)
+FAMILIES = ("chargpt", "sklearn", "ddpm", "dcgan")
+IMAGE_FAMILIES = ("ddpm", "dcgan")
+IMAGE_HYPER = ("max_steps", "batch_size", "learning_rate_multiplier", "eval_every", "warmup_steps", "grad_clip")
+
+
+def file_formats(family: str) -> tuple[str, ...]:
+    """The upload formats a family trains on."""
+    return {"sklearn": TABLE_FORMATS, "ddpm": IMAGE_FORMATS, "dcgan": IMAGE_FORMATS}.get(family, TEXT_FORMATS)
 # Hyper-parameters a job accepts: OpenAI's three, then Atelier's own.
 HYPER_RANGES = {
     "n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-3, 10.0),
@@ -53,6 +61,9 @@ def check_hyperparameters(hyper: dict, family: str) -> dict:
         return hyper  # checked by the tabular trainer, which knows its estimators
     out = {}
     for name, value in hyper.items():
+        if family in IMAGE_FAMILIES and name not in IMAGE_HYPER:
+            raise JobError(f"unknown hyper-parameter {name!r} for {family}; accepted: {', '.join(IMAGE_HYPER)}",
+                           param="hyperparameters")
         if value == "auto":
             continue
         if name in HYPER_CHOICES:
@@ -104,15 +115,16 @@ class EventSink:
         kind = e["type"]
         with self.sessions() as db:
             if kind == "train":
-                data = {"step": e["step"], "total_steps": e["max_steps"], "train_loss": e["loss"], "lr": e["lr"],
-                        "tokens_per_s": e["tokens_per_s"]}
+                rate = {k: e[k] for k in ("tokens_per_s", "images_per_s") if k in e}  # text or image families
+                data = {"step": e["step"], "total_steps": e["max_steps"], "train_loss": e["loss"], "lr": e["lr"]} | rate
                 store.add_event(db, self.job_id, f"step {e['step']}/{e['max_steps']}: training loss={e['loss']:.4f}",
                                 type="metrics", data=data)
             elif kind == "eval":
-                data = {"step": e["step"], "valid_loss": e["val_loss"], "valid_ppl": e["val_ppl"],
-                        "improved": e["improved"]}
-                store.add_event(db, self.job_id, f"step {e['step']}: validation loss={e['val_loss']:.4f}",
-                                type="metrics", data=data)
+                name, value = next((k, e[k]) for k in ("val_loss", "val_d_margin") if k in e)
+                data = {"step": e["step"], "valid_loss" if name == "val_loss" else name: value,
+                        "improved": e["improved"]} | ({"valid_ppl": e["val_ppl"]} if "val_ppl" in e else {})
+                store.add_event(db, self.job_id, f"step {e['step']}: validation {name.removeprefix('val_')}"
+                                f"={value:.4f}", type="metrics", data=data)
             elif kind == "checkpoint":
                 store.add_checkpoint(db, self.job_id, e["step"], {})
                 store.add_event(db, self.job_id, f"checkpoint saved at step {e['step']}", data={"step": e["step"]})
@@ -120,7 +132,8 @@ class EventSink:
                 store.add_event(db, self.job_id, f"resumed from the checkpoint at step {e['step']}",
                                 data={"step": e["step"]})
             elif kind == "start":
-                store.add_event(db, self.job_id, f"training: {e['max_steps']} steps over {e['train_tokens']} tokens, "
+                size = f"{e['train_tokens']} tokens" if "train_tokens" in e else f"{e['train_images']} images"
+                store.add_event(db, self.job_id, f"training: {e['max_steps']} steps over {size}, "
                                 f"{e['params'] / 1e6:.2f} M parameters", data=e)
             elif kind == "early_stop":
                 store.add_event(db, self.job_id, f"early stop at step {e['step']}: validation loss stopped "
@@ -169,13 +182,15 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
             val_path = None
             if job.validation_file:
                 _, val_path = _export_file(db, blobs, job.validation_file, data_dir, "validation_file")
-        allowed = TABLE_FORMATS if job.family == "sklearn" else TEXT_FORMATS
+        allowed = file_formats(job.family)
         if train_file.format not in allowed:
             raise JobError(f"training file {train_file.id} is {train_file.format}; a {job.family} job needs "
                            f"{' or '.join(allowed)}", code="invalid_training_file", param="training_file")
         sink.stage(f"preparing data: {train_file.records} records from {train_file.filename}")
         if job.family == "sklearn":
             folder = _train_tabular(job, settings, sessions, blobs, train_path, val_path, workdir, sink)
+        elif job.family in IMAGE_FAMILIES:
+            folder = _train_image_model(job, settings, train_path, workdir, sink, should_stop)
         else:
             folder = _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir, sink, should_stop)
         if folder is None:  # stopped
@@ -238,6 +253,32 @@ def _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir
     return folder
 
 
+def _train_image_model(job, settings, train_path, workdir, sink, should_stop):
+    """ddpm / dcgan from scratch on an uploaded .npz (images, optional names as captions)."""
+    from atelier.registry.files import atomic_write_json
+    from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
+
+    h = {k: v for k, v in job.hyperparameters.items() if v != "auto"}
+    steps = min(int(h.get("max_steps", 500)), settings.max_job_steps)
+    base_lr = 8e-4 if job.family == "ddpm" else 2e-4
+    cfg = ImageTrainConfig(family=job.family, max_steps=steps, batch_size=int(h.get("batch_size", 16)),
+                           lr=base_lr * float(h.get("learning_rate_multiplier", 1.0)),
+                           warmup_steps=int(h.get("warmup_steps", min(100, steps // 10))),
+                           eval_every=int(h.get("eval_every", max(1, steps // 5))),
+                           grad_clip=float(h.get("grad_clip", 1.0)), seed=job.seed)
+    sink.stage(f"building the model: {job.family} from scratch")
+    try:
+        trainer = ImageTrainer(cfg, workdir / "train", data=train_path, on_event=sink)
+    except ValueError as e:
+        raise JobError(str(e), code="invalid_training_file", param="training_file") from None
+    trainer.should_stop = should_stop
+    trainer.fit()
+    if should_stop():
+        return None
+    atomic_write_json(trainer.best_dir / "training.json", trainer.record())
+    return trainer.best_dir
+
+
 def _train_tabular(job, settings, sessions, blobs, train_path, val_path, workdir, sink):
     """A pipeline trained on the table, or (hyperparameters.fuse) a fusion of trained versions."""
     from atelier.training.tabular import TabularError, fuse, train_tabular
@@ -282,7 +323,8 @@ def _register(job: Job, sessions, blobs: BlobStore, folder: Path) -> None:
     with sessions() as db:
         if job.base_model in FAMILIES:  # from scratch: a new model named by the suffix
             name, family = job.suffix, job.family
-            task = "text-generation" if family == "chargpt" else record.get("task", "regression")
+            task = {"chargpt": "text-generation", "ddpm": "image-generation",
+                    "dcgan": "image-generation"}.get(family) or record.get("task", "regression")
             v = register_version(db, blobs, name=name, family=family, task=task, folder=folder,
                                  metrics=record.get("metrics", {}), training=record | {"lineage": lineage})
             fine_tuned = f"{name}@{v.number}"

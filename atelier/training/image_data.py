@@ -59,6 +59,40 @@ def load_emoji(folder: str | Path, *, size: int = 32, val_fraction: float = 0.08
     return subset(train_idx), subset(val_idx), provenance
 
 
+def load_npz(path: str | Path, *, size: int = 32, val_fraction: float = 0.08,
+             seed: int = 0) -> tuple[EmojiSet, EmojiSet, dict]:
+    """(train, val, provenance) from a user's .npz: `images` uint8 (N, size, size, 3), optional `names` (N,) captions.
+
+    Without `names` every caption is empty (the model learns unconditionally).
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as d:
+        images = d["images"]
+        names = [str(n) for n in d["names"]] if "names" in d.files else [""] * len(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"images must be uint8 N×{size}×{size}×3, got {images.dtype} {tuple(images.shape)}")
+    if len(names) != len(images):
+        raise ValueError(f"names has {len(names)} entries for {len(images)} images")
+    if len(images) < 2:
+        raise ValueError("at least 2 images are needed (one is held out)")
+    perm = np.random.default_rng(seed).permutation(len(images))
+    n_val = max(1, int(round(len(images) * val_fraction)))
+    val_idx, train_idx = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+
+    def subset(idx):
+        return EmojiSet(images[idx], [names[i] for i in idx], idx)
+
+    provenance = {"source": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                  "images_total": len(images), "train": len(train_idx), "val": len(val_idx),
+                  "split": f"seed {seed}, {val_fraction:.0%} held out"}
+    return subset(train_idx), subset(val_idx), provenance
+
+
+def load_images(source: str | Path, **kw) -> tuple[EmojiSet, EmojiSet, dict]:
+    """The emoji folder (emoji32.npz + manifest.csv) or a user's .npz file."""
+    return load_npz(source, **kw) if Path(source).is_file() else load_emoji(source, **kw)
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 → (N, 3, S, S) float in [−1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -35,7 +35,7 @@ from atelier.models import dcgan, ddpm
 from atelier.models.ddim import DDIMScheduler
 from atelier.models.text_encoder import VOCAB_FILE, WordVocab
 from atelier.registry.files import atomic_write_json
-from atelier.training.image_data import EmojiSet, load_emoji, sample_batch, to_tensor
+from atelier.training.image_data import EmojiSet, load_images, sample_batch, to_tensor
 from atelier.training.trainer import load_optimizer, publish_checkpoint, save_optimizer
 
 FAMILIES = ("ddpm", "dcgan")
@@ -90,7 +90,7 @@ class ImageTrainer:
         self.should_stop = lambda: False  # a job runner can set this to cancel
         torch.manual_seed(cfg.seed)
         # 1. data and vocabulary
-        self.train_set, self.val_set, self.provenance = load_emoji(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        self.train_set, self.val_set, self.provenance = load_images(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.workdir.mkdir(parents=True, exist_ok=True)
         vocab_path = self.workdir / VOCAB_FILE
         if text_from is not None:  # dcgan: reuse the diffusion model's text encoder (frozen)

@@ -17,7 +17,7 @@ from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
 from atelier.api.routes.files import get_file
 from atelier.jobs import store
-from atelier.jobs.runner import FAMILIES, TABLE_FORMATS, TEXT_FORMATS, JobError, check_hyperparameters
+from atelier.jobs.runner import FAMILIES, JobError, check_hyperparameters, file_formats
 from atelier.registry.db import Job, JobCheckpoint, JobEvent
 from atelier.safety import audit
 
@@ -74,7 +74,7 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
         if family not in FINE_TUNABLE:
             raise bad_request(f"model {version.model.name!r} ({family}) does not support fine-tuning; "
                               f"fine-tunable families: {', '.join(FINE_TUNABLE)}", "model", code="model_not_supported")
-    formats = TABLE_FORMATS if family == "sklearn" else TEXT_FORMATS
+    formats = file_formats(family)
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
