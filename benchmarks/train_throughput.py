@@ -1,6 +1,6 @@
 """Training throughput: the job runner vs a plain training loop, fp32 and bf16, against the matmul peak.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--bf16-steps 4] [--threads N]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--bf16-steps 2] [--image-steps 20] [--threads N]
 
 Same model (tang-poet's shape: 192 wide, 6 layers, 192 context), same data (宋词三百首
 from ../shared/data), same batch, in one run:
@@ -9,6 +9,8 @@ from ../shared/data), same batch, in one run:
   the worker runs (events to SQLite, checkpoints, evaluation)
 tokens/s of each, their ratio, and the share of the machine's matmul peak (measured here,
 best of 5 square matmuls) that 6·N FLOPs per token reach. bf16 uses CPU autocast.
+Then images/s for emoji-diffusion's shape: the trainer's bare optimiser step against a
+ddpm job run by the job runner, on the emoji set (32×32 base designs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "poetry" / "songci300.jsonl"
 SHAPE = dict(n_embd=192, n_layer=6, n_head=6, context=192)
 BATCH = 20
+BATCH_IMAGES = 32
 
 
 def matmul_peak(dtype) -> float:
@@ -113,10 +116,59 @@ def job_runner(path: Path, steps: int, bf16: bool) -> float:
         return sorted(rates)[len(rates) // 2]  # the median window (the first includes warm-up)
 
 
+EMOJI = ROOT.parent / "shared" / "data" / "images" / "emoji64"
+
+
+def image_rates(folder: Path, steps: int) -> tuple[float, float]:
+    """emoji-diffusion's shape on 32×32 emoji: (bare optimiser steps, job runner) in images/s."""
+    import numpy as np
+
+    from atelier.config import Settings
+    from atelier.jobs import store
+    from atelier.jobs.runner import run_job
+    from atelier.registry.db import File, JobEvent, make_engine, make_sessionmaker
+    from atelier.registry.store import BlobStore
+    from atelier.training.image_data import load_emoji, sample_batch
+    from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
+
+    train, _, _ = load_emoji(EMOJI)
+    path = folder / "emoji.npz"
+    np.savez(path, images=train.images, names=np.array(train.names))
+    # bare: the trainer's own optimiser step, nothing around it (no EMA, events, eval, checkpoints)
+    cfg = ImageTrainConfig(family="ddpm", max_steps=steps, batch_size=BATCH_IMAGES, eval_every=10**6)
+    bare = ImageTrainer(cfg, folder / "bare", data=path)
+    g = torch.Generator().manual_seed(0)
+    batches = [sample_batch(bare.train_set, bare.vocab, BATCH_IMAGES, g, max_words=bare.model.config.max_words)
+               for _ in range(steps + 1)]
+    bare._ddpm_step(*batches[0], g)
+    start = time.perf_counter()
+    for x, ids in batches[1:]:
+        bare._ddpm_step(x, ids, g)
+    plain = steps * BATCH_IMAGES / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as home:
+        settings = Settings(home=Path(home), shipped_models=False)
+        sessions = make_sessionmaker(make_engine(settings.db_url))
+        blobs = BlobStore(settings.blobs_dir)
+        data = path.read_bytes()
+        with sessions() as db:
+            db.add(File(id="file-img", filename=path.name, purpose="fine-tune", format="npz", records=len(train),
+                        bytes=len(data), sha256=blobs.put_bytes(data)))
+            db.commit()
+            job = store.create_job(db, base_model="ddpm", family="ddpm", suffix="bench", training_file="file-img",
+                                   hyperparameters={"max_steps": steps, "batch_size": BATCH_IMAGES,
+                                                    "eval_every": steps}, seed=0)
+        run_job(job.id, settings=settings, sessions=sessions, blobs=blobs, shutting_down=threading.Event())
+        with sessions() as db:
+            rates = sorted(e.data["images_per_s"] for e in db.query(JobEvent).filter_by(job_id=job.id)
+                           if "images_per_s" in e.data)
+    return plain, rates[len(rates) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--bf16-steps", type=int, default=2, help="0 skips bf16 (about a minute a step on a CPU without AVX512-BF16)")
+    ap.add_argument("--image-steps", type=int, default=20, help="0 skips the image row")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -139,6 +191,10 @@ def main() -> None:
             print(f"{precision:>9} | {plain:>11.0f} | {job:>9.0f} | {job / plain:>9.2f} | "
                   f"{100 * plain * flops / 1e9 / peaks[precision]:>11.1f}% | "
                   f"{100 * job * flops / 1e9 / peaks[precision]:>9.1f}%")
+        if args.image_steps:
+            plain, job = image_rates(Path(tmp), args.image_steps)
+            print(f"\nimages (ddpm, 32×32, batch {BATCH_IMAGES}): bare steps {plain:.1f} img/s, "
+                  f"job runner {job:.1f} img/s, ratio {job / plain:.2f}")
 
 
 if __name__ == "__main__":
