@@ -354,3 +354,16 @@ def test_image_model_from_scratch_as_a_job(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.fine_tuning.jobs.create(model="ddpm", training_file=f.id, suffix="nope", hyperparameters={"n_embd": 8})
     assert e.value.body["param"] == "hyperparameters"
+
+
+def test_bad_sklearn_hyperparameters_are_refused_at_creation(http, client):
+    table = upload(client, "h.csv", houses_csv(20, 3))
+
+    def create(hyper):
+        return http.post("/v1/fine_tuning/jobs", json={"model": "sklearn", "training_file": table.id,
+                                                       "suffix": "never-sk", "hyperparameters": hyper})
+
+    assert error_of(create({"target": "price", "estimator": "svm"}), 400)["param"] == "hyperparameters.estimator"
+    assert error_of(create({"target": "price", "cv": 1}), 400)["param"] == "hyperparameters.cv"
+    assert error_of(create({"estimator": "ridge"}), 400)["param"] == "hyperparameters.target"
+    assert error_of(create({"target": "price", "alpha": 1}), 400)["param"] == "hyperparameters"

@@ -58,7 +58,7 @@ class JobError(Exception):
 def check_hyperparameters(hyper: dict, family: str) -> dict:
     """Validate a job's hyper-parameters; JobError names the bad one and its range."""
     if family == "sklearn":
-        return hyper  # checked by the tabular trainer, which knows its estimators
+        return _check_tabular_hyperparameters(hyper)
     out = {}
     for name, value in hyper.items():
         if family in IMAGE_FAMILIES and name not in IMAGE_HYPER:
@@ -84,6 +84,27 @@ def check_hyperparameters(hyper: dict, family: str) -> dict:
                            f"{', '.join(sorted([*HYPER_RANGES, *HYPER_CHOICES]))}", param="hyperparameters")
         out[name] = value
     return out
+
+
+def _check_tabular_hyperparameters(hyper: dict) -> dict:
+    """What can be checked before the table is read; the tabular trainer checks the rest."""
+    from atelier.training.tabular import ESTIMATORS, FUSE_KEYS, HYPER_KEYS
+
+    keys = [k for k in hyper if k != "fuse"] if "fuse" in hyper else list(hyper)
+    allowed = FUSE_KEYS if "fuse" in hyper else HYPER_KEYS
+    for name in keys:
+        if name not in allowed:
+            raise JobError(f"unknown hyper-parameter {name!r}; accepted: {', '.join(allowed)}",
+                           param="hyperparameters")
+    if "fuse" not in hyper and not isinstance(hyper.get("target"), str):
+        raise JobError("hyperparameters.target must name the column to predict", param="hyperparameters.target")
+    if "estimator" in hyper and hyper["estimator"] not in ESTIMATORS:
+        raise JobError(f"hyperparameters.estimator={hyper['estimator']!r} is not one of {', '.join(ESTIMATORS)}",
+                       param="hyperparameters.estimator")
+    cv = hyper.get("cv", 5)
+    if not isinstance(cv, int) or isinstance(cv, bool) or not 2 <= cv <= 20:
+        raise JobError(f"hyperparameters.cv={cv!r} must be an integer from 2 to 20", param="hyperparameters.cv")
+    return hyper
 
 
 def train_config(hyper: dict, *, fine_tune: bool, train_tokens: int, block: int, seed: int, max_steps_limit: int
