@@ -7,7 +7,6 @@ import json
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from atelier.images.png import parse_a1111, read_png_text

@@ -64,7 +64,7 @@ def test_ddpm_trains_resumes_and_saves_safetensors(tmp_path, one_thread):
                         on_event=events.append)
     resumed = train_images(ImageTrainConfig(max_steps=6, **cfg), tmp_path / "a", data=DATA, model_cfg=TINY_DDPM,
                            on_event=events.append)
-    straight = train_images(ImageTrainConfig(max_steps=6, **cfg), tmp_path / "b", data=DATA, model_cfg=TINY_DDPM)
+    train_images(ImageTrainConfig(max_steps=6, **cfg), tmp_path / "b", data=DATA, model_cfg=TINY_DDPM)
     assert half == resumed and "resumed" in [e["type"] for e in events]
     a = load_file(tmp_path / "a" / "checkpoint-6" / "ema.safetensors")
     b = load_file(tmp_path / "b" / "checkpoint-6" / "ema.safetensors")

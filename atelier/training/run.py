@@ -6,7 +6,6 @@ result as a model version is the caller's business (see `atelier.registry.store`
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict

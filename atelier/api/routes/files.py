@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import hashlib
 import secrets
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
@@ -56,8 +57,6 @@ async def upload(request: Request, db: SessionDep, settings: SettingsDep, key: T
     except UploadError as e:
         raise bad_request(str(e), e.param, code="invalid_file") from None
     blobs = request.app.state.blobs
-    import hashlib
-
     digest = hashlib.sha256(data).hexdigest()
     existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose))
     if existing is not None:
