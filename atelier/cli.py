@@ -322,13 +322,18 @@ def jobs_follow(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None):
     follow(job_id, _settings(url=url, api_key=api_key))
 
 
+def _progress():
+    """The progress bar of every long CLI command: description, bar, step/total, info, times."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
 def follow(job_id: str, settings: Settings) -> dict:
     import time
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    progress = _progress()
     after = None
     with _client(settings) as client, progress:
         task = progress.add_task(job_id, total=None, info="")
@@ -422,8 +427,10 @@ def keys_revoke(key_id: str, home: Annotated[Optional[Path], typer.Option(help="
 
 
 @app.command()
-def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + songci.jsonl), .txt or .jsonl")],
+def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.jsonl + songci.jsonl), .txt or "
+                                                  ".jsonl; images: the emoji folder or an .npz")],
           name: Annotated[str, typer.Option(help="model name to register the result under")],
+          family: Annotated[str, typer.Option(help="chargpt | ddpm | dcgan | upscaler")] = "chargpt",
           workdir: Annotated[Optional[Path], typer.Option(help="checkpoints; rerun to resume [runs/<name>]")] = None,
           context: Annotated[int, typer.Option(help="context length (characters)")] = 192,
           n_embd: Annotated[int, typer.Option()] = 192,
@@ -433,7 +440,8 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
           min_count: Annotated[int, typer.Option(help="drop characters seen fewer times (→ <unk>)")] = 1,
           steps: Annotated[int, typer.Option(help="maximum optimiser steps")] = 2000,
           batch_size: Annotated[int, typer.Option()] = 20,
-          lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
+          lr: Annotated[Optional[float], typer.Option(help="peak learning rate [chargpt 2e-3 (3e-4 with --base), "
+                                                           "ddpm 8e-4, dcgan 2e-4, upscaler 1e-3]")] = None,
           optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
           schedule: Annotated[str, typer.Option(help="cosine | linear | constant")] = "cosine",
           warmup: Annotated[int, typer.Option(help="warm-up steps")] = 100,
@@ -448,34 +456,51 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
           home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None,
           follow_job: Annotated[bool, typer.Option("--follow", help="run as a job on the server and follow it")] = False,
           base: Annotated[Optional[str], typer.Option(help="with --follow: fine-tune this model instead")] = None,
+          base_channels: Annotated[int, typer.Option(help="ddpm: UNet width")] = 32,
+          text_from: Annotated[Optional[Path], typer.Option(help="dcgan: a ddpm folder whose text encoder to reuse")] = None,
+          attach_to: Annotated[Optional[str], typer.Option(help="upscaler: register a new version of this image "
+                                                                "model (NAME or NAME@N) carrying it")] = None,
           url: UrlOpt = None, api_key: KeyOpt = None):
-    """Train a chargpt model (progress bar, eval, early stop, resumable) and register it.
+    """Train a model (progress bar, evaluation, checkpoints; rerun to resume) and register it.
 
+    --family chargpt (text, early stopping), ddpm or dcgan (images), or upscaler (a ×2
+    upscaler that --attach-to adds to an image model, which then serves twice its size).
     Locally by default; with --follow, the data is uploaded and trained by the server's
     job worker (from scratch, or fine-tuning --base), with this terminal following it.
     """
+    if family not in ("chargpt", "ddpm", "dcgan", "upscaler"):
+        err.print(f"[red]--family {family!r} is not one of chargpt, ddpm, dcgan, upscaler[/red]")
+        raise typer.Exit(2)
+    default_lr = {"chargpt": 3e-4 if base else 2e-3, "ddpm": 8e-4, "dcgan": 2e-4, "upscaler": 1e-3}[family]
+    lr = lr or default_lr
     if follow_job:
-        if data.is_dir():
-            err.print("[red]--follow uploads one file (.txt or .jsonl), not a folder[/red]")
+        if data.is_dir() or family == "upscaler":
+            err.print("[red]--follow uploads one file (.txt or .jsonl; .npz for ddpm/dcgan) and trains chargpt, "
+                      "ddpm or dcgan[/red]")
             raise typer.Exit(2)
-        base_lr = 3e-4 if base else 2e-3
-        hyper = {"max_steps": steps, "batch_size": batch_size, "learning_rate_multiplier": lr / base_lr,
-                 "optimizer": optimizer, "schedule": schedule, "warmup_steps": warmup, "grad_clip": grad_clip,
-                 "precision": precision, "eval_every": eval_every, "early_stopping_patience": patience}
-        if not base:
-            hyper |= {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "context": context,
-                      "min_count": min_count}
+        hyper = {"max_steps": steps, "batch_size": batch_size, "learning_rate_multiplier": lr / default_lr,
+                 "eval_every": eval_every}
+        if family == "chargpt":
+            hyper |= {"optimizer": optimizer, "schedule": schedule, "warmup_steps": warmup, "grad_clip": grad_clip,
+                      "precision": precision, "early_stopping_patience": patience}
+            if not base:
+                hyper |= {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "context": context,
+                          "min_count": min_count}
         with open(data, "rb") as f:
             up = _call("POST", "/v1/files", url, api_key, files={"file": (data.name, f)},
                        data={"purpose": "fine-tune"}).json()
         job = _call("POST", "/v1/fine_tuning/jobs", url, api_key,
-                    json={"model": base or "chargpt", "training_file": up["id"], "suffix": name,
+                    json={"model": base or family, "training_file": up["id"], "suffix": name,
                           "hyperparameters": hyper, "seed": seed}).json()
         console.print(f"job {job['id']} queued")
         done = follow(job["id"], _settings(url=url, api_key=api_key))
         raise typer.Exit(0 if done["status"] == "succeeded" else 1)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    if family != "chargpt":
+        _train_image_family(family, data=data, name=name, workdir=workdir or Path("runs") / name, steps=steps,
+                            batch_size=batch_size, lr=lr, eval_every=eval_every, max_minutes=max_minutes, seed=seed,
+                            threads=threads, base_channels=base_channels, text_from=text_from,
+                            attach_to=attach_to, register=register, home=home)
+        return
     from atelier.training.run import train_chargpt
     from atelier.training.trainer import TrainConfig
 
@@ -487,9 +512,7 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
     workdir = workdir or Path("runs") / name
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    with progress:
+    with (progress := _progress()):
         task = progress.add_task("training", total=steps, info="")
 
         def on_event(e: dict) -> None:
@@ -524,6 +547,91 @@ def train(data: Annotated[Path, typer.Option(help="poetry folder (tang.jsonl + s
             console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
 
 
+def _train_image_family(family: str, *, data: Path, name: str, workdir: Path, steps: int, batch_size: int, lr: float,
+                        eval_every: int, max_minutes, seed: int, threads, base_channels: int, text_from, attach_to,
+                        register: bool, home) -> None:
+    """`atelier train --family ddpm|dcgan|upscaler`: the image trainers behind the same progress bar."""
+    import torch
+
+    from atelier.training.image_trainer import ImageTrainConfig, train_images
+    from atelier.training.upscaler_trainer import UpscalerTrainConfig, train_upscaler
+
+    if family == "upscaler" and register and not attach_to:
+        err.print("[red]an upscaler is registered as part of an image model: pass --attach-to NAME "
+                  "(or --no-register)[/red]")
+        raise typer.Exit(2)
+    try:
+        if family == "upscaler":
+            cfg = UpscalerTrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every,
+                                      max_minutes=max_minutes, seed=seed)
+        else:
+            cfg = ImageTrainConfig(family=family, max_steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every,
+                                   max_minutes=max_minutes, seed=seed, warmup_steps=200 if family == "ddpm" else 0)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    if threads:
+        torch.set_num_threads(threads)
+    with (progress := _progress()):
+        task = progress.add_task(f"training {family}", total=steps, info="")
+
+        def on_event(e: dict) -> None:
+            kind = e["type"]
+            if kind == "train":
+                progress.update(task, completed=e["step"],
+                                info=f"loss {e['loss']:.4f} · {e['images_per_s']:.0f} img/s · lr {e['lr']:.2e}")
+            elif kind == "resumed":
+                progress.update(task, completed=e["step"])
+                progress.console.print(f"resumed from step {e['step']} ({e['path']})")
+            elif kind == "eval":
+                score = ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float))
+                progress.console.print(f"step {e['step']}: {score}" + ("  ★ best" if e["improved"] else ""))
+
+        if family == "upscaler":
+            best = train_upscaler(cfg, workdir, data=data, on_event=on_event)
+        else:
+            best = train_images(cfg, workdir, data=data, model_cfg={"base_channels": base_channels} if family == "ddpm"
+                                else {}, text_from=text_from, on_event=on_event)
+    record_file = best / ("upscaler-training.json" if family == "upscaler" else "training.json")
+    record = json.loads(record_file.read_text())
+    console.print(f"best weights: {best}  metrics {record['metrics']}")
+    if not register:
+        return
+    from atelier.registry.store import BlobStore, register_version, resolve, version_folder
+    from atelier.safety import audit
+
+    settings = _settings(home=home)
+    blobs = BlobStore(settings.blobs_dir)
+    with _local_db(home) as db:
+        if family == "upscaler":  # a new version of the image model: its files plus the upscaler's
+            import shutil
+            import tempfile
+
+            try:
+                base_v = resolve(db, ref=attach_to)
+            except Exception as e:  # noqa: BLE001 — NotFound / bad reference: say which
+                err.print(f"[red]--attach-to {attach_to}: {e}[/red]")
+                raise typer.Exit(2)
+            if base_v.model.task != "image-generation":
+                err.print(f"[red]--attach-to {attach_to}: a {base_v.model.family} model does not make images[/red]")
+                raise typer.Exit(2)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = version_folder(blobs, base_v, settings.home_dir / "versions")
+                for f in src.iterdir():
+                    shutil.copyfile(f, Path(tmp) / f.name)
+                for f in best.iterdir():
+                    shutil.copyfile(f, Path(tmp) / f.name)
+                v = register_version(db, blobs, name=base_v.model.name, family=base_v.model.family,
+                                     task=base_v.model.task, folder=Path(tmp), metrics=base_v.metrics,
+                                     training=base_v.training | {"upscaler": record})
+            target = f"{base_v.model.name}@{v.number}"
+        else:
+            v = register_version(db, blobs, name=name, family=family, task="image-generation", folder=best,
+                                 metrics=record["metrics"], training=record)
+            target = f"{name}@{v.number}"
+        audit.record(db, action="model.register", target=target, detail={"via": "cli", "family": family})
+        console.print(f"registered {target} (alias latest) in {settings.home_dir}")
+
 
 # -- images -----------------------------------------------------------------------------
 
@@ -538,13 +646,14 @@ def image(prompt: Annotated[str, typer.Argument(help="what to draw, e.g. 'smilin
           steps: Annotated[Optional[int], typer.Option(help="denoising steps (ddpm)")] = None,
           guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (ddpm)")] = None,
           negative_prompt: Annotated[Optional[str], typer.Option(help="what to steer away from (ddpm)")] = None,
+          upscaler: Annotated[Optional[str], typer.Option(help="above the native size: learned | nearest")] = None,
           url: UrlOpt = None, api_key: KeyOpt = None):
     """Generate images through the server and save them as PNG (parameters inside)."""
     import base64
 
     settings = _settings(url=url, api_key=api_key)
     body = {"model": model, "prompt": prompt, "n": n, "size": size, "seed": seed, "steps": steps,
-            "guidance": guidance, "negative_prompt": negative_prompt, "response_format": "b64_json"}
+            "guidance": guidance, "negative_prompt": negative_prompt, "upscaler": upscaler, "response_format": "b64_json"}
     with _client(settings) as client:
         resp = client.post("/v1/images/generations", json={k: v for k, v in body.items() if v is not None})
     if resp.status_code != 200:
@@ -558,55 +667,6 @@ def image(prompt: Annotated[str, typer.Argument(help="what to draw, e.g. 'smilin
         console.print(f"{path}  seed {item.get('seed')}  {data['model']}"
                       + (f"  artifact {item['artifact_id']}" if item.get("artifact_id") else ""))
 
-
-@app.command("train-images")
-def train_images_cmd(family: Annotated[str, typer.Option(help="ddpm | dcgan")],
-                     name: Annotated[str, typer.Option(help="model name to register the result under")],
-                     data: Annotated[Path, typer.Option(help="the emoji folder (emoji32.npz + manifest.csv)")] = Path("../shared/data/images/emoji64"),
-                     workdir: Annotated[Optional[Path], typer.Option(help="checkpoints; rerun to resume [runs/<name>]")] = None,
-                     steps: Annotated[int, typer.Option(help="maximum optimiser steps")] = 3000,
-                     batch_size: Annotated[int, typer.Option()] = 64,
-                     lr: Annotated[Optional[float], typer.Option(help="default: 8e-4 ddpm, 2e-4 dcgan")] = None,
-                     base_channels: Annotated[int, typer.Option(help="ddpm UNet width")] = 32,
-                     text_from: Annotated[Optional[Path], typer.Option(help="dcgan: a ddpm version folder whose text encoder to reuse")] = None,
-                     eval_every: Annotated[int, typer.Option()] = 250,
-                     max_minutes: Annotated[Optional[float], typer.Option(help="wall-time budget")] = None,
-                     seed: Annotated[int, typer.Option()] = 0,
-                     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
-                     register: Annotated[bool, typer.Option(help="register the result in ATELIER_HOME")] = True,
-                     home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
-    """Train a ddpm or dcgan image model on the emoji set (resumable) and register it."""
-    from atelier.training.image_trainer import ImageTrainConfig, train_images
-
-    try:
-        cfg = ImageTrainConfig(family=family, max_steps=steps, batch_size=batch_size,
-                               lr=lr or (8e-4 if family == "ddpm" else 2e-4), eval_every=eval_every,
-                               max_minutes=max_minutes, seed=seed, warmup_steps=200 if family == "ddpm" else 0)
-    except ValueError as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
-    model_cfg = {"base_channels": base_channels} if family == "ddpm" else {}
-
-    def on_event(e: dict) -> None:
-        if e["type"] == "train" and e["step"] % 50 == 0:
-            console.print(f"step {e['step']}/{e['max_steps']}  loss {e['loss']:.4f}  {e['images_per_s']:.0f} img/s")
-        elif e["type"] in ("eval", "resumed", "time_limit", "done"):
-            console.print({k: v for k, v in e.items() if k != "type"} | {"event": e["type"]})
-
-    best = train_images(cfg, workdir or Path("runs") / name, data=data, model_cfg=model_cfg, text_from=text_from,
-                        threads=threads, on_event=on_event)
-    record = json.loads((best / "training.json").read_text())
-    console.print(f"best weights: {best}  metrics {record['metrics']}")
-    if register:
-        from atelier.registry.store import BlobStore, register_version
-        from atelier.safety import audit
-
-        settings = _settings(home=home)
-        with _local_db(home) as db:
-            v = register_version(db, BlobStore(settings.blobs_dir), name=name, family=family,
-                                 task="image-generation", folder=best, metrics=record["metrics"], training=record)
-            audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"via": "cli"})
-            console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
 
 def main() -> None:
     app()

@@ -1,13 +1,15 @@
-"""Train the shipped image models: emoji-diffusion (ddpm), then emoji-gan (dcgan).
+"""Train the shipped image models: emoji-diffusion (ddpm), emoji-gan (dcgan) and their ×2 upscaler.
 
     .venv/bin/python benchmarks/train_images.py [--data ../shared/data/images/emoji64] \\
-        [--ddpm-minutes 24] [--gan-minutes 12] [--threads 2] [--ship]
+        [--ddpm-minutes 24] [--gan-minutes 12] [--upscaler-minutes 15] [--threads 2] [--ship]
 
 Each model trains in runs/<name>/ (rerun the same command to resume after an
 interruption), keeps its best EMA weights in runs/<name>/best/, and with --ship is copied
 to atelier/assets/models/<name>/ with a contact sheet in docs/<name>.png (8 prompts × 8
 seeds). The GAN reads prompts with the diffusion model's text encoder (copied, frozen),
-so the diffusion model trains first. Both runs log one line per event to stdout.
+so the diffusion model trains first. The upscaler (32→64, runs/emoji-upscaler/) is shipped
+inside both models' folders (upscaler.json + upscaler.safetensors), which makes them serve
+64×64. Every run logs one line per event to stdout.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from atelier.images.png import encode_png  # noqa: E402
 from atelier.models import dcgan, ddpm  # noqa: E402
 from atelier.registry.shipped import SHIPPED_DIR  # noqa: E402
 from atelier.training.image_trainer import ImageTrainConfig, train_images  # noqa: E402
+from atelier.training.upscaler_trainer import UpscalerTrainConfig, train_upscaler  # noqa: E402
 
 DDPM_CONFIG = dict(base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, attention_resolutions=[8],
                    text_dim=128, cond_drop_prob=0.1)
 GAN_CONFIG = dict(z_dim=64, g_channels=64, d_channels=48, text_dim=128)
+UPSCALER_CONFIG = dict(channels=32, num_blocks=5)
 SHEET_PROMPTS = ["smiling face", "cat face", "red apple", "heart", "car", "flag", "tree", "fish"]
 
 
@@ -71,12 +75,14 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--ddpm-minutes", type=float, default=24)
     ap.add_argument("--gan-minutes", type=float, default=12)
+    ap.add_argument("--upscaler-minutes", type=float, default=15)
     ap.add_argument("--ddpm-steps", type=int, default=20000)
     ap.add_argument("--gan-steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250, help="ddpm evaluation and checkpoint interval (steps)")
-    ap.add_argument("--only", choices=["ddpm", "dcgan"], default=None)
+    ap.add_argument("--upscaler-steps", type=int, default=6000)
+    ap.add_argument("--only", choices=["ddpm", "dcgan", "upscaler"], default=None)
     ap.add_argument("--ship", action="store_true", help="copy the results to atelier/assets/models and docs/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +95,12 @@ def main() -> None:
                                  runs / "emoji-diffusion", data=args.data, model_cfg=DDPM_CONFIG, on_event=log)
         if args.ship:
             ship(ddpm_best, "emoji-diffusion", "ddpm")
+    if args.only in (None, "upscaler"):
+        best = train_upscaler(UpscalerTrainConfig(max_steps=args.upscaler_steps, batch_size=args.batch_size,
+                                                  max_minutes=args.upscaler_minutes, eval_every=250),
+                              runs / "emoji-upscaler", data=args.data, model_cfg=UPSCALER_CONFIG, on_event=log)
+        if args.ship:
+            ship_upscaler(best)
     if args.only in (None, "dcgan"):
         gan_best = train_images(ImageTrainConfig(family="dcgan", max_steps=args.gan_steps, batch_size=args.batch_size,
                                                  lr=2e-4, warmup_steps=0, ema_decay=0.999, eval_every=500,
@@ -97,6 +109,16 @@ def main() -> None:
                                 on_event=log)
         if args.ship:
             ship(gan_best, "emoji-gan", "dcgan")
+
+
+def ship_upscaler(best: Path) -> None:
+    """The same upscaler goes into both image models (the blob store keeps one copy)."""
+    for name, family in (("emoji-diffusion", "ddpm"), ("emoji-gan", "dcgan")):
+        dest = SHIPPED_DIR / name
+        for f in ("upscaler.json", "upscaler.safetensors", "upscaler-training.json"):
+            shutil.copyfile(best / f, dest / f)
+        sheet_for(family, dest, ROOT / "docs" / f"{name}.png")
+        print(f"shipped the upscaler into {dest}", flush=True)
 
 
 def ship(best: Path, name: str, family: str) -> None:

@@ -91,10 +91,11 @@ def client(server):
 
 
 def make_tiny_image_models(root: Path) -> dict[str, Path]:
-    """Folders of a tiny ddpm and a tiny dcgan (seeded random weights, perturbed so every layer matters)."""
+    """Folders of a tiny ddpm (with a tiny ×2 upscaler) and a tiny dcgan (seeded random weights, perturbed so
+    every layer matters)."""
     import torch
 
-    from atelier.models import dcgan, ddpm
+    from atelier.models import dcgan, ddpm, upscaler
     from atelier.models.text_encoder import WordVocab
 
     vocab = WordVocab.build(["grinning cat face", "smiling face with heart eyes", "red apple", "blue car"])
@@ -102,11 +103,14 @@ def make_tiny_image_models(root: Path) -> dict[str, Path]:
     diffusion = ddpm.EmojiDiffusion(ddpm.DdpmConfig(base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
                                                     attention_resolutions=[16], vocab_size=len(vocab), text_dim=32))
     gan = dcgan.EmojiGAN(dcgan.DcganConfig(g_channels=16, d_channels=16, vocab_size=len(vocab), text_dim=32))
+    upscaler_net = upscaler.Upscaler(upscaler.UpscalerConfig(channels=8, num_blocks=1))
     with torch.no_grad():
-        for p in diffusion.parameters():
+        for p in list(diffusion.parameters()) + list(upscaler_net.parameters()):
             p.add_(0.05 * torch.randn_like(p))
-    return {"tiny-diffusion": ddpm.save_pretrained(diffusion.eval(), vocab, root / "tiny-diffusion"),
-            "tiny-gan": dcgan.save_pretrained(gan.eval(), vocab, root / "tiny-gan")}
+    folders = {"tiny-diffusion": ddpm.save_pretrained(diffusion.eval(), vocab, root / "tiny-diffusion"),
+               "tiny-gan": dcgan.save_pretrained(gan.eval(), vocab, root / "tiny-gan")}
+    upscaler.save_pretrained(upscaler_net.eval(), folders["tiny-diffusion"])  # only the diffusion model has one
+    return folders
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,34 @@ def test_train_registers_a_version_and_resumes(tmp_path):
     assert run(args + ["--optimizer", "lamb"], env).returncode == 2
 
 
+def test_train_image_families_and_attach_an_upscaler(tmp_path):
+    from conftest import SHARED_DATA
+
+    from atelier.registry.db import Model, make_engine, make_sessionmaker
+
+    data = str(SHARED_DATA / "images" / "emoji64")
+    env = {"ATELIER_HOME": str(tmp_path / "home")}
+    r = run(["train", "--family", "ddpm", "--data", data, "--name", "mini-diffusion", "--workdir", str(tmp_path / "d"),
+             "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--base-channels", "8", "--threads", "1"], env)
+    assert r.returncode == 0, r.stderr
+    assert "registered mini-diffusion@1" in r.stdout and "val_loss" in r.stdout
+    up = ["train", "--family", "upscaler", "--data", data, "--name", "up", "--workdir", str(tmp_path / "u"),
+          "--steps", "4", "--batch-size", "4", "--eval-every", "4", "--threads", "1"]
+    assert run(up, env).returncode == 2  # an upscaler needs a model to join
+    r = run(up + ["--attach-to", "mini-diffusion"], env)
+    assert r.returncode == 0, r.stderr
+    assert "registered mini-diffusion@2" in r.stdout and "val_psnr" in r.stdout
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'home' / 'atelier.db'}"))
+    with sessions() as db:
+        versions = db.query(Model).filter_by(name="mini-diffusion").one().versions
+        one, two = sorted(versions, key=lambda v: v.number)
+        assert "upscaler.safetensors" not in one.files and "upscaler.safetensors" in two.files
+        assert two.files["model.safetensors"] == one.files["model.safetensors"]  # the same generator
+        assert "upscaler" in two.training
+    assert run(up + ["--attach-to", "nope"], env).returncode == 2
+    assert run(["train", "--family", "gpt", "--data", data, "--name", "x"], env).returncode == 2
+
+
 def test_serve_prints_the_admin_key_once_and_serves(tmp_path):
     import time
 

@@ -61,10 +61,41 @@ def test_png_carries_a1111_parameters(image_client):
 def test_upscaled_sizes_and_models_list_sizes(image_client):
     m = image_client.models.retrieve("tiny-diffusion")
     assert m.model_extra["image_sizes"] == ["32x32", "64x64", "128x128", "256x256"]
+    assert m.model_extra["upscalers"] == ["learned", "nearest"]
+    assert image_client.models.retrieve("tiny-gan").model_extra["upscalers"] == ["nearest"]
     small = image_client.images.generate(**{**GEN, "size": "32x32"}, extra_body={"seed": 1, "steps": 3})
-    big = image_client.images.generate(**{**GEN, "size": "128x128"}, extra_body={"seed": 1, "steps": 3})
+    big = image_client.images.generate(**{**GEN, "size": "128x128"},
+                                       extra_body={"seed": 1, "steps": 3, "upscaler": "nearest"})
     a, b = pixels(pngs(small)[0]), pixels(pngs(big)[0])
     assert b.shape == (128, 128, 3) and np.array_equal(b[::4, ::4], a)  # nearest-neighbour ×4
+    assert "Hires upscale: 4, Hires upscaler: nearest" in read_png_text(pngs(big)[0])["parameters"]
+
+
+def test_learned_upscaler_is_the_default_and_reproducible(image_client):
+    from atelier.models import upscaler
+
+    kw = dict(**{**GEN, "size": "64x64"}, extra_body={"seed": 2, "steps": 3})
+    learned, again = pngs(image_client.images.generate(**kw))[0], pngs(image_client.images.generate(**kw))[0]
+    assert learned == again  # same seed, same bytes, through the upscaler too
+    native = pixels(pngs(image_client.images.generate(**{**GEN, "size": "32x32"},
+                                                      extra_body={"seed": 2, "steps": 3}))[0])
+    big = pixels(learned)
+    assert big.shape == (64, 64, 3) and not np.array_equal(big[::2, ::2], native)  # not a pixel repeat
+    assert np.abs(big.astype(int) - upscaler.bilinear(native).astype(int)).mean() < 40  # an upscale of the same image
+    text = read_png_text(learned)
+    assert "Hires upscale: 2, Hires upscaler: learned" in text["parameters"]
+    assert json.loads(text["atelier"])["upscaler"] == "learned"
+
+
+def test_upscaler_the_model_lacks_is_a_400(image_http):
+    r = image_http.post("/v1/images/generations", json={"model": "tiny-gan", "prompt": "red apple", "size": "64x64",
+                                                        "upscaler": "learned"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "upscaler" and "nearest" in err["message"]
+    r = image_http.post("/v1/images/generations", json={"model": "tiny-diffusion", "prompt": "red apple",
+                                                        "upscaler": "lanczos"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "upscaler"
 
 
 def test_gan_family(image_client):
@@ -220,6 +251,11 @@ def test_cli_image_saves_a_png_with_its_parameters(image_server, image_client, t
     r = subprocess.run([sys.executable, "-m", "atelier.cli", "image", "cat", "-o", str(out), "--model",
                         "tiny-diffusion", "--size", "7x7"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and "size" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "atelier.cli", "image", "grinning cat face", "-o", str(out), "--model",
+                        "tiny-diffusion", "--seed", "7", "--steps", "4", "--size", "64x64", "--upscaler", "nearest"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Hires upscaler: nearest" in read_png_text(out.read_bytes())["parameters"]
 
 
 def test_shipped_image_models(image_client):

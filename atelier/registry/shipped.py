@@ -31,9 +31,10 @@ def ensure_shipped(db: Session, blobs: BlobStore, root: Path = SHIPPED_DIR) -> l
         folder = root / name
         if not (folder / "model.safetensors").exists():
             continue
-        digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        # Weights decide "changed" (a model card edit is not a new version); an added upscaler is.
+        weights = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
         model = db.query(Model).filter_by(name=name).one_or_none()
-        if model and any(v.files.get("model.safetensors") == digest for v in model.versions):
+        if model and any(all(v.files.get(f) == d for f, d in weights.items()) for v in model.versions):
             continue
         training = {}
         if (folder / "training.json").exists():

@@ -28,18 +28,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from atelier.models import dcgan, ddpm
+from atelier.images.png import upscale as nearest
+from atelier.models import dcgan, ddpm, upscaler
 
 log = logging.getLogger(__name__)
 
 IMAGE_FAMILIES = {"ddpm", "dcgan"}
-UPSCALES = (1, 2, 4, 8)  # served sizes: the native size and nearest-neighbour upscales of it
+UPSCALES = (1, 2, 4, 8)  # served sizes: the native size and upscales of it
 
 
 def image_sizes(config: dict) -> list[str]:
     """Sizes a model serves, e.g. ['32x32', '64x64', '128x128', '256x256'] (the first is native)."""
     s = int(config.get("image_size", 32))
     return [f"{s * f}x{s * f}" for f in UPSCALES]
+
+
+def upscalers(files) -> list[str]:
+    """How a version can enlarge its images, the default first: `learned` when it carries an
+    upscaler (atelier/models/upscaler.py), `nearest` (pixel-exact) always."""
+    return (["learned"] if upscaler.WEIGHTS_FILE in files else []) + ["nearest"]
 
 
 @dataclass
@@ -223,14 +230,23 @@ class ImageEngine:
 
 
 class LoadedImageModel:
-    """What the API needs of a loaded image model: its ref, family, config, engine."""
+    """What the API needs of a loaded image model: its ref, family, sizes, engine, upscaler."""
 
-    def __init__(self, version, model, vocab, engine: ImageEngine):
+    def __init__(self, version, model, vocab, engine: ImageEngine, upscaler_net: upscaler.Upscaler | None = None):
         self.key = (version.model.name, version.number)
         self.ref = f"{version.model.name}@{version.number}"
         self.family = version.model.family
         self.model, self.vocab, self.engine = model, vocab, engine
         self.sizes = image_sizes(version.config)
+        self.upscaler = upscaler_net
+        self.upscalers = ["learned", "nearest"] if upscaler_net is not None else ["nearest"]
+
+    def enlarge(self, image: np.ndarray, factor: int, method: str) -> np.ndarray:
+        """×factor: `learned` doubles through the upscaler (then nearest-neighbour for the rest);
+        `nearest` repeats pixels. One image at a time, so the bytes never depend on a batch."""
+        if factor > 1 and method == "learned":
+            image, factor = upscaler.upscale(self.upscaler, image), factor // 2
+        return nearest(image, factor)
 
 
 def load_image_model(version, folder, *, max_batch: int, max_wait_ms: float) -> LoadedImageModel:
@@ -239,9 +255,10 @@ def load_image_model(version, folder, *, max_batch: int, max_wait_ms: float) -> 
     if module is None:
         raise ValueError(f"model {version.model.name!r} is a {family} model; it cannot generate images")
     model, vocab = module.from_pretrained(folder)
+    net = upscaler.from_pretrained(folder) if upscaler.available(folder) else None
     return LoadedImageModel(version, model, vocab,
-                            ImageEngine(family, model, vocab, max_batch=max_batch, max_wait_ms=max_wait_ms))
+                            ImageEngine(family, model, vocab, max_batch=max_batch, max_wait_ms=max_wait_ms), net)
 
 
 __all__ = ["ImageEngine", "ImageJob", "EngineClosed", "Progress", "Preview", "ImageDone", "LoadedImageModel", "load_image_model",
-           "image_sizes", "preview_steps", "IMAGE_FAMILIES"]
+           "image_sizes", "upscalers", "preview_steps", "IMAGE_FAMILIES"]

@@ -55,6 +55,7 @@ class ImageGenerateRequest(BaseModel):
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE)
     negative_prompt: str | None = None
+    upscaler: Literal["learned", "nearest"] | None = None  # above the native size; default: learned if the model has one
     store: bool = True
 
 
@@ -112,7 +113,8 @@ def _sse(event: str, obj: dict) -> str:
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerateRequest, request: Request, db: SessionDep, settings: SettingsDep,
                        key: GenerateKey):
-    """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, store."""
+    """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, upscaler,
+    store."""
     check_openai_fields(body.model_extra or {})
     loaded = image_model(request, db, body.model)
     prompt = check_prompt(body.prompt, settings)
@@ -123,9 +125,14 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     size = loaded.sizes[0] if body.size in (None, "auto") else body.size
     if size not in loaded.sizes:
         raise bad_request(f"size={size!r} is not served by {loaded.ref}; sizes: {', '.join(loaded.sizes)} "
-                          f"(the first is native, the others are pixel-exact upscales)", "size",
+                          f"(the first is native, the others are upscales)", "size",
                           code="unsupported_size")
     factor = int(size.split("x")[0]) // int(loaded.sizes[0].split("x")[0])
+    method = body.upscaler or loaded.upscalers[0]
+    if method not in loaded.upscalers:
+        raise bad_request(f"upscaler={method!r} is not available for {loaded.ref}; upscalers: "
+                          f"{', '.join(loaded.upscalers)}", "upscaler", code="unsupported_upscaler")
+    method = method if factor > 1 else None  # the native size is never resampled
     if loaded.family == "ddpm":
         steps = body.steps if body.steps is not None else DEFAULT_STEPS
         if steps > settings.max_image_steps:
@@ -159,14 +166,15 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     def finish(index: int, image) -> tuple[bytes, dict]:
         """The final PNG of image `index` (parameters inside) and its artifact parameters."""
         meta = {"model": loaded.ref, "prompt": prompt, "negative_prompt": negative, "seed": seeds[index],
-                "steps": steps, "guidance": guidance, "size": size, "sampler": sampler}
+                "steps": steps, "guidance": guidance, "size": size, "sampler": sampler, "upscaler": method}
+        hires = {"Hires upscale": factor, "Hires upscaler": method} if method else {}
         text = a1111_parameters(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
-                                guidance=guidance, seed=seeds[index], size=size, model=loaded.ref)
-        png = encode_png(upscale(image, factor), parameters=text, meta=meta)
+                                guidance=guidance, seed=seeds[index], size=size, model=loaded.ref, **hires)
+        png = encode_png(loaded.enlarge(image, factor, method), parameters=text, meta=meta)
         return png, meta | {"n": body.n, "index": index, "request_seed": seed, "user": body.user}
 
     async def item(index: int, image) -> dict:
-        png, params = finish(index, image)
+        png, params = await asyncio.to_thread(finish, index, image)
         out = {"revised_prompt": None, "seed": seeds[index]}
         if body.store:
             art = await asyncio.to_thread(store_png, request, png, model_ref=loaded.ref, key_id=key.id, params=params)
@@ -211,7 +219,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
                                                                  "created_at": int(time.time()), "step": event.step,
                                                                  "total_steps": event.total})
                     elif isinstance(event, Preview):
-                        png = encode_png(upscale(event.image, factor))
+                        png = encode_png(upscale(event.image, factor))  # previews: pixel-exact, cheap
                         yield _sse("image_generation.partial_image", {
                             "type": "image_generation.partial_image", "b64_json": base64.b64encode(png).decode(),
                             "created_at": int(time.time()), "partial_image_index": event.partial_index,

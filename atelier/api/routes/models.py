@@ -10,7 +10,7 @@ from atelier.api.deps import ReadKey, SessionDep
 from atelier.api.models_lookup import resolve_version
 from atelier.registry.db import Model, Version
 from atelier.registry.store import list_models
-from atelier.runtime.image_engine import IMAGE_FAMILIES, image_sizes
+from atelier.runtime.image_engine import IMAGE_FAMILIES, image_sizes, upscalers
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -37,10 +37,10 @@ def model_public(m: Model, current: Version | None = None) -> dict:
 
 
 def _image_fields(m: Model, v: Version | None) -> dict:
-    """Image models list the sizes they serve (`size` must be one of them)."""
+    """Image models list the sizes they serve (`size` must be one of them) and how they enlarge."""
     if m.family not in IMAGE_FAMILIES or v is None:
         return {}
-    return {"image_sizes": image_sizes(v.config)}
+    return {"image_sizes": image_sizes(v.config), "upscalers": upscalers(v.files)}
 
 
 @router.get("/models")
