@@ -1,5 +1,6 @@
 """Training as a service through the real server and the official SDK: files, jobs, events, versions."""
 
+import base64
 import io
 import json
 import os
@@ -11,6 +12,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+
+from atelier.images.png import read_png_text
 
 POEMS = ["春晓\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
          "静夜思\n床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -228,7 +231,7 @@ def test_base_model_that_cannot_be_fine_tuned(http, server, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     with server.app.state.sessions() as db:
-        register_version(db, server.app.state.blobs, name="painter", family="ddpm", task="image-generation",
+        register_version(db, server.app.state.blobs, name="painter", family="gram", task="style-transfer",
                          folder=folder)
     f = http.post("/v1/files", files={"file": ("p.txt", "春眠不觉晓".encode())}, data={"purpose": "fine-tune"}).json()
     err = error_of(http.post("/v1/fine_tuning/jobs", json={"model": "painter", "training_file": f["id"]}), 400)
@@ -324,7 +327,8 @@ def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
         server.wait(timeout=30)
 
 
-def test_image_model_from_scratch_as_a_job(client):
+def squares_npz(extra_word: str = "") -> bytes:
+    """12 images of a red or blue square on white, captioned by colour."""
     rng = np.random.default_rng(0)
     images = np.full((12, 32, 32, 3), 255, dtype=np.uint8)
     names = []
@@ -332,10 +336,14 @@ def test_image_model_from_scratch_as_a_job(client):
         color = [(220, 30, 30), (30, 30, 220)][i % 2]
         y, x = rng.integers(4, 16, size=2)
         images[i, y:y + 12, x:x + 12] = color
-        names.append(["red square", "blue square"][i % 2])
+        names.append(["red square", "blue square"][i % 2] + extra_word)
     buf = io.BytesIO()
     np.savez(buf, images=images, names=np.array(names))
-    f = upload(client, "squares.npz", buf.getvalue())
+    return buf.getvalue()
+
+
+def test_image_model_from_scratch_as_a_job(client):
+    f = upload(client, "squares.npz", squares_npz())
     assert f.model_extra["format"] == "npz" and f.model_extra["records"] == 12
     for family in ("ddpm", "dcgan"):
         job = client.fine_tuning.jobs.create(model=family, training_file=f.id, suffix=f"squares-{family}",
@@ -354,6 +362,29 @@ def test_image_model_from_scratch_as_a_job(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.fine_tuning.jobs.create(model="ddpm", training_file=f.id, suffix="nope", hyperparameters={"n_embd": 8})
     assert e.value.body["param"] == "hyperparameters"
+
+
+def test_fine_tune_the_shipped_image_models(client, http):
+    f = upload(client, "my-squares.npz", squares_npz(" zorblax"))
+    for base in ("emoji-diffusion", "emoji-gan"):
+        before = client.models.retrieve(base).model_extra
+        job = client.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="squares",
+                                             hyperparameters={"max_steps": 2, "batch_size": 4, "eval_every": 2})
+        job = wait_for(client, job.id)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model == f"{base}:ft-squares"
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert any("fine-tuning " + base in m for m in messages)
+        assert any("cannot read, ignored: zorblax" in m for m in messages)
+        after = client.models.retrieve(base).model_extra
+        assert after["aliases"]["production"] == before["aliases"]["production"]  # production does not move
+        tuned = client.models.retrieve(f"{base}:ft-squares").model_extra["latest"]
+        assert tuned["files"]["upscaler.safetensors"] == before["latest"]["files"]["upscaler.safetensors"]
+        assert tuned["files"]["model.safetensors"] != before["latest"]["files"]["model.safetensors"]
+        r = http.post("/v1/images/generations", json={"model": f"{base}:ft-squares", "prompt": "red square",
+                                                      "size": "64x64", "seed": 3})
+        assert r.status_code == 200 and r.json()["model"] == tuned["ref"]
+        assert "Hires upscaler: learned" in read_png_text(base64.b64decode(r.json()["data"][0]["b64_json"]))["parameters"]
 
 
 def test_bad_sklearn_hyperparameters_are_refused_at_creation(http, client):

@@ -211,7 +211,7 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
         if job.family == "sklearn":
             folder = _train_tabular(job, settings, sessions, blobs, train_path, val_path, workdir, sink)
         elif job.family in IMAGE_FAMILIES:
-            folder = _train_image_model(job, settings, train_path, workdir, sink, should_stop)
+            folder = _train_image_model(job, settings, sessions, blobs, train_path, workdir, sink, should_stop)
         else:
             folder = _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir, sink, should_stop)
         if folder is None:  # stopped
@@ -274,22 +274,33 @@ def _train_chargpt(job, settings, sessions, blobs, train_path, val_path, workdir
     return folder
 
 
-def _train_image_model(job, settings, train_path, workdir, sink, should_stop):
-    """ddpm / dcgan from scratch on an uploaded .npz (images, optional names as captions)."""
+def _train_image_model(job, settings, sessions, blobs, train_path, workdir, sink, should_stop):
+    """ddpm / dcgan on an uploaded .npz (images, optional names as captions): from scratch, or
+    fine-tuning a registered version (its architecture, vocabulary and weights; an upscaler it
+    carries comes along into the new version)."""
+    from atelier.models import upscaler
     from atelier.registry.files import atomic_write_json
     from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
 
     h = {k: v for k, v in job.hyperparameters.items() if v != "auto"}
     steps = min(int(h.get("max_steps", 500)), settings.max_job_steps)
-    base_lr = 8e-4 if job.family == "ddpm" else 2e-4
+    base = None
+    if job.base_model not in FAMILIES:
+        with sessions() as db:
+            version = resolve(db, ref=job.base_model)
+            base = version_folder(blobs, version, settings.home_dir / "versions")
+        sink.stage(f"building the model: fine-tuning {version.model.name}@{version.number}")
+    else:
+        sink.stage(f"building the model: {job.family} from scratch")
+    # Fine-tuning starts from trained weights: a gentler rate, so the base's drawing survives.
+    base_lr = {"ddpm": 8e-4, "dcgan": 2e-4}[job.family] / (4 if base else 1)
     cfg = ImageTrainConfig(family=job.family, max_steps=steps, batch_size=int(h.get("batch_size", 16)),
                            lr=base_lr * float(h.get("learning_rate_multiplier", 1.0)),
                            warmup_steps=int(h.get("warmup_steps", min(100, steps // 10))),
                            eval_every=int(h.get("eval_every", max(1, steps // 5))),
                            grad_clip=float(h.get("grad_clip", 1.0)), seed=job.seed)
-    sink.stage(f"building the model: {job.family} from scratch")
     try:
-        trainer = ImageTrainer(cfg, workdir / "train", data=train_path, on_event=sink)
+        trainer = ImageTrainer(cfg, workdir / "train", data=train_path, init_from=base, on_event=sink)
     except ValueError as e:
         raise JobError(str(e), code="invalid_training_file", param="training_file") from None
     trainer.should_stop = should_stop
@@ -297,6 +308,9 @@ def _train_image_model(job, settings, train_path, workdir, sink, should_stop):
     if should_stop():
         return None
     atomic_write_json(trainer.best_dir / "training.json", trainer.record())
+    if base is not None and upscaler.available(base):
+        for name in (upscaler.CONFIG_FILE, upscaler.WEIGHTS_FILE):
+            shutil.copyfile(base / name, trainer.best_dir / name)
     return trainer.best_dir
 
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from atelier.models import dcgan, ddpm
 from atelier.models.ddim import DDIMScheduler
-from atelier.models.text_encoder import VOCAB_FILE, WordVocab
+from atelier.models.text_encoder import VOCAB_FILE, WordVocab, words
 from atelier.registry.files import atomic_write_json
 from atelier.training.image_data import EmojiSet, load_images, sample_batch, to_tensor
 from atelier.training.trainer import load_optimizer, publish_checkpoint, save_optimizer
@@ -84,23 +84,29 @@ class ImageTrainer:
     """
 
     def __init__(self, cfg: ImageTrainConfig, workdir: str | Path, *, data: str | Path, model_cfg: dict | None = None,
-                 text_from: str | Path | None = None, on_event: Callable[[dict], None] | None = None):
+                 text_from: str | Path | None = None, init_from: str | Path | None = None,
+                 on_event: Callable[[dict], None] | None = None):
         self.cfg, self.workdir = cfg, Path(workdir)
         self.on_event = on_event or (lambda e: None)
         self.should_stop = lambda: False  # a job runner can set this to cancel
         torch.manual_seed(cfg.seed)
-        # 1. data and vocabulary
+        # 1. data and vocabulary (fine-tuning keeps the base model's: its text encoder knows those words)
         self.train_set, self.val_set, self.provenance = load_images(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.workdir.mkdir(parents=True, exist_ok=True)
         vocab_path = self.workdir / VOCAB_FILE
-        if text_from is not None:  # dcgan: reuse the diffusion model's text encoder (frozen)
-            self.vocab = WordVocab.load(Path(text_from) / VOCAB_FILE)
+        source = init_from if init_from is not None else text_from
+        if source is not None:
+            self.vocab = WordVocab.load(Path(source) / VOCAB_FILE)
         elif vocab_path.exists():
             self.vocab = WordVocab.load(vocab_path)
         else:
             self.vocab = WordVocab.build(self.train_set.names)
         self.vocab.save(vocab_path)
         # 2. model, EMA copy, optimisers
+        if init_from is not None:  # the base version's architecture, whatever model_cfg says
+            base_config = json.loads((Path(init_from) / "config.json").read_text(encoding="utf-8"))
+            module = ddpm if cfg.family == "ddpm" else dcgan
+            model_cfg = asdict(module.config_from_dict(base_config))
         model_cfg = dict(model_cfg or {}, vocab_size=len(self.vocab))
         if cfg.family == "ddpm":
             self.model = ddpm.EmojiDiffusion(ddpm.DdpmConfig(**model_cfg))
@@ -116,7 +122,18 @@ class ImageTrainer:
             self.opts = {"generator": torch.optim.Adam(self.model.generator.parameters(), lr=cfg.lr, betas=(0.0, 0.9)),
                          "discriminator": torch.optim.Adam(self.model.discriminator.parameters(), lr=cfg.lr * 2,
                                                            betas=(0.0, 0.9))}
+        if init_from is not None:
+            # Shipped dcgan weights hold no discriminator: it starts afresh against the trained generator.
+            missing, unexpected = self.model.load_state_dict(load_file(Path(init_from) / "model.safetensors"),
+                                                             strict=False)
+            if unexpected or any(not k.startswith("discriminator.") for k in missing):
+                raise ValueError(f"{init_from}: weights do not match the {cfg.family} config")
+            unknown = self._unknown_words()
+            self.on_event({"type": "init", "from": str(init_from), "unknown_caption_words": unknown,
+                           "message": f"starting from the base weights ({len(self.vocab)} known words)" +
+                           (f"; caption words it cannot read, ignored: {', '.join(unknown)}" if unknown else "")})
         self.text_from = str(text_from) if text_from else None
+        self.init_from = str(init_from) if init_from else None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.state = ImageTrainState()
 
@@ -138,6 +155,11 @@ class ImageTrainer:
                 e.mul_(d).add_(current[name], alpha=1 - d)
             else:
                 e.copy_(current[name])
+
+    def _unknown_words(self) -> list[str]:
+        """Caption words the (base) vocabulary lacks: the text encoder cannot read them."""
+        seen = {w for name in self.train_set.names for w in words(name)}
+        return sorted(w for w in seen if not self.vocab.known(w))[:50]
 
     # -- one step of each family --------------------------------------------------------
     def _ddpm_step(self, x, ids, g) -> dict:
@@ -291,18 +313,20 @@ class ImageTrainer:
         elif st.history:
             metrics["val_d_margin"] = st.history[-1]["val_d_margin"]
         return {"family": fam, "model_config": asdict(self.ema.config), "train_config": asdict(self.cfg),
-                "data": self.provenance, "text_encoder_from": self.text_from, "metrics": metrics,
+                "data": self.provenance, "text_encoder_from": self.text_from, "init_from": self.init_from,
+                "metrics": metrics,
                 "history": st.history, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                    "threads": torch.get_num_threads()}}
 
 
 def train_images(cfg: ImageTrainConfig, workdir: str | Path, *, data: str | Path, model_cfg: dict | None = None,
-                 text_from: str | Path | None = None, threads: int | None = None,
+                 text_from: str | Path | None = None, init_from: str | Path | None = None, threads: int | None = None,
                  on_event: Callable[[dict], None] | None = None) -> Path:
     """Train (or resume) and return the folder of the weights to register (config, weights, vocab, training.json)."""
     if threads:
         torch.set_num_threads(threads)
-    trainer = ImageTrainer(cfg, workdir, data=data, model_cfg=model_cfg, text_from=text_from, on_event=on_event)
+    trainer = ImageTrainer(cfg, workdir, data=data, model_cfg=model_cfg, text_from=text_from, init_from=init_from,
+                           on_event=on_event)
     trainer.fit()
     atomic_write_json(trainer.best_dir / "training.json", trainer.record())
     return trainer.best_dir

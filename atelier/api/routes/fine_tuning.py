@@ -23,7 +23,7 @@ from atelier.safety import audit
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-FINE_TUNABLE = ("chargpt",)
+FINE_TUNABLE = ("chargpt", "ddpm", "dcgan")
 
 
 class Supervised(BaseModel):
@@ -56,7 +56,7 @@ def get_job(db, job_id: str) -> Job:
 
 @router.post("")
 def create(body: JobCreate, db: SessionDep, key: TrainKey):
-    """Queue a job: fine-tune a model version, or train a family (`chargpt`, `sklearn`) from scratch."""
+    """Queue a job: fine-tune a model version (chargpt, ddpm, dcgan), or train a family from scratch."""
     if body.method is not None and body.method.type != "supervised":
         raise bad_request(f"method.type {body.method.type!r} is not supported; use 'supervised'", "method.type")
     hyper = dict(body.hyperparameters)
