@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--gan-minutes", type=float, default=12)
     ap.add_argument("--upscaler-minutes", type=float, default=15)
     ap.add_argument("--ddpm-steps", type=int, default=20000)
+    ap.add_argument("--ddpm-lr", type=float, default=8e-4, help="lower it for a last resumed segment (a step decay)")
     ap.add_argument("--gan-steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -90,8 +91,8 @@ def main() -> None:
     ddpm_best = runs / "emoji-diffusion" / "best"
     if args.only in (None, "ddpm"):
         ddpm_best = train_images(ImageTrainConfig(family="ddpm", max_steps=args.ddpm_steps, batch_size=args.batch_size,
-                                                  lr=8e-4, warmup_steps=200, ema_decay=0.995, eval_every=args.eval_every,
-                                                  max_minutes=args.ddpm_minutes),
+                                                  lr=args.ddpm_lr, warmup_steps=200, ema_decay=0.995,
+                                                  eval_every=args.eval_every, max_minutes=args.ddpm_minutes),
                                  runs / "emoji-diffusion", data=args.data, model_cfg=DDPM_CONFIG, on_event=log)
         if args.ship:
             ship(ddpm_best, "emoji-diffusion", "ddpm")
