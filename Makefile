@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# The studio's browser tests drive Debian's Chromium (Playwright never downloads a browser here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve test bench clean
 
@@ -20,10 +23,13 @@ $(DEV_STAMP): requirements-dev.txt $(STAMP)
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 serve: $(STAMP)
 	$(BIN)/atelier serve
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 bench: $(DEV_STAMP)

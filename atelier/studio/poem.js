@@ -1,0 +1,129 @@
+// Poem: POST /api/poems (classical forms) and POST /api/poems/check, each with the per-character
+// compliance report of atelier/poetry/checker.py:
+//   {form, pattern, rhyme_group, lines: [{text, chars: [{char, required, tones, ok}], rhyme}],
+//    violations: [{line, position, char, kind, message, suggestions?}], compliant}
+
+import { api } from "./api.js";
+import { $, compact, fmtNum, guard, h, num, text } from "./ui.js";
+
+let forms = [];
+
+export function init(ctx) {
+  const form = $("#poem-form");
+  const check = $("#check-form");
+  const picker = $("#poem-form-picker");
+
+  ctx.on("connected", () => guard(null, loadForms));
+  picker.addEventListener("change", () => fillPatterns(picker.value));
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const keywords = text(form, "keywords");
+    const body = compact({
+      form: picker.value,
+      pattern: text(form, "pattern"),
+      acrostic: text(form, "acrostic"),
+      title: text(form, "title"),
+      keywords: keywords ? keywords.split(/[\s,，、]+/).filter(Boolean) : undefined,
+      rhyme: text(form, "rhyme"),
+      rhyme_scheme: form.elements.rhyme_scheme.value,
+      script: form.elements.script.value,
+      seed: num(form, "seed"),
+      temperature: num(form, "temperature"),
+      n: num(form, "n"),
+    });
+    const out = $("#poem-out");
+    guard(e.submitter, async () => {
+      out.replaceChildren(h("p", { class: "muted" }, "searching for lines that obey the form…"));
+      try {
+        const r = await api("/api/poems", { json: body });
+        out.replaceChildren(...r.poems.map((p) => renderPoem(p, r.model)));
+      } catch (err) {
+        out.replaceChildren();
+        throw err;
+      }
+    });
+  });
+
+  check.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const body = compact({
+      text: check.elements.text.value,
+      form: text(check, "form"),
+      rhyme_scheme: check.elements.rhyme_scheme.value,
+      suggestions: check.elements.suggestions.checked,
+    });
+    const out = $("#check-out");
+    guard(e.submitter, async () => {
+      out.replaceChildren();
+      const report = await api("/api/poems/check", { json: body });
+      out.replaceChildren(renderReport(report, report.title));
+    });
+  });
+}
+
+export function show() {}
+
+async function loadForms() {
+  forms = (await api("/api/poems/forms")).data;
+  const group = (label, kind) => h("optgroup", { label },
+    forms.filter((f) => f.kind === kind).map((f) => h("option", { value: f.form },
+      kind === "shi" ? `${f.title} (${f.form})` : f.title)));
+  const picker = $("#poem-form-picker");
+  const keep = picker.value || "wujue";
+  picker.replaceChildren(group("近体诗", "shi"), group("词牌", "ci"));
+  picker.value = keep;
+  fillPatterns(picker.value);
+  const checker = $("#check-form-picker");
+  const keepCheck = checker.value;
+  checker.replaceChildren(h("option", { value: "" }, "detect"), group("近体诗", "shi"), group("词牌", "ci"));
+  checker.value = keepCheck;
+}
+
+function fillPatterns(key) {
+  const f = forms.find((x) => x.form === key);
+  $("#poem-pattern").replaceChildren(h("option", { value: "" }, "auto"),
+    ...(f ? f.patterns : []).map((p) => h("option", { value: p }, p)));
+}
+
+function renderPoem(poem, model) {
+  const meta = [
+    `rhyme ${poem.rhyme_group ?? "—"}`, `seed ${poem.seed}`,
+    `mean log-prob ${fmtNum(poem.mean_logprob)}`, model,
+  ];
+  return renderReport(poem.report, poem.title, meta, poem.text);
+}
+
+const TONE_HINT = { 平: "level tone", 仄: "oblique tone", 中: "either tone" };
+
+/** The report as a grid: one cell per character, its required tone below, violations in red. */
+export function renderReport(report, title, meta = [], plain = "") {
+  const n = report.violations.length;
+  const verdict = report.compliant
+    ? h("div", { class: "verdict ok" }, `✓ obeys ${report.pattern}`)
+    : h("div", { class: "verdict bad" }, `✗ ${n} violation${n === 1 ? "" : "s"}${report.pattern ? ` of ${report.pattern}` : ""}`);
+  const lines = report.lines.map((line, i) => {
+    const cells = line.chars.map((c, p) => {
+      const rhyming = line.rhyme && p === line.chars.length - 1;
+      const cls = ["ch", c.ok ? "ok" : "bad", rhyming ? "rhyme" : ""].join(" ");
+      const tip = `${c.char}: requires ${c.required} (${TONE_HINT[c.required] ?? ""}); `
+        + `is ${c.tones.length ? c.tones.join("/") : "unknown"}`
+        + (rhyming ? `; rhyme ${line.rhyme.group}, ${c.char} is in ${line.rhyme.char_groups.join("、") || "no group"}` : "");
+      return h("span", { class: cls, title: tip, dataset: { line: i, pos: p, required: c.required } },
+        h("b", {}, c.char), h("i", {}, c.required));
+    });
+    const tag = line.rhyme
+      ? h("span", { class: `rhyme-tag ${line.rhyme.ok ? "" : "bad"}` }, `韵 ${line.rhyme.group}`) : null;
+    return h("div", { class: "pline" }, h("span", { class: "lno" }, i + 1), ...cells, tag);
+  });
+  const violations = report.violations.map((v) => h("li", { class: `v-${v.kind}` },
+    h("span", { class: "badge bad" }, v.kind), " ", v.message,
+    v.suggestions?.length ? h("span", { class: "suggest" }, " — try ",
+      ...v.suggestions.map((s) => h("b", {}, s))) : null));
+  return h("article", { class: "poem" },
+    h("header", {}, h("h3", {}, title || "无题"), verdict),
+    meta.length ? h("div", { class: "muted small" }, meta.filter(Boolean).join(" · ")) : null,
+    h("div", { class: "poem-grid" }, lines),
+    plain ? h("pre", { class: "poem-text" }, plain) : null,
+    violations.length ? h("ul", { class: "violations" }, violations) : null);
+}
