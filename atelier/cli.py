@@ -330,6 +330,26 @@ def _progress():
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
 
+def _training_events(progress, task):
+    """A local trainer's events → the progress bar (train steps) and printed lines (the rest)."""
+    def on_event(e: dict) -> None:
+        kind = e["type"]
+        if kind == "train":
+            rate = f"{e['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in e else f"{e['images_per_s']:.0f} img/s"
+            progress.update(task, completed=e["step"], info=f"loss {e['loss']:.4f} · {rate} · lr {e['lr']:.2e}")
+        elif kind == "resumed":
+            progress.update(task, completed=e["step"])
+            progress.console.print(f"resumed from step {e['step']} ({e['path']})")
+        elif kind == "eval":
+            score = (f"val loss {e['val_loss']:.4f} (ppl {e['val_ppl']:.1f})" if "val_ppl" in e
+                     else ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float)))
+            progress.console.print(f"step {e['step']}: {score}" + ("  ★ best" if e["improved"] else ""))
+        elif kind == "early_stop":
+            progress.console.print(f"early stop at step {e['step']}; best step {e['best_step']}")
+
+    return on_event
+
+
 def follow(job_id: str, settings: Settings) -> dict:
     import time
 
@@ -513,22 +533,7 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
         raise typer.Exit(2)
     workdir = workdir or Path("runs") / name
     with (progress := _progress()):
-        task = progress.add_task("training", total=steps, info="")
-
-        def on_event(e: dict) -> None:
-            kind = e["type"]
-            if kind == "train":
-                progress.update(task, completed=e["step"],
-                                info=f"loss {e['loss']:.3f} · {e['tokens_per_s']:.0f} tok/s · lr {e['lr']:.2e}")
-            elif kind == "resumed":
-                progress.update(task, completed=e["step"])
-                progress.console.print(f"resumed from step {e['step']} ({e['path']})")
-            elif kind == "eval":
-                progress.console.print(f"step {e['step']}: val loss {e['val_loss']:.4f} (ppl {e['val_ppl']:.1f})"
-                                       + ("  ★ best" if e["improved"] else ""))
-            elif kind == "early_stop":
-                progress.console.print(f"early stop at step {e['step']}; best step {e['best_step']}")
-
+        on_event = _training_events(progress, progress.add_task("training", total=steps, info=""))
         best = train_chargpt(data, workdir, dict(n_positions=context, n_embd=n_embd, n_layer=n_layer,
                                                  n_head=n_head, dropout=dropout),
                              cfg, min_count=min_count, threads=threads, on_event=on_event)
@@ -573,20 +578,7 @@ def _train_image_family(family: str, *, data: Path, name: str, workdir: Path, st
     if threads:
         torch.set_num_threads(threads)
     with (progress := _progress()):
-        task = progress.add_task(f"training {family}", total=steps, info="")
-
-        def on_event(e: dict) -> None:
-            kind = e["type"]
-            if kind == "train":
-                progress.update(task, completed=e["step"],
-                                info=f"loss {e['loss']:.4f} · {e['images_per_s']:.0f} img/s · lr {e['lr']:.2e}")
-            elif kind == "resumed":
-                progress.update(task, completed=e["step"])
-                progress.console.print(f"resumed from step {e['step']} ({e['path']})")
-            elif kind == "eval":
-                score = ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float))
-                progress.console.print(f"step {e['step']}: {score}" + ("  ★ best" if e["improved"] else ""))
-
+        on_event = _training_events(progress, progress.add_task(f"training {family}", total=steps, info=""))
         if family == "upscaler":
             best = train_upscaler(cfg, workdir, data=data, on_event=on_event)
         else:
