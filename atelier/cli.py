@@ -86,7 +86,11 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address [ATELIE
 
     settings = _settings(host=host, port=port, home=home)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    application = create_app(settings)
+    try:
+        application = create_app(settings)
+    except ValueError as e:  # a data key that does not open the store, a malformed key, …
+        err.print(f"[red]cannot start: {e}[/red]")
+        raise typer.Exit(2)
     if application.state.new_admin_secret and not settings.admin_key:
         console.print(f"[bold]Admin API key[/bold] (shown once, only its hash is stored):\n"
                       f"  {application.state.new_admin_secret}\n  export ATELIER_API_KEY={application.state.new_admin_secret}")
@@ -540,11 +544,11 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
     record = json.loads((best / "training.json").read_text())
     console.print(f"best weights: {best}  val loss {record['metrics']['val_loss']:.4f}")
     if register:
-        from atelier.registry.store import BlobStore, register_version
+        from atelier.registry.store import open_blobs, register_version
 
         settings = _settings(home=home)
         with _local_db(home) as db:
-            v = register_version(db, BlobStore(settings.blobs_dir), name=name, family="chargpt",
+            v = register_version(db, open_blobs(settings), name=name, family="chargpt",
                                  task="text-generation", folder=best, metrics=record["metrics"], training=record)
             from atelier.safety import audit
 
@@ -589,11 +593,11 @@ def _train_image_family(family: str, *, data: Path, name: str, workdir: Path, st
     console.print(f"best weights: {best}  metrics {record['metrics']}")
     if not register:
         return
-    from atelier.registry.store import BlobStore, register_version, resolve, version_folder
+    from atelier.registry.store import open_blobs, register_version, resolve, version_folder
     from atelier.safety import audit
 
     settings = _settings(home=home)
-    blobs = BlobStore(settings.blobs_dir)
+    blobs = open_blobs(settings)
     with _local_db(home) as db:
         if family == "upscaler":  # a new version of the image model: its files plus the upscaler's
             import shutil

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<home>/atelier.db")
     admin_key: str | None = Field(default=None, description="on first start, use this as the admin key instead of a random one")
     log_level: str = Field(default="info", description="debug | info | warning | error")
+
+    # Encryption at rest (atelier/safety/crypto.py): blobs sealed with AES-256-GCM
+    encrypt_at_rest: bool = Field(default=True, description="seal every blob (weights, uploads, artifacts) with AES-256-GCM")
+    secret_key: SecretStr | None = Field(default=None, description="the data key, base64 of 32 bytes (e.g. from a secret manager)")
+    secret_key_file: Path | None = Field(default=None, description="where the data key is kept; default <home>/secret.key, created on first start")
 
     # Client side (CLI): where the server is and which key to send
     url: str = Field(default="http://127.0.0.1:8000", description="server URL the CLI talks to")

@@ -90,12 +90,12 @@ def job_runner(path: Path, steps: int, bf16: bool) -> float:
     from atelier.jobs import store
     from atelier.jobs.runner import run_job
     from atelier.registry.db import File, JobEvent, make_engine, make_sessionmaker
-    from atelier.registry.store import BlobStore
+    from atelier.registry.store import open_blobs
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), shipped_models=False)
         sessions = make_sessionmaker(make_engine(settings.db_url))
-        blobs = BlobStore(settings.blobs_dir)
+        blobs = open_blobs(settings)
         data = path.read_bytes()
         digest = blobs.put_bytes(data)
         with sessions() as db:
@@ -127,7 +127,7 @@ def image_rates(folder: Path, steps: int) -> tuple[float, float]:
     from atelier.jobs import store
     from atelier.jobs.runner import run_job
     from atelier.registry.db import File, JobEvent, make_engine, make_sessionmaker
-    from atelier.registry.store import BlobStore
+    from atelier.registry.store import open_blobs
     from atelier.training.image_data import load_emoji, sample_batch
     from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
 
@@ -148,7 +148,7 @@ def image_rates(folder: Path, steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), shipped_models=False)
         sessions = make_sessionmaker(make_engine(settings.db_url))
-        blobs = BlobStore(settings.blobs_dir)
+        blobs = open_blobs(settings)
         data = path.read_bytes()
         with sessions() as db:
             db.add(File(id="file-img", filename=path.name, purpose="fine-tune", format="npz", records=len(train),

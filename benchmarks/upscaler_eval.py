@@ -69,7 +69,7 @@ def main() -> None:
     real_edges = edges(high)
     mse = {k: np.mean((v.astype(np.float64) - high) ** 2) for k, v in outs.items()}
     print(f"{len(low)} held-out pairs, upscaler {net.n_params:,} parameters ({folder.name})\n")
-    print(f"| method | PSNR dB | edge MAE | MSE ratio (method / learned) |\n| --- | --- | --- | --- |")
+    print("| method | PSNR dB | edge MAE | MSE ratio (method / learned) |\n| --- | --- | --- | --- |")
     for k, v in outs.items():
         e = float((edges(v) - real_edges).abs().mean())
         print(f"| {k} | {np.mean([psnr(a, b) for a, b in zip(v, high)]):.2f} | {e:.4f} | "

@@ -21,7 +21,7 @@ from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.registry.db import make_engine, make_sessionmaker
 from atelier.registry.shipped import ensure_shipped
-from atelier.registry.store import BlobStore
+from atelier.registry.store import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
 from atelier.safety import audit as audit_log
 from atelier.safety.keys import create_key, list_keys
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(settings.threads)
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine)
-    blobs = BlobStore(settings.blobs_dir)
+    blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false
     # Shown once by `atelier serve` (never logged); only its hash is stored.
     new_admin_secret = bootstrap(settings, sessions, blobs)
 

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from atelier.safety.crypto import SealError
+
 log = logging.getLogger("atelier.api")
 
 
@@ -75,6 +77,12 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body(msg, type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                                        code=_STATUS_CODES.get(exc.status_code)),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(SealError)
+    async def _sealed(request: Request, exc: SealError):
+        # Not the client's fault, and not to be retried blindly: a blob that fails its check.
+        log.error("blob store: %s (%s %s)", exc, request.method, request.url.path)
+        return JSONResponse(error_body(str(exc), type="server_error", code="blob_unreadable"), status_code=500)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -174,7 +174,7 @@ def _export_file(db, blobs: BlobStore, file_id: str, folder: Path, param: str) -
         raise JobError(f"file {file_id!r} no longer exists", code="file_not_found", param=param)
     dest = folder / f"{param}-{f.id}{Path(f.filename).suffix}"
     if not dest.exists():
-        shutil.copyfile(blobs.path(f.sha256), dest)
+        blobs.export(f.sha256, dest)
     return f, dest
 
 

@@ -22,7 +22,7 @@ from atelier.config import get_settings
 from atelier.jobs import store
 from atelier.jobs.runner import run_job
 from atelier.registry.db import make_engine, make_sessionmaker
-from atelier.registry.store import BlobStore
+from atelier.registry.store import open_blobs
 
 log = logging.getLogger("atelier.worker")
 
@@ -37,7 +37,7 @@ def main() -> None:
     fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while an older worker still runs
     (home / "worker.pid").write_text(str(os.getpid()))
     sessions = make_sessionmaker(make_engine(settings.db_url))
-    blobs = BlobStore(settings.blobs_dir)
+    blobs = open_blobs(settings)
     if settings.threads:
         import torch
 

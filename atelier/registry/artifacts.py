@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from atelier.registry.db import Artifact
 from atelier.registry.store import BlobStore, NotFound
+from atelier.safety.crypto import create_secret_once
 
 KINDS = ("image", "poem", "melody", "text")
 SECRET_FILE = "url-signing.key"
@@ -93,31 +92,8 @@ def artifact_public(a: Artifact) -> dict:
 
 
 def signing_secret(home: Path) -> bytes:
-    """The installation's 32-byte URL-signing secret (`<home>/url-signing.key`), created once.
-
-    Created with a hard link from a temp file, so two processes starting together agree on
-    one secret and nobody ever reads a half-written one.
-    """
-    path = Path(home) / SECRET_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{SECRET_FILE}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race; use its secret
-        finally:
-            os.unlink(tmp)
-    data = path.read_bytes()
-    if len(data) != 32:
-        raise ValueError(f"{path} is not a 32-byte secret")
-    return data
+    """The installation's 32-byte URL-signing secret (`<home>/url-signing.key`), created once."""
+    return create_secret_once(Path(home) / SECRET_FILE)
 
 
 def signature(secret: bytes, artifact_id: str, expires: int) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from atelier.registry.db import Alias, Model, Version
 from atelier.registry.files import atomic_write_bytes
+from atelier.safety import crypto
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -39,10 +40,21 @@ class Conflict(ValueError):
 
 
 class BlobStore:
-    """Content-addressed files: put bytes, get them back by sha256."""
+    """Content-addressed files: put bytes, get them back by sha256.
 
-    def __init__(self, root: Path):
+    With a data key every blob is sealed with AES-256-GCM (atelier/safety/crypto.py); the
+    name stays the plaintext's sha256, so identical bytes still deduplicate. Read blobs
+    with `get_bytes`/`export` (they unseal and check the hash), never from `path`.
+    """
+
+    def __init__(self, root: Path, key: bytes | None = None):
         self.root = Path(root)
+        self.key = key
+        self._plain_root: Path | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
 
     def path(self, sha256: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -53,15 +65,49 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         p = self.path(digest)
         if not p.exists():
-            atomic_write_bytes(p, data)
+            atomic_write_bytes(p, crypto.seal(self.key, data) if self.key else data)
         return digest
 
     def put_file(self, src: Path) -> str:
         return self.put_bytes(Path(src).read_bytes())
 
+    def get_bytes(self, sha256: str) -> bytes:
+        """The blob's plaintext; crypto.SealError if it cannot be opened or does not match its name."""
+        raw = self.path(sha256).read_bytes()
+        data = crypto.unseal(self.key, raw) if crypto.is_sealed(raw) else raw  # older blobs may be plain
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise crypto.SealError(f"blob {sha256[:12]}… does not match its sha256")
+        return data
+
+    def export(self, sha256: str, dest: Path) -> Path:
+        """Write the plaintext to `dest` (atomically)."""
+        return atomic_write_bytes(dest, self.get_bytes(sha256))
+
     def verify(self, sha256: str) -> bool:
-        p = self.path(sha256)
-        return p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == sha256
+        try:
+            return self.path(sha256).exists() and bool(self.get_bytes(sha256))
+        except crypto.SealError:
+            return False
+
+    def plain_root(self, default: Path) -> Path:
+        """Where versions are unpacked for loaders. Plain stores use `default` (hard links, no
+        copies); an encrypted store never writes plaintext beside itself: a private folder in
+        memory (/dev/shm when there is one), removed when the process exits."""
+        if not self.encrypted:
+            return Path(default)
+        if self._plain_root is None:
+            import atexit
+            import tempfile
+
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self._plain_root = Path(tempfile.mkdtemp(prefix="atelier-versions-", dir=base))  # mode 0700
+            atexit.register(shutil.rmtree, self._plain_root, True)
+        return self._plain_root
+
+
+def open_blobs(settings) -> BlobStore:
+    """The installation's blob store, sealed with its data key unless ATELIER_ENCRYPT_AT_REST=false."""
+    return BlobStore(settings.blobs_dir, key=crypto.data_key(settings))
 
 
 # -- references -------------------------------------------------------------------------
@@ -180,18 +226,22 @@ def set_alias(db: Session, *, model: Model, alias: str, number: int) -> None:
 
 
 def version_folder(blobs: BlobStore, version: Version, cache_root: Path) -> Path:
-    """A folder holding the version's files under their names (hard links into the blob store).
+    """A folder holding the version's files under their names, for loaders that read paths.
 
-    Loaders read files by name (config.json, model.safetensors, …); the blobs stay the
-    single copy of the bytes.
+    Loaders read files by name (config.json, model.safetensors, …). A plain store hard-links
+    its blobs there (the blobs stay the single copy); an encrypted one writes the
+    plaintexts into its private in-memory folder (BlobStore.plain_root).
     """
-    folder = Path(cache_root) / version.model.name / str(version.number)
+    folder = blobs.plain_root(cache_root) / version.model.name / str(version.number)
     if all((folder / n).exists() for n in version.files):
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for fname, digest in version.files.items():
+        if blobs.encrypted:
+            (tmp / fname).write_bytes(blobs.get_bytes(digest))
+            continue
         src = blobs.path(digest)
         try:
             os.link(src, tmp / fname)
@@ -253,7 +303,7 @@ def export_archive(blobs: BlobStore, version: Version) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
         for fname, digest in sorted(version.files.items()):
-            z.write(blobs.path(digest), fname)
+            z.writestr(fname, blobs.get_bytes(digest))
     return buf.getvalue()
 
 

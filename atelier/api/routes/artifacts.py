@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from atelier.api.deps import ReadKey, SessionDep, current_key
 from atelier.api.errors import APIError, bad_request, not_found
@@ -77,9 +77,11 @@ def content(artifact_id: str, request: Request, db: SessionDep, expires: int | N
         if not has_scope(key, "read"):
             raise APIError(403, "this key cannot read artifacts", type="permission_error", code="insufficient_scope")
         art = _visible(db, artifact_id, key)
-    path = request.app.state.blobs.path(art.sha256)
-    if not path.exists():
+    blobs = request.app.state.blobs
+    if not blobs.path(art.sha256).exists():
         raise APIError(410, f"the bytes of artifact {artifact_id!r} are gone from the blob store", code="blob_missing")
+    data = blobs.get_bytes(art.sha256)
     ext = {"image/png": ".png", "text/plain": ".txt", "application/json": ".json"}.get(art.mime, "")
-    return FileResponse(path, media_type=art.mime, filename=f"{art.id}{ext}", content_disposition_type="inline",
-                        headers={"Cache-Control": "private, max-age=3600", "ETag": f'"{art.sha256}"'})
+    return Response(data, media_type=art.mime,
+                    headers={"Content-Disposition": f'inline; filename="{art.id}{ext}"',
+                             "Cache-Control": "private, max-age=3600", "ETag": f'"{art.sha256}"'})

@@ -89,7 +89,7 @@ def retrieve(file_id: str, db: SessionDep, key: TrainKey):
 def content(file_id: str, request: Request, db: SessionDep, key: TrainKey):
     """The file's bytes."""
     f = get_file(db, file_id)
-    return Response(request.app.state.blobs.path(f.sha256).read_bytes(), media_type="application/octet-stream",
+    return Response(request.app.state.blobs.get_bytes(f.sha256), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})
 
 
