@@ -8,7 +8,8 @@ nearest-neighbour (what `upscaler=nearest` serves), bilinear (the network's star
 point) and Pillow's bicubic. Metrics: PSNR in dB over 8-bit images (higher is better) and
 the mean absolute error of the Sobel edge magnitude (lower is better: how well outlines,
 the thing interpolation smears, come back). Ratios are MSE of the baseline / MSE of the
-upscaler. Writes docs/emoji-upscaler.png: rows of real 64×64, nearest, bicubic, learned,
+upscaler; ms per image is the time to enlarge one image (as the server does, one at a time).
+Writes docs/emoji-upscaler.png: rows of real 64×64, nearest, bicubic, learned,
 for held-out designs, and for the shipped model's own samples (no ground truth there).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,19 @@ def main() -> None:
     low, high = low_val.images, high_val.images
     methods = {"nearest": lambda im: nearest(im, 2), "bilinear": lambda im: upscaler.bilinear(im),
                "bicubic (Pillow)": bicubic, "learned": lambda im: upscaler.upscale(net, im)}
-    outs = {name: np.stack([f(im) for im in low]) for name, f in methods.items()}
+    outs, ms = {}, {}
+    for name, f in methods.items():
+        t = time.perf_counter()
+        outs[name] = np.stack([f(im) for im in low])
+        ms[name] = (time.perf_counter() - t) * 1000 / len(low)
     real_edges = edges(high)
     mse = {k: np.mean((v.astype(np.float64) - high) ** 2) for k, v in outs.items()}
     print(f"{len(low)} held-out pairs, upscaler {net.n_params:,} parameters ({folder.name})\n")
-    print("| method | PSNR dB | edge MAE | MSE ratio (method / learned) |\n| --- | --- | --- | --- |")
+    print("| method | PSNR dB | edge MAE | MSE ratio (method / learned) | ms per image |\n| --- | --- | --- | --- | --- |")
     for k, v in outs.items():
         e = float((edges(v) - real_edges).abs().mean())
         print(f"| {k} | {np.mean([psnr(a, b) for a, b in zip(v, high)]):.2f} | {e:.4f} | "
-              f"{mse[k] / mse['learned']:.2f} |")
+              f"{mse[k] / mse['learned']:.2f} | {ms[k]:.2f} |")
     # The sheet: held-out designs (real / nearest / bicubic / learned) and the model's own samples.
     pick = np.linspace(0, len(low) - 1, 8).astype(int)
     rows = [high[pick], outs["nearest"][pick], outs["bicubic (Pillow)"][pick], outs["learned"][pick]]
