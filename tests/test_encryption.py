@@ -100,3 +100,15 @@ def test_exported_archive_holds_plaintext_that_imports_elsewhere(tmp_path):
         assert r.status_code in (200, 201), r.text
         out = http.post("/v1/completions", json={"model": "copy", "prompt": "春", "max_tokens": 3, "seed": 2})
         assert out.status_code == 200
+
+
+def test_unpacked_folders_of_dead_processes_are_removed(tmp_path):
+    from atelier.registry.store import PLAIN_PREFIX, _remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has just exited
+    orphan, ours = tmp_path / f"{PLAIN_PREFIX}{dead}-abc", tmp_path / f"{PLAIN_PREFIX}{os.getpid()}-def"
+    for d in (orphan, ours):
+        (d / "m").mkdir(parents=True)
+    _remove_orphans(tmp_path)
+    assert not orphan.exists() and ours.exists()

@@ -92,17 +92,48 @@ class BlobStore:
     def plain_root(self, default: Path) -> Path:
         """Where versions are unpacked for loaders. Plain stores use `default` (hard links, no
         copies); an encrypted store never writes plaintext beside itself: a private folder in
-        memory (/dev/shm when there is one), removed when the process exits."""
+        memory (/dev/shm, when it has room: containers often give it 64 MB) or else in the
+        system's temporary folder, removed when the process exits."""
         if not self.encrypted:
             return Path(default)
         if self._plain_root is None:
             import atexit
             import tempfile
 
-            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            self._plain_root = Path(tempfile.mkdtemp(prefix="atelier-versions-", dir=base))  # mode 0700
+            base = Path("/dev/shm" if _free_bytes("/dev/shm") >= 1 << 30 else tempfile.gettempdir())
+            _remove_orphans(base)
+            self._plain_root = Path(tempfile.mkdtemp(prefix=f"{PLAIN_PREFIX}{os.getpid()}-", dir=base))  # 0700
             atexit.register(shutil.rmtree, self._plain_root, True)
         return self._plain_root
+
+
+PLAIN_PREFIX = "atelier-versions-"
+
+
+def _remove_orphans(base: Path) -> None:
+    """Unpacked folders of processes that died without cleaning up (kill -9): theirs to free."""
+    for d in base.glob(f"{PLAIN_PREFIX}*-*"):
+        pid = d.name[len(PLAIN_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and d.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize if os.access(folder, os.W_OK) else 0
 
 
 def open_blobs(settings) -> BlobStore:
