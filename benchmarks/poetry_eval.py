@@ -212,7 +212,7 @@ def _cause(report: dict) -> str:
         first = all(x["line"] == 0 for x in rhyme)
         return "首句借邻韵 (first line rhymes in a neighbouring group)" if first else "通押/邻韵 or a 多音字 read another way"
     if tone and not rhyme:
-        return "1-3 tone breaks: 拗句 (拗救 is not modelled) or a 多音字 reading"
+        return "1-3 tone breaks: 拗句 beyond the modelled 拗救, or a 多音字 reading"
     return "tone and rhyme breaks together"
 
 
@@ -255,7 +255,8 @@ def main():
     print("Misses by likely cause (the checker is strict: the loose patterns, 平水韵 only):")
     for cause, k in causes.most_common():
         print(f"  {k:3d}  {cause}")
-    print("Notes: 拗救 (a licensed swap of tones between positions) is not modelled, so 拗句 count as breaks;\n"
+    print("Notes: the checker licenses 特拗, 孤平自救, 对句救 and 平平平仄平 (atelier/poetry/checker.py); other 拗句\n"
+          "count as breaks;\n"
           "a 多音字 counts as either tone, so it can hide a break but never cause one; 首句 may borrow a\n"
           "neighbouring rhyme group (邻韵) in practice; several 五言/七言 quatrains in the anthology are 古绝\n"
           "(仄韵, no tonal pattern) and some 律诗-shaped poems are 古体 labelled by shape only.")

@@ -125,3 +125,23 @@ def test_pattern_names_its_form():
     with pytest.raises(PoemError) as e:
         check(DENG_GUAN_QUE_LOU, top_k=0)
     assert e.value.param == "top_k"
+
+
+def test_aojiu_the_licensed_departures_are_accepted_and_named():
+    # 孟浩然《宿建德江》: 移舟泊烟渚 is 平平仄平仄 for 平平平仄仄 — 特拗.
+    r = check("移舟泊烟渚，日暮客愁新。野旷天低树，江清月近人。")
+    assert r["compliant"] and [n["kind"] for n in r["notes"]] == ["特拗"]
+    # 李商隐《登乐游原》: 向晚意不适 breaks 仄仄平平仄 at 3 and 4; 驱车登古原 rescues it (对句救).
+    r = check("向晚意不适，驱车登古原。夕阳无限好，只是近黄昏。")
+    assert r["compliant"] and "对句救" in [n["kind"] for n in r["notes"]]
+    assert all(c["ok"] for c in r["lines"][0]["chars"]) and r["lines"][0]["chars"][2].get("licensed")
+    # 平平仄仄平 with a 仄 first character is 孤平 — unless the third turns 平 (孤平自救).
+    rescued = check("白日依山尽，大河天海流。欲穷千里目，更上一层楼。")
+    assert rescued["compliant"] and [n["kind"] for n in rescued["notes"]] == ["孤平自救"]
+    lonely = check("白日依山尽，大河入海流。欲穷千里目，更上一层楼。")
+    assert not lonely["compliant"] and not lonely["notes"]
+    [v] = lonely["violations"]
+    assert (v["line"], v["position"], v["char"]) == (1, 0, "大")
+    # 拗 with no rescue in the next line stays a violation.
+    unrescued = check("向晚意不适，驱车入古原。夕阳无限好，只是近黄昏。", form="wujue", pattern="五绝仄起首句不入韵")
+    assert not unrescued["compliant"] and (0, 2) in {(v["line"], v["position"]) for v in unrescued["violations"]}

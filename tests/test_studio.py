@@ -208,6 +208,12 @@ def test_check_my_poem_marks_the_broken_rhyme_and_suggests(page):
     item = page.inner_text("#check-out .violations li")
     assert "must rhyme in 十一尤" in item and "try" in item
     assert page.locator("#check-out .suggest b").count() >= 1
+    # A licensed 拗 (特拗 in 移舟泊烟渚) passes, with the licence named and its characters marked.
+    page.fill("#check-form [name=text]", "移舟泊烟渚，日暮客愁新。野旷天低树，江清月近人。")
+    page.click("#check-form button[type=submit]")
+    page.wait_for_selector("#check-out .verdict.ok")
+    assert "特拗" in page.inner_text("#check-out .notes li")
+    assert page.locator("#check-out .ch.licensed").count() == 2
 
 
 # -- images and the gallery ---------------------------------------------------------------

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
-from atelier.poetry.prosody import SCHEMES, is_han, tables, tone_fits
+from atelier.poetry.prosody import PING, SCHEMES, ZE, is_han, tables, tone_fits
 
 MAX_TEXT_CHARS = 2000
 PUNCT = "，。？！；：、,.?!;:·・"
@@ -149,10 +149,70 @@ def analyse(lines: list[str], pattern: Pattern, rhyme_scheme: str = "pingshui",
             rhyme = {"key": spec.rhyme, "tone": pattern.rhyme_tone(i), "group": g.part if spec.ye else g.name,
                      "ye": spec.ye, "char_groups": char_groups, "ok": in_group}
         out_lines.append({"text": display[i], "chars": chars, "rhyme": rhyme})
+    notes = forgive_aojiu(lines, pattern, tones_t, violations, out_lines) if pattern.kind == "shi" else []
     names = {k: rhymes_t.groups[g].name for k, g in groups.items()}
     return {"form": pattern.form, "pattern": pattern.name, "rhyme_scheme": rhyme_scheme,
             "rhyme_group": names.get("A"), "rhyme_groups": names, "lines": out_lines,
-            "violations": violations, "compliant": not violations}
+            "violations": violations, "compliant": not violations, "notes": notes}
+
+
+# -- 拗救: the licensed departures of 近体 -------------------------------------------------
+# Rules in the coordinates of a line's last five characters (a 七言 line adds two in front;
+# `o` is that offset). Each names a required pattern, the positions it lets break, and the
+# condition that makes the break a licensed one rather than a fault (多音字 count as either):
+#   平平平仄平  平平仄仄平 with its 3rd 平: 一三五不论 (no 孤平, no 三平尾 can follow)
+#   孤平自救    平平仄仄平 written 仄平平仄平: the 1st may be 仄 when the 3rd turns 平
+#   特拗       中平平仄仄 written 中平仄平仄: the 3rd and 4th trade tones together
+#   对句救      中仄平平仄 with its 3rd/4th 仄 (拗), rescued by the next line, 平平仄仄平,
+#              reading 平 in its 3rd (…平平仄平)
+
+
+def forgive_aojiu(lines: list[str], pattern: Pattern, tones_t, violations: list[dict],
+                  out_lines: list[dict]) -> list[dict]:
+    """Drop the tone violations that a recognised 拗救 licenses; return notes naming each."""
+    def breaks(i: int) -> set[int]:
+        return {v["position"] for v in violations if v["kind"] == "tone" and v["line"] == i}
+
+    def tail(i: int) -> str:
+        return pattern.lines[i].tones[-5:]
+
+    def has(i: int, pos: int, tone: str) -> bool:
+        return tone in tones_t.tones(lines[i][pos])
+
+    forgiven: dict[int, set[int]] = {}
+    notes = []
+
+    def forgive(i: int, positions: set[int], kind: str, message: str) -> None:
+        forgiven.setdefault(i, set()).update(positions)
+        notes.append({"line": i, "kind": kind, "message": message})
+
+    for i, line in enumerate(lines):
+        if len(line) not in (5, 7):
+            continue
+        o, b = len(line) - 5, breaks(i)
+        if tail(i) == "平平仄仄平" and o + 2 in b and has(i, o + 2, PING):
+            if o in b:
+                forgive(i, {o, o + 2}, "孤平自救", f"line {i + 1}: 孤平 avoided — character {o + 1} is 仄 and "
+                        f"character {o + 3} turns 平")
+            else:
+                forgive(i, {o + 2}, "平平平仄平", f"line {i + 1}: character {o + 3} may be 平 (一三五不论)")
+        if (tail(i) in ("中平平仄仄", "平平平仄仄") and b & {o + 2, o + 3} and b <= {o, o + 2, o + 3}
+                and has(i, o + 2, ZE) and has(i, o + 3, PING)):
+            forgive(i, b & {o + 2, o + 3}, "特拗", f"line {i + 1}: 特拗 (…平仄平仄), a licensed form")
+        if (i % 2 == 0 and i + 1 < len(lines) and len(lines[i + 1]) == len(line) and tail(i) == "中仄平平仄"
+                and tail(i + 1) == "平平仄仄平"):
+            ao = {p for p in b & {o + 2, o + 3} if has(i, p, ZE)}
+            if ao and has(i + 1, o + 2, PING):
+                forgive(i, ao, "对句救", f"lines {i + 1}–{i + 2}: the 拗 of line {i + 1} is rescued (救) by "
+                        f"line {i + 2} reading 平 at character {o + 3}")
+    if forgiven:
+        violations[:] = [v for v in violations
+                         if not (v["kind"] == "tone" and v["position"] in forgiven.get(v["line"], ()))]
+        for i, ps in forgiven.items():
+            for p in ps:
+                out_lines[i]["chars"][p]["ok"] = True
+                out_lines[i]["chars"][p]["licensed"] = True
+    return notes
 
 
 # -- a poem a person wrote ---------------------------------------------------------------

@@ -105,7 +105,7 @@ export function renderReport(report, title, meta = [], plain = "") {
   const lines = report.lines.map((line, i) => {
     const cells = line.chars.map((c, p) => {
       const rhyming = line.rhyme && p === line.chars.length - 1;
-      const cls = ["ch", c.ok ? "ok" : "bad", rhyming ? "rhyme" : ""].join(" ");
+      const cls = ["ch", c.ok ? "ok" : "bad", rhyming ? "rhyme" : "", c.licensed ? "licensed" : ""].join(" ");
       const tip = `${c.char}: requires ${c.required} (${TONE_HINT[c.required] ?? ""}); `
         + `is ${c.tones.length ? c.tones.join("/") : "unknown"}`
         + (rhyming ? `; rhyme ${line.rhyme.group}, ${c.char} is in ${line.rhyme.char_groups.join("、") || "no group"}` : "");
@@ -125,5 +125,7 @@ export function renderReport(report, title, meta = [], plain = "") {
     meta.length ? h("div", { class: "muted small" }, meta.filter(Boolean).join(" · ")) : null,
     h("div", { class: "poem-grid" }, lines),
     plain ? h("pre", { class: "poem-text" }, plain) : null,
-    violations.length ? h("ul", { class: "violations" }, violations) : null);
+    violations.length ? h("ul", { class: "violations" }, violations) : null,
+    report.notes?.length ? h("ul", { class: "notes" }, report.notes.map((note) => h("li", {},
+      h("span", { class: "badge" }, note.kind), " ", note.message))) : null);
 }
