@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from atelier.models.ddpm import to_uint8  # the same rounding as the generators' output
+
 # Named so that they sit beside an image model's own config.json and model.safetensors.
 WEIGHTS_FILE = "upscaler.safetensors"
 CONFIG_FILE = "upscaler.json"
@@ -78,19 +80,21 @@ class Upscaler(nn.Module):
         return base + F.pixel_shuffle(self.tail(self.blocks(h)), self.config.scale)
 
 
+def _from_uint8(image: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 → (1, 3, S, S) in [−1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 @torch.no_grad()
 def upscale(model: Upscaler, image: np.ndarray) -> np.ndarray:
     """One (S, S, 3) uint8 image → (S·scale, S·scale, 3) uint8."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    y = model(x).clamp(-1, 1)
-    return ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return to_uint8(model(_from_uint8(image)))[0].numpy()
 
 
 def bilinear(image: np.ndarray, scale: int = 2) -> np.ndarray:
     """The baseline the network improves on, with the same rounding."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    y = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False).clamp(-1, 1)
-    return ((y[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    y = F.interpolate(_from_uint8(image), scale_factor=scale, mode="bilinear", align_corners=False)
+    return to_uint8(y)[0].numpy()
 
 
 def save_pretrained(model: Upscaler, directory: str | Path) -> Path:

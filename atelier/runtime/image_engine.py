@@ -239,7 +239,7 @@ class LoadedImageModel:
         self.model, self.vocab, self.engine = model, vocab, engine
         self.sizes = image_sizes(version.config)
         self.upscaler = upscaler_net
-        self.upscalers = ["learned", "nearest"] if upscaler_net is not None else ["nearest"]
+        self.upscalers = upscalers(version.files)  # what /v1/models lists, from the same files
 
     def enlarge(self, image: np.ndarray, factor: int, method: str) -> np.ndarray:
         """×factor: `learned` doubles through the upscaler (then nearest-neighbour for the rest);
