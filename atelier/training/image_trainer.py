@@ -103,18 +103,18 @@ class ImageTrainer:
             self.vocab = WordVocab.build(self.train_set.names)
         self.vocab.save(vocab_path)
         # 2. model, EMA copy, optimisers
-        if init_from is not None:  # the base version's architecture, whatever model_cfg says
-            base_config = json.loads((Path(init_from) / "config.json").read_text(encoding="utf-8"))
-            module = ddpm if cfg.family == "ddpm" else dcgan
-            model_cfg = asdict(module.config_from_dict(base_config))
+        base = None
+        if init_from is not None:  # the base version's architecture and weights, whatever model_cfg says
+            # (its loader checks the weights against the config; a dcgan gets a fresh discriminator)
+            base = (ddpm if cfg.family == "ddpm" else dcgan).from_pretrained(init_from)[0].train()
         model_cfg = dict(model_cfg or {}, vocab_size=len(self.vocab))
         if cfg.family == "ddpm":
-            self.model = ddpm.EmojiDiffusion(ddpm.DdpmConfig(**model_cfg))
+            self.model = base if base is not None else ddpm.EmojiDiffusion(ddpm.DdpmConfig(**model_cfg))
             self.scheduler = DDIMScheduler(self.model.config.num_train_timesteps, self.model.config.beta_schedule,
                                            prediction_type=self.model.config.prediction_type)
             self.opts = {"model": torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)}
         else:
-            self.model = dcgan.EmojiGAN(dcgan.DcganConfig(**model_cfg))
+            self.model = base if base is not None else dcgan.EmojiGAN(dcgan.DcganConfig(**model_cfg))
             if text_from is not None:
                 state = load_file(Path(text_from) / "model.safetensors")
                 self.model.text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
@@ -122,12 +122,7 @@ class ImageTrainer:
             self.opts = {"generator": torch.optim.Adam(self.model.generator.parameters(), lr=cfg.lr, betas=(0.0, 0.9)),
                          "discriminator": torch.optim.Adam(self.model.discriminator.parameters(), lr=cfg.lr * 2,
                                                            betas=(0.0, 0.9))}
-        if init_from is not None:
-            # Shipped dcgan weights hold no discriminator: it starts afresh against the trained generator.
-            missing, unexpected = self.model.load_state_dict(load_file(Path(init_from) / "model.safetensors"),
-                                                             strict=False)
-            if unexpected or any(not k.startswith("discriminator.") for k in missing):
-                raise ValueError(f"{init_from}: weights do not match the {cfg.family} config")
+        if base is not None:
             unknown = self._unknown_words()
             self.on_event({"type": "init", "from": str(init_from), "unknown_caption_words": unknown,
                            "message": f"starting from the base weights ({len(self.vocab)} known words)" +
