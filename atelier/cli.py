@@ -267,7 +267,7 @@ def models_export(ref: str, output: Annotated[Path, typer.Option("-o", "--output
         raise typer.Exit(2)
     data = _call("GET", f"/api/models/{ref}/export", url, api_key).content
     if fmt == "atelier":
-        from atelier.registry.files import atomic_write_bytes
+        from atelier.common.files import atomic_write_bytes
 
         atomic_write_bytes(output, data)
     else:
@@ -391,7 +391,7 @@ def follow(job_id: str, settings: Settings) -> dict:
 
 
 def _local_db(home: Optional[Path]):
-    from atelier.registry.db import make_engine, make_sessionmaker
+    from atelier.storage.db import make_engine, make_sessionmaker
 
     settings = _settings(home=home)
     settings.home_dir.mkdir(parents=True, exist_ok=True)
@@ -403,8 +403,8 @@ def keys_create(scopes: Annotated[list[str], typer.Option("--scope", help="admin
                 name: Annotated[str, typer.Option()] = "",
                 home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
     """Create a key and print its secret (shown once)."""
-    from atelier.safety import audit
-    from atelier.safety.keys import create_key
+    from atelier.storage import audit
+    from atelier.storage.keys import create_key
 
     with _local_db(home) as db:
         try:
@@ -419,7 +419,7 @@ def keys_create(scopes: Annotated[list[str], typer.Option("--scope", help="admin
 @keys_app.command("list")
 def keys_list(home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
     """Every key: id, name, prefix, scopes, created, revoked."""
-    from atelier.safety.keys import list_keys
+    from atelier.storage.keys import list_keys
 
     table = Table(title="API keys")
     for col in ("id", "name", "prefix", "scopes", "created", "revoked"):
@@ -434,8 +434,8 @@ def keys_list(home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]"
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, home: Annotated[Optional[Path], typer.Option(help="[ATELIER_HOME]")] = None):
     """Revoke a key by id; it stops working at once."""
-    from atelier.safety import audit
-    from atelier.safety.keys import revoke_key
+    from atelier.storage import audit
+    from atelier.storage.keys import revoke_key
 
     with _local_db(home) as db:
         try:
@@ -544,13 +544,14 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
     record = json.loads((best / "training.json").read_text())
     console.print(f"best weights: {best}  val loss {record['metrics']['val_loss']:.4f}")
     if register:
-        from atelier.registry.store import open_blobs, register_version
+        from atelier.storage.blobs import open_blobs
+        from atelier.storage.registry import register_version
 
         settings = _settings(home=home)
         with _local_db(home) as db:
             v = register_version(db, open_blobs(settings), name=name, family="chargpt",
                                  task="text-generation", folder=best, metrics=record["metrics"], training=record)
-            from atelier.safety import audit
+            from atelier.storage import audit
 
             audit.record(db, action="model.register", target=f"{name}@{v.number}", detail={"via": "cli"})
             console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
@@ -593,8 +594,9 @@ def _train_image_family(family: str, *, data: Path, name: str, workdir: Path, st
     console.print(f"best weights: {best}  metrics {record['metrics']}")
     if not register:
         return
-    from atelier.registry.store import open_blobs, register_version, resolve, version_folder
-    from atelier.safety import audit
+    from atelier.storage.blobs import open_blobs
+    from atelier.storage.registry import register_version, resolve, version_folder
+    from atelier.storage import audit
 
     settings = _settings(home=home)
     blobs = open_blobs(settings)
@@ -655,7 +657,7 @@ def image(prompt: Annotated[str, typer.Argument(help="what to draw, e.g. 'smilin
     if resp.status_code != 200:
         _fail(resp)
     data = resp.json()
-    from atelier.registry.files import atomic_write_bytes
+    from atelier.common.files import atomic_write_bytes
 
     for i, item in enumerate(data["data"]):
         path = output if len(data["data"]) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")

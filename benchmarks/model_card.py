@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from atelier.models.chargpt import from_pretrained
-from atelier.registry.files import atomic_write_bytes
-from atelier.registry.shipped import SHIPPED_DIR
+from atelier.common.files import atomic_write_bytes
+from atelier.storage.shipped import SHIPPED_DIR
 
 PROMPTS = [("title", "春晓\n"), ("title", "秋夜\n"), ("title", "浣溪沙\n"), ("opening", "床前明月光，"),
            ("opening", "白日依山尽，")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from atelier.models.chargpt import from_pretrained
-from atelier.registry.shipped import SHIPPED_DIR
+from atelier.storage.shipped import SHIPPED_DIR
 from atelier.runtime.sampling import SamplingParams
 from atelier.runtime.text_engine import Finished, Sequence, TextEngine
 

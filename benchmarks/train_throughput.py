@@ -89,8 +89,8 @@ def job_runner(path: Path, steps: int, bf16: bool) -> float:
     from atelier.config import Settings
     from atelier.jobs import store
     from atelier.jobs.runner import run_job
-    from atelier.registry.db import File, JobEvent, make_engine, make_sessionmaker
-    from atelier.registry.store import open_blobs
+    from atelier.storage.db import File, JobEvent, make_engine, make_sessionmaker
+    from atelier.storage.blobs import open_blobs
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), shipped_models=False)
@@ -126,8 +126,8 @@ def image_rates(folder: Path, steps: int) -> tuple[float, float]:
     from atelier.config import Settings
     from atelier.jobs import store
     from atelier.jobs.runner import run_job
-    from atelier.registry.db import File, JobEvent, make_engine, make_sessionmaker
-    from atelier.registry.store import open_blobs
+    from atelier.storage.db import File, JobEvent, make_engine, make_sessionmaker
+    from atelier.storage.blobs import open_blobs
     from atelier.training.image_data import load_emoji, sample_batch
     from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
 

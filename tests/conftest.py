@@ -116,7 +116,7 @@ def make_tiny_image_models(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def image_server(tmp_path_factory):
     """A server with image-friendly limits and tiny-diffusion (ddpm) + tiny-gan (dcgan) registered."""
-    from atelier.registry.store import register_version
+    from atelier.storage.registry import register_version
 
     settings = make_settings(tmp_path_factory.mktemp("image-home"), max_body_bytes=200_000, max_image_n=4,
                              max_image_steps=50, max_image_upload_bytes=60_000, max_image_upload_pixels=300_000,

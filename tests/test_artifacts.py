@@ -6,10 +6,11 @@ import stat
 
 import pytest
 
-from atelier.registry.artifacts import (check_signature, create_artifact, get_artifact, list_artifacts, signature,
+from atelier.storage.artifacts import (check_signature, create_artifact, get_artifact, list_artifacts, signature,
                                         signed_path, signing_secret)
-from atelier.registry.db import Artifact, make_engine, make_sessionmaker
-from atelier.registry.store import BlobStore, NotFound
+from atelier.storage.db import Artifact, make_engine, make_sessionmaker
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import NotFound
 
 
 @pytest.fixture()

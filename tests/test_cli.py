@@ -72,7 +72,7 @@ def test_train_registers_a_version_and_resumes(tmp_path):
 def test_train_image_families_and_attach_an_upscaler(tmp_path):
     from conftest import SHARED_DATA
 
-    from atelier.registry.db import Model, make_engine, make_sessionmaker
+    from atelier.storage.db import Model, make_engine, make_sessionmaker
 
     data = str(SHARED_DATA / "images" / "emoji64")
     env = {"ATELIER_HOME": str(tmp_path / "home")}

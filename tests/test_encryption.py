@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from atelier.config import Settings
-from atelier.registry.store import BlobStore, open_blobs
+from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.safety import crypto
 from conftest import LiveServer, admin_http, free_port, make_settings
 
@@ -103,7 +103,7 @@ def test_exported_archive_holds_plaintext_that_imports_elsewhere(tmp_path):
 
 
 def test_unpacked_folders_of_dead_processes_are_removed(tmp_path):
-    from atelier.registry.store import PLAIN_PREFIX, _remove_orphans
+    from atelier.storage.blobs import _remove_orphans, PLAIN_PREFIX
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()  # a pid that has just exited

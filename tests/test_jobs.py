@@ -226,7 +226,7 @@ def test_bad_jobs(http, client):
 
 
 def test_base_model_that_cannot_be_fine_tuned(http, server, tmp_path):
-    from atelier.registry.store import register_version
+    from atelier.storage.registry import register_version
 
     folder = tmp_path / "v"
     folder.mkdir()

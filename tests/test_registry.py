@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from atelier.registry.db import make_engine, make_sessionmaker
-from atelier.registry.files import atomic_write_bytes
-from atelier.registry.store import BlobStore, NotFound, parse_ref, register_version, resolve, set_alias, get_model
-from atelier.safety import audit
-from atelier.safety.keys import create_key, find_key, revoke_key
+from atelier.storage.db import make_engine, make_sessionmaker
+from atelier.common.files import atomic_write_bytes
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import get_model, NotFound, parse_ref, register_version, resolve, set_alias
+from atelier.storage import audit
+from atelier.storage.keys import create_key, find_key, revoke_key
 
 
 @pytest.fixture()
@@ -68,7 +69,7 @@ def test_audit_chain_detects_tampering(db):
     for i in range(3):
         audit.record(db, action="test", target=str(i))
     assert audit.verify(db) == {"ok": True, "entries": 3, "first_bad_id": None}
-    from atelier.registry.db import AuditEntry
+    from atelier.storage.db import AuditEntry
 
     entry = db.get(AuditEntry, 2)
     entry.target = "forged"

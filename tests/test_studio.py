@@ -21,7 +21,7 @@ from PIL import Image
 
 from atelier.images.png import read_png_text
 from atelier.jobs import store
-from atelier.registry.db import Job
+from atelier.storage.db import Job
 from conftest import ADMIN_KEY, admin_http
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -302,7 +302,7 @@ def test_image_stream_previews_then_png_then_gallery_provenance(page, image_serv
 
 
 def test_gallery_pages_through_artifacts_and_shows_texts_as_cards(page, image_server):
-    from atelier.registry.artifacts import create_artifact
+    from atelier.storage.artifacts import create_artifact
 
     with admin_http(image_server) as http:  # 16 images from the one-step GAN, 4 per request
         for seed in (100, 104, 108, 112):

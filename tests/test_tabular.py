@@ -350,7 +350,7 @@ def test_predict_validates_rows(linear):
 
 
 def test_predict_route(server, http, linear, logistic):
-    from atelier.registry.store import register_version
+    from atelier.storage.registry import register_version
 
     with server.app.state.sessions() as db:
         v = register_version(db, server.app.state.blobs, name="house-prices", family="sklearn", task="regression",

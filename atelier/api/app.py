@@ -19,12 +19,12 @@ from atelier.api.routes import poems, predict
 from atelier.api.routes import artifacts, images
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
-from atelier.registry.db import make_engine, make_sessionmaker
-from atelier.registry.shipped import ensure_shipped
-from atelier.registry.store import BlobStore, open_blobs
+from atelier.storage.db import make_engine, make_sessionmaker
+from atelier.storage.shipped import ensure_shipped
+from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
-from atelier.safety import audit as audit_log
-from atelier.safety.keys import create_key, list_keys
+from atelier.storage import audit as audit_log
+from atelier.storage.keys import create_key, list_keys
 
 log = logging.getLogger("atelier")
 

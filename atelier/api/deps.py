@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 
 from atelier.api.errors import APIError
 from atelier.config import Settings
-from atelier.registry.db import ApiKey
-from atelier.safety.keys import find_key, has_scope
+from atelier.storage.db import ApiKey
+from atelier.safety.keys import has_scope
+from atelier.storage.keys import find_key
 
 
 def get_settings_dep(request: Request) -> Settings:

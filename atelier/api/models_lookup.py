@@ -6,8 +6,8 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 
 from atelier.api.errors import APIError, bad_request, not_found
-from atelier.registry.db import Version
-from atelier.registry.store import NotFound, resolve
+from atelier.storage.db import Version
+from atelier.storage.registry import NotFound, resolve
 from atelier.runtime.manager import TEXT_FAMILIES, LoadedModel
 
 

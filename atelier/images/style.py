@@ -100,7 +100,7 @@ class RandomFeatures:
     def save_pretrained(self, directory: str | Path) -> Path:
         import safetensors.torch
 
-        from atelier.registry.files import atomic_write_bytes, atomic_write_json
+        from atelier.common.files import atomic_write_bytes, atomic_write_json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

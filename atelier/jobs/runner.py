@@ -19,9 +19,10 @@ from pathlib import Path
 
 from atelier.config import Settings
 from atelier.jobs import store
-from atelier.registry.db import File, Job
-from atelier.registry.store import BlobStore, get_model, register_version, resolve, set_alias, version_folder
-from atelier.safety import audit
+from atelier.storage.db import File, Job
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import get_model, register_version, resolve, set_alias, version_folder
+from atelier.storage import audit
 from atelier.training.trainer import TrainConfig
 
 log = logging.getLogger("atelier.jobs")
@@ -279,7 +280,7 @@ def _train_image_model(job, settings, sessions, blobs, train_path, workdir, sink
     fine-tuning a registered version (its architecture, vocabulary and weights; an upscaler it
     carries comes along into the new version)."""
     from atelier.models import upscaler
-    from atelier.registry.files import atomic_write_json
+    from atelier.common.files import atomic_write_json
     from atelier.training.image_trainer import ImageTrainConfig, ImageTrainer
 
     h = {k: v for k, v in job.hyperparameters.items() if v != "auto"}

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from atelier.registry.db import Job, JobCheckpoint, JobEvent, utcnow
+from atelier.storage.db import Job, JobCheckpoint, JobEvent, utcnow
 
 FINAL = ("succeeded", "failed", "cancelled")
 

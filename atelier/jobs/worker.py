@@ -21,8 +21,8 @@ import time
 from atelier.config import get_settings
 from atelier.jobs import store
 from atelier.jobs.runner import run_job
-from atelier.registry.db import make_engine, make_sessionmaker
-from atelier.registry.store import open_blobs
+from atelier.storage.db import make_engine, make_sessionmaker
+from atelier.storage.blobs import open_blobs
 
 log = logging.getLogger("atelier.worker")
 

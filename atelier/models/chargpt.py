@@ -236,7 +236,7 @@ def hf_config(config: ChargptConfig, tokenizer: CharTokenizer | None = None) -> 
 
 def save_pretrained(model: CharGPT, tokenizer: CharTokenizer, directory: str | Path) -> Path:
     """Write config.json, model.safetensors and tokenizer.json into directory."""
-    from atelier.registry.files import atomic_write_bytes, atomic_write_json
+    from atelier.common.files import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.utils.parametrizations import spectral_norm
 
-from atelier.models.ddpm import Linear, to_uint8  # batch-invariant Linear (see ddpm.py)
+from atelier.common.layers import Linear, to_uint8  # batch-invariant Linear (see common/layers.py)
 from atelier.models.text_encoder import VOCAB_FILE, TextEncoder, TextEncoderConfig, WordVocab
 
 WEIGHTS_FILE = "model.safetensors"
@@ -135,7 +135,7 @@ def save_pretrained(model: EmojiGAN, vocab: WordVocab, directory: str | Path) ->
     """config.json, model.safetensors (text encoder + generator only) and vocab.json."""
     import safetensors.torch
 
-    from atelier.registry.files import atomic_write_bytes, atomic_write_json
+    from atelier.common.files import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

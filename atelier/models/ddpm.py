@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from atelier.common.layers import Conv1x1, Linear, to_uint8
 from atelier.models.ddim import DDIMScheduler
 from atelier.models.text_encoder import VOCAB_FILE, TextEncoder, TextEncoderConfig, WordVocab
 
@@ -69,35 +70,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=-1)
-
-
-# -- batch-invariant layers -------------------------------------------------------------
-# CPU GEMM kernels (nn.Linear, 1×1 convolutions) may sum in a different order for a
-# different number of rows, so an image's last bits would depend on what shares its batch
-# and micro-batching would break "same seed ⇒ same bytes". At inference these two layers
-# use a batched matmul (bmm), which runs one identical small GEMM per sample. (3×3
-# convolutions, GroupNorm and attention are already batch-invariant for even batch sizes;
-# with classifier-free guidance the UNet always sees 2B rows.)
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return super().forward(x)
-        w = self.weight.T.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, in, out)
-        return torch.bmm(x.unsqueeze(1), w).squeeze(1) + self.bias
-
-
-class Conv1x1(nn.Conv2d):
-    def __init__(self, cin: int, cout: int):
-        super().__init__(cin, cout, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return super().forward(x)
-        B, C, H, W = x.shape
-        w = self.weight.view(self.out_channels, C).unsqueeze(0).expand(B, -1, -1)  # (B, out, C)
-        return (torch.bmm(w, x.reshape(B, C, H * W)) + self.bias[:, None]).view(B, -1, H, W)
 
 
 class ResBlock(nn.Module):
@@ -230,11 +202,6 @@ def initial_noise(config: DdpmConfig, seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, S, S) in [−1, 1] → (B, S, S, C) uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 @torch.no_grad()
 def generate(model: EmojiDiffusion, vocab: WordVocab, prompts: list[str], seeds: list[int], *, steps: int = 30,
              guidance: float | list[float] = 3.0, negative_prompts: list[str] | None = None,
@@ -278,7 +245,7 @@ def save_pretrained(model: EmojiDiffusion, vocab: WordVocab, directory: str | Pa
     """Write config.json, model.safetensors and vocab.json into directory."""
     import safetensors.torch
 
-    from atelier.registry.files import atomic_write_bytes, atomic_write_json
+    from atelier.common.files import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atelier.registry.files import atomic_write_bytes
+from atelier.common.files import atomic_write_bytes
 
 FAMILY = "sklearn"
 CONFIG_FILE = "config.json"

@@ -78,7 +78,7 @@ class WordVocab:
         return out
 
     def save(self, path: str | Path) -> None:
-        from atelier.registry.files import atomic_write_json
+        from atelier.common.files import atomic_write_json
 
         atomic_write_json(path, {"type": "words", "words": self.itos})
 

@@ -46,7 +46,7 @@ class CharTokenizer:
         return self.itos[i] if 0 <= i < len(self.itos) else "<unk>"
 
     def save(self, path: str | Path) -> None:
-        from atelier.registry.files import atomic_write_json
+        from atelier.common.files import atomic_write_json
 
         atomic_write_json(Path(path), {"type": "char", "special": SPECIAL, "chars": self.chars})
 

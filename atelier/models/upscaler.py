@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from atelier.models.ddpm import to_uint8  # the same rounding as the generators' output
+from atelier.common.layers import to_uint8  # the same rounding as the generators' output
 
 # Named so that they sit beside an image model's own config.json and model.safetensors.
 WEIGHTS_FILE = "upscaler.safetensors"
@@ -100,7 +100,7 @@ def bilinear(image: np.ndarray, scale: int = 2) -> np.ndarray:
 def save_pretrained(model: Upscaler, directory: str | Path) -> Path:
     import safetensors.torch
 
-    from atelier.registry.files import atomic_write_bytes, atomic_write_json
+    from atelier.common.files import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

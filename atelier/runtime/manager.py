@@ -11,8 +11,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from atelier.models import chargpt
-from atelier.registry.db import Version
-from atelier.registry.store import BlobStore, version_folder
+from atelier.storage.db import Version
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import version_folder
 from atelier.runtime.text_engine import TextEngine
 
 TEXT_FAMILIES = {"chargpt"}

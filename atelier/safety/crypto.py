@@ -111,7 +111,7 @@ def data_key(settings) -> bytes | None:
             raise ValueError(f"the data key does not open {settings.blobs_dir}: it was sealed with another key "
                              "(check ATELIER_SECRET_KEY / ATELIER_SECRET_KEY_FILE)") from None
     else:
-        from atelier.registry.files import atomic_write_bytes
+        from atelier.common.files import atomic_write_bytes
 
         atomic_write_bytes(check, seal(key, CANARY))
     return key

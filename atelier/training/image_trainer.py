@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from atelier.models import dcgan, ddpm
 from atelier.models.ddim import DDIMScheduler
 from atelier.models.text_encoder import VOCAB_FILE, WordVocab, words
-from atelier.registry.files import atomic_write_json
+from atelier.common.files import atomic_write_json
 from atelier.training.image_data import EmojiSet, load_images, sample_batch, to_tensor
 from atelier.training.trainer import load_optimizer, publish_checkpoint, save_optimizer
 

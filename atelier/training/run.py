@@ -1,7 +1,7 @@
 """Train a chargpt model end to end: corpus → tokenizer → model → Trainer → a version folder.
 
 The CLI (`atelier train`) and the job runner both call `train_chargpt`; registering the
-result as a model version is the caller's business (see `atelier.registry.store`).
+result as a model version is the caller's business (see `atelier.storage.registry`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from atelier.models.chargpt import CharGPT, ChargptConfig, from_pretrained
 from atelier.models.tokenizer import CharTokenizer
-from atelier.registry.files import atomic_write_json
+from atelier.common.files import atomic_write_json
 from atelier.training.corpus import Corpus, load_corpus
 from atelier.training.trainer import Trainer, TrainConfig
 

@@ -36,7 +36,7 @@ import numpy as np
 from atelier.models.tabular import (
     MODEL_FILE, TabularConfig, TabularModel, category_value, load, numeric_value, save, to_matrix,
 )
-from atelier.registry.files import atomic_write_json
+from atelier.common.files import atomic_write_json
 
 ESTIMATORS = ("linear", "ridge", "logistic", "random_forest", "gradient_boosting")
 # which estimators serve which task (the others are refused with a message naming these)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from atelier.models.chargpt import CharGPT, load_state, save_pretrained, hf_state_dict
 from atelier.models.tokenizer import CharTokenizer
-from atelier.registry.files import atomic_write_json
+from atelier.common.files import atomic_write_json
 from atelier.training.corpus import Corpus
 
 OPTIMIZERS = ("adamw", "sgd")

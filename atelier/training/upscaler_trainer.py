@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from atelier.models import upscaler
-from atelier.registry.files import atomic_write_json
+from atelier.common.files import atomic_write_json
 from atelier.training.image_data import load_emoji, to_tensor
 from atelier.training.trainer import load_optimizer, publish_checkpoint, save_optimizer
 

@@ -14,10 +14,10 @@ from fastapi.responses import Response
 
 from atelier.api.deps import ReadKey, SessionDep, current_key
 from atelier.api.errors import APIError, bad_request, not_found
-from atelier.registry.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
+from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
                                         signing_secret)
-from atelier.registry.db import ApiKey, Artifact
-from atelier.registry.store import NotFound
+from atelier.storage.db import ApiKey, Artifact
+from atelier.storage.registry import NotFound
 from atelier.safety.keys import has_scope
 
 router = APIRouter(prefix="/api/artifacts", tags=["artifacts"])

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from atelier.api.deps import AdminKey, SessionDep
-from atelier.registry.db import AuditEntry
-from atelier.safety import audit
+from atelier.storage.db import AuditEntry
+from atelier.storage import audit
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 

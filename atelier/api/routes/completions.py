@@ -190,7 +190,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     """Continue a prompt (OpenAI's legacy completions)."""
     loaded = load_text_model(request, db, body.model)
     if body.poem is not None:
-        from atelier.api.routes.poems import poem_completion
+        from atelier.api.poem_completion import poem_completion
         return await poem_completion(request, body, loaded, chat=False)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not texts:
@@ -247,7 +247,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     """Chat: the last user message is a title (or opening lines); the reply is the poem."""
     loaded = load_text_model(request, db, body.model)
     if body.poem is not None:
-        from atelier.api.routes.poems import poem_completion
+        from atelier.api.poem_completion import poem_completion
         return await poem_completion(request, body, loaded, chat=True)
     text = chat_prompt(body.messages)
     if not text.strip():

@@ -12,8 +12,9 @@ from sqlalchemy import select
 
 from atelier.api.deps import SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
-from atelier.registry.db import File, Job
-from atelier.safety import audit
+from atelier.api.uploads import read_limited
+from atelier.storage.db import File, Job
+from atelier.storage import audit
 from atelier.training.uploads import PURPOSES, UploadError, check_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -31,17 +32,6 @@ def get_file(db, file_id: str, param: str = "file_id") -> File:
     if f is None:
         raise not_found(f"file {file_id!r} does not exist", param)
     return f
-
-
-async def read_limited(upload: UploadFile, limit: int) -> bytes:
-    chunks, size = [], 0
-    while chunk := await upload.read(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"file is larger than the limit of {limit} bytes (ATELIER_MAX_UPLOAD_BYTES)",
-                           param="file", code="file_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @router.post("")

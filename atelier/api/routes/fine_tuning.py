@@ -18,8 +18,8 @@ from atelier.api.models_lookup import resolve_version
 from atelier.api.routes.files import get_file
 from atelier.jobs import store
 from atelier.jobs.runner import FAMILIES, JobError, check_hyperparameters, file_formats
-from atelier.registry.db import Job, JobCheckpoint, JobEvent
-from atelier.safety import audit
+from atelier.storage.db import Job, JobCheckpoint, JobEvent
+from atelier.storage import audit
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")

@@ -26,7 +26,7 @@ from atelier.api.deps import GenerateKey, SessionDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import resolve_version
 from atelier.images.png import ImageInputError, a1111_parameters, encode_png, open_upload, upscale
-from atelier.registry.artifacts import create_artifact, signed_path, signing_secret
+from atelier.storage.artifacts import create_artifact, signed_path, signing_secret
 from atelier.runtime.image_engine import IMAGE_FAMILIES, EngineClosed, ImageDone, ImageJob, Preview, Progress
 
 router = APIRouter(tags=["images"])
@@ -260,7 +260,7 @@ DEFAULT_STYLE_STEPS, DEFAULT_STRENGTH = 60, 0.8
 def style_model(request: Request, db, ref: str):
     """(ref, RandomFeatures) of a style-transfer model; the features are cached per version."""
     from atelier.images.style import RandomFeatures
-    from atelier.registry.store import version_folder
+    from atelier.storage.registry import version_folder
 
     version = resolve_version(db, ref)
     if version.model.family not in STYLE_FAMILIES:

@@ -7,9 +7,9 @@ from pydantic import BaseModel, Field
 
 from atelier.api.deps import AdminKey, SessionDep
 from atelier.api.errors import APIError, bad_request, not_found
-from atelier.registry.db import ApiKey
-from atelier.safety import audit
-from atelier.safety.keys import count_active_admin_keys, create_key, list_keys, revoke_key
+from atelier.storage.db import ApiKey
+from atelier.storage import audit
+from atelier.storage.keys import count_active_admin_keys, create_key, list_keys, revoke_key
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
 

@@ -9,10 +9,11 @@ from pydantic import BaseModel, Field
 from atelier.api.deps import AdminKey, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
-from atelier.api.routes.files import read_limited
+from atelier.api.uploads import read_limited
 from atelier.api.routes.models import model_public
-from atelier.registry import store
-from atelier.safety import audit
+from atelier.storage import archives
+from atelier.storage import registry as store
+from atelier.storage import audit
 
 router = APIRouter(prefix="/api/models", tags=["lifecycle"])
 
@@ -81,7 +82,7 @@ def delete(ref: str, db: SessionDep, key: AdminKey, force: bool = Query(False)):
 def export(ref: str, request: Request, db: SessionDep, key: TrainKey):
     """The version as one zip archive (files + manifest with sha256)."""
     version = resolve_version(db, ref)
-    data = store.export_archive(request.app.state.blobs, version)
+    data = archives.export_archive(request.app.state.blobs, version)
     filename = f"{version.model.name}-{version.number}.zip"
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
@@ -93,7 +94,7 @@ async def import_(request: Request, db: SessionDep, settings: SettingsDep, key: 
     """Register an exported archive as a new version (verified; safetensors/JSON only)."""
     data = await read_limited(file, settings.max_upload_bytes)
     try:
-        version = store.import_archive(db, request.app.state.blobs, data, name=name,
+        version = archives.import_archive(db, request.app.state.blobs, data, name=name,
                                        max_unpacked=settings.max_upload_bytes * 4)
     except (ValueError, KeyError) as e:
         db.rollback()

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 
 from atelier.api.deps import ReadKey, SessionDep
 from atelier.api.models_lookup import resolve_version
-from atelier.registry.db import Model, Version
-from atelier.registry.store import list_models
+from atelier.storage.db import Model, Version
+from atelier.storage.registry import list_models
 from atelier.runtime.image_engine import IMAGE_FAMILIES, image_sizes, upscalers
 
 router = APIRouter(prefix="/v1", tags=["models"])

@@ -7,18 +7,13 @@ within the search budget).
 
 from __future__ import annotations
 
-import json
-import secrets
-import time
-
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import GenerateKey, ReadKey, SessionDep, SettingsDep
-from atelier.api.errors import APIError, bad_request
+from atelier.api.errors import bad_request
 from atelier.api.models_lookup import load_text_model
+from atelier.api.poem_completion import run_poetry
 from atelier import poetry
 
 router = APIRouter(prefix="/api/poems", tags=["poems"])
@@ -62,14 +57,6 @@ class PoemRevise(PoemFields):
     keep: list[int] | list[list[bool]]
 
 
-async def _run(fn, *args, **kwargs):
-    try:
-        return await run_in_threadpool(fn, *args, **kwargs)
-    except poetry.PoemError as e:
-        raise APIError(e.status, str(e), param=e.param,
-                       code="poem_unsatisfiable" if e.status == 422 else "invalid_value") from None
-
-
 @router.get("/forms")
 def forms(key: ReadKey):
     """Every form with its patterns (近体 and the supported 词牌)."""
@@ -81,7 +68,7 @@ async def compose(body: PoemCreate, request: Request, db: SessionDep, settings: 
     """Write poems that obey a form, each with its compliance report."""
     loaded = load_text_model(request, db, body.model)
     args = body.model_dump(exclude={"model"})
-    out = await _run(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **args)
+    out = await run_poetry(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **args)
     return out | {"model": loaded.ref}
 
 
@@ -98,7 +85,7 @@ async def check(body: PoemCheck, request: Request, db: SessionDep, settings: Set
     if body.suggestions:
         loaded = load_text_model(request, db, body.model)
         model, tokenizer = loaded.model, loaded.tokenizer
-    return await _run(poetry.check, body.text if body.text is not None else body.lines, body.form,
+    return await run_poetry(poetry.check, body.text if body.text is not None else body.lines, body.form,
                       body.rhyme_scheme, pattern=body.pattern, model=model, tokenizer=tokenizer)
 
 
@@ -106,54 +93,5 @@ async def check(body: PoemCheck, request: Request, db: SessionDep, settings: Set
 async def revise(body: PoemRevise, request: Request, db: SessionDep, key: GenerateKey):
     """Keep some lines (or characters) and rewrite the rest under the same constraints."""
     loaded = load_text_model(request, db, body.model)
-    out = await _run(poetry.revise, loaded.model, loaded.tokenizer, **body.model_dump(exclude={"model"}))
+    out = await run_poetry(poetry.revise, loaded.model, loaded.tokenizer, **body.model_dump(exclude={"model"}))
     return out | {"model": loaded.ref}
-
-
-async def poem_completion(request: Request, body, loaded, *, chat: bool):
-    """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape."""
-    try:
-        constraints = poetry.poem_constraints_from_extra_body(body.poem)
-    except poetry.PoemError as e:
-        raise APIError(400, str(e), param=f"poem.{e.param}" if e.param != "poem" else "poem") from None
-    settings = request.app.state.settings
-    if chat and "title" not in constraints and "keywords" not in constraints:
-        users = [m.text().strip() for m in body.messages if m.role == "user"]
-        theme = "".join(c for c in (users[-1] if users else "") if "\u4e00" <= c <= "\u9fff")
-        if theme:
-            constraints["title" if len(theme) <= 12 else "keywords"] = theme[:12]
-    constraints.setdefault("n", body.n)
-    constraints.setdefault("seed", body.seed)
-    constraints.setdefault("temperature", body.temperature)
-    out = await _run(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **constraints)
-    rid, created = secrets.token_hex(12), int(time.time())
-    usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}
-    usage["total_tokens"] = usage["completion_tokens"]
-    base = {"created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}",
-            "poems": out["poems"], "seed": out["seed"]}
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": p["text"]}, "logprobs": None,
-                    "finish_reason": "stop"} for i, p in enumerate(out["poems"])]
-        whole = base | {"id": f"chatcmpl-{rid}", "object": "chat.completion", "choices": choices, "usage": usage}
-    else:
-        choices = [{"text": p["text"], "index": i, "logprobs": None, "finish_reason": "stop"}
-                   for i, p in enumerate(out["poems"])]
-        whole = base | {"id": f"cmpl-{rid}", "object": "text_completion", "choices": choices, "usage": usage}
-    if not body.stream:
-        return whole
-    # The search is not incremental: each poem streams as one chunk, then [DONE].
-
-    async def events():
-        for c in choices:
-            if chat:
-                delta = {"role": "assistant", "content": c["message"]["content"]}
-                chunk = {"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": "stop"}
-                obj = "chat.completion.chunk"
-            else:
-                chunk, obj = c, "text_completion"
-            yield f"data: {json.dumps(base | {'id': whole['id'], 'object': obj, 'choices': [chunk]}, ensure_ascii=False)}\n\n"
-        if body.stream_options and body.stream_options.include_usage:
-            yield f"data: {json.dumps({'id': whole['id'], 'object': whole['object'], 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")

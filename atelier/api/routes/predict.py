@@ -12,8 +12,8 @@ from atelier.api.deps import GenerateKey, SessionDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import resolve_version
 from atelier.models import tabular
-from atelier.registry.db import Version
-from atelier.registry.store import version_folder
+from atelier.storage.db import Version
+from atelier.storage.registry import version_folder
 
 router = APIRouter(prefix="/api", tags=["predict"])
 

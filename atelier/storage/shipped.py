@@ -13,9 +13,10 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from atelier.config import PACKAGE_DIR
-from atelier.registry.db import Model
-from atelier.registry.store import BlobStore, register_version
-from atelier.safety import audit
+from atelier.storage.db import Model
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import register_version
+from atelier.storage import audit
 
 SHIPPED_DIR = PACKAGE_DIR / "assets" / "models"
 SHIPPED = {"tang-poet": {"family": "chargpt", "task": "text-generation"}}

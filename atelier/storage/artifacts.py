@@ -26,8 +26,9 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from atelier.registry.db import Artifact
-from atelier.registry.store import BlobStore, NotFound
+from atelier.storage.db import Artifact
+from atelier.storage.blobs import BlobStore
+from atelier.storage.registry import NotFound
 from atelier.safety.crypto import create_secret_once
 
 KINDS = ("image", "poem", "melody", "text")

@@ -1,0 +1,76 @@
+"""`extra_body={"poem": …}` on /v1/completions and /v1/chat/completions: constrained poems in OpenAI's shape.
+
+Constrained search is CPU work that takes seconds, so it runs in a worker thread; its
+PoemError becomes a 400 (bad request, naming the field) or a 422 (no compliant poem found
+within the search budget).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from atelier import poetry
+from atelier.api.errors import APIError
+
+
+async def run_poetry(fn, *args, **kwargs):
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except poetry.PoemError as e:
+        raise APIError(e.status, str(e), param=e.param,
+                       code="poem_unsatisfiable" if e.status == 422 else "invalid_value") from None
+
+
+async def poem_completion(request: Request, body, loaded, *, chat: bool):
+    """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape."""
+    try:
+        constraints = poetry.poem_constraints_from_extra_body(body.poem)
+    except poetry.PoemError as e:
+        raise APIError(400, str(e), param=f"poem.{e.param}" if e.param != "poem" else "poem") from None
+    settings = request.app.state.settings
+    if chat and "title" not in constraints and "keywords" not in constraints:
+        users = [m.text().strip() for m in body.messages if m.role == "user"]
+        theme = "".join(c for c in (users[-1] if users else "") if "\u4e00" <= c <= "\u9fff")
+        if theme:
+            constraints["title" if len(theme) <= 12 else "keywords"] = theme[:12]
+    constraints.setdefault("n", body.n)
+    constraints.setdefault("seed", body.seed)
+    constraints.setdefault("temperature", body.temperature)
+    out = await run_poetry(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **constraints)
+    rid, created = secrets.token_hex(12), int(time.time())
+    usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}
+    usage["total_tokens"] = usage["completion_tokens"]
+    base = {"created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}",
+            "poems": out["poems"], "seed": out["seed"]}
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": p["text"]}, "logprobs": None,
+                    "finish_reason": "stop"} for i, p in enumerate(out["poems"])]
+        whole = base | {"id": f"chatcmpl-{rid}", "object": "chat.completion", "choices": choices, "usage": usage}
+    else:
+        choices = [{"text": p["text"], "index": i, "logprobs": None, "finish_reason": "stop"}
+                   for i, p in enumerate(out["poems"])]
+        whole = base | {"id": f"cmpl-{rid}", "object": "text_completion", "choices": choices, "usage": usage}
+    if not body.stream:
+        return whole
+    # The search is not incremental: each poem streams as one chunk, then [DONE].
+
+    async def events():
+        for c in choices:
+            if chat:
+                delta = {"role": "assistant", "content": c["message"]["content"]}
+                chunk = {"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": "stop"}
+                obj = "chat.completion.chunk"
+            else:
+                chunk, obj = c, "text_completion"
+            yield f"data: {json.dumps(base | {'id': whole['id'], 'object': obj, 'choices': [chunk]}, ensure_ascii=False)}\n\n"
+        if body.stream_options and body.stream_options.include_usage:
+            yield f"data: {json.dumps({'id': whole['id'], 'object': whole['object'], 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

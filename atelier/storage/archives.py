@@ -1,0 +1,79 @@
+"""Model archives: one zip of a version's files plus a manifest with every file's sha256.
+
+Export writes it; import verifies names, types, sizes and hashes before registering
+anything, so a bad archive registers nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from atelier.storage.blobs import BlobStore
+from atelier.storage.db import Version
+from atelier.storage.registry import register_version
+
+
+ARCHIVE_FORMAT = "atelier-model/1"
+# Only these ever travel in an archive: weights as safetensors (or skops for sklearn, which
+# loads with an explicit list of trusted types), JSON, and text. Never pickle.
+ARCHIVE_SUFFIXES = (".safetensors", ".json", ".skops", ".md", ".txt")
+
+
+def export_archive(blobs: BlobStore, version: Version) -> bytes:
+    """One zip: the version's files plus manifest.json (metadata and every file's sha256)."""
+    import io
+    import zipfile
+
+    manifest = {"format": ARCHIVE_FORMAT, "name": version.model.name, "family": version.model.family,
+                "task": version.model.task, "version": version.number, "metrics": version.metrics,
+                "training": version.training, "files": version.files}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+        for fname, digest in sorted(version.files.items()):
+            z.writestr(fname, blobs.get_bytes(digest))
+    return buf.getvalue()
+
+
+def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | None = None,
+                   max_unpacked: int = 1 << 30) -> Version:
+    """Verify an exported archive (names, types, sizes, hashes) and register it as a new version."""
+    import io
+    import tempfile
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ValueError("not a zip archive") from None
+    entries = {i.filename: i for i in z.infolist()}
+    if "manifest.json" not in entries:
+        raise ValueError("the archive has no manifest.json")
+    for entry, info in entries.items():
+        if "/" in entry or "\\" in entry or entry.startswith(".") or ".." in entry:
+            raise ValueError(f"archive entry {entry!r} has an unsafe path")
+        if not entry.endswith(ARCHIVE_SUFFIXES):
+            raise ValueError(f"archive entry {entry!r}: only {', '.join(ARCHIVE_SUFFIXES)} files are accepted "
+                             "(no pickle, ever)")
+    if sum(i.file_size for i in entries.values()) > max_unpacked:
+        raise ValueError(f"the archive unpacks to more than {max_unpacked} bytes")
+    manifest = json.loads(z.read("manifest.json"))
+    if manifest.get("format") != ARCHIVE_FORMAT:
+        raise ValueError(f"manifest format {manifest.get('format')!r} is not {ARCHIVE_FORMAT}")
+    files = manifest.get("files", {})
+    if set(files) != set(entries) - {"manifest.json"}:
+        raise ValueError("the archive's files do not match its manifest")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, digest in files.items():
+            content = z.read(fname)
+            if hashlib.sha256(content).hexdigest() != digest:
+                raise ValueError(f"{fname}: sha256 does not match the manifest")
+            (Path(tmp) / fname).write_bytes(content)
+        return register_version(db, blobs, name=name or manifest["name"], family=manifest["family"],
+                                task=manifest["task"], folder=Path(tmp), metrics=manifest.get("metrics", {}),
+                                training=manifest.get("training", {}) | {"imported_from": f"{manifest['name']}@"
+                                                                        f"{manifest['version']}"})

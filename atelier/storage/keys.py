@@ -1,0 +1,53 @@
+"""API keys in the database: create (the secret is returned once), find by secret, revoke.
+
+Only each secret's SHA-256 is stored (atelier/safety/keys.py says why that is enough).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from atelier.safety.keys import KEY_PREFIX, hash_secret, validate_scopes
+from atelier.storage.db import ApiKey, utcnow
+
+
+def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | None = None) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its secret (the only time the secret is seen)."""
+    scopes = validate_scopes(scopes)
+    secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
+    if len(secret) < 16:
+        raise ValueError("a key must be at least 16 characters long")
+    key = ApiKey(id="key_" + secrets.token_hex(8), name=name, prefix=secret[:8], hash=hash_secret(secret),
+                 scopes=scopes)
+    db.add(key)
+    db.commit()
+    return key, secret
+
+
+def find_key(db: Session, *, secret: str) -> ApiKey | None:
+    """The active key with this secret, or None (unknown or revoked)."""
+    key = db.scalar(select(ApiKey).where(ApiKey.hash == hash_secret(secret)))
+    if key is None or key.revoked_at is not None:
+        return None
+    return key
+
+
+def list_keys(db: Session) -> list[ApiKey]:
+    return list(db.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_key(db: Session, *, key_id: str) -> ApiKey:
+    key = db.get(ApiKey, key_id)
+    if key is None:
+        raise LookupError(f"key {key_id!r} does not exist")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        db.commit()
+    return key
+
+
+def count_active_admin_keys(db: Session) -> int:
+    return sum(1 for k in list_keys(db) if k.revoked_at is None and "admin" in k.scopes)
