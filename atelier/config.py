@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     max_jobs: int = Field(default=1, ge=1, description="jobs the worker runs at the same time; more wait queued")
     max_job_steps: int = Field(default=20_000, ge=1, description="most optimiser steps a job may ask for")
 
-    # Runtime
+    # Runtime (atelier/runtime/manager.py): what stays loaded, like Ollama's OLLAMA_MAX_LOADED_MODELS / OLLAMA_KEEP_ALIVE
+    max_loaded_models: int = Field(default=3, ge=1, description="model versions held loaded at once; the least recently used is unloaded first")
+    max_model_memory: int | None = Field(default=None, ge=1, description="bytes of weights held loaded at once (unset: no limit besides the count)")
+    keep_alive: str = Field(default="5m", description="how long a model stays loaded once idle: seconds or 30s / 5m / 1h; 0 unloads after each request, -1 keeps it")
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")

@@ -14,13 +14,12 @@ from atelier import __version__
 from atelier.api import errors
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
-from atelier.api.routes import audit, completions, files, fine_tuning, health, keys, lifecycle, models
-from atelier.api.routes import poems, predict
-from atelier.api.routes import artifacts, images
+from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
+from atelier.api.routes import models, poems, predict, runtime, styles
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker
-from atelier.storage.shipped import ensure_shipped
+from atelier.families.shipped import ensure_shipped
 from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
 from atelier.storage import audit as audit_log
@@ -70,15 +69,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.blobs = blobs
     app.state.metrics = Metrics()
-    app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_batch=settings.max_batch)
+    app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,
+                                     max_memory=settings.max_model_memory, keep_alive=settings.keep_alive,
+                                     max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
+                                     image_wait_ms=settings.image_batch_wait_ms)
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None
     errors.install(app)
-    for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, lifecycle.router,
-              poems.router, keys.router, audit.router, predict.router):
+    for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, runtime.router,
+              lifecycle.router, poems.router, keys.router, audit.router, predict.router, images.router, styles.router,
+              artifacts.router):
         app.include_router(r)
-    app.include_router(images.router)
-    app.include_router(artifacts.router)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():
         app.mount("/studio", StaticFiles(directory=studio, html=True), name="studio")

@@ -1,4 +1,4 @@
-"""Request dependencies as Annotated aliases: settings, database session, the caller's key."""
+"""Request dependencies as Annotated aliases: settings, database, blob store, runtime, the caller's key."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from atelier.api.errors import APIError
 from atelier.config import Settings
+from atelier.runtime.manager import ModelManager
+from atelier.storage.blobs import BlobStore
 from atelier.storage.db import ApiKey
 from atelier.safety.keys import has_scope
 from atelier.storage.keys import find_key
@@ -24,8 +26,24 @@ def get_db(request: Request) -> Iterator[Session]:
         yield db
 
 
+def get_sessions(request: Request) -> sessionmaker:
+    """The session factory, for work that outlives the request's own session (threads, streams)."""
+    return request.app.state.sessions
+
+
+def get_blobs(request: Request) -> BlobStore:
+    return request.app.state.blobs
+
+
+def get_manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
+SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 
 
 def current_key(request: Request, db: SessionDep) -> ApiKey:

@@ -1,14 +1,18 @@
-"""Resolving a request's `model` field to a loaded model, with OpenAI-shaped errors."""
+"""Resolving a request's `model` field to a version, and holding it loaded in the runtime.
+
+Every route that runs a model does `loaded = acquire(...)` and, when its response is
+finished (streams included), `manager.release(loaded, keep_alive)`.
+"""
 
 from __future__ import annotations
 
-from fastapi import Request
 from sqlalchemy.orm import Session
 
 from atelier.api.errors import APIError, bad_request, not_found
+from atelier.runtime.errors import EngineClosed, ModelTooLarge, WrongTask
+from atelier.runtime.manager import Loaded, ModelManager, parse_keep_alive
 from atelier.storage.db import Version
 from atelier.storage.registry import NotFound, resolve
-from atelier.runtime.manager import TEXT_FAMILIES, LoadedModel
 
 
 def resolve_version(db: Session, ref: str, param: str = "model") -> Version:
@@ -20,13 +24,31 @@ def resolve_version(db: Session, ref: str, param: str = "model") -> Version:
         raise bad_request(str(e), param=param) from None
 
 
-def load_text_model(request: Request, db: Session, ref: str) -> LoadedModel:
-    version = resolve_version(db, ref)
-    if version.model.family not in TEXT_FAMILIES:
-        raise bad_request(f"model {version.model.name!r} ({version.model.task}) cannot generate text", "model",
-                          code="model_not_supported")
+def check_keep_alive(value) -> None:
+    """400 naming keep_alive when it is not a duration (checked before anything is loaded)."""
+    if value is not None:
+        try:
+            parse_keep_alive(value)
+        except ValueError as e:
+            raise bad_request(str(e), "keep_alive") from None
+
+
+def acquire(manager: ModelManager, db: Session, ref: str, *, tasks: tuple[str, ...] | None, keep_alive=None,
+            param: str = "model") -> Loaded:
+    """The model `ref` loaded and held for this request: 404 unknown, 400 wrong task, 503 not loadable."""
+    check_keep_alive(keep_alive)
+    version = resolve_version(db, ref, param)
     try:
-        return request.app.state.manager.get(version)
+        return manager.acquire(version, tasks=tasks)
+    except WrongTask as e:
+        raise bad_request(f"{e}; GET /v1/models lists each model's task", param, code="model_not_supported") from None
+    except ModelTooLarge as e:
+        raise APIError(503, str(e), type="server_error", code="model_too_large") from None
     except (OSError, ValueError) as e:
         raise APIError(503, f"model {ref!r} could not be loaded: {e}", type="server_error",
                        code="model_load_failed") from None
+
+
+def unloaded(e: EngineClosed) -> APIError:
+    """The model went away under a request (evicted, unloaded, server stopping): a 503 to retry."""
+    return APIError(503, str(e), type="server_error", code="model_unloaded")

@@ -7,16 +7,19 @@ within the search budget).
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 
+from contextlib import contextmanager
+
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 
 from atelier import poetry
-from atelier.api.errors import APIError
+from atelier.api import sse
+from atelier.api.errors import APIError, bad_request
+from atelier.api.models_lookup import acquire
+from atelier.runtime.manager import ModelManager
 
 
 async def run_poetry(fn, *args, **kwargs):
@@ -27,7 +30,22 @@ async def run_poetry(fn, *args, **kwargs):
                        code="poem_unsatisfiable" if e.status == 422 else "invalid_value") from None
 
 
-async def poem_completion(request: Request, body, loaded, *, chat: bool):
+@contextmanager
+def poet(manager: ModelManager, db, ref: str, keep_alive=None):
+    """(loaded, model, tokenizer) of a language model held for one poem search. The search decodes
+    characters under tone and rhyme masks, so it needs a model whose tokens are characters."""
+    loaded = acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
+    try:
+        lm = loaded.servable
+        if not hasattr(lm, "tokenizer") or not hasattr(lm, "model"):
+            raise bad_request(f"model {loaded.ref} ({loaded.family.name}) cannot write constrained poems: they need "
+                              "a character-level model such as tang-poet", "model", code="model_not_supported")
+        yield loaded, lm.model, lm.tokenizer
+    finally:
+        manager.release(loaded, keep_alive)
+
+
+async def poem_completion(request: Request, body, manager: ModelManager, db, *, chat: bool):
     """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape."""
     try:
         constraints = poetry.poem_constraints_from_extra_body(body.poem)
@@ -42,7 +60,8 @@ async def poem_completion(request: Request, body, loaded, *, chat: bool):
     constraints.setdefault("n", body.n)
     constraints.setdefault("seed", body.seed)
     constraints.setdefault("temperature", body.temperature)
-    out = await run_poetry(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **constraints)
+    with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+        out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **constraints)
     rid, created = secrets.token_hex(12), int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}
     usage["total_tokens"] = usage["completion_tokens"]
@@ -68,9 +87,9 @@ async def poem_completion(request: Request, body, loaded, *, chat: bool):
                 obj = "chat.completion.chunk"
             else:
                 chunk, obj = c, "text_completion"
-            yield f"data: {json.dumps(base | {'id': whole['id'], 'object': obj, 'choices': [chunk]}, ensure_ascii=False)}\n\n"
+            yield sse.data(base | {"id": whole["id"], "object": obj, "choices": [chunk]})
         if body.stream_options and body.stream_options.include_usage:
-            yield f"data: {json.dumps({'id': whole['id'], 'object': whole['object'], 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse.data({"id": whole["id"], "object": whole["object"], "choices": [], "usage": usage})
+        yield sse.DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return sse.response(events())

@@ -43,6 +43,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     poem: dict | None = None
+    keep_alive: str | float | None = None  # how long the model stays loaded once idle ("5m", 0, -1)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -1,10 +1,11 @@
-"""Reading uploads and multipart forms within the server's limits, with OpenAI-shaped 4xx errors."""
+"""Uploaded files: reading them within the server's limits, finding them by id (OpenAI-shaped 4xx errors)."""
 
 from __future__ import annotations
 
 from fastapi import UploadFile
 
-from atelier.api.errors import APIError
+from atelier.api.errors import APIError, not_found
+from atelier.storage.db import File
 
 
 async def read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -16,3 +17,10 @@ async def read_limited(upload: UploadFile, limit: int) -> bytes:
                            param="file", code="file_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def get_file(db, file_id: str, param: str = "file_id") -> File:
+    f = db.get(File, file_id)
+    if f is None:
+        raise not_found(f"file {file_id!r} does not exist", param)
+    return f

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 
+from pydantic import SecretStr
+
 from atelier.config import Settings
 
 log = logging.getLogger("atelier.jobs")
@@ -17,6 +19,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as ATELIER_* variables, so the worker sees what the server sees."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):  # str() of a SecretStr is "**********": pass the secret itself
+            value = value.get_secret_value()
         if value is not None:
             env[f"ATELIER_{name.upper()}"] = str(value)
     return env

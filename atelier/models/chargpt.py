@@ -66,6 +66,11 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Rows `dst` take the first `length` positions of rows `src` (a search forking its beams)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ChargptConfig):

@@ -237,8 +237,7 @@ class _Search:
             # Move the survivors into the beam rows of the cache.
             n = len(keep)
             src = keep + B
-            self.cache.k[:, :n, :, : self.length] = self.cache.k[:, src, :, : self.length]
-            self.cache.v[:, :n, :, : self.length] = self.cache.v[:, src, :, : self.length]
+            self.cache.copy_rows(src, torch.arange(n), self.length)
             beam = {"tokens": rows["tokens"][keep], "score": rows["score"][keep], "logits": rows["logits"][keep],
                     "groups": {k: g[keep] for k, g in rows["groups"].items()}}
         best = 0  # _select sorts survivors best first
@@ -253,8 +252,7 @@ class _Search:
         parents = torch.arange(S) % nb  # spread the sample rows over the beams
         rows = torch.arange(B, B + S)
         t0 = beam["tokens"].shape[1]
-        self.cache.k[:, B:B + S, :, :t0] = self.cache.k[:, parents, :, :t0]
-        self.cache.v[:, B:B + S, :, :t0] = self.cache.v[:, parents, :, :t0]
+        self.cache.copy_rows(parents, rows, t0)
         tokens = beam["tokens"][parents]
         score = beam["score"][parents].clone()
         logits = beam["logits"][parents]

@@ -1,10 +1,11 @@
-"""Micro-batching for image models: concurrent requests to one model share forward passes.
+"""Micro-batching for image models (any ImageServable, atelier/families/base.py): concurrent
+requests to one model share forward passes.
 
 One engine per loaded image model, with one worker thread. A request is a list of images
 (prompt, seed) plus shared settings. The worker:
   1. takes the oldest waiting request, then waits up to `max_wait_ms` for more requests
-     that can share its batch (same model; for ddpm the same number of steps), until the
-     batch holds `max_batch` images
+     that can share its batch (same model; for a multi-step model the same number of
+     steps), until the batch holds `max_batch` images
   2. samples the whole batch at once (ddpm: every denoising step is one UNet forward of
      2 × images rows, prompt and negative prompt; dcgan: one generator forward)
   3. hands each request its progress, previews and final images as they come
@@ -13,7 +14,7 @@ are all cancelled stops at the next step.
 
 Batching does not change results: each image's noise comes from its own seeded generator
 and the model files make every sample's arithmetic independent of its batch (see
-atelier/models/ddpm.py), so an image is byte-identical alone or in a batch of 16.
+atelier/common/layers.py), so an image is byte-identical alone or in a batch of 16.
 """
 
 from __future__ import annotations
@@ -26,28 +27,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from atelier.images.png import upscale as nearest
-from atelier.models import dcgan, ddpm, upscaler
+from atelier.runtime.errors import EngineClosed
 
 log = logging.getLogger(__name__)
-
-IMAGE_FAMILIES = {"ddpm", "dcgan"}
-UPSCALES = (1, 2, 4, 8)  # served sizes: the native size and upscales of it
-
-
-def image_sizes(config: dict) -> list[str]:
-    """Sizes a model serves, e.g. ['32x32', '64x64', '128x128', '256x256'] (the first is native)."""
-    s = int(config.get("image_size", 32))
-    return [f"{s * f}x{s * f}" for f in UPSCALES]
-
-
-def upscalers(files) -> list[str]:
-    """How a version can enlarge its images, the default first: `learned` when it carries an
-    upscaler (atelier/models/upscaler.py), `nearest` (pixel-exact) always."""
-    return (["learned"] if upscaler.WEIGHTS_FILE in files else []) + ["nearest"]
-
 
 @dataclass
 class Progress:
@@ -97,10 +80,6 @@ class _AllCancelled(Exception):
     pass
 
 
-class EngineClosed(RuntimeError):
-    """The model was unloaded while a request waited in its queue (it may be retried)."""
-
-
 def preview_steps(steps: int, previews: int) -> list[int]:
     """Steps after which previews are sent: evenly spaced, never the last one (that is the final image)."""
     if previews <= 0 or steps < 2:
@@ -110,11 +89,8 @@ def preview_steps(steps: int, previews: int) -> list[int]:
 
 
 class ImageEngine:
-    def __init__(self, family: str, model, vocab, *, max_batch: int = 16, max_wait_ms: float = 10.0):
-        if family not in IMAGE_FAMILIES:
-            raise ValueError(f"family {family!r} is not one of {', '.join(sorted(IMAGE_FAMILIES))}")
-        self.family, self.model, self.vocab = family, model.eval(), vocab
-        self.config = model.config
+    def __init__(self, model, *, max_batch: int = 16, max_wait_ms: float = 10.0):
+        self.model = model
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: deque[ImageJob] = deque()
         self._cond = threading.Condition()
@@ -123,31 +99,37 @@ class ImageEngine:
         self.batch_sizes: list[int] = []
         self.cancelled_batches = 0
         self.busy = False
-        self._thread = threading.Thread(target=self._worker, name=f"image-engine-{family}", daemon=True)
+        self._running: list[ImageJob] = []
+        self._thread = threading.Thread(target=self._worker, name="image-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: ImageJob) -> ImageJob:
-        job.preview_steps = set(preview_steps(job.steps, job.previews)) if self.family == "ddpm" else set()
+        job.preview_steps = set(preview_steps(job.steps, job.previews)) if self.model.multi_step else set()
         with self._cond:
             if self._closed:
-                raise RuntimeError("engine is closed")
+                raise EngineClosed("the model was unloaded before this request ran; retry it")
             self._queue.append(job)
             self._cond.notify()
         return job
 
     def close(self) -> None:
+        """Stop taking work; queued requests and the batch running now end with EngineClosed."""
         with self._cond:
             self._closed = True
             for job in self._queue:
                 job.emit(EngineClosed("the model was unloaded before this request ran; retry it"))
                 job.cancel()
             self._queue.clear()
+            running = list(self._running)
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        for job in running:  # the batch stops at its next step (on_step sees every job cancelled)
+            job.emit(EngineClosed("the model was unloaded while this request was generating; retry it"))
+            job.cancel()
+        self._thread.join(timeout=30)
 
     # -- worker ---------------------------------------------------------------------------
     def _key(self, job: ImageJob):
-        return job.steps if self.family == "ddpm" else None
+        return job.steps if self.model.multi_step else None
 
     def _take_batch(self) -> list[ImageJob] | None:
         with self._cond:
@@ -179,7 +161,7 @@ class ImageEngine:
             batch = self._take_batch()
             if batch is None:
                 return
-            self.busy = True
+            self.busy, self._running = True, batch
             try:
                 self._run(batch)
             except _AllCancelled:
@@ -190,7 +172,7 @@ class ImageEngine:
                 for job in batch:
                     job.emit(e)
             finally:
-                self.busy = False
+                self.busy, self._running = False, []
 
     def _run(self, batch: list[ImageJob]) -> None:
         prompts = [p for j in batch for p in j.prompts]
@@ -201,27 +183,25 @@ class ImageEngine:
         for j in batch:
             offsets.append(o)
             o += len(j.seeds)
-        if self.family == "ddpm":
-            steps = batch[0].steps
-            negatives = [j.negative_prompt for j in batch for _ in j.seeds]
-            guidance = [j.guidance for j in batch for _ in j.seeds]
+        steps = batch[0].steps
+        negatives = [j.negative_prompt for j in batch for _ in j.seeds]
+        guidance = [j.guidance for j in batch for _ in j.seeds]
 
-            def on_step(i: int, x0: torch.Tensor) -> None:
-                if all(j.cancelled for j in batch):
-                    raise _AllCancelled()
-                previews = None
-                for j, off in zip(batch, offsets):
-                    j.emit(Progress(i, steps))
-                    if i in j.preview_steps:
-                        previews = ddpm.to_uint8(x0).numpy() if previews is None else previews
-                        k = sorted(j.preview_steps).index(i)
-                        for n in range(len(j.seeds)):
-                            j.emit(Preview(n, i, steps, k, previews[off + n]))
+        def on_step(i: int, x0) -> None:
+            if all(j.cancelled for j in batch):
+                raise _AllCancelled()
+            previews = None
+            for j, off in zip(batch, offsets):
+                j.emit(Progress(i, steps))
+                if i in j.preview_steps:
+                    previews = self.model.preview(x0) if previews is None else previews
+                    k = sorted(j.preview_steps).index(i)
+                    for n in range(len(j.seeds)):
+                        j.emit(Preview(n, i, steps, k, previews[off + n]))
 
-            images = ddpm.generate(self.model, self.vocab, prompts, seeds, steps=steps, guidance=guidance,
-                                   negative_prompts=negatives, on_step=on_step).numpy()
-        else:
-            images = dcgan.generate(self.model, self.vocab, prompts, seeds).numpy()
+        images = self.model.generate(prompts, seeds, steps=steps, guidance=guidance, negative_prompts=negatives,
+                                     on_step=on_step if self.model.multi_step else None)
+        if not self.model.multi_step:
             for j in batch:
                 j.emit(Progress(1, 1))
         for j, off in zip(batch, offsets):
@@ -229,36 +209,4 @@ class ImageEngine:
                 j.emit(ImageDone(n, images[off + n]))
 
 
-class LoadedImageModel:
-    """What the API needs of a loaded image model: its ref, family, sizes, engine, upscaler."""
-
-    def __init__(self, version, model, vocab, engine: ImageEngine, upscaler_net: upscaler.Upscaler | None = None):
-        self.key = (version.model.name, version.number)
-        self.ref = f"{version.model.name}@{version.number}"
-        self.family = version.model.family
-        self.model, self.vocab, self.engine = model, vocab, engine
-        self.sizes = image_sizes(version.config)
-        self.upscaler = upscaler_net
-        self.upscalers = upscalers(version.files)  # what /v1/models lists, from the same files
-
-    def enlarge(self, image: np.ndarray, factor: int, method: str) -> np.ndarray:
-        """×factor: `learned` doubles through the upscaler (then nearest-neighbour for the rest);
-        `nearest` repeats pixels. One image at a time, so the bytes never depend on a batch."""
-        if factor > 1 and method == "learned":
-            image, factor = upscaler.upscale(self.upscaler, image), factor // 2
-        return nearest(image, factor)
-
-
-def load_image_model(version, folder, *, max_batch: int, max_wait_ms: float) -> LoadedImageModel:
-    family = version.model.family
-    module = {"ddpm": ddpm, "dcgan": dcgan}.get(family)
-    if module is None:
-        raise ValueError(f"model {version.model.name!r} is a {family} model; it cannot generate images")
-    model, vocab = module.from_pretrained(folder)
-    net = upscaler.from_pretrained(folder) if upscaler.available(folder) else None
-    return LoadedImageModel(version, model, vocab,
-                            ImageEngine(family, model, vocab, max_batch=max_batch, max_wait_ms=max_wait_ms), net)
-
-
-__all__ = ["ImageEngine", "ImageJob", "EngineClosed", "Progress", "Preview", "ImageDone", "LoadedImageModel", "load_image_model",
-           "image_sizes", "upscalers", "preview_steps", "IMAGE_FAMILIES"]
+__all__ = ["ImageEngine", "ImageJob", "Progress", "Preview", "ImageDone", "preview_steps"]

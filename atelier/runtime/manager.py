@@ -1,81 +1,245 @@
-"""Loading and unloading model versions; one engine per loaded version.
+"""The one runtime: every loaded model version (text, image, tabular, style), whatever its family.
 
-A version is loaded on first use (from its files in the blob store) and kept until more
-than `max_loaded` versions are loaded, then the least recently used one is closed.
+A version is loaded on first use through its family (atelier/families/) and wrapped in the
+engine its family asks for: continuous batching for text, micro-batching for images, none
+for models called one request at a time. Like Ollama:
+  1. at most `max_loaded` versions are held (ATELIER_MAX_LOADED_MODELS), and at most
+     `max_memory` bytes of weights (ATELIER_MAX_MODEL_MEMORY); before loading past either,
+     the least recently used version is unloaded (an idle one first)
+  2. each request may say how long its model stays loaded once idle (`keep_alive`: "5m",
+     30, 0 = unload right after the request, -1 = keep), default ATELIER_KEEP_ALIVE
+  3. unloading closes the engine, which fails the requests still waiting or running on it
+     with a clear error, and deletes the version's decrypted folder
+Requests hold a model between `acquire` and `release`, so it is never unloaded for being
+idle while in use (an operator's unload or a memory need can still take it).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from atelier.models import chargpt
-from atelier.storage.db import Version
-from atelier.storage.blobs import BlobStore
-from atelier.storage.registry import version_folder
+from atelier.families import FAMILIES, Family
+from atelier.runtime.errors import ModelTooLarge, WrongTask
+from atelier.runtime.image_engine import ImageEngine
 from atelier.runtime.text_engine import TextEngine
+from atelier.storage.blobs import BlobStore
+from atelier.storage.db import Version
+from atelier.storage.registry import version_folder
 
-TEXT_FAMILIES = {"chargpt"}
+log = logging.getLogger("atelier.runtime")
+
+CANNOT = {"text-generation": "cannot generate text", "image-generation": "cannot generate images",
+          "style-transfer": "does not do style transfer; use model='style-transfer'",
+          "classification": "does not predict rows; only classification and regression models do"}
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
-class LoadedModel:
-    def __init__(self, version: Version, model, tokenizer, engine: TextEngine):
-        self.key = (version.model.name, version.number)
-        self.ref = f"{version.model.name}@{version.number}"
-        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+def parse_keep_alive(value) -> float | None:
+    """Seconds to stay loaded once idle, or None for ever. Ollama's forms: 300, "5m", "1h30m"
+    is not accepted (one unit), "0" unloads at once, any negative value keeps the model.
+
+    >>> parse_keep_alive("5m"), parse_keep_alive(0), parse_keep_alive(-1)
+    (300.0, 0.0, None)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"keep_alive={value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"keep_alive={value!r} is not a duration: use seconds (300), or a number with a unit "
+                             "(500ms, 30s, 5m, 1h); 0 unloads after the request, -1 keeps the model loaded")
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    return None if seconds < 0 else seconds
+
+
+@dataclass
+class Loaded:
+    """One loaded version: its servable (the family's model object) and the engine driving it."""
+
+    name: str
+    number: int
+    family: Family
+    task: str
+    servable: object
+    engine: TextEngine | ImageEngine | None
+    folder: Path
+    weight_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    expires_at: float | None = None  # None: stays until evicted
+    in_use: int = 0  # requests holding it now
+    lock: threading.Lock = field(default_factory=threading.Lock)  # "call" servables run one request at a time
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.number
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.number}"
+
+    def public(self) -> dict:
+        """One row of GET /api/ps."""
+        return {"model": self.ref, "name": self.name, "version": self.number, "family": self.family.name,
+                "task": self.task, "engine": self.family.engine, "size_bytes": self.weight_bytes,
+                "loaded_at": int(self.loaded_at), "last_used": int(self.last_used), "in_use": self.in_use,
+                "expires_at": None if self.expires_at is None else int(self.expires_at)}
 
 
 class ModelManager:
-    def __init__(self, blobs: BlobStore, cache_root: Path, max_batch: int = 16, max_loaded: int = 4):
+    def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
+                 keep_alive: str | float = "5m", max_batch: int = 16, image_max_batch: int = 16,
+                 image_wait_ms: float = 10.0):
         self.blobs, self.cache_root = blobs, Path(cache_root)
-        self.max_batch, self.max_loaded = max_batch, max_loaded
-        self._loaded: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self.max_loaded, self.max_memory = max_loaded, max_memory
+        self.default_keep_alive = parse_keep_alive(keep_alive)
+        self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
+        self._loaded: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.evictions = 0
+        self._reaper = threading.Thread(target=self._reap, name="model-reaper", daemon=True)
+        self._reaper.start()
 
-    def get(self, version: Version) -> LoadedModel:
+    # -- requests ------------------------------------------------------------------------
+    def acquire(self, version: Version, *, tasks: tuple[str, ...] | None = None) -> Loaded:
+        """The version loaded and held for one request; pair with `release`.
+
+        `tasks` (e.g. ("text-generation",)) are what the route serves: WrongTask if the version
+        does something else; OSError/ValueError if its files cannot be loaded; ModelTooLarge if its
+        weights exceed the memory budget on their own.
+        """
+        family = FAMILIES.get(version.model.family)
+        if family is None or family.engine is None:
+            raise WrongTask(f"model {version.model.name!r} is a {version.model.family} model; it is not served "
+                            "on its own")
+        if tasks is not None and version.model.task not in tasks:
+            can_not = CANNOT.get(tasks[0], f"cannot do {' or '.join(tasks)}")
+            raise WrongTask(f"model {version.model.name!r} ({version.model.task}) {can_not}")
         key = (version.model.name, version.number)
         with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            family = version.model.family
-            if family not in TEXT_FAMILIES:
-                raise ValueError(f"model {version.model.name!r} is a {family} model; it cannot generate text")
-            folder = version_folder(self.blobs, version, self.cache_root)
-            model, tok = chargpt.from_pretrained(folder)
-            loaded = LoadedModel(version, model, tok, TextEngine(model, tok, self.max_batch))
-            self._loaded[key] = loaded
-            while len(self._loaded) > self.max_loaded:
-                _, old = self._loaded.popitem(last=False)
-                old.engine.close()
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                loaded = self._load(version, family)
+            self._loaded.move_to_end(key)
+            loaded.in_use += 1
+            loaded.last_used = time.time()
             return loaded
 
-    def get_image(self, version: Version, *, max_batch: int = 16, max_wait_ms: float = 10.0):
-        """An image model (ddpm, dcgan) with its micro-batching engine; shares the LRU with text models."""
-        from atelier.runtime.image_engine import load_image_model
-
-        key = (version.model.name, version.number)
+    def release(self, loaded: Loaded, keep_alive=None) -> None:
+        """The request is done with it: start its keep-alive clock (unload now if it is 0)."""
+        seconds = self.default_keep_alive if keep_alive is None else parse_keep_alive(keep_alive)
         with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            folder = version_folder(self.blobs, version, self.cache_root)
-            loaded = load_image_model(version, folder, max_batch=max_batch, max_wait_ms=max_wait_ms)
-            self._loaded[key] = loaded
-            while len(self._loaded) > self.max_loaded:
-                _, old = self._loaded.popitem(last=False)
-                old.engine.close()
-            return loaded
+            loaded.in_use = max(0, loaded.in_use - 1)
+            loaded.last_used = time.time()
+            loaded.expires_at = None if seconds is None else loaded.last_used + seconds
+            if loaded.in_use == 0 and seconds == 0:
+                self._unload(loaded, "keep_alive=0")
 
-    def get_loaded(self, name: str, number: int) -> LoadedModel | None:
+    # -- operators ------------------------------------------------------------------------
+    def load(self, version: Version, keep_alive=None) -> Loaded:
+        """Load (or keep) a version without a request: POST /api/models/{ref}/load."""
+        loaded = self.acquire(version)
+        self.release(loaded, keep_alive)
+        return loaded
+
+    def unload(self, name: str, number: int) -> bool:
+        """Unload a version now (its running requests fail with EngineClosed); False if it was not loaded."""
+        with self._lock:
+            loaded = self._loaded.get((name, number))
+            if loaded is None:
+                return False
+            self._unload(loaded, "unloaded by request")
+            return True
+
+    def ps(self) -> list[dict]:
+        """What is loaded, most recently used first."""
+        with self._lock:
+            return [m.public() for m in reversed(self._loaded.values())]
+
+    def get_loaded(self, name: str, number: int) -> Loaded | None:
         return self._loaded.get((name, number))
 
     def loaded(self) -> list[str]:
         return [m.ref for m in self._loaded.values()]
 
+    def memory(self) -> int:
+        return sum(m.weight_bytes for m in self._loaded.values())
+
     def close(self) -> None:
+        """Unload everything and delete every decrypted folder (server shutdown)."""
+        self._stop.set()
         with self._lock:
-            for m in self._loaded.values():
-                m.engine.close()
-            self._loaded.clear()
+            for m in list(self._loaded.values()):
+                self._unload(m, "server stopping")
+        self.blobs.close()
+
+    # -- inside ---------------------------------------------------------------------------
+    def _load(self, version: Version, family: Family) -> Loaded:
+        folder = version_folder(self.blobs, version, self.cache_root)
+        weight = family.weight_bytes(folder)
+        if self.max_memory is not None and weight > self.max_memory:
+            self._remove_folder(folder)
+            raise ModelTooLarge(f"model {version.model.name}@{version.number} holds {weight} bytes of weights; "
+                                f"ATELIER_MAX_MODEL_MEMORY is {self.max_memory}")
+        self._make_room(weight)
+        try:
+            servable = family.load(folder)
+        except Exception:
+            self._remove_folder(folder)
+            raise
+        if family.engine == "text":
+            engine = TextEngine(servable, self.max_batch)
+        elif family.engine == "image":
+            engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms)
+        else:
+            engine = None
+        loaded = Loaded(version.model.name, version.number, family, version.model.task, servable, engine, folder,
+                        weight)
+        self._loaded[loaded.key] = loaded
+        log.info("loaded %s (%s, %d bytes of weights)", loaded.ref, family.name, weight)
+        return loaded
+
+    def _make_room(self, incoming: int) -> None:
+        """1. Unload least recently used versions (idle ones first) until one more fits."""
+        def over() -> bool:
+            return len(self._loaded) >= self.max_loaded or (
+                self.max_memory is not None and self.memory() + incoming > self.max_memory)
+
+        while self._loaded and over():
+            idle = [m for m in self._loaded.values() if m.in_use == 0]
+            victim = idle[0] if idle else next(iter(self._loaded.values()))
+            self.evictions += 1
+            self._unload(victim, "evicted to make room")
+
+    def _unload(self, loaded: Loaded, why: str) -> None:
+        """3. Close the engine (failing its requests), forget the model, delete its decrypted files."""
+        if self._loaded.get(loaded.key) is loaded:
+            del self._loaded[loaded.key]
+        if loaded.engine is not None:
+            loaded.engine.close()
+        self._remove_folder(loaded.folder)
+        log.info("unloaded %s (%s)", loaded.ref, why)
+
+    def _remove_folder(self, folder: Path) -> None:
+        if self.blobs.encrypted:  # plaintext weights never outlive their use
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _reap(self) -> None:
+        """2. Unload idle versions whose keep-alive has run out."""
+        while not self._stop.wait(0.5):
+            now = time.time()
+            with self._lock:
+                for m in list(self._loaded.values()):
+                    if m.in_use == 0 and m.expires_at is not None and now >= m.expires_at:
+                        self._unload(m, "keep_alive expired")

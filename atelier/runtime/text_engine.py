@@ -1,4 +1,4 @@
-"""Continuous batching for a character language model.
+"""Continuous batching for a language model (any TextServable, atelier/families/base.py).
 
 One engine per loaded text model, with one worker thread. Requests become *sequences*
 (one per choice of `n`); each active sequence owns a row ("slot") of a shared KV cache.
@@ -9,7 +9,9 @@ Every iteration of the worker:
   3. samples each row with its own parameters and seeded generator, applies stop
      sequences, and hands text to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
-one takes it at the next iteration, so short and long requests share the batch.
+one takes it at the next iteration, so short and long requests share the batch. When the
+engine closes (its model is unloaded), every waiting and running sequence gets an
+EngineClosed event instead of hanging.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atelier.models.chargpt import KVCache
+from atelier.runtime.errors import EngineClosed
 from atelier.runtime.sampling import Sampled, SamplingParams, sample_rows
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TextChunk:
     text: str
-    tokens: list[Sampled]  # one per character of text (character tokenizer)
+    tokens: list[Sampled]  # the tokens whose text this is
 
 
 @dataclass
@@ -74,15 +76,12 @@ class Sequence:
 
 
 class TextEngine:
-    def __init__(self, model, tokenizer, max_batch: int = 16):
-        self.model = model.eval()
-        self.tok = tokenizer
-        self.config = model.config
+    def __init__(self, lm, max_batch: int = 16):
+        self.lm = lm
         self.max_batch = max_batch
-        self.cache = KVCache(self.config, max_batch)
+        self.cache = lm.new_cache(max_batch)
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
-        self.banned = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id]
         self._wake = threading.Condition()
         self._closed = False
         self.cancelled = 0  # sequences dropped because their client left
@@ -91,21 +90,29 @@ class TextEngine:
 
     @property
     def context(self) -> int:
-        return self.config.n_positions
+        return self.lm.context
 
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) >= self.context:
             raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
         with self._wake:
+            if self._closed:
+                raise EngineClosed("the model was unloaded before this request ran; retry it")
             self.waiting.append(seq)
             self._wake.notify()
         return seq
 
     def close(self) -> None:
+        """Stop the worker; every waiting and running sequence ends with EngineClosed."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=30)
+        with self._wake:
+            for seq in list(self.waiting) + [s for s in self.slots if s is not None]:
+                seq._emit(EngineClosed("the model was unloaded while this request was generating; retry it"))
+            self.waiting.clear()
+            self.slots = [None] * self.max_batch
 
     # -- worker -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -140,8 +147,7 @@ class TextEngine:
             seq.generator = torch.Generator().manual_seed(seq.seed)
             # 1. prefill the whole prompt into this slot, sample the first token
             ids = torch.tensor([seq.prompt_ids])
-            logits, _ = self.model(ids, cache=self.cache, rows=torch.tensor([free]),
-                                   pos=torch.arange(len(seq.prompt_ids))[None])
+            logits = self.lm.forward(ids, self.cache, torch.tensor([free]), torch.arange(len(seq.prompt_ids))[None])
             self._sample_and_accept([seq], logits[:, -1])
 
     def _decode_step(self) -> None:
@@ -157,13 +163,13 @@ class TextEngine:
         last = torch.tensor([[s.generated[-1]] for s in active])
         pos = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in active])
         rows = torch.tensor([s.slot for s in active])
-        logits, _ = self.model(last, cache=self.cache, rows=rows, pos=pos)
+        logits = self.lm.forward(last, self.cache, rows, pos)
         self._sample_and_accept(active, logits[:, -1])
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        eos = [self.tok.eos_id]
+        banned, eos = self.lm.banned_ids, [self.lm.eos_id]
         sampled = sample_rows(logits, [s.params for s in seqs],
-                              banned=[self.banned + eos if s.params.ignore_eos else self.banned for s in seqs],
+                              banned=[banned + eos if s.params.ignore_eos else banned for s in seqs],
                               prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
                               generators=[s.generator for s in seqs])
         for seq, one in zip(seqs, sampled):
@@ -172,11 +178,11 @@ class TextEngine:
     def _accept(self, seq: Sequence, s: Sampled) -> None:
         """3. extend, apply stops and limits, emit; free the slot when done."""
         seq.generated.append(s.token)
-        if s.token == self.tok.eos_id:
+        if s.token == self.lm.eos_id:
             self._finish(seq, "stop")
             return
         seq.sampled.append(s)
-        seq.text += self.tok.token_text(s.token)
+        seq.text += self.lm.token_text(s.token)
         for stop in seq.stop:
             at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
             if at != -1:

@@ -84,6 +84,12 @@ class BlobStore:
             atexit.register(shutil.rmtree, self._plain_root, True)
         return self._plain_root
 
+    def close(self) -> None:
+        """Delete the unpacked plaintexts now (server shutdown; atexit does not run after SIGTERM)."""
+        if self._plain_root is not None:
+            shutil.rmtree(self._plain_root, ignore_errors=True)
+            self._plain_root = None
+
 
 PLAIN_PREFIX = "atelier-versions-"
 

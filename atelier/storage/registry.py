@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from atelier.storage import audit
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import Alias, Model, Version
 
@@ -207,3 +208,21 @@ def delete_version(db: Session, *, version: Version, force: bool = False) -> lis
         db.delete(model)
     db.commit()
     return [a.name for a in pointing]
+
+
+# -- publishing trained weights ---------------------------------------------------------
+
+
+def register_trained(db: Session, blobs: BlobStore, *, folder: Path, name: str, family: str, task: str,
+                     training: dict | None = None, aliases: tuple[str, ...] = ("latest",), key_id: str | None = None,
+                     detail: dict | None = None) -> Version:
+    """A trainer's best folder → a new version, with its training record (`training.json`, when the
+    folder has one, plus `training`) and an audit entry. The CLI and the job runner both publish here.
+    """
+    record = {}
+    if (Path(folder) / "training.json").exists():
+        record = json.loads((Path(folder) / "training.json").read_text(encoding="utf-8"))
+    version = register_version(db, blobs, name=name, family=family, task=task, folder=folder,
+                               metrics=record.get("metrics", {}), training=record | (training or {}), aliases=aliases)
+    audit.record(db, action="model.register", target=f"{name}@{version.number}", key_id=key_id, detail=detail or {})
+    return version

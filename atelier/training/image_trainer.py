@@ -328,3 +328,40 @@ def train_images(cfg: ImageTrainConfig, workdir: str | Path, *, data: str | Path
 
 
 __all__ = ["ImageTrainConfig", "ImageTrainer", "train_images", "FAMILIES", "EmojiSet"]
+
+
+def train_image_job(family: str, job) -> Path | None:
+    """A job's steps 3–4 for ddpm / dcgan (`job` is a families.base.TrainJob): on an uploaded .npz
+    (images, optional names as captions), from scratch or fine-tuning a registered version (its
+    architecture, vocabulary and weights; an upscaler it carries comes along into the new version)."""
+    import shutil
+
+    from atelier.common.files import atomic_write_json
+    from atelier.models import upscaler
+    from atelier.training.hyperparameters import TrainError, given
+
+    h = given(job.hyperparameters)
+    steps = min(int(h.get("max_steps", 500)), job.max_steps)
+    base = job.base
+    job.stage(f"building the model: fine-tuning {job.base_ref}" if base else
+              f"building the model: {family} from scratch")
+    # Fine-tuning starts from trained weights: a gentler rate, so the base's drawing survives.
+    base_lr = {"ddpm": 8e-4, "dcgan": 2e-4}[family] / (4 if base else 1)
+    cfg = ImageTrainConfig(family=family, max_steps=steps, batch_size=int(h.get("batch_size", 16)),
+                           lr=base_lr * float(h.get("learning_rate_multiplier", 1.0)),
+                           warmup_steps=int(h.get("warmup_steps", min(100, steps // 10))),
+                           eval_every=int(h.get("eval_every", max(1, steps // 5))),
+                           grad_clip=float(h.get("grad_clip", 1.0)), seed=job.seed)
+    try:
+        trainer = ImageTrainer(cfg, job.workdir / "train", data=job.train_path, init_from=base, on_event=job.on_event)
+    except ValueError as e:
+        raise TrainError(str(e), code="invalid_training_file", param="training_file") from None
+    trainer.should_stop = job.should_stop
+    trainer.fit()
+    if job.should_stop():
+        return None
+    atomic_write_json(trainer.best_dir / "training.json", trainer.record())
+    if base is not None and upscaler.available(base):
+        for name in (upscaler.CONFIG_FILE, upscaler.WEIGHTS_FILE):
+            shutil.copyfile(base / name, trainer.best_dir / name)
+    return trainer.best_dir

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from atelier.api.deps import GenerateKey, SessionDep, SettingsDep
+from atelier.api import sse
+from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
-from atelier.api.models_lookup import load_text_model
+from atelier.api.models_lookup import acquire, unloaded
+from atelier.api.poem_completion import poem_completion
 from atelier.api.schemas import UNSUPPORTED, ChatRequest, CompletionRequest, SamplingFields
+from atelier.runtime.errors import EngineClosed
+from atelier.runtime.manager import Loaded, ModelManager
 from atelier.runtime.sampling import SamplingParams
 from atelier.runtime.text_engine import Finished, Sequence, TextChunk
 
@@ -50,9 +52,11 @@ def _check_common(body: SamplingFields, settings) -> None:
         raise bad_request("each stop sequence must be 1 to 64 characters long", "stop")
 
 
-def _plan(body: SamplingFields, texts: list[str], tokenizer, context: int, settings, *,
+def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
           max_tokens: int | None, prompt_param: str, logprobs: int | None) -> Plan:
+    """Tokenise the prompts (the model's own tokenizer) and check every limit against its context."""
     _check_common(body, settings)
+    context = lm.context
     prompts = []
     for text in texts:
         if not text.strip():
@@ -60,7 +64,7 @@ def _plan(body: SamplingFields, texts: list[str], tokenizer, context: int, setti
         if len(text) > settings.max_prompt_chars:
             raise bad_request(f"{prompt_param} has {len(text)} characters; the limit is {settings.max_prompt_chars} "
                               "(ATELIER_MAX_PROMPT_CHARS)", prompt_param, code="prompt_too_long")
-        ids = [tokenizer.bos_id] + tokenizer.encode(text)
+        ids = lm.encode(text)
         if len(ids) >= context:
             raise bad_request(f"{prompt_param} is {len(ids)} tokens; this model's context is {context} tokens",
                               prompt_param, code="context_length_exceeded")
@@ -98,19 +102,12 @@ def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
 
 async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue):
     """Yield (index, event) until every choice has finished; cancel all if the client leaves."""
-    remaining = len(seqs)
     try:
-        while remaining:
-            try:
-                index, event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+        async for index, event in sse.watch(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
+            if isinstance(event, EngineClosed):
+                raise unloaded(event)
             if isinstance(event, Exception):
                 raise APIError(500, "generation failed", type="server_error", code="generation_failed")
-            if isinstance(event, Finished):
-                remaining -= 1
             yield index, event
     finally:
         for s in seqs:
@@ -123,53 +120,48 @@ def _usage(finished: dict[int, Finished], plan: Plan) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(chunks: list, tokenizer, offset0: int = 0) -> dict:
+def _completion_logprobs(chunks: list, lm, offset0: int = 0) -> dict:
     tokens = [s for c in chunks for s in c.tokens]
     text_offset, pos = [], offset0
     for s in tokens:
         text_offset.append(pos)
-        pos += len(tokenizer.token_text(s.token))
-    return {"tokens": [tokenizer.token_text(s.token) for s in tokens],
+        pos += len(lm.token_text(s.token))
+    return {"tokens": [lm.token_text(s.token) for s in tokens],
             "token_logprobs": [s.logprob for s in tokens],
-            "top_logprobs": [{tokenizer.token_text(t): lp for t, lp in s.top} for s in tokens],
+            "top_logprobs": [{lm.token_text(t): lp for t, lp in s.top} for s in tokens],
             "text_offset": text_offset}
 
 
-def _chat_logprobs(chunks: list, tokenizer) -> dict:
+def _chat_logprobs(chunks: list, lm) -> dict:
     def entry(t, lp):
-        text = tokenizer.token_text(t)
+        text = lm.token_text(t)
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
                         for c in chunks for s in c.tokens]}
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics):
+def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics, release):
     async def body():
         finished: dict[int, Finished] = {}
         try:
             async for index, event in _events(request, seqs, events):
                 if isinstance(event, TextChunk):
                     metrics.tokens(len(event.tokens))
-                    yield _sse(make_chunk(index, event, None))
+                    yield sse.data(make_chunk(index, event, None))
                 else:
                     finished[index] = event
-                    yield _sse(make_chunk(index, None, event.reason))
+                    yield sse.data(make_chunk(index, None, event.reason))
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
             if final_usage:
-                yield _sse(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
-            yield "data: [DONE]\n\n"
+                yield sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
+            yield sse.DONE
         except APIError as e:
-            yield _sse(e.body())  # OpenAI's error shape, mid-stream too
-            yield "data: [DONE]\n\n"
+            yield sse.data(e.body())  # OpenAI's error shape, mid-stream too
+            yield sse.DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse.response(body(), on_close=release)
 
 
 async def _collect(request, seqs, events, metrics):
@@ -181,25 +173,44 @@ async def _collect(request, seqs, events, metrics):
             chunks[index].append(event)
         else:
             finished[index] = event
+    if len(finished) < len(seqs):
+        raise APIError(499, "client closed the request", code="client_closed")
     return chunks, finished
+
+
+def _text_model(manager: ModelManager, db, body: SamplingFields) -> Loaded:
+    return acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
+
+
+def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingFields, plan_fn):
+    """Plan and submit; on a bad request or a closed engine, give the model back first."""
+    try:
+        plan = plan_fn()
+        return plan, *_start(plan, loaded.engine)
+    except EngineClosed as e:
+        manager.release(loaded, body.keep_alive)
+        raise unloaded(e) from None
+    except BaseException:
+        manager.release(loaded, body.keep_alive)
+        raise
 
 
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                            key: GenerateKey):
+                            manager: ManagerDep, key: GenerateKey):
     """Continue a prompt (OpenAI's legacy completions)."""
-    loaded = load_text_model(request, db, body.model)
     if body.poem is not None:
-        from atelier.api.poem_completion import poem_completion
-        return await poem_completion(request, body, loaded, chat=False)
+        return await poem_completion(request, body, manager, db, chat=False)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not texts:
         raise bad_request("prompt is empty", "prompt", code="empty_prompt")
     if len(texts) > settings.max_n:
         raise bad_request(f"at most {settings.max_n} prompts per request, got {len(texts)}", "prompt")
-    plan = _plan(body, texts, loaded.tokenizer, loaded.engine.context, settings, max_tokens=body.max_tokens,
-                 prompt_param="prompt", logprobs=body.logprobs or None)
-    seqs, events = _start(plan, loaded.engine)
+    loaded = _text_model(manager, db, body)
+    lm = loaded.servable
+    plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
+        body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
+    release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     rid, created, metrics = f"cmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
@@ -215,18 +226,21 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
             if body.echo and index not in echoed:
                 echoed.add(index)
                 text = prompt_of(index) + text
-            lp = _completion_logprobs([chunk], loaded.tokenizer) if (chunk and body.logprobs) else None
+            lp = _completion_logprobs([chunk], lm) if (chunk and body.logprobs) else None
             return base | {"choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
 
-    chunks, finished = await _collect(request, seqs, events, metrics)
+    try:
+        chunks, finished = await _collect(request, seqs, events, metrics)
+    finally:
+        release()
     choices = []
     for index in sorted(chunks):
         text = "".join(c.text for c in chunks[index])
         prefix = prompt_of(index) if body.echo else ""
-        lp = _completion_logprobs(chunks[index], loaded.tokenizer, len(prefix)) if body.logprobs is not None else None
+        lp = _completion_logprobs(chunks[index], lm, len(prefix)) if body.logprobs is not None else None
         choices.append({"text": prefix + text, "index": index, "logprobs": lp,
                         "finish_reason": finished[index].reason})
     return base | {"choices": choices, "usage": _usage(finished, plan)}
@@ -243,12 +257,10 @@ def chat_prompt(messages) -> str:
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                                 key: GenerateKey):
+                                 manager: ManagerDep, key: GenerateKey):
     """Chat: the last user message is a title (or opening lines); the reply is the poem."""
-    loaded = load_text_model(request, db, body.model)
     if body.poem is not None:
-        from atelier.api.poem_completion import poem_completion
-        return await poem_completion(request, body, loaded, chat=True)
+        return await poem_completion(request, body, manager, db, chat=True)
     text = chat_prompt(body.messages)
     if not text.strip():
         raise bad_request("the last user message is empty", "messages", code="empty_prompt")
@@ -257,9 +269,11 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (top or 1) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    plan = _plan(body, [text], loaded.tokenizer, loaded.engine.context, settings, max_tokens=max_tokens,
-                 prompt_param="messages", logprobs=logprobs)
-    seqs, events = _start(plan, loaded.engine)
+    loaded = _text_model(manager, db, body)
+    lm = loaded.servable
+    plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
+        body, [text], lm, settings, max_tokens=max_tokens, prompt_param="messages", logprobs=logprobs))
+    release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     rid, created, metrics = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
@@ -276,16 +290,19 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                 delta["role"] = "assistant"
             if chunk:
                 delta["content"] = chunk.text
-            lp = trim(_chat_logprobs([chunk], loaded.tokenizer)) if (chunk and body.logprobs) else None
+            lp = trim(_chat_logprobs([chunk], lm)) if (chunk and body.logprobs) else None
             return base | {"object": "chat.completion.chunk",
                            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
 
-    chunks, finished = await _collect(request, seqs, events, metrics)
+    try:
+        chunks, finished = await _collect(request, seqs, events, metrics)
+    finally:
+        release()
     choices = [{"index": i,
                 "message": {"role": "assistant", "content": "".join(c.text for c in chunks[i])},
-                "logprobs": trim(_chat_logprobs(chunks[i], loaded.tokenizer)) if body.logprobs else None,
+                "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs else None,
                 "finish_reason": finished[i].reason} for i in sorted(chunks)]
     return base | {"object": "chat.completion", "choices": choices, "usage": _usage(finished, plan)}

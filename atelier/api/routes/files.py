@@ -11,8 +11,8 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from atelier.api.deps import SessionDep, SettingsDep, TrainKey
-from atelier.api.errors import APIError, bad_request, not_found
-from atelier.api.uploads import read_limited
+from atelier.api.errors import APIError, bad_request
+from atelier.api.uploads import get_file, read_limited
 from atelier.storage.db import File, Job
 from atelier.storage import audit
 from atelier.training.uploads import PURPOSES, UploadError, check_upload
@@ -25,13 +25,6 @@ def file_public(f: File) -> dict:
     return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": calendar.timegm(f.created_at.timetuple()),
             "filename": f.filename, "purpose": f.purpose, "status": "processed", "format": f.format,
             "records": f.records, "sha256": f.sha256}
-
-
-def get_file(db, file_id: str, param: str = "file_id") -> File:
-    f = db.get(File, file_id)
-    if f is None:
-        raise not_found(f"file {file_id!r} does not exist", param)
-    return f
 
 
 @router.post("")

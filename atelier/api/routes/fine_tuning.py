@@ -15,15 +15,14 @@ from sqlalchemy import select
 from atelier.api.deps import SessionDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
-from atelier.api.routes.files import get_file
+from atelier.api.uploads import get_file
 from atelier.jobs import store
-from atelier.jobs.runner import FAMILIES, JobError, check_hyperparameters, file_formats
+from atelier.families import FAMILIES, TrainError, trainable
 from atelier.storage.db import Job, JobCheckpoint, JobEvent
 from atelier.storage import audit
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-FINE_TUNABLE = ("chargpt", "ddpm", "dcgan")
 
 
 class Supervised(BaseModel):
@@ -66,15 +65,19 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
         raise bad_request(f"suffix {body.suffix!r} must match {SUFFIX_RE.pattern}", "suffix")
     if body.model in FAMILIES:
         family = body.model
+        if family not in trainable():
+            raise bad_request(f"{family} models cannot be trained as jobs; trainable families: "
+                              f"{', '.join(trainable())}", "model", code="model_not_supported")
         if not body.suffix:
             raise bad_request(f"training {family} from scratch needs a suffix: the new model's name", "suffix")
     else:
         version = resolve_version(db, body.model)
         family = version.model.family
-        if family not in FINE_TUNABLE:
+        if not FAMILIES[family].fine_tunable:
+            fine_tunable = ", ".join(n for n, f in FAMILIES.items() if f.fine_tunable)
             raise bad_request(f"model {version.model.name!r} ({family}) does not support fine-tuning; "
-                              f"fine-tunable families: {', '.join(FINE_TUNABLE)}", "model", code="model_not_supported")
-    formats = file_formats(family)
+                              f"fine-tunable families: {fine_tunable}", "model", code="model_not_supported")
+    formats = FAMILIES[family].train_formats
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
@@ -86,8 +89,8 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
             raise bad_request(f"{param} {file_id} is {f.format}; a {family} job needs {' or '.join(formats)}", param,
                               code="invalid_file_format")
     try:
-        hyper = check_hyperparameters(hyper, family)
-    except JobError as e:
+        hyper = FAMILIES[family].check_hyperparameters(hyper)
+    except TrainError as e:
         raise bad_request(e.message, e.param) from None
     job = store.create_job(db, base_model=body.model, family=family, suffix=body.suffix,
                            training_file=body.training_file, validation_file=body.validation_file,

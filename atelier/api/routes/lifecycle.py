@@ -10,7 +10,7 @@ from atelier.api.deps import AdminKey, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
 from atelier.api.uploads import read_limited
-from atelier.api.routes.models import model_public
+from atelier.api.models_public import model_public
 from atelier.storage import archives
 from atelier.storage import registry as store
 from atelier.storage import audit

@@ -7,13 +7,12 @@ within the search budget).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.api.deps import GenerateKey, ReadKey, SessionDep, SettingsDep
+from atelier.api.deps import GenerateKey, ManagerDep, ReadKey, SessionDep, SettingsDep
 from atelier.api.errors import bad_request
-from atelier.api.models_lookup import load_text_model
-from atelier.api.poem_completion import run_poetry
+from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
 
 router = APIRouter(prefix="/api/poems", tags=["poems"])
@@ -32,6 +31,7 @@ class PoemFields(BaseModel):
     pattern: str | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    keep_alive: str | float | None = None
 
 
 class PoemCreate(PoemFields):
@@ -50,6 +50,7 @@ class PoemCheck(BaseModel):
     pattern: str | None = None
     suggestions: bool = True
     model: str = "tang-poet"
+    keep_alive: str | float | None = None
 
 
 class PoemRevise(PoemFields):
@@ -64,16 +65,16 @@ def forms(key: ReadKey):
 
 
 @router.post("")
-async def compose(body: PoemCreate, request: Request, db: SessionDep, settings: SettingsDep, key: GenerateKey):
+async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep, key: GenerateKey):
     """Write poems that obey a form, each with its compliance report."""
-    loaded = load_text_model(request, db, body.model)
-    args = body.model_dump(exclude={"model"})
-    out = await run_poetry(poetry.compose, loaded.model, loaded.tokenizer, max_n=settings.max_n, **args)
+    args = body.model_dump(exclude={"model", "keep_alive"})
+    with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+        out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
     return out | {"model": loaded.ref}
 
 
 @router.post("/check")
-async def check(body: PoemCheck, request: Request, db: SessionDep, settings: SettingsDep, key: GenerateKey):
+async def check(body: PoemCheck, db: SessionDep, settings: SettingsDep, manager: ManagerDep, key: GenerateKey):
     """Check a poem a person wrote: tones, rhymes, violations, and the model's suggestions."""
     if (body.text is None) == (body.lines is None):
         raise bad_request("give the poem as text or as lines (one of them)", "text")
@@ -81,17 +82,17 @@ async def check(body: PoemCheck, request: Request, db: SessionDep, settings: Set
     if len(text) > settings.max_prompt_chars:
         raise bad_request(f"the poem has {len(text)} characters; the limit is {settings.max_prompt_chars} "
                           "(ATELIER_MAX_PROMPT_CHARS)", "text", code="text_too_long")
-    model = tokenizer = None
-    if body.suggestions:
-        loaded = load_text_model(request, db, body.model)
-        model, tokenizer = loaded.model, loaded.tokenizer
-    return await run_poetry(poetry.check, body.text if body.text is not None else body.lines, body.form,
-                      body.rhyme_scheme, pattern=body.pattern, model=model, tokenizer=tokenizer)
+    poem = body.text if body.text is not None else body.lines
+    if not body.suggestions:
+        return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern)
+    with poet(manager, db, body.model, body.keep_alive) as (_, model, tokenizer):
+        return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern, model=model,
+                                tokenizer=tokenizer)
 
 
 @router.post("/revise")
-async def revise(body: PoemRevise, request: Request, db: SessionDep, key: GenerateKey):
+async def revise(body: PoemRevise, db: SessionDep, manager: ManagerDep, key: GenerateKey):
     """Keep some lines (or characters) and rewrite the rest under the same constraints."""
-    loaded = load_text_model(request, db, body.model)
-    out = await run_poetry(poetry.revise, loaded.model, loaded.tokenizer, **body.model_dump(exclude={"model"}))
+    with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+        out = await run_poetry(poetry.revise, model, tokenizer, **body.model_dump(exclude={"model", "keep_alive"}))
     return out | {"model": loaded.ref}

@@ -1,0 +1,114 @@
+"""The family contract: what a model family tells the server, and the hooks it implements.
+
+In the spirit of LitServe's four hooks, a family is one object (one file under
+atelier/families/, one line in the registry in atelier/families/__init__.py) with:
+
+  declares   name, task, engine, train_formats, shipped folders, describe() for /v1/models
+  1. load    a version folder → the *servable*: the model ready to serve
+  2. work    the servable turns a request into work, runs a batch, encodes results; which
+             methods it has depends on the engine that drives it (below)
+  3. train   check_hyperparameters() at job creation, train() as the job's steps 3–4
+
+The engines live in atelier/runtime/ and never import a family's internals:
+  "text"   continuous batching (runtime/text_engine.py) over a TextServable
+  "image"  micro-batching (runtime/image_engine.py) over an ImageServable
+  "call"   no batching: the route calls the servable's own method in a worker thread
+  None     not served on its own (the upscaler travels inside an image model's version)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from atelier.training.hyperparameters import TrainError
+
+WEIGHT_SUFFIXES = (".safetensors", ".skops", ".onnx")
+
+
+@dataclass
+class TrainJob:
+    """What the job runner hands a family's `train` hook (steps 3 and 4 of a job)."""
+
+    hyperparameters: dict
+    seed: int
+    train_path: Path
+    val_path: Path | None
+    workdir: Path
+    max_steps: int  # ATELIER_MAX_JOB_STEPS
+    on_event: Callable[[dict], None]  # trainer events → job events
+    stage: Callable[[str], None]  # one line in the job's events ("building the model: …")
+    should_stop: Callable[[], bool]  # cancelled, or the worker is shutting down
+    base: Path | None = None  # fine-tuning: the base version's folder
+    base_ref: str | None = None  # …and its name@number
+    base_config: dict = field(default_factory=dict)
+    version_folder: Callable[[str], tuple[Any, Path]] | None = None  # another version (e.g. fusion members)
+    trained_tokens: int | None = None  # set by the hook, recorded on the job
+
+
+class TextServable(Protocol):
+    """A language model as the text engine drives it. Token ids in, logits out."""
+
+    context: int  # positions per sequence, prompt included
+    bos_id: int
+    eos_id: int
+    banned_ids: list[int]  # never sampled (padding, unknown, …)
+
+    def encode(self, text: str) -> list[int]: ...  # 1. request → work
+    def new_cache(self, rows: int) -> Any: ...  # a KV cache with one row per sequence slot
+    def forward(self, ids, cache, rows, pos): ...  # 2. (B, T) ids at positions pos → (B, T, vocab) logits
+    def token_text(self, token: int) -> str: ...  # 3. result → text
+
+
+class ImageServable(Protocol):
+    """An image model as the image engine drives it."""
+
+    sizes: list[str]  # served sizes, native first
+    upscalers: list[str]  # how it enlarges, the default first
+    sampler: str  # A1111's name for it ("DDIM", "DCGAN")
+    multi_step: bool  # steps / guidance / negative prompts / previews apply
+
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: list[float],
+                 negative_prompts: list[str], on_step: Callable[[int, Any], None] | None) -> np.ndarray: ...
+    def preview(self, x0) -> np.ndarray: ...  # an intermediate estimate → (B, S, S, 3) uint8
+    def enlarge(self, image: np.ndarray, factor: int, method: str | None) -> np.ndarray: ...
+
+
+class Family:
+    """Subclass per family; override what differs. Instances are stateless and shared."""
+
+    name: str = ""
+    task: str = ""
+    engine: str | None = "call"
+    train_formats: tuple[str, ...] = ()  # upload formats its jobs train from; () = no jobs
+    fine_tunable: bool = False  # a job may start from one of its versions
+    shipped: tuple[str, ...] = ()  # folders under atelier/assets/models registered on start
+
+    # -- declared --------------------------------------------------------------------------
+    def task_of(self, config: dict) -> str:
+        """The task of one version (a tabular version is classification or regression)."""
+        return self.task
+
+    def describe(self, config: dict, files: dict) -> dict:
+        """Extra fields for /v1/models: what a caller needs to know to call this version."""
+        return {}
+
+    # -- 1. load ---------------------------------------------------------------------------
+    def load(self, folder: Path) -> Any:
+        raise NotImplementedError(f"{self.name} models are not served on their own")
+
+    def weight_bytes(self, folder: Path) -> int:
+        """What holding this version costs, for ATELIER_MAX_MODEL_MEMORY: its weight files' bytes."""
+        return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+    # -- 3. train --------------------------------------------------------------------------
+    def check_hyperparameters(self, hyper: dict) -> dict:
+        """Validate a job's hyper-parameters at creation; TrainError names the bad one."""
+        raise TrainError(f"{self.name} models cannot be trained as jobs", param="model")
+
+    def train(self, job: TrainJob) -> Path | None:
+        """Build and train; the folder of the best weights (with training.json), or None if stopped."""
+        raise TrainError(f"{self.name} models cannot be trained as jobs", param="model")

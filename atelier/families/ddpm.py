@@ -1,0 +1,59 @@
+"""ddpm: a small text-conditioned UNet diffusion model (atelier/models/ddpm.py), sampled with DDIM.
+
+Served by the image engine (micro-batching, previews at chosen steps); trained from an
+uploaded .npz of images, from scratch or fine-tuning a version; `emoji-diffusion` ships.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from atelier.families.base import Family, TrainJob
+from atelier.images.upscaling import Enlarger, image_sizes, upscalers
+from atelier.models import ddpm
+from atelier.training import hyperparameters
+
+class Diffusion(Enlarger):
+    """A ddpm version as the image engine drives it (families/base.py: ImageServable)."""
+
+    sampler, multi_step = "DDIM", True
+
+    def __init__(self, folder: Path):
+        self.model, self.vocab = ddpm.from_pretrained(folder)
+        super().__init__(folder, json.loads((folder / ddpm.CONFIG_FILE).read_text(encoding="utf-8")))
+
+    def generate(self, prompts, seeds, *, steps, guidance, negative_prompts, on_step) -> np.ndarray:
+        return ddpm.generate(self.model, self.vocab, prompts, seeds, steps=steps, guidance=guidance,
+                             negative_prompts=negative_prompts, on_step=on_step).numpy()
+
+    def preview(self, x0) -> np.ndarray:
+        return ddpm.to_uint8(x0).numpy()
+
+
+class Ddpm(Family):
+    name = "ddpm"
+    task = "image-generation"
+    engine = "image"
+    train_formats = ("npz",)
+    fine_tunable = True
+    shipped = ("emoji-diffusion",)
+
+    def describe(self, config: dict, files: dict) -> dict:
+        return {"image_sizes": image_sizes(config), "upscalers": upscalers(files)}
+
+    def load(self, folder: Path) -> Diffusion:
+        return Diffusion(Path(folder))
+
+    def check_hyperparameters(self, hyper: dict) -> dict:
+        return hyperparameters.check(hyper, hyperparameters.IMAGE_ACCEPTED, family=self.name)
+
+    def train(self, job: TrainJob) -> Path | None:
+        from atelier.training.image_trainer import train_image_job
+
+        return train_image_job(self.name, job)
+
+
+family = Ddpm()

@@ -1,0 +1,194 @@
+"""The one runtime, through the real server: what is loaded (/api/ps), load/unload, LRU eviction
+under ATELIER_MAX_LOADED_MODELS, the memory budget, keep_alive, unloading mid-stream, and
+decrypted folders removed on eviction and at shutdown. Also the job worker with the data key
+given by environment (it used to receive "**********")."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+
+import httpx
+import pytest
+
+from atelier.jobs.supervisor import settings_env
+from atelier.runtime.manager import parse_keep_alive
+from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, make_settings, make_tiny_image_models
+
+
+@pytest.fixture(scope="module")
+def small_runtime(tmp_path_factory):
+    """One model at a time, tang-poet (shipped) and a tiny GAN registered."""
+    from atelier.storage.registry import register_version
+
+    settings = make_settings(tmp_path_factory.mktemp("runtime-home"), max_loaded_models=1, run_worker=False,
+                             max_body_bytes=200_000)
+    folders = make_tiny_image_models(tmp_path_factory.mktemp("runtime-models"))
+    with LiveServer(settings) as s:
+        with s.app.state.sessions() as db:
+            register_version(db, s.app.state.blobs, name="tiny-gan", family="dcgan", task="image-generation",
+                             folder=folders["tiny-gan"])
+        yield s
+
+
+@pytest.fixture()
+def rt(small_runtime):
+    with admin_http(small_runtime) as c:
+        for row in c.get("/api/ps").json()["data"]:  # every test starts with nothing loaded
+            c.post(f"/api/models/{row['model']}/unload")
+        yield c
+
+
+def loaded(http) -> list[str]:
+    return [row["model"] for row in http.get("/api/ps").json()["data"]]
+
+
+def test_keep_alive_forms():
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("30s") == 30 and parse_keep_alive("500ms") == 0.5
+    assert parse_keep_alive(0) == 0 and parse_keep_alive("-1") is None and parse_keep_alive(-5) is None
+    for bad in ("soon", "5 minutes", True, "1h30m"):
+        with pytest.raises(ValueError):
+            parse_keep_alive(bad)
+
+
+def test_ps_load_unload_and_lru_eviction(rt, small_runtime):
+    ps = rt.get("/api/ps").json()
+    assert ps["object"] == "list" and ps["data"] == [] and ps["max_loaded_models"] == 1
+    r = rt.post("/api/models/tang-poet/load", json={"keep_alive": -1})
+    assert r.status_code == 200, r.text
+    row = r.json()
+    assert row["model"] == "tang-poet@1" and row["family"] == "chargpt" and row["engine"] == "text"
+    assert row["size_bytes"] > 10_000_000 and row["expires_at"] is None
+    assert loaded(rt) == ["tang-poet@1"]
+    # A request for another model evicts the least recently used one (the limit is 1).
+    client = admin_openai(small_runtime)
+    client.images.generate(model="tiny-gan", prompt="red apple", extra_body={"seed": 1})
+    assert loaded(rt) == ["tiny-gan@1"]
+    assert small_runtime.app.state.manager.evictions >= 1
+    r = rt.post("/api/models/tiny-gan/unload")
+    assert r.json() == {"model": "tiny-gan@1", "unloaded": True}
+    assert rt.post("/api/models/tiny-gan/unload").json()["unloaded"] is False
+    assert loaded(rt) == []
+    audit = rt.get("/api/audit", params={"limit": 200}).json()["data"]
+    assert {"model.load", "model.unload"} <= {e["action"] for e in audit}
+
+
+def test_keep_alive_zero_unloads_after_the_request_and_a_duration_expires(rt, small_runtime):
+    client = admin_openai(small_runtime)
+    out = client.completions.create(model="tang-poet", prompt="春", max_tokens=3, seed=1,
+                                    extra_body={"keep_alive": 0})
+    assert out.choices[0].text
+    assert loaded(rt) == []
+    client.completions.create(model="tang-poet", prompt="春", max_tokens=3, seed=1, extra_body={"keep_alive": "1s"})
+    row = rt.get("/api/ps").json()["data"][0]
+    assert row["model"] == "tang-poet@1" and row["expires_at"] is not None and row["in_use"] == 0
+    deadline = time.time() + 10
+    while loaded(rt) and time.time() < deadline:
+        time.sleep(0.2)
+    assert loaded(rt) == []
+
+
+def test_bad_keep_alive_is_a_400_and_loads_nothing(rt):
+    r = rt.post("/v1/completions", json={"model": "tang-poet", "prompt": "春", "keep_alive": "soon"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+    r = rt.post("/api/models/tang-poet/load", json={"keep_alive": "forever"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+    r = rt.post("/api/models/tang-poet/load", json={"keep_alive": 1, "extra": 2})
+    assert r.status_code == 400 and "extra" in r.json()["error"]["message"]
+    assert loaded(rt) == []
+
+
+def test_scopes_for_runtime_routes(rt):
+    secret = rt.post("/api/keys", json={"name": "reader", "scopes": ["read"]}).json()["secret"]
+    with httpx.Client(base_url=str(rt.base_url), headers={"Authorization": f"Bearer {secret}"}) as reader:
+        assert reader.get("/api/ps").status_code == 200
+        assert reader.post("/api/models/tang-poet/load").status_code == 403
+        assert reader.post("/api/models/tang-poet/unload").status_code == 403
+    assert rt.post("/api/models/no-such-model/load").status_code == 404
+
+
+def test_unload_mid_stream_ends_the_stream_with_a_clear_error(rt, small_runtime):
+    """An engine that closes fails its running requests: the stream ends, it does not hang."""
+    body = {"model": "tang-poet", "prompt": "春", "max_tokens": 100, "stream": True, "ignore_eos": True, "seed": 3,
+            "keep_alive": -1}
+    events, unloaded = [], threading.Event()
+
+    def unload_soon():
+        time.sleep(0.3)
+        with admin_http(small_runtime) as c:
+            c.post("/api/models/tang-poet/unload")
+        unloaded.set()
+
+    with httpx.Client(base_url=small_runtime.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                      timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        started = time.time()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            events.append(json.loads(line[6:]))
+            if len(events) == 1:
+                threading.Thread(target=unload_soon, daemon=True).start()
+        assert time.time() - started < 20
+    assert unloaded.wait(5)
+    errors = [e["error"] for e in events if "error" in e]
+    texts = [e for e in events if "choices" in e]
+    assert texts, "some text streamed before the unload"
+    assert len(errors) == 1 and errors[0]["code"] == "model_unloaded" and errors[0]["type"] == "server_error"
+    assert "unloaded" in errors[0]["message"]
+    assert loaded(rt) == []
+    # The model loads again on the next request.
+    assert rt.post("/v1/completions", json={"model": "tang-poet", "prompt": "春", "max_tokens": 2}).status_code == 200
+
+
+def test_decrypted_folders_go_on_eviction_and_at_shutdown(tmp_path):
+    settings = make_settings(tmp_path / "home", max_loaded_models=1, run_worker=False)
+    with LiveServer(settings) as s, admin_http(s) as http:
+        blobs = s.app.state.blobs
+        assert blobs.encrypted
+        http.post("/api/models/tang-poet/load", json={"keep_alive": -1})
+        root = blobs._plain_root
+        folder = root / "tang-poet" / "1"
+        assert (folder / "model.safetensors").exists()
+        http.post("/api/models/style-transfer/load")  # evicts tang-poet
+        assert not folder.exists()
+        assert (root / "style-transfer" / "1" / "model.safetensors").exists()
+    assert not root.exists(), "the unpacked plaintexts outlived the server"
+
+
+def test_a_model_larger_than_the_memory_budget_is_a_503(tmp_path):
+    settings = make_settings(tmp_path / "home", max_model_memory=1_000_000, run_worker=False)
+    with LiveServer(settings) as s, admin_http(s) as http:
+        r = http.post("/v1/completions", json={"model": "tang-poet", "prompt": "春", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_too_large"
+        assert "ATELIER_MAX_MODEL_MEMORY" in r.json()["error"]["message"]
+        r = http.post("/api/models/style-transfer/load")  # small enough
+        assert r.status_code == 200 and r.json()["size_bytes"] < 1_000_000
+
+
+def test_worker_gets_the_data_key_itself_not_its_mask(tmp_path):
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    settings = make_settings(tmp_path / "home", secret_key=key)
+    env = settings_env(settings)
+    assert env["ATELIER_SECRET_KEY"] == key
+
+
+def test_a_job_trains_with_encryption_on_and_the_key_from_the_environment(tmp_path):
+    """The worker process opens the encrypted upload and seals the new version with the same key."""
+    from test_jobs import POEMS, TINY, upload, wait_for
+
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    settings = make_settings(tmp_path / "home", secret_key=key, shipped_models=False)
+    with LiveServer(settings) as s:
+        client = admin_openai(s)
+        f = upload(client, "tiny.txt", "\n\n".join(POEMS * 3).encode("utf-8"))
+        job = client.fine_tuning.jobs.create(model="chargpt", training_file=f.id, suffix="sealed-poet",
+                                             hyperparameters=TINY | {"max_steps": 4, "eval_every": 2})
+        job = wait_for(client, job.id, timeout=180)
+        assert job.status == "succeeded", job.error
+        assert client.completions.create(model="sealed-poet", prompt="春", max_tokens=3, seed=0).choices[0].text
+        assert not (tmp_path / "home" / "secret.key").exists()  # the key came from the environment only
