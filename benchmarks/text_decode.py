@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from atelier.models.chargpt import from_pretrained
-from atelier.storage.shipped import SHIPPED_DIR
+from atelier.families.shipped import SHIPPED_DIR
 from atelier.runtime.sampling import SamplingParams
+from atelier.families.chargpt import family as chargpt_family
 from atelier.runtime.text_engine import Finished, Sequence, TextEngine
 
 PROMPT = "春眠不觉晓，"
@@ -65,7 +66,7 @@ def main() -> None:
 
     model, tok = from_pretrained(args.model_dir)
     hf = GPT2LMHeadModel.from_pretrained(args.model_dir).eval()
-    engine = TextEngine(model, tok, max_batch=16)
+    engine = TextEngine(chargpt_family.load(args.model_dir), max_batch=16)  # as the server runs it
     prompt_ids = [tok.bos_id] + tok.encode(PROMPT)
     n = min(args.new_tokens, model.config.n_positions - len(prompt_ids))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,7 @@ def test_train_image_families_and_attach_an_upscaler(tmp_path):
         assert "upscaler.safetensors" not in one.files and "upscaler.safetensors" in two.files
         assert two.files["model.safetensors"] == one.files["model.safetensors"]  # the same generator
         assert "upscaler" in two.training
+        assert two.metrics == one.metrics  # the image model's metrics, not the upscaler's
     assert run(up + ["--attach-to", "nope"], env).returncode == 2
     assert run(["train", "--family", "gpt", "--data", data, "--name", "x"], env).returncode == 2
 
@@ -146,3 +148,76 @@ def test_serve_prints_the_admin_key_once_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_models_import_a_folder_asks_for_the_archive(server, tmp_path):
+    r = run(["models", "import", str(tmp_path)], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
+    assert r.returncode == 2, r.stderr
+    assert "is a folder" in r.stderr and "atelier models export" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_rejects_a_family_without_a_local_trainer(tmp_path):
+    from atelier.cli.train import LOCAL_TRAINERS
+    from atelier.families import FAMILIES
+
+    assert set(LOCAL_TRAINERS) <= set(FAMILIES)
+
+    r = run(["train", "--family", "nonsense", "--data", str(tmp_path), "--name", "x"],
+            {"ATELIER_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2
+    assert "nonsense" in r.stderr and all(f in r.stderr for f in LOCAL_TRAINERS)
+
+
+# -- ps, models load / unload (in-process through typer's runner, against the live server) --------
+
+
+def invoke(server, *args):
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+    from atelier.cli.http import console
+
+    narrow, console.width = console._width, 200  # rich would wrap table rows at 80 columns off a terminal
+    try:
+        return CliRunner().invoke(app, [*args, "--url", server.url, "--api-key", ADMIN_KEY])
+    finally:
+        console._width = narrow
+
+
+def test_ps_until_in_words():
+    from atelier.cli.ps import _until
+
+    assert _until(None, 100.0) == "forever"
+    assert _until(100.0 + 4 * 60 + 59.5, 100.0) == "4 minutes from now"
+    assert _until(100.0 + 3600, 100.0) == "1 hour from now"
+    assert _until(50.0, 100.0) == "now"
+
+
+def test_ps_shows_a_loaded_model_and_when_it_goes(server):
+    r = invoke(server, "models", "load", "tang-poet@1", "--keep-alive", "5m")
+    assert r.exit_code == 0, r.output
+    assert "loaded tang-poet@1" in r.output
+    r = invoke(server, "ps")
+    assert r.exit_code == 0, r.output
+    for col in ("MODEL", "FAMILY", "TASK", "SIZE", "IN USE", "UNTIL"):
+        assert col in r.output
+    line = next(l for l in r.output.splitlines() if "tang-poet@1" in l)
+    assert "chargpt" in line and "text-generation" in line and "MB" in line and "minutes from now" in line
+    assert re.search(r"\d+ of \d+ loaded, [\d.]+ [kM]B of (unlimited|[\d.]+ [kM]B) memory", r.output), r.output
+    r = invoke(server, "models", "load", "tang-poet@1", "--keep-alive=-1")
+    assert r.exit_code == 0, r.output
+    line = next(l for l in invoke(server, "ps").output.splitlines() if "tang-poet@1" in l)
+    assert "forever" in line
+
+
+def test_models_load_unload_and_errors(server):
+    assert invoke(server, "models", "load", "tang-poet@1").exit_code == 0
+    r = invoke(server, "models", "unload", "tang-poet@1")
+    assert r.exit_code == 0 and "unloaded tang-poet@1" in r.output, r.output
+    assert "tang-poet@1" not in invoke(server, "ps").output
+    r = invoke(server, "models", "unload", "tang-poet@1")
+    assert r.exit_code == 0 and "tang-poet@1 was not loaded" in r.output, r.output
+    r = invoke(server, "models", "load", "nope")
+    assert r.exit_code == 1 and "does not exist" in r.output, r.output
+    r = invoke(server, "models", "load", "tang-poet@1", "--keep-alive", "soon")
+    assert r.exit_code == 1 and "keep_alive" in r.output, r.output

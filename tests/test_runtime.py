@@ -102,7 +102,7 @@ def test_bad_keep_alive_is_a_400_and_loads_nothing(rt):
 
 
 def test_scopes_for_runtime_routes(rt):
-    secret = rt.post("/api/keys", json={"name": "reader", "scopes": ["read"]}).json()["secret"]
+    secret = rt.post("/api/keys", json={"name": "reader", "scopes": ["read"]}).json()["key"]
     with httpx.Client(base_url=str(rt.base_url), headers={"Authorization": f"Bearer {secret}"}) as reader:
         assert reader.get("/api/ps").status_code == 200
         assert reader.post("/api/models/tang-poet/load").status_code == 403

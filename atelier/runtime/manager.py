@@ -125,7 +125,7 @@ class ModelManager:
                             "on its own")
         if tasks is not None and version.model.task not in tasks:
             can_not = CANNOT.get(tasks[0], f"cannot do {' or '.join(tasks)}")
-            raise WrongTask(f"model {version.model.name!r} ({version.model.task}) {can_not}")
+            raise WrongTask(f"model {version.model.name!r} (a {family.name} model, {version.model.task}) {can_not}")
         key = (version.model.name, version.number)
         with self._lock:
             loaded = self._loaded.get(key)

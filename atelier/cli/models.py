@@ -1,0 +1,136 @@
+"""`atelier models`: list, inspect, promote, roll back, delete, export, import, load and unload models on the server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from atelier.cli.http import KeyOpt, UrlOpt, call, console, err
+
+app = typer.Typer(help="List, inspect, publish and load models (through the server).", no_args_is_help=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command("list")
+def models_list(url: UrlOpt = None, api_key: KeyOpt = None,
+                as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+    """Models with their versions, aliases, sizes and metrics."""
+    data = call("GET", "/v1/models", url, api_key).json()["data"]
+    if as_json:
+        console.print_json(data=data)
+        return
+    table = Table(title="Models")
+    for col in ("model", "version", "aliases", "family", "task", "size", "metrics"):
+        table.add_column(col)
+    for m in data:
+        for v in m["versions"]:
+            aliases = ", ".join(a for a, n in m["aliases"].items() if n == v["version"])
+            metrics = ", ".join(f"{k}={v['metrics'][k]:.3f}" for k in ("val_loss", "val_ppl") if k in v["metrics"])
+            table.add_row(m["id"], str(v["version"]), aliases, m["family"], m["task"], _size(v["size_bytes"]), metrics)
+    console.print(table)
+
+
+@app.command("show")
+def models_show(model: str, url: UrlOpt = None, api_key: KeyOpt = None):
+    """One model (name, name:alias or name@version) as JSON."""
+    console.print_json(data=call("GET", f"/v1/models/{model}", url, api_key).json())
+
+
+@app.command("promote")
+def models_promote(ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                   alias: Annotated[str, typer.Option(help="alias to move")] = "production",
+                   url: UrlOpt = None, api_key: KeyOpt = None):
+    """Point an alias (default production) at a version."""
+    name, _, number = ref.partition("@")
+    if not number.isdigit():  # an alias must name a fixed version, never another alias
+        err.print("[red]give the version as NAME@VERSION, e.g. tang-poet@2[/red]")
+        raise typer.Exit(2)
+    call("POST", f"/api/models/{name}/aliases", url, api_key, json={"alias": alias, "version": int(number)})
+    console.print(f"{name}:{alias} → {ref}")
+
+
+@app.command("rollback")
+def models_rollback(name: str, alias: Annotated[str, typer.Option()] = "production",
+                    url: UrlOpt = None, api_key: KeyOpt = None):
+    """Move an alias back to the previous version."""
+    out = call("POST", f"/api/models/{name}/rollback", url, api_key, json={"alias": alias}).json()
+    console.print(f"{name}:{alias} → {name}@{out['aliases'][alias]}")
+
+
+@app.command("delete")
+def models_delete(ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+                  force: Annotated[bool, typer.Option(help="also remove aliases pointing at it")] = False,
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Delete a version."""
+    call("DELETE", f"/api/models/{ref}", url, api_key, params={"force": force})
+    console.print(f"deleted {ref}")
+
+
+@app.command("export")
+def models_export(ref: str, output: Annotated[Path, typer.Option("-o", "--output", help="archive (.zip) or folder (hf)")],
+                  fmt: Annotated[str, typer.Option("--format", help="atelier (zip + manifest) | hf (GPT-2 folder)")] = "atelier",
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Export a version as one verified archive, or (chargpt) as a Hugging Face GPT-2 folder."""
+    import io
+    import zipfile
+
+    if fmt not in ("atelier", "hf"):
+        err.print(f"[red]--format {fmt!r} is not one of atelier, hf[/red]")
+        raise typer.Exit(2)
+    data = call("GET", f"/api/models/{ref}/export", url, api_key).content
+    if fmt == "atelier":
+        from atelier.common.files import atomic_write_bytes
+
+        atomic_write_bytes(output, data)  # never a half-written archive that `import` would reject later
+    else:
+        # The hf folder is the archive's payload unpacked; the manifest says which files belong to it.
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            manifest = json.loads(z.read("manifest.json"))
+            if manifest["family"] != "chargpt":
+                err.print(f"[red]{ref} is a {manifest['family']} model; only chargpt exports to Hugging Face[/red]")
+                raise typer.Exit(2)
+            output.mkdir(parents=True, exist_ok=True)
+            for name in manifest["files"]:
+                (output / name).write_bytes(z.read(name))
+    console.print(f"exported {ref} to {output}")
+
+
+@app.command("import")
+def models_import(archive: Path, name: Annotated[Optional[str], typer.Option(help="register under this name")] = None,
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Import an exported archive as a new version (verified; safetensors/JSON only)."""
+    if archive.is_dir():  # e.g. an `export --format hf` folder: say what is expected instead of IsADirectoryError
+        err.print(f"[red]{archive} is a folder: give the .zip archive made by `atelier models export`[/red]")
+        raise typer.Exit(2)
+    with open(archive, "rb") as f:
+        out = call("POST", "/api/models/import", url, api_key, files={"file": (archive.name, f)},
+                   data={"name": name} if name else {}).json()
+    console.print(f"imported {out['latest']['ref']}")
+
+
+@app.command("load")
+def models_load(ref: Annotated[str, typer.Argument(help="name, name:alias or name@version")],
+                keep_alive: Annotated[Optional[str], typer.Option(help="how long it stays loaded once idle: "
+                                                                  "5m, 1h, 0 (unload when idle), -1 (forever) "
+                                                                  "[server default]")] = None,
+                url: UrlOpt = None, api_key: KeyOpt = None):
+    """Load a model into the server's memory now, so the first request does not wait for it."""
+    # keep_alive is left out when not given so that the server's own default applies.
+    call("POST", f"/api/models/{ref}/load", url, api_key,
+         json={"keep_alive": keep_alive} if keep_alive is not None else {})
+    console.print(f"loaded {ref}")
+
+
+@app.command("unload")
+def models_unload(ref: Annotated[str, typer.Argument(help="name, name:alias or name@version")],
+                  url: UrlOpt = None, api_key: KeyOpt = None):
+    """Free a loaded model's memory on the server (it loads again on its next request)."""
+    out = call("POST", f"/api/models/{ref}/unload", url, api_key).json()
+    console.print(f"unloaded {ref}" if out.get("unloaded") else f"{ref} was not loaded")
