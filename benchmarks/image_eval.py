@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atelier.models import dcgan, ddpm  # noqa: E402
-from atelier.storage.shipped import SHIPPED_DIR  # noqa: E402
+from atelier.families.shipped import SHIPPED_DIR  # noqa: E402
 from atelier.training.image_data import load_emoji, to_tensor  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "images" / "emoji64"

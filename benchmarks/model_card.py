@@ -17,7 +17,7 @@ import torch
 
 from atelier.models.chargpt import from_pretrained
 from atelier.common.files import atomic_write_bytes
-from atelier.storage.shipped import SHIPPED_DIR
+from atelier.families.shipped import SHIPPED_DIR
 
 PROMPTS = [("title", "春晓\n"), ("title", "秋夜\n"), ("title", "浣溪沙\n"), ("opening", "床前明月光，"),
            ("opening", "白日依山尽，")]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from atelier.images.png import encode_png  # noqa: E402
 from atelier.models import dcgan, ddpm  # noqa: E402
-from atelier.storage.shipped import SHIPPED_DIR  # noqa: E402
+from atelier.families.shipped import SHIPPED_DIR  # noqa: E402
 from atelier.training.image_trainer import ImageTrainConfig, train_images  # noqa: E402
 from atelier.training.upscaler_trainer import UpscalerTrainConfig, train_upscaler  # noqa: E402
 

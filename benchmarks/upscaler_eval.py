@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from atelier.images.png import encode_png, upscale as nearest  # noqa: E402
 from atelier.models import ddpm, upscaler  # noqa: E402
-from atelier.storage.shipped import SHIPPED_DIR  # noqa: E402
+from atelier.families.shipped import SHIPPED_DIR  # noqa: E402
 from atelier.training.image_data import load_emoji  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "images" / "emoji64"

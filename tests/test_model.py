@@ -78,7 +78,7 @@ def test_transformers_gpt2_loads_the_export_with_identical_logits(tiny, tmp_path
 
 def test_shipped_tang_poet_exports_to_transformers():
     transformers = pytest.importorskip("transformers")
-    from atelier.storage.shipped import SHIPPED_DIR
+    from atelier.families.shipped import SHIPPED_DIR
 
     folder = SHIPPED_DIR / "tang-poet"
     model, tok = from_pretrained(folder)
