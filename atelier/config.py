@@ -10,8 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from atelier.common.durations import parse_keep_alive
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -64,6 +66,12 @@ class Settings(BaseSettings):
     image_max_batch: int = Field(default=16, ge=1, description="images sampled together per image model (micro-batching)")
     image_batch_wait_ms: float = Field(default=10.0, ge=0, description="how long a batch waits for more requests to join")
     url_ttl_s: int = Field(default=3600, ge=1, description="lifetime of signed artifact URLs (response_format=url)")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_is_a_duration(cls, value: str) -> str:
+        parse_keep_alive(value)  # ValueError names the value and the accepted forms
+        return value
 
     @property
     def home_dir(self) -> Path:

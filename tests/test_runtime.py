@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from atelier.jobs.supervisor import settings_env
-from atelier.runtime.manager import parse_keep_alive
+from atelier.common.durations import parse_keep_alive
 from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, make_settings, make_tiny_image_models
 
 
@@ -192,3 +192,42 @@ def test_a_job_trains_with_encryption_on_and_the_key_from_the_environment(tmp_pa
         assert job.status == "succeeded", job.error
         assert client.completions.create(model="sealed-poet", prompt="春", max_tokens=3, seed=0).choices[0].text
         assert not (tmp_path / "home" / "secret.key").exists()  # the key came from the environment only
+
+
+def test_sigterm_of_atelier_serve_leaves_no_decrypted_folder(tmp_path):
+    """`atelier serve` stopped by SIGTERM (systemd, docker stop) deletes the unpacked plaintexts:
+    atexit does not run after uvicorn re-raises the signal, so shutdown must do it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from atelier.storage.blobs import PLAIN_PREFIX
+    from conftest import free_port
+
+    port = free_port()
+    env = os.environ | {"ATELIER_HOME": str(tmp_path / "home"), "ATELIER_PORT": str(port),
+                        "ATELIER_ADMIN_KEY": ADMIN_KEY, "ATELIER_RUN_WORKER": "false", "ATELIER_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        r = httpx.post(url + "/api/models/style-transfer/load", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        roots = [p for base in ("/dev/shm", "/tmp") if os.path.isdir(base)
+                 for p in __import__("pathlib").Path(base).glob(f"{PLAIN_PREFIX}{proc.pid}-*")]
+        assert roots and any((r / "style-transfer" / "1" / "model.safetensors").exists() for r in roots)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert not any(r.exists() for r in roots), "decrypted weights stayed behind after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
