@@ -96,6 +96,11 @@ class Family:
         """Extra fields for /v1/models: what a caller needs to know to call this version."""
         return {}
 
+    def recognises(self, folder: Path) -> bool:
+        """Whether an imported folder (`POST /api/models/import`, `atelier models import`) is one of this
+        family's, by its files. Only families that load what users bring say yes to anything."""
+        return False
+
     # -- 1. load ---------------------------------------------------------------------------
     def load(self, folder: Path) -> Any:
         raise NotImplementedError(f"{self.name} models are not served on their own")

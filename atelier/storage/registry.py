@@ -23,6 +23,7 @@ from atelier.storage import audit
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import Alias, Model, Version
 
+CONFIG_FILES = ("config.json", "model_index.json", "atelier.json")  # the first one a version has is its config
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -103,7 +104,9 @@ def list_models(db: Session) -> list[Model]:
 def register_version(db: Session, blobs: BlobStore, *, name: str, family: str, task: str, folder: Path,
                      metrics: dict | None = None, training: dict | None = None,
                      aliases: tuple[str, ...] = ("latest",), owner: str = "atelier") -> Version:
-    """Store every file of `folder` as a blob and record a new immutable version of `name`.
+    """Store every file of `folder` (subfolders too: a diffusers pipeline has one per component) as
+    a blob and record a new immutable version of `name`. Its config is `config.json`, else the
+    folder's `model_index.json` or `atelier.json` (the family reads what it needs).
 
     >>> register_version(db, blobs, name="tang-poet", family="chargpt", task="text-generation",
     ...                  folder=Path("runs/tang-poet/best"))
@@ -113,13 +116,15 @@ def register_version(db: Session, blobs: BlobStore, *, name: str, family: str, t
     folder = Path(folder)
     files = {}
     size = 0
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            files[p.name] = blobs.put_file(p)
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in rel.split("/")):
+            files[rel] = blobs.put_file(p)
             size += p.stat().st_size
-    if "config.json" not in files:
-        raise ValueError(f"{folder} has no config.json")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config_file = next((f for f in CONFIG_FILES if f in files), None)
+    if config_file is None:
+        raise ValueError(f"{folder} has no {' or '.join(CONFIG_FILES)}")
+    config = json.loads((folder / config_file).read_text(encoding="utf-8"))
     model = db.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(name=name, family=family, task=task, owner=owner)
@@ -164,6 +169,9 @@ def version_folder(blobs: BlobStore, version: Version, cache_root: Path) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for fname, digest in version.files.items():
+        if fname.startswith("/") or ".." in fname.split("/"):
+            raise ValueError(f"{version.model.name}@{version.number} has an unsafe file name {fname!r}")
+        (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
         if blobs.encrypted:
             (tmp / fname).write_bytes(blobs.get_bytes(digest))
             continue
