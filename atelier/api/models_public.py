@@ -26,7 +26,23 @@ def model_public(m: Model, current: Version | None = None) -> dict:
             "family": m.family, "task": m.task,
             "aliases": {a.name: a.version_number for a in sorted(m.aliases, key=lambda a: a.name)},
             "versions": [version_public(v) for v in m.versions],
-            "latest": version_public(latest) if latest else None} | _family_fields(m, latest)
+            "latest": version_public(latest) if latest else None} | _family_fields(m, latest) | _manifest(latest)
+
+
+def _manifest(v: Version | None) -> dict:
+    """An imported model's atelier.json, as its owner wrote it (display name, licence, defaults, …)."""
+    manifest = (v.training or {}).get("manifest") if v is not None else None
+    return {"manifest": manifest} if manifest else {}
+
+
+def callable_ids(m: Model) -> list[dict]:
+    """The model, then one entry per fine-tune alias (`tang-poet:ft-my-style`): what a caller can put in `model`."""
+    entries = [model_public(m)]
+    for alias in sorted(m.aliases, key=lambda a: a.name):
+        if alias.name.startswith("ft-"):
+            version = next((v for v in m.versions if v.number == alias.version_number), None)
+            entries.append(model_public(m, current=version) | {"id": f"{m.name}:{alias.name}", "parent": m.name})
+    return entries
 
 
 def _family_fields(m: Model, v: Version | None) -> dict:

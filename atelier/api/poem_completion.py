@@ -37,7 +37,7 @@ def poet(manager: ModelManager, db, ref: str, keep_alive=None):
     loaded = acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
     try:
         lm = loaded.servable
-        if not hasattr(lm, "tokenizer") or not hasattr(lm, "model"):
+        if not getattr(lm, "char_level", False):
             raise bad_request(f"model {loaded.ref} ({loaded.family.name}) cannot write constrained poems: they need "
                               "a character-level model such as tang-poet", "model", code="model_not_supported")
         yield loaded, lm.model, lm.tokenizer

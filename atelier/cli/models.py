@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from atelier.cli.http import KeyOpt, UrlOpt, call, console, err
@@ -103,16 +104,37 @@ def models_export(ref: str, output: Annotated[Path, typer.Option("-o", "--output
 
 
 @app.command("import")
-def models_import(archive: Path, name: Annotated[Optional[str], typer.Option(help="register under this name")] = None,
+def models_import(path: Annotated[Path, typer.Argument(help="a model folder (transformers causal LM, diffusers "
+                                                            "pipeline), an .onnx file, or an exported .zip")],
+                  name: Annotated[Optional[str], typer.Option(help="register under this name")] = None,
                   url: UrlOpt = None, api_key: KeyOpt = None):
-    """Import an exported archive as a new version (verified; safetensors/JSON only)."""
-    if archive.is_dir():  # e.g. an `export --format hf` folder: say what is expected instead of IsADirectoryError
-        err.print(f"[red]{archive} is a folder: give the .zip archive made by `atelier models export`[/red]")
+    """Register a model you bring (or an exported archive) as a new version; the server checks it by loading it."""
+    if not path.exists():
+        err.print(f"[red]{path} does not exist[/red]")
         raise typer.Exit(2)
-    with open(archive, "rb") as f:
-        out = call("POST", "/api/models/import", url, api_key, files={"file": (archive.name, f)},
-                   data={"name": name} if name else {}).json()
-    console.print(f"imported {out['latest']['ref']}")
+    if path.is_dir():
+        data, filename = _zip_folder(path), f"{path.name}.zip"
+    else:
+        data, filename = path.read_bytes(), path.name
+    out = call("POST", "/api/models/import", url, api_key, files={"file": (filename, data)},
+               data={"name": name} if name else {}, timeout=600).json()
+    console.print(f"imported {out['latest']['ref']} ({out['family']}, {out['task']})")
+
+
+def _zip_folder(folder: Path) -> bytes:
+    """The folder's files (subfolders kept, hidden files and links left out) as one zip, in memory."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    with Progress() as progress, zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        task = progress.add_task(f"packing {folder.name}", total=sum(p.stat().st_size for p in files))
+        for p in files:
+            z.write(p, p.relative_to(folder).as_posix())
+            progress.advance(task, p.stat().st_size)
+    return buf.getvalue()
 
 
 @app.command("load")

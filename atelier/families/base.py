@@ -18,6 +18,7 @@ The engines live in atelier/runtime/ and never import a family's internals:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -27,6 +28,23 @@ import numpy as np
 from atelier.training.hyperparameters import TrainError
 
 WEIGHT_SUFFIXES = (".safetensors", ".skops", ".onnx")
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MANIFEST = "atelier.json"
+
+
+def manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Pickle runs code when it loads: weights must be safetensors."""
+    pickled = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.suffix in PICKLED)
+    if pickled:
+        raise ValueError(f"{', '.join(pickled)}: pickle-based weights are refused (loading them can run code). "
+                         "Convert to safetensors: model.save_pretrained(folder, safe_serialization=True), or "
+                         "`python -c \"from safetensors.torch import save_file; import torch; "
+                         "save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\"`")
 
 
 @dataclass
@@ -53,14 +71,15 @@ class TextServable(Protocol):
     """A language model as the text engine drives it. Token ids in, logits out."""
 
     context: int  # positions per sequence, prompt included
-    bos_id: int
-    eos_id: int
+    eos_ids: list[int]  # any of them ends a sequence
     banned_ids: list[int]  # never sampled (padding, unknown, …)
 
-    def encode(self, text: str) -> list[int]: ...  # 1. request → work
+    def encode(self, text: str, chat: bool = False) -> list[int]: ...  # 1. request → work (chat: rendered template)
+    def chat_prompt(self, messages: list[dict]) -> str: ...  # [{"role", "content"}] → the prompt, as text
     def new_cache(self, rows: int) -> Any: ...  # a KV cache with one row per sequence slot
     def forward(self, ids, cache, rows, pos): ...  # 2. (B, T) ids at positions pos → (B, T, vocab) logits
-    def token_text(self, token: int) -> str: ...  # 3. result → text
+    def decode(self, ids: list[int]) -> str: ...  # 3. result → text (the engine streams whole characters)
+    def token_text(self, token: int) -> str: ...  # one token's text, for logprobs
 
 
 class ImageServable(Protocol):

@@ -15,23 +15,35 @@ from atelier.models import chargpt
 from atelier.training import hyperparameters
 
 SCRATCH_DEFAULTS = dict(n_embd=64, n_layer=2, n_head=4, context=64, min_count=1)
+# A chat turn that already ends like a line of verse is continued; anything else is a title.
+LINE_END = "，。！？；、,.!?;"
 
 
 class CharLM:
     """A chargpt version as the text engine drives it (families/base.py: TextServable).
 
-    One token is one character. The poetry engine decodes with `model` and `tokenizer`
-    directly (constrained search over characters).
+    One token is one character (`char_level`): the poetry engine decodes with `model` and
+    `tokenizer` directly (constrained search over characters).
     """
+
+    char_level = True
 
     def __init__(self, model: chargpt.CharGPT, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.context = model.config.n_positions
-        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
+        self.bos_id, self.eos_ids = tokenizer.bos_id, [tokenizer.eos_id]
         self.banned_ids = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, chat: bool = False) -> list[int]:
         return [self.bos_id] + self.tokenizer.encode(text)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """A poet, not a chat model: the last user turn is a title, or opening lines to continue."""
+        text = [m["content"] for m in messages if m["role"] == "user"][-1].strip()
+        return text if text and text[-1] in LINE_END else text + "\n"
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
     def new_cache(self, rows: int) -> chargpt.KVCache:
         return chargpt.KVCache(self.model.config, rows)

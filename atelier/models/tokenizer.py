@@ -1,7 +1,9 @@
 """Character tokenizer: one token per character, plus four special tokens.
 
 Unknown characters map to `<unk>` (never an error); `decode` drops special tokens.
-Saved as JSON: {"type": "char", "special": [...], "chars": "..."}.
+Saved in the Hugging Face `tokenizers` format (a WordLevel vocabulary over single
+characters), so `AutoTokenizer.from_pretrained` reads a chargpt folder as it is; the
+older Atelier format, {"type": "char", "special": [...], "chars": "..."}, still loads.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
+HF_CONFIG_FILE = "tokenizer_config.json"
 
 
 class CharTokenizer:
@@ -46,13 +49,37 @@ class CharTokenizer:
         return self.itos[i] if 0 <= i < len(self.itos) else "<unk>"
 
     def save(self, path: str | Path) -> None:
+        """tokenizer.json in the `tokenizers` format, and tokenizer_config.json beside it (which
+        AutoTokenizer reads for the special tokens and the class to build)."""
         from atelier.common.files import atomic_write_json
 
-        atomic_write_json(Path(path), {"type": "char", "special": SPECIAL, "chars": self.chars})
+        path = Path(path)
+        atomic_write_json(path, self.to_hf())
+        atomic_write_json(path.with_name(HF_CONFIG_FILE), {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000,
+            "pad_token": SPECIAL[0], "unk_token": SPECIAL[1], "bos_token": SPECIAL[2], "eos_token": SPECIAL[3],
+            "clean_up_tokenization_spaces": False})
+
+    def to_hf(self) -> dict:
+        """The `tokenizers` JSON: every character its own word (split on each character), joined back
+        without spaces (the Fuse decoder)."""
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for i, t in enumerate(SPECIAL)]
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+                                  "invert": False},
+                "post_processor": None, "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": self.stoi, "unk_token": SPECIAL[1]}}
 
     @classmethod
     def load(cls, path: str | Path) -> "CharTokenizer":
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-        if d.get("type") != "char" or d.get("special") != SPECIAL:
+        if d.get("type") == "char" and d.get("special") == SPECIAL:  # the older Atelier format
+            return cls(d["chars"])
+        vocab = (d.get("model") or {}).get("vocab")
+        if (d.get("model") or {}).get("type") != "WordLevel" or not isinstance(vocab, dict):
             raise ValueError(f"{path}: not an Atelier character tokenizer")
-        return cls(d["chars"])
+        itos = sorted(vocab, key=vocab.get)
+        if itos[:len(SPECIAL)] != SPECIAL or [vocab[t] for t in itos] != list(range(len(itos))):
+            raise ValueError(f"{path}: its vocabulary does not start with {SPECIAL} or has gaps")
+        return cls("".join(itos[len(SPECIAL):]))

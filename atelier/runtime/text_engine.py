@@ -6,8 +6,10 @@ Every iteration of the worker:
   1. admits waiting sequences into free slots, prefilling each prompt into its slot
   2. decodes one token for every active sequence in a single batched forward, rows of
      different lengths together (the cache masks keys by position)
-  3. samples each row with its own parameters and seeded generator, applies stop
-     sequences, and hands text to the waiting request
+  3. samples each row with its own parameters and seeded generator, turns tokens into
+     text (whole characters only: a byte-level token may end inside a UTF-8 character,
+     which waits for the token that completes it), applies stop sequences, and hands text
+     to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
 one takes it at the next iteration, so short and long requests share the batch. When the
 engine closes (its model is unloaded), every waiting and running sequence gets an
@@ -65,6 +67,10 @@ class Sequence:
     sampled: list[Sampled] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of text already sent
+    token_ends: list[int] = field(default_factory=list)  # len(text) once each sampled token's text is in it
+    tokens_emitted: int = 0
+    prefix_offset: int = 0  # detokenizing: ids[prefix_offset:read_offset] is text already taken
+    read_offset: int = 0
     slot: int = -1
     generator: torch.Generator | None = None
 
@@ -167,7 +173,7 @@ class TextEngine:
         self._sample_and_accept(active, logits[:, -1])
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        banned, eos = self.lm.banned_ids, [self.lm.eos_id]
+        banned, eos = self.lm.banned_ids, list(self.lm.eos_ids)
         sampled = sample_rows(logits, [s.params for s in seqs],
                               banned=[banned + eos if s.params.ignore_eos else banned for s in seqs],
                               prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
@@ -178,11 +184,12 @@ class TextEngine:
     def _accept(self, seq: Sequence, s: Sampled) -> None:
         """3. extend, apply stops and limits, emit; free the slot when done."""
         seq.generated.append(s.token)
-        if s.token == self.lm.eos_id:
+        if s.token in self.lm.eos_ids:
             self._finish(seq, "stop")
             return
         seq.sampled.append(s)
-        seq.text += self.lm.token_text(s.token)
+        seq.text += self._detokenize(seq)
+        seq.token_ends.append(len(seq.text))
         for stop in seq.stop:
             at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
             if at != -1:
@@ -196,13 +203,26 @@ class TextEngine:
         hold = max((k for stop in seq.stop for k in range(1, len(stop)) if seq.text.endswith(stop[:k])), default=0)
         self._flush(seq, len(seq.text) - hold)
 
-    def _flush(self, seq: Sequence, upto: int) -> None:
-        if upto > seq.emitted:
-            seq._emit(TextChunk(seq.text[seq.emitted:upto], seq.sampled[seq.emitted:upto]))
-            seq.emitted = upto
+    def _detokenize(self, seq: Sequence) -> str:
+        """The text the newest token completes (as text-generation-inference does it): decode a short
+        window of ids with and without the new ones, and take the difference once it does not end in
+        U+FFFD (the decoder's mark for bytes of a character still incomplete)."""
+        ids = seq.generated
+        before = self.lm.decode(ids[seq.prefix_offset:seq.read_offset])
+        after = self.lm.decode(ids[seq.prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return after[len(before):]
+        return ""
+
+    def _flush(self, seq: Sequence, upto: int, final: bool = False) -> None:
+        if upto > seq.emitted or (final and seq.tokens_emitted < len(seq.sampled)):
+            n = len(seq.sampled) if final else sum(1 for end in seq.token_ends if end <= upto)
+            seq._emit(TextChunk(seq.text[seq.emitted:upto], seq.sampled[seq.tokens_emitted:n]))
+            seq.emitted, seq.tokens_emitted = upto, max(seq.tokens_emitted, n)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self._flush(seq, len(seq.text))
+        self._flush(seq, len(seq.text), final=True)
         completion = len(seq.generated)
         seq._emit(Finished(reason, len(seq.prompt_ids), completion))
         self._release(seq)

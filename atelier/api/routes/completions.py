@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from atelier.api import sse
 from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
@@ -21,10 +23,6 @@ from atelier.runtime.sampling import SamplingParams
 from atelier.runtime.text_engine import Finished, Sequence, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["completions"])
-
-# A chat turn that already ends like a line of verse is continued; anything else is a title.
-_LINE_END = "，。！？；、,.!?;"
-
 
 @dataclass
 class Plan:
@@ -53,8 +51,9 @@ def _check_common(body: SamplingFields, settings) -> None:
 
 
 def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
-          max_tokens: int | None, prompt_param: str, logprobs: int | None) -> Plan:
-    """Tokenise the prompts (the model's own tokenizer) and check every limit against its context."""
+          max_tokens: int | None, prompt_param: str, logprobs: int | None, chat: bool = False) -> Plan:
+    """Tokenise the prompts (the model's own tokenizer; `chat`: the text is a rendered chat template)
+    and check every limit against its context."""
     _check_common(body, settings)
     context = lm.context
     prompts = []
@@ -64,7 +63,7 @@ def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
         if len(text) > settings.max_prompt_chars:
             raise bad_request(f"{prompt_param} has {len(text)} characters; the limit is {settings.max_prompt_chars} "
                               "(ATELIER_MAX_PROMPT_CHARS)", prompt_param, code="prompt_too_long")
-        ids = lm.encode(text)
+        ids = lm.encode(text, chat=chat)
         if len(ids) >= context:
             raise bad_request(f"{prompt_param} is {len(ids)} tokens; this model's context is {context} tokens",
                               prompt_param, code="context_length_exceeded")
@@ -179,7 +178,12 @@ async def _collect(request, seqs, events, metrics):
 
 
 def _text_model(manager: ModelManager, db, body: SamplingFields) -> Loaded:
-    return acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
+    """The model held for this request; its manifest's default sampling fills the fields the request left unset."""
+    loaded = acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
+    for name, value in (getattr(loaded.servable, "manifest", None) or {}).get("defaults", {}).items():
+        if name not in body.model_fields_set and name in type(body).model_fields:
+            setattr(body, name, value)
+    return loaded
 
 
 def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingFields, plan_fn):
@@ -246,24 +250,20 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     return base | {"choices": choices, "usage": _usage(finished, plan)}
 
 
-def chat_prompt(messages) -> str:
-    """The model is a poet, not a chat model: the last user turn is a title, or opening lines."""
-    users = [m.text() for m in messages if m.role == "user"]
-    if not users:
-        raise bad_request("messages must contain at least one user message", "messages")
-    text = users[-1].strip()
-    return text if text and text[-1] in _LINE_END else text + "\n"
-
-
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
                                  manager: ManagerDep, key: GenerateKey):
-    """Chat: the last user message is a title (or opening lines); the reply is the poem."""
+    """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, chat=True)
-    text = chat_prompt(body.messages)
-    if not text.strip():
+    users = [m.text() for m in body.messages if m.role == "user"]
+    if not users:
+        raise bad_request("messages must contain at least one user message", "messages")
+    if not users[-1].strip():
         raise bad_request("the last user message is empty", "messages", code="empty_prompt")
+    if sum(len(m.text()) for m in body.messages) > settings.max_prompt_chars:
+        raise bad_request(f"messages have {sum(len(m.text()) for m in body.messages)} characters; the limit is "
+                          f"{settings.max_prompt_chars} (ATELIER_MAX_PROMPT_CHARS)", "messages", code="prompt_too_long")
     top = body.top_logprobs if body.top_logprobs is not None else 0
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
@@ -271,8 +271,10 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     max_tokens = body.max_completion_tokens or body.max_tokens
     loaded = _text_model(manager, db, body)
     lm = loaded.servable
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
-        body, [text], lm, settings, max_tokens=max_tokens, prompt_param="messages", logprobs=logprobs))
+        body, [lm.chat_prompt(messages)], lm, settings, max_tokens=max_tokens, prompt_param="messages",
+        logprobs=logprobs, chat=True))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     rid, created, metrics = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
@@ -306,3 +308,22 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                 "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs else None,
                 "finish_reason": finished[i].reason} for i in sorted(chunks)]
     return base | {"object": "chat.completion", "choices": choices, "usage": _usage(finished, plan)}
+
+
+@router.post("/engines/{model:path}/completions")
+async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
+                                   manager: ManagerDep, key: GenerateKey):
+    """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise bad_request("the body is not valid JSON", None, code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise bad_request("the body must be a JSON object", None)
+    if raw.get("model") not in (None, model):
+        raise bad_request(f"model={raw['model']!r} in the body differs from the engine {model!r} in the path", "model")
+    try:
+        body = CompletionRequest.model_validate(raw | {"model": model})
+    except ValidationError as e:
+        raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    return await create_completion(body, request, db, settings, manager, key)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import json
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
 from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from atelier.api.deps import AdminKey, SessionDep, SettingsDep, TrainKey
+from atelier.api.deps import AdminKey, BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
 from atelier.api.uploads import read_limited
 from atelier.api.models_public import model_public
+from atelier.families import imports
 from atelier.storage import archives
 from atelier.storage import registry as store
 from atelier.storage import audit
@@ -89,15 +98,44 @@ def export(ref: str, request: Request, db: SessionDep, key: TrainKey):
 
 
 @router.post("/import")
-async def import_(request: Request, db: SessionDep, settings: SettingsDep, key: TrainKey, file: UploadFile,
+async def import_(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: TrainKey, file: UploadFile,
                   name: str | None = Form(None)):
-    """Register an exported archive as a new version (verified; safetensors/JSON only)."""
+    """Register a model: an archive from `export`, or a model you bring — a .zip of a transformers causal LM or
+    diffusers pipeline folder, or an .onnx file (atelier.json beside it optional). Checked by loading it first."""
     data = await read_limited(file, settings.max_upload_bytes)
-    try:
-        version = archives.import_archive(db, request.app.state.blobs, data, name=name,
-                                       max_unpacked=settings.max_upload_bytes * 4)
-    except (ValueError, KeyError) as e:
-        db.rollback()
-        raise bad_request(f"{e}", "file", code="invalid_archive") from None
-    audit.record(db, action="model.import", target=f"{version.model.name}@{version.number}", key_id=key.id)
+    if is_atelier_archive(data):
+        try:
+            version = archives.import_archive(db, blobs, data, name=name, max_unpacked=settings.max_upload_bytes * 4)
+        except (ValueError, KeyError) as e:
+            db.rollback()
+            raise bad_request(f"{e}", "file", code="invalid_archive") from None
+        audit.record(db, action="model.import", target=f"{version.model.name}@{version.number}", key_id=key.id)
+        return model_public(version.model, current=version)
+    name = name or default_name(file.filename)
+    with tempfile.TemporaryDirectory(prefix="atelier-import-") as tmp:
+        try:
+            folder = imports.unpack(data, file.filename or "", Path(tmp), max_unpacked=settings.max_upload_bytes * 4)
+            version = await run_in_threadpool(imports.import_folder, db, blobs, folder, name=name, key_id=key.id,
+                                              source=file.filename or "upload")
+        except imports.ImportError_ as e:
+            raise bad_request(str(e), e.param, code="invalid_model") from None
     return model_public(version.model, current=version)
+
+
+def is_atelier_archive(data: bytes) -> bool:
+    """An `atelier models export` zip: manifest.json names the atelier-model format."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return "manifest.json" in z.namelist() and \
+                json.loads(z.read("manifest.json")).get("format") == archives.ARCHIVE_FORMAT
+    except (zipfile.BadZipFile, ValueError, AttributeError, KeyError):
+        return False
+
+
+def default_name(filename: str | None) -> str:
+    """my-Model_v2.onnx → my-model_v2 (a name is required when the file name gives none)."""
+    stem = Path(filename or "").name.removesuffix(".zip").removesuffix(".onnx").lower()
+    stem = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-._")
+    if not stem:
+        raise bad_request("name the model: the form field `name` is required", "name")
+    return stem[:64]

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from atelier.api.deps import ReadKey, SessionDep
 from atelier.api.models_lookup import resolve_version
-from atelier.api.models_public import model_public
+from atelier.api.models_public import callable_ids, model_public
 from atelier.storage.registry import list_models
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -14,8 +14,9 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 @router.get("/models")
 def list_all(db: SessionDep, key: ReadKey):
-    """All models (OpenAI's list shape, with Atelier's versions and aliases added)."""
-    return {"object": "list", "data": [model_public(m) for m in list_models(db)]}
+    """All models by the ids a caller can use (fine-tunes as `name:ft-suffix` too), in OpenAI's list shape
+    with Atelier's versions and aliases added."""
+    return {"object": "list", "data": [entry for m in list_models(db) for entry in callable_ids(m)]}
 
 
 @router.get("/models/{model_id:path}")

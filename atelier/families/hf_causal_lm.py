@@ -1,0 +1,200 @@
+"""hf-causal-lm: a Hugging Face transformers causal LM folder a user brings (GPT-2, Llama, Qwen2, …).
+
+The folder is what `save_pretrained` writes: `config.json`, `*.safetensors`, the tokenizer
+files (and `chat_template.jinja` where the tokenizer has one), with an optional
+`atelier.json` manifest. It is served by Atelier's own continuous-batching engine
+(atelier/runtime/text_engine.py), not by `generate`: every sequence owns a row ("slot") of
+a KV cache that this file gives the model in transformers' own Cache interface —
+  1. each layer's update writes the new keys and values at the row's own positions
+  2. and returns the row's whole buffer, with a 4-D mask that lets each query see the keys
+     at or before its position, so rows of different lengths share one forward
+Weights load from safetensors only (never pickle); the tokenizer streams whole characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from atelier.families.base import Family, manifest, refuse_pickles
+
+log = logging.getLogger("atelier.families")
+
+MAX_CONTEXT = 4096  # cache rows are allocated whole: a 128k-context model still gets this many positions
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+# -- the KV cache: one row per sequence slot, each at its own positions ------------------
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # transformers is a dependency; this keeps `import atelier.families` cheap to reason about
+    Cache = CacheLayerMixin = object
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values: (slots, kv_heads, length, head_dim)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: "SlotCache"):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        c = self.cache
+        self.keys = key_states.new_zeros((c.slots, key_states.shape[1], c.length, key_states.shape[-1]))
+        self.values = value_states.new_zeros((c.slots, value_states.shape[1], c.length, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, pos = self.cache.rows, self.cache.pos  # (B,), (B, T)
+        # 1. states (B, heads, T, dim) go to [row, :, position]
+        self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2)
+        self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
+        # 2. each row's whole buffer; the mask hides positions after the query's
+        return self.keys[rows], self.values[rows]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.cache.length
+
+
+class SlotCache(Cache):
+    def __init__(self, layers: int, slots: int, length: int):
+        self.slots, self.length = slots, length
+        self.rows: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
+
+
+# -- the servable --------------------------------------------------------------------------
+
+
+class HFCausalLM:
+    """A transformers causal LM as the text engine drives it (families/base.py: TextServable)."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        folder = Path(folder)
+        refuse_pickles(folder)
+        self.manifest = manifest(folder)
+        if not (folder / "config.json").exists():
+            raise ValueError("config.json is missing: a transformers model folder has one (save_pretrained writes it)")
+        if not list(folder.glob("*.safetensors")):
+            raise ValueError("no *.safetensors weights in the folder (model.safetensors or sharded "
+                             "model-00001-of-0000N.safetensors with model.safetensors.index.json)")
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer: the folder needs {' or '.join(TOKENIZER_FILES)} "
+                             "(tokenizer.save_pretrained writes them)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 — the library's many failure types become one clear message
+            raise ValueError(f"the tokenizer files do not load: {type(e).__name__}: {e}") from None
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                attn_implementation="sdpa").eval()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"config.json / *.safetensors do not load as a causal LM: {type(e).__name__}: {e}") from None
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        self.layers = config.num_hidden_layers
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or MAX_CONTEXT
+        self.context = int(min(self.manifest.get("context_length") or limit, limit, MAX_CONTEXT))
+        self.eos_ids = self._eos_ids(folder, GenerationConfig)
+        if not self.eos_ids:
+            raise ValueError("the model names no end-of-sequence token (eos_token_id in config.json, "
+                             "generation_config.json or the tokenizer)")
+        self.banned_ids: list[int] = []
+        self.vocab = len(self.tokenizer)
+        if self.manifest.get("chat_template"):
+            self.tokenizer.chat_template = self.manifest["chat_template"]
+        self.system_prompt = self.manifest.get("system_prompt")
+
+    def _eos_ids(self, folder: Path, GenerationConfig) -> list[int]:
+        ids: list[int] = []
+        sources = [self.model.config.eos_token_id]
+        if (folder / "generation_config.json").exists():
+            sources.append(GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id)
+        sources.append(self.tokenizer.eos_token_id)
+        for s in sources:
+            for i in ([s] if isinstance(s, int) else list(s or [])):
+                if i is not None and i not in ids:
+                    ids.append(int(i))
+        return ids
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt ids; the tokenizer adds its own special tokens (BOS for Llama), except to a rendered
+        chat template, which already carries them."""
+        return self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The tokenizer's own chat template (or the manifest's), with the manifest's system prompt
+        when the conversation has none."""
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if not self.tokenizer.chat_template:
+            # No template: a plain transcript the model can continue.
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def new_cache(self, rows: int) -> SlotCache:
+        return SlotCache(self.layers, rows, self.context)
+
+    def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        cache.rows, cache.pos = rows, pos
+        visible = torch.arange(cache.length)[None, None, :] <= pos[:, :, None]  # (B, T, length)
+        mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.logits
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+
+class HFCausalLMFamily(Family):
+    name = "hf-causal-lm"
+    task = "text-generation"
+    engine = "text"
+
+    def recognises(self, folder: Path) -> bool:
+        path = Path(folder) / "config.json"
+        if not path.exists():
+            return False
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return False
+        archs = config.get("architectures") or []
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
+            "model_type" in config and not archs and (Path(folder) / "tokenizer.json").exists())
+
+    def describe(self, config: dict, files: dict) -> dict:
+        limit = config.get("max_position_embeddings") or config.get("n_positions")
+        return {"architecture": (config.get("architectures") or [config.get("model_type")])[0],
+                "context_length": min(limit, MAX_CONTEXT) if limit else None}
+
+    def load(self, folder: Path) -> HFCausalLM:
+        return HFCausalLM(Path(folder))
+
+    def weight_bytes(self, folder: Path) -> int:
+        return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+family = HFCausalLMFamily()
