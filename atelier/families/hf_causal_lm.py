@@ -58,11 +58,13 @@ class SlotLayer(CacheLayerMixin):
         # 1. states (B, heads, T, dim) go to [row, :, position]
         self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2)
         self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
-        # 2. each row's whole buffer; the mask hides positions after the query's
-        return self.keys[rows], self.values[rows]
+        # 2. each row's buffer up to the furthest position any row has reached; the mask hides the
+        #    positions after each query's own
+        seen = self.cache.seen
+        return self.keys[:, :, :seen][rows], self.values[:, :, :seen][rows]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.length, 0
+        return self.cache.seen, 0
 
     def get_seq_length(self) -> int:
         return 0
@@ -76,6 +78,7 @@ class SlotCache(Cache):
         self.slots, self.length = slots, length
         self.rows: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
+        self.seen = 0  # positions attended to in this forward: 1 + the largest position written
         super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
 
 
@@ -155,8 +158,8 @@ class HFCausalLM:
         return SlotCache(self.layers, rows, self.context)
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        cache.rows, cache.pos = rows, pos
-        visible = torch.arange(cache.length)[None, None, :] <= pos[:, :, None]  # (B, T, length)
+        cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
+        visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)
         mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         return out.logits
