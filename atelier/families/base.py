@@ -115,6 +115,11 @@ class Family:
         """Extra fields for /v1/models: what a caller needs to know to call this version."""
         return {}
 
+    def import_facts(self, folder: Path) -> dict:
+        """What `describe` will need that the version's config file lacks, read from an imported
+        folder's files once, at import (e.g. a diffusers pipeline's native size)."""
+        return {}
+
     def recognises(self, folder: Path) -> bool:
         """Whether an imported folder (`POST /api/models/import`, `atelier models import`) is one of this
         family's, by its files. Only families that load what users bring say yes to anything."""

@@ -179,6 +179,10 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
     except ValueError as e:  # a name taken by another family, …
         db.rollback()
         raise ImportError_(str(e), "name") from None
+    facts = family.import_facts(folder)
+    if facts:
+        version.config = {**version.config, **facts}
+        db.commit()
     audit.record(db, action="model.import", target=f"{name}@{version.number}", key_id=key_id,
                  detail={"family": family.name, "source": source})
     return version
