@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atelier.families.base import Family
+from atelier.families.base import Family, refuse_pickles
 from atelier.images.png import upscale as nearest
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pkl", ".pth")
 LIBRARIES = ("diffusers", "transformers")  # where a component's class may come from
 UPSCALES = (1, 2, 4)
 
@@ -93,10 +92,7 @@ def _square(sample, what: str) -> int:
 def check_folder(folder: Path) -> dict:
     """Steps 1–2 of loading: refuse pickles, code and unknown components; model_index.json's content."""
     folder = Path(folder)
-    pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(f"pickle-based weight files are never loaded: {', '.join(pickles[:5])}; convert the "
-                         "pipeline to safetensors, e.g. pipe.save_pretrained(dir, safe_serialization=True)")
+    refuse_pickles(folder)
     code = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
     if code:
         raise ValueError(f"the pipeline folder holds code ({', '.join(code[:5])}); custom pipelines are not run")
