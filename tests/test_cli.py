@@ -150,10 +150,14 @@ def test_serve_prints_the_admin_key_once_and_serves(tmp_path):
         proc.wait(timeout=20)
 
 
-def test_models_import_a_folder_asks_for_the_archive(server, tmp_path):
-    r = run(["models", "import", str(tmp_path)], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
-    assert r.returncode == 2, r.stderr
-    assert "is a folder" in r.stderr and "atelier models export" in r.stderr and "Traceback" not in r.stderr
+def test_models_import_a_folder_that_is_no_model_says_what_is_expected(server, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    r = run(["models", "import", str(tmp_path), "--name", "notes"], {"ATELIER_URL": server.url,
+                                                                     "ATELIER_API_KEY": ADMIN_KEY})
+    assert r.returncode == 1, r.stderr
+    assert "not a model Atelier can import" in r.stderr and "Traceback" not in r.stderr
+    r = run(["models", "import", str(tmp_path / "missing")], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
+    assert r.returncode == 2 and "does not exist" in r.stderr
 
 
 def test_train_rejects_a_family_without_a_local_trainer(tmp_path):

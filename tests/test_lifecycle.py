@@ -87,8 +87,8 @@ def tampered(archive: bytes, **changes) -> bytes:
     (lambda a: tampered(a, **{"model.pkl": b"\x80\x04K\x01."}), "no pickle"),
     (lambda a: tampered(a, **{"../evil.json": b"{}"}), "unsafe path"),
     (lambda a: tampered(a, **{"model.safetensors": b"not the weights"}), "sha256 does not match"),
-    (lambda a: zip_of({"config.json": b"{}"}), "no manifest.json"),
-    (lambda a: b"not a zip", "not a zip"),
+    (lambda a: zip_of({"config.json": b"{}"}), "not a model Atelier can import"),  # no manifest: a folder you bring
+    (lambda a: b"not a zip", "neither a .zip of a model folder nor an .onnx file"),
 ])
 def test_import_refuses_bad_archives(http, poet_versions, mutate, needle):
     before = http.get("/v1/models").json()

@@ -103,9 +103,12 @@ def test_linear_recovers_coefficients(linear, data):
     assert t["data"]["training"] == {"file": "houses.csv", "rows": 120, "columns": 4,
                                      "sha256": hashlib.sha256(data["houses"].read_bytes()).hexdigest()}
     config = json.loads((folder / "config.json").read_text())
-    assert config == {"family": "sklearn", "estimator": "linear", "task": "regression",
-                      "features": ["sqft", "age", "zone"], "target": "price",
-                      "feature_kinds": {"sqft": "numeric", "age": "numeric", "zone": "categorical"}}
+    explain_keys = ("feature_importances", "feature_importances_method", "baseline", "transformed_mean")
+    assert {k: v for k, v in config.items() if k not in explain_keys} == {
+        "family": "sklearn", "estimator": "linear", "task": "regression", "features": ["sqft", "age", "zone"],
+        "target": "price", "feature_kinds": {"sqft": "numeric", "age": "numeric", "zone": "categorical"}}
+    assert config["feature_importances_method"] == "coefficients" and set(config["baseline"]) == {"sqft", "age", "zone"}
+    assert list(config["feature_importances"]) == ["zone", "sqft", "age"]  # |5| (one-hot summed), |3·σ|, |2·σ|
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.skops", "training.json"]
 
 
@@ -115,7 +118,8 @@ def test_cv_reports_k_folds_and_every_stage(linear):
     assert [e["fold"] for e in cv] == [1, 2, 3, 4] and all(e["folds"] == 4 for e in cv)
     assert all(set(e["scores"]) == {"r2", "mae", "rmse"} for e in cv)
     stages = [e["stage"] for e in events if e["type"] == "stage"]
-    assert list(dict.fromkeys(stages)) == ["prepare", "build", "cross-validate", "fit", "evaluate", "save"]
+    assert list(dict.fromkeys(stages)) == ["prepare", "build", "cross-validate", "fit", "evaluate", "explain",
+                                          "save"]
     assert events[-1]["type"] == "done" and all(e["message"] for e in events)
     assert {e["name"] for e in events if e["type"] == "metric"} >= {"cv_r2_mean", "holdout_r2", "holdout_rmse"}
     t = training(folder)
@@ -384,3 +388,89 @@ def test_predict_route(server, http, linear, logistic):
     error(http.post("/api/models/no-such-model/predict", json={"rows": rows}), 404, "model", "model_not_found")
     error(http.post("/api/models/house-prices/predict", json={"rows": [{}] * 1001}), 400, "rows")
     error(http.post("/api/models/house-prices/predict", json={"rows": []}), 400, "rows")
+
+
+# -- importances and explanations ----------------------------------------------------------
+
+
+def test_importances_are_recorded(linear, forest, boosted, data, tmp_path):
+    assert training(forest)["feature_importances_method"] == "impurity"
+    assert list(training(forest)["feature_importances"])[-1] == "plan"  # usage and tenure carry the rule
+    assert sum(training(boosted)["feature_importances"].values()) == pytest.approx(1, abs=1e-4)
+    folder = fuse([linear[0], boosted], "voting", data["houses_new"], {"cv": 2}, tmp_path)
+    t, config = training(folder), json.loads((folder / "config.json").read_text())
+    assert t["feature_importances_method"] == "permutation" and config["feature_importances"] == t["feature_importances"]
+    assert list(t["feature_importances"]) == ["sqft", "zone", "age"]  # variance explained: 9, 5.6, 4
+    assert set(config["baseline"]) == {"sqft", "age", "zone"}
+
+
+def test_explain_linear_is_exact_and_others_replace_with_the_baseline(linear, logistic):
+    model = tabular.load(linear[0])
+    rows = [{"sqft": 1.0, "age": -1.0, "zone": "north"}, {"sqft": 0.0, "age": 0.5, "zone": "east"}]
+    out = model.explain(rows)
+    assert out["method"] == "linear"
+    for row, e, pred in zip(rows, out["explanations"], model.predict(rows)):
+        assert e["base"] + sum(e["contributions"].values()) == pytest.approx(pred, abs=1e-6)
+        assert e["contributions"]["sqft"] == pytest.approx(3 * (row["sqft"] - model.config.baseline["sqft"]),
+                                                           abs=0.05)
+    clf = tabular.load(logistic)
+    row = {"usage": 2.0, "tenure": -1.0, "plan": "basic"}
+    out = clf.explain([row, dict(clf.config.baseline)])
+    assert out["method"] == "baseline-replacement"
+    first, at_baseline = out["explanations"]
+    assert first["class"] == "yes" and 0 <= first["base"] <= 1
+    assert first["contributions"]["usage"] > 0 and first["contributions"]["tenure"] > 0  # both push toward "yes"
+    assert all(v == 0 for v in at_baseline["contributions"].values())
+
+
+def test_importances_and_explain_through_the_api(server, http, data, linear, tmp_path):
+    import time
+
+    from atelier.storage.registry import register_version
+
+    # trained through the API: a job on an uploaded table
+    f = http.post("/v1/files", files={"file": ("houses.csv", data["houses"].read_bytes())},
+                  data={"purpose": "fine-tune"}).json()
+    job = http.post("/v1/fine_tuning/jobs", json={
+        "model": "sklearn", "training_file": f["id"], "suffix": "house-explained",
+        "hyperparameters": {"target": "price", "estimator": "gradient_boosting", "cv": 2,
+                            "params": {"n_estimators": 20, "max_depth": 2}}}).json()
+    deadline = time.time() + 120
+    while (job := http.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] not in ("succeeded", "failed"):
+        assert time.time() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    listed = http.get("/v1/models/house-explained").json()
+    assert listed["feature_importances_method"] == "impurity" and listed["explainable"] is True
+    assert set(listed["feature_importances"]) == {"sqft", "age", "zone"}
+    values = list(listed["feature_importances"].values())
+    assert values == sorted(values, reverse=True)
+
+    rows = [{"sqft": 1.0, "age": -1.0, "zone": "north"}, {"sqft": -1.0, "age": 0.0, "zone": "east"}]
+    plain = http.post("/api/models/house-explained/predict", json={"rows": rows}).json()
+    assert set(plain) == {"model", "predictions"}  # without explain: the response of before
+    r = http.post("/api/models/house-explained/predict", json={"rows": rows, "explain": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["predictions"] == plain["predictions"] and body["explain_method"] == "baseline-replacement"
+    assert [set(e["contributions"]) for e in body["explanations"]] == [{"sqft", "age", "zone"}] * 2
+    assert body["explanations"][0]["contributions"]["sqft"] > 0  # price rises with sqft
+
+    # a version trained before baselines were recorded: served as before, explain refused by name
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.skops").write_bytes((linear[0] / "model.skops").read_bytes())
+    config = json.loads((linear[0] / "config.json").read_text())
+    for key in ("feature_importances", "feature_importances_method", "baseline", "transformed_mean"):
+        config.pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    with server.app.state.sessions() as db:
+        register_version(db, server.app.state.blobs, name="house-old", family="sklearn", task="regression", folder=old)
+    r = http.post("/api/models/house-old/predict", json={"rows": rows})
+    assert r.status_code == 200 and set(r.json()) == {"model", "predictions"}
+    assert http.get("/v1/models/house-old").json()["explainable"] is False
+    r = http.post("/api/models/house-old/predict", json={"rows": rows, "explain": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "explain", r.text
+    assert "retrain" in r.json()["error"]["message"]
+    r = http.post("/api/models/house-old/predict", json={"inputs": {"x": [[1.0]]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "inputs", r.text

@@ -7,7 +7,7 @@ contract (atelier/families/base.py) and one line here.
 
 from __future__ import annotations
 
-from atelier.families import chargpt, dcgan, ddpm, diffusers, hf_causal_lm, sklearn, style, upscaler
+from atelier.families import chargpt, dcgan, ddpm, diffusers, hf_causal_lm, onnx, sklearn, style, upscaler
 from atelier.families.base import Family, TrainError, TrainJob
 
 FAMILIES: dict[str, Family] = {
@@ -15,6 +15,7 @@ FAMILIES: dict[str, Family] = {
     "ddpm": ddpm.family,
     "dcgan": dcgan.family,
     "sklearn": sklearn.family,
+    "onnx": onnx.family,
     "gram": style.family,
     "upscaler": upscaler.family,
     "hf-causal-lm": hf_causal_lm.family,

@@ -147,14 +147,15 @@ def recognise(folder: Path, manifest: dict) -> Family:
                        "+ component folders with safetensors), or one .onnx file")
 
 
-def check(folder: Path, family: Family) -> None:
-    """Load it once, as the runtime would: what cannot be served is not registered."""
+def check(folder: Path, family: Family) -> str | None:
+    """Load it once, as the runtime would: what cannot be served is not registered. The task the
+    loaded model says it does (an ONNX graph with label outputs classifies), if it says one."""
     try:
         refuse_pickles(folder)
         servable = family.load(folder)
     except (ValueError, OSError) as e:
         raise ImportError_(str(e)) from None
-    del servable
+    return getattr(servable, "task", None)
 
 
 # -- 4. register -------------------------------------------------------------------------------
@@ -167,12 +168,12 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
         raise ImportError_(f"model name {name!r} must match {NAME_RE.pattern}", "name")
     manifest = read_manifest(folder)
     family = recognise(folder, manifest)
-    check(folder, family)
+    served_task = check(folder, family)
     if not any((folder / f).exists() for f in CONFIG_FILES):  # a lone .onnx: its config is the manifest
         atomic_write_json(folder / MANIFEST, {"family": family.name} | manifest)
     config_file = next(folder / f for f in CONFIG_FILES if (folder / f).exists())
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    task = manifest.get("task") or family.task_of(config)
+    task = manifest.get("task") or served_task or family.task_of(config)
     try:
         version = register_version(db, blobs, name=name, family=family.name, task=task, folder=folder,
                                    training={"imported_from": source, "manifest": manifest})

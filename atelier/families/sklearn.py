@@ -1,6 +1,7 @@
 """sklearn: classical pipelines on tables (atelier/models/tabular.py, stored with skops).
 
-Served by `POST /api/models/{model}/predict` (rows in, predictions out), one call at a time;
+Served by `POST /api/models/{model}/predict` (rows in, predictions out, `explain` for per-feature
+contributions), one call at a time; /v1/models shows each version's feature importances;
 trained from CSV / JSON-lines tables, or as a fusion (voting, stacking) of trained versions.
 A version's task is classification or regression, decided when it was trained.
 """
@@ -23,7 +24,12 @@ class Sklearn(Family):
         return config.get("task", "regression")
 
     def describe(self, config: dict, files: dict) -> dict:
-        return {"features": config.get("features"), "target": config.get("target")}
+        """Features and target; what the model relies on (versions trained before importances: null);
+        and whether `explain` works (versions trained before baselines were recorded: no)."""
+        return {"features": config.get("features"), "target": config.get("target"),
+                "feature_importances": config.get("feature_importances"),
+                "feature_importances_method": config.get("feature_importances_method"),
+                "explainable": config.get("baseline") is not None}
 
     def load(self, folder: Path) -> tabular.TabularModel:
         """The fitted pipeline (skops, trusted types only); it predicts through `predict`/`predict_proba`."""

@@ -44,6 +44,13 @@ class TabularConfig:
     target: str
     classes: list | None = None  # classification: the labels, in predict_proba column order
     members: list[str] | None = None  # voting / stacking: the fused versions' references
+    # what the model relies on, per feature column, largest first (older versions: None)
+    feature_importances: dict[str, float] | None = None
+    feature_importances_method: str | None = None  # impurity | coefficients | permutation
+    # explanations' reference row: per feature, the training mean (numeric) or most frequent value
+    baseline: dict | None = None
+    # linear regressors: the mean of the training rows after preprocessing, one value per column
+    transformed_mean: list[float] | None = None
     family: str = FAMILY
 
     def to_dict(self) -> dict:
@@ -62,6 +69,8 @@ class TabularConfig:
         bad = {c: k for c, k in cfg.feature_kinds.items() if k not in KINDS}
         if bad or set(cfg.feature_kinds) != set(cfg.features):
             raise ValueError(f"config feature_kinds must give numeric or categorical for each of {cfg.features}")
+        if cfg.baseline is not None and set(cfg.baseline) != set(cfg.features):
+            raise ValueError(f"config baseline must give a value for each of {cfg.features}")
         return cfg
 
 
@@ -113,6 +122,74 @@ def to_matrix(rows: list[dict], features: list[str], kinds: dict[str, str]) -> n
             except ValueError as e:
                 raise ValueError(f"row {i}, column {name!r} ({kinds[name]}): {e}") from None
     return X
+
+
+# -- explanations ------------------------------------------------------------------------
+
+
+def baseline_row(X: np.ndarray, features: list[str], kinds: dict[str, str]) -> dict:
+    """The reference row explanations compare against: per column, the mean (numeric) or the mode."""
+    out = {}
+    for j, name in enumerate(features):
+        col = X[:, j]
+        if kinds[name] == "numeric":
+            values = np.asarray(col, dtype=np.float64)
+            out[name] = float(np.nanmean(values)) if np.isfinite(values).any() else None
+        else:
+            values, counts = np.unique(col.astype(str), return_counts=True)
+            out[name] = str(values[np.argmax(counts)])  # ties: the first in sorted order
+    return out
+
+
+def column_sources(pipeline, features: list[str]) -> list[str] | None:
+    """The source feature of each column the pipeline's `prepare` step outputs (one-hot columns → their
+    column), or None when the pipeline is not ours (a fusion) or drops a column (all missing)."""
+    steps = getattr(pipeline, "named_steps", {})
+    prepare = steps.get("prepare")
+    if prepare is None or not hasattr(prepare, "output_indices_"):
+        return None
+    sources: dict[int, str] = {}
+    for name, transformer, cols in prepare.transformers_:
+        if name == "remainder" or transformer == "drop":
+            continue
+        span = prepare.output_indices_[name]
+        widths = ([len(c) for c in transformer.categories_] if hasattr(transformer, "categories_")
+                  else [1] * len(cols))
+        if sum(widths) != span.stop - span.start:
+            return None
+        at = span.start
+        for col, width in zip(cols, widths):
+            for k in range(at, at + width):
+                sources[k] = features[col]
+            at += width
+    n = max(sources, default=-1) + 1
+    return [sources[k] for k in range(n)] if len(sources) == n else None
+
+
+def replace_one_contributions(rows: list[dict], features: list[str], baseline: dict, score) -> list[dict]:
+    """Model-agnostic explanations: contribution of f = score(row) − score(row with f set to its baseline).
+
+    score(rows) → ((n, k) array, k class names or None): one column (regression) or one per class
+    (classification; the predicted class, argmax of the row's own scores, is the one explained).
+    base = the score of the all-baseline row. Contributions need not add up to score − base when
+    features interact.
+    """
+    n = len(rows)
+    own, classes = score(rows)  # (n, k)
+    target = own.argmax(axis=1) if classes is not None else np.zeros(n, dtype=int)
+    base, _ = score([{**rows[0], **baseline}])  # (1, k)
+    contributions = [{} for _ in range(n)]
+    for name in features:
+        changed, _ = score([{**row, name: baseline[name]} for row in rows])
+        for i in range(n):
+            contributions[i][name] = float(own[i, target[i]] - changed[i, target[i]])
+    out = []
+    for i in range(n):
+        item = {"base": float(base[0, target[i]]), "contributions": contributions[i]}
+        if classes is not None:
+            item["class"] = classes[target[i]]
+        out.append(item)
+    return out
 
 
 # -- the skops allowlist -----------------------------------------------------------------
@@ -237,6 +314,48 @@ class TabularModel:
         P = self.estimator.predict_proba(self.matrix(rows))  # (n_rows, n_classes)
         labels = [str(c) for c in self.estimator.classes_.tolist()]
         return [{c: float(p) for c, p in zip(labels, row)} for row in P]
+
+    @property
+    def cannot_explain(self) -> str | None:
+        """Why `explain` would fail (None: it works)."""
+        if self.config.baseline is None:
+            return ("this version was trained before explanations were recorded (its config.json has no "
+                    "baseline); retrain to get explanations")
+        return None
+
+    def explain(self, rows: list[dict]) -> dict:
+        """Per row, each feature's contribution to the prediction (classification: to the predicted
+        class's probability), and the base they start from.
+
+        Linear regressors are explained exactly: coef · (z − z̄) in the preprocessed space (z̄ the
+        training mean), summed back over each column's one-hot columns; base = intercept + coef · z̄,
+        and base + Σ contributions = the prediction. Every other model: replace_one_contributions
+        with the training baseline row.
+        """
+        X = self.matrix(rows)
+        sources = column_sources(self.estimator, self.config.features)
+        model = getattr(self.estimator, "named_steps", {}).get("model")
+        if (self.config.task == "regression" and self.config.transformed_mean is not None and sources
+                and hasattr(model, "coef_") and len(self.config.transformed_mean) == len(sources)):
+            Z = self.estimator.named_steps["prepare"].transform(X)
+            Z = Z.toarray() if hasattr(Z, "toarray") else np.asarray(Z, dtype=np.float64)
+            coef = np.ravel(model.coef_)
+            mean = np.asarray(self.config.transformed_mean)
+            parts = coef * (Z - mean)  # (n_rows, n_columns)
+            base = float(np.ravel(model.intercept_)[0] + coef @ mean)
+            explanations = [{"base": base, "contributions": {
+                f: float(sum(parts[i, k] for k, s in enumerate(sources) if s == f)) for f in self.config.features}}
+                for i in range(len(rows))]
+            return {"method": "linear", "explanations": explanations}
+
+        def score(batch: list[dict]):
+            if self.config.task == "regression":
+                return np.asarray(self.estimator.predict(self.matrix(batch)), dtype=np.float64)[:, None], None
+            return (self.estimator.predict_proba(self.matrix(batch)),
+                    [str(c) for c in self.estimator.classes_.tolist()])
+
+        return {"method": "baseline-replacement",
+                "explanations": replace_one_contributions(rows, self.config.features, self.config.baseline, score)}
 
 
 def load(folder: str | Path) -> TabularModel:

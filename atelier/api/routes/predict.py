@@ -1,4 +1,16 @@
-"""POST /api/models/{model}/predict: rows in, predictions out, for tabular (sklearn) models."""
+"""POST /api/models/{model}/predict: rows or tensors in, predictions out (sklearn tables, ONNX models).
+
+A request gives exactly one of
+  rows    [{column: value}, …]           every table model (sklearn, onnx over a table)
+  inputs  {"<graph input>": nested list}  models that run on named tensors (onnx)
+and may ask `explain: true` (rows only) for each feature's contribution per row.
+
+What the route asks of a "call" servable (the family's model object), by duck typing:
+  run(rows=…, inputs=…) → {"outputs": …, "predictions"?: …, "probabilities"?: …}   (onnx)
+  or predict(rows) → predictions, and predict_proba(rows) for classification      (sklearn)
+  explain(rows) → {"method": str, "explanations": [{"base", "contributions"}, …]}
+  cannot_explain → None, or why explain cannot work for this version (a 400 naming `explain`)
+"""
 
 from __future__ import annotations
 
@@ -15,30 +27,82 @@ from atelier.api.models_lookup import acquire
 router = APIRouter(prefix="/api", tags=["predict"])
 
 MAX_ROWS = 1000
+MAX_INPUT_VALUES = 1_000_000  # numbers (or strings) in all of a request's `inputs` together
+TASKS = ("classification", "regression", "inference")
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rows: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ROWS)
+    rows: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=MAX_ROWS)
+    inputs: dict[str, Any] | None = None
+    explain: bool = False
     keep_alive: str | float | None = None
 
 
-def _predict(loaded, rows: list[dict]) -> dict:
-    with loaded.lock:  # one call at a time per model: estimators are not promised thread-safe
-        out = {"model": loaded.ref, "predictions": loaded.servable.predict(rows)}
-        if loaded.task == "classification":
-            out["probabilities"] = loaded.servable.predict_proba(rows)
+def count_values(inputs: dict) -> int:
+    """The leaves of every nested list in `inputs`, counted without recursion (no depth limit to hit)."""
+    n, stack = 0, list(inputs.values())
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        else:
+            n += 1
+    return n
+
+
+def check_request(body: PredictRequest) -> None:
+    """400s naming the field, before any model is loaded."""
+    if (body.rows is None) == (body.inputs is None):
+        field = "inputs" if body.inputs is not None else "rows"
+        raise bad_request("give exactly one of rows (a list of objects, one per row) or inputs "
+                          "({input name: nested list})", field)
+    if body.inputs is not None:
+        if not body.inputs:
+            raise bad_request("inputs must name at least one input: {input name: nested list}", "inputs")
+        n = count_values(body.inputs)
+        if n > MAX_INPUT_VALUES:
+            raise bad_request(f"inputs hold {n} values; at most {MAX_INPUT_VALUES} are accepted per request "
+                              "(send smaller batches)", "inputs")
+        if body.explain:
+            raise bad_request("explain works on rows (a table), not on inputs", "explain")
+
+
+def _predict(loaded, body: PredictRequest) -> dict:
+    servable = loaded.servable
+    run = getattr(servable, "run", None)
+    if body.inputs is not None and run is None:
+        raise bad_request(f"model {loaded.ref} (a {loaded.family.name} model) takes rows, not inputs", "inputs")
+    if body.explain:
+        why = getattr(servable, "cannot_explain", f"{loaded.family.name} models do not explain their predictions")
+        if why or not hasattr(servable, "explain"):
+            raise bad_request(f"model {loaded.ref} cannot explain: "
+                              f"{why or 'its family has no explanations'}", "explain")
+    param = "rows" if body.rows is not None else "inputs"
+    try:
+        with loaded.lock:  # one call at a time per model: estimators and sessions are not promised thread-safe
+            if run is not None:
+                out = {"model": loaded.ref} | run(rows=body.rows, inputs=body.inputs)
+            else:
+                out = {"model": loaded.ref, "predictions": servable.predict(body.rows)}
+                if loaded.task == "classification":
+                    out["probabilities"] = servable.predict_proba(body.rows)
+            if body.explain:
+                explained = servable.explain(body.rows)
+                out["explanations"] = explained["explanations"]
+                out["explain_method"] = explained["method"]
+    except ValueError as e:
+        raise bad_request(str(e), param) from None
     return out
 
 
 @router.post("/models/{model}/predict")
 async def predict(model: str, body: PredictRequest, db: SessionDep, manager: ManagerDep, key: GenerateKey):
-    """Predict a value (regression) or a class with its probabilities (classification) for each row."""
-    loaded = acquire(manager, db, model, tasks=("classification", "regression"), keep_alive=body.keep_alive)
+    """Predict from rows (a table) or run on named tensors (inputs); explain=true adds per-feature contributions."""
+    check_request(body)
+    loaded = acquire(manager, db, model, tasks=TASKS, keep_alive=body.keep_alive)
     try:
-        return await run_in_threadpool(_predict, loaded, body.rows)
-    except ValueError as e:
-        raise bad_request(str(e), "rows") from None
+        return await run_in_threadpool(_predict, loaded, body)
     finally:
         manager.release(loaded, body.keep_alive)

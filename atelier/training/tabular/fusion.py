@@ -9,11 +9,11 @@ from typing import Callable
 
 import numpy as np
 
-from atelier.models.tabular import TabularConfig, TabularModel, load, to_matrix
+from atelier.models.tabular import TabularConfig, TabularModel, baseline_row, load, to_matrix
 from atelier.training.tabular.common import FUSE_KEYS, TabularError
 from atelier.training.tabular.tables import load_table
 from atelier.training.tabular.prepare import target_values
-from atelier.training.tabular.scoring import PRIMARY, cross_validate, folds, summarize
+from atelier.training.tabular.scoring import PRIMARY, cross_validate, feature_importances, folds, summarize
 from atelier.training.tabular.train import _Run, _int, _jsonable, _min_class_count, _save
 
 
@@ -143,12 +143,22 @@ def fuse(version_folders: list[Path], method: str, data_path: str | Path, hyper:
         if name.startswith("cv_") and name != "cv_folds":
             run.emit({"type": "metric", "name": name, "value": value, "message": f"{name} = {value:.4g}"})
 
-    # 7. save
+    # 7. explain: permutation importances on the fusion table (an ensemble has no importances of its
+    #    own), and the reference row for per-row explanations
+    importances, importance_method = feature_importances(ensemble, features, X, y, seed)
+    run.stage("explain", "feature importances (" + importance_method + "): " +
+              ", ".join(f"{f} {v:.3g}" for f, v in list(importances.items())[:5]),
+              feature_importances=importances, method=importance_method)
+
+    # 8. save
     config = TabularConfig(estimator=method, task=task, features=features, feature_kinds=first.feature_kinds,
-                           target=target, classes=first.classes, members=list(refs))
+                           target=target, classes=first.classes, members=list(refs),
+                           feature_importances=importances, feature_importances_method=importance_method,
+                           baseline=baseline_row(X, features, first.feature_kinds))
     record = {"family": "sklearn", "estimator": method, "task": task, "members": list(refs),
               "hyperparameters": _jsonable(hyper), "metrics": metrics, "folds": fold_scores,
-              "member_metrics": member_scores, "candidates": [],
+              "member_metrics": member_scores, "candidates": [], "feature_importances": importances,
+              "feature_importances_method": importance_method,
               "data": {"training": table.provenance(), "evaluation": f"{k}-fold cross-validation, seed {seed}"},
               "warnings": caught}
     return _save(workdir, ensemble, config, record, run, started)

@@ -20,13 +20,15 @@ from typing import Callable
 
 import numpy as np
 
-from atelier.models.tabular import MODEL_FILE, TabularConfig, save, to_matrix
+from atelier.models.tabular import MODEL_FILE, TabularConfig, baseline_row, save, to_matrix
 from atelier.common.files import atomic_write_json
 from atelier.training.tabular.common import HOLDOUT_FRACTION, HYPER_KEYS, MIN_ROWS, TabularError
 from atelier.training.tabular.tables import Table, load_table
 from atelier.training.tabular.prepare import choose_task, column_kinds, target_values
 from atelier.training.tabular.estimators import make_estimator, make_pipeline
-from atelier.training.tabular.scoring import PRIMARY, _fmt, cross_validate, folds, scores, summarize
+from atelier.training.tabular.scoring import (
+    PRIMARY, _fmt, cross_validate, feature_importances, folds, scores, summarize,
+)
 from atelier.training.tabular.search import candidates
 
 
@@ -222,14 +224,29 @@ def train_tabular(data_path: str | Path, hyper: dict, workdir: str | Path,
         if name.startswith(("cv_", "holdout_")) and name not in ("cv_folds", "holdout_rows"):
             run.emit({"type": "metric", "name": name, "value": value, "message": f"{name} = {value:.4g}"})
 
-    # 7. save
+    # 7. explain: feature importances, and the reference row (and, for linear regressors, the
+    #    preprocessed training mean) that per-row explanations are measured from
+    importances, importance_method = feature_importances(pipeline, features, X_test, y_test, seed)
+    run.stage("explain", "feature importances (" + importance_method + "): " +
+              ", ".join(f"{f} {v:.3g}" for f, v in list(importances.items())[:5]),
+              feature_importances=importances, method=importance_method)
+    transformed_mean = None
+    if task == "regression" and scale:  # linear, ridge: exact explanations need z̄
+        Z = pipeline.named_steps["prepare"].transform(X_train)
+        Z = Z.toarray() if hasattr(Z, "toarray") else np.asarray(Z, dtype=np.float64)
+        transformed_mean = [float(v) for v in Z.mean(axis=0)]
+
+    # 8. save
     config = TabularConfig(estimator=estimator_name, task=task, features=features, feature_kinds=kinds,
-                           target=target, classes=classes)
+                           target=target, classes=classes, feature_importances=importances,
+                           feature_importances_method=importance_method,
+                           baseline=baseline_row(X_train, features, kinds), transformed_mean=transformed_mean)
     data = {"training": table.provenance(), **({"validation": validation.provenance()} if validation else {}),
             "holdout": "validation file" if validation else f"{HOLDOUT_FRACTION:.0%} of the training file, seed {seed}"}
     record = {"family": "sklearn", "estimator": estimator_name, "task": task, "params": _jsonable(params),
               "hyperparameters": _jsonable(hyper), "metrics": metrics, "folds": fold_scores,
-              "candidates": _jsonable(candidate_log),
+              "candidates": _jsonable(candidate_log), "feature_importances": importances,
+              "feature_importances_method": importance_method,
               "data": data, "warnings": caught}
     return _save(workdir, pipeline, config, record, run, started)
 
