@@ -110,6 +110,9 @@ def test_cli_lifecycle_and_hf_export(server, tmp_path, poet_versions):
     assert r.returncode == 0, r.stderr
     transformers = pytest.importorskip("transformers")
     assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.n_positions == 192
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # was KeyError 'added_tokens'
+    assert tok.decode(tok.encode("春眠不觉晓"), skip_special_tokens=True) == "春眠不觉晓"
+    assert tok.encode("春")[0] == tok.bos_token_id  # <bos> first, as chargpt was trained
     assert cli(server, "models", "delete", "poet-copy@1", "--force").returncode == 0
     assert cli(server, "models", "promote", "poet", "--alias", "x").returncode == 2
 

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from atelier.config import Settings
 from conftest import ADMIN_KEY, ROOT
 
@@ -49,15 +51,16 @@ def test_quick_start_commands_and_ci():
     assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text() and "pytest" in makefile
 
 
-def test_runtime_tutorial_runs(tmp_path):
-    """docs/runtime.md: its example prints what the page says it prints (own server: it unloads models)."""
+@pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo")])
+def test_tutorial_runs(tmp_path, page, marker):
+    """A docs/ tutorial's example prints what the page says it prints (each on its own server)."""
     from conftest import LiveServer, make_settings
 
-    doc = (ROOT / "docs" / "runtime.md").read_text(encoding="utf-8")
-    code = re.search(r"<!-- doc-test: runtime -->\s*```python\n(.*?)```", doc, re.S).group(1)
+    doc = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    code = re.search(rf"<!-- doc-test: {marker} -->\s*```python\n(.*?)```", doc, re.S).group(1)
     expected = re.search(r"It prints:\s*```text\n(.*?)```", doc, re.S).group(1)
     with LiveServer(make_settings(tmp_path / "home", run_worker=False)) as server:
-        script = tmp_path / "runtime.py"
+        script = tmp_path / "tutorial.py"
         script.write_text(code.replace("http://127.0.0.1:8000", server.url), encoding="utf-8")
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                            env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})

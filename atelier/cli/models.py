@@ -100,6 +100,11 @@ def models_export(ref: str, output: Annotated[Path, typer.Option("-o", "--output
             output.mkdir(parents=True, exist_ok=True)
             for name in manifest["files"]:
                 (output / name).write_bytes(z.read(name))
+        # Versions registered before the tokenizer was saved in the tokenizers format: rewrite it, so
+        # AutoTokenizer.from_pretrained reads the folder too.
+        from atelier.models.tokenizer import CharTokenizer
+
+        CharTokenizer.load(output / "tokenizer.json").save(output / "tokenizer.json")
     console.print(f"exported {ref} to {output}")
 
 

@@ -68,7 +68,16 @@ class CharTokenizer:
         return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
                 "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
                                   "invert": False},
-                "post_processor": None, "decoder": {"type": "Fuse"},
+                # <bos> before every text, as chargpt was trained and as its engine encodes prompts
+                "post_processor": {"type": "TemplateProcessing",
+                                   "single": [{"SpecialToken": {"id": SPECIAL[2], "type_id": 0}},
+                                              {"Sequence": {"id": "A", "type_id": 0}}],
+                                   "pair": [{"SpecialToken": {"id": SPECIAL[2], "type_id": 0}},
+                                            {"Sequence": {"id": "A", "type_id": 0}},
+                                            {"Sequence": {"id": "B", "type_id": 1}}],
+                                   "special_tokens": {SPECIAL[2]: {"id": SPECIAL[2], "ids": [2],
+                                                                   "tokens": [SPECIAL[2]]}}},
+                "decoder": {"type": "Fuse"},
                 "model": {"type": "WordLevel", "vocab": self.stoi, "unk_token": SPECIAL[1]}}
 
     @classmethod
