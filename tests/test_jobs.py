@@ -85,6 +85,9 @@ def test_fine_tune_then_call_the_new_version(client, http):
     version = client.models.retrieve("tang-poet:ft-my-style").model_extra["latest"]
     assert version["version"] >= 2
     assert client.models.retrieve("tang-poet").model_extra["aliases"]["latest"] == 1  # base untouched
+    listed = {m.id: m for m in client.models.list()}  # what a caller can put in `model`
+    assert "tang-poet:ft-my-style" in listed and listed["tang-poet:ft-my-style"].model_extra["parent"] == "tang-poet"
+    assert listed["tang-poet:ft-my-style"].model_extra["latest"]["version"] == version["version"]
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=50).data]
 
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from atelier.api.errors import APIError
+from atelier.api.metrics import Metrics
 from atelier.config import Settings
 from atelier.runtime.manager import ModelManager
 from atelier.storage.blobs import BlobStore
@@ -39,11 +40,16 @@ def get_manager(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
 SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def current_key(request: Request, db: SessionDep) -> ApiKey:

@@ -12,7 +12,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from atelier.api.deps import ReadKey, SessionDep, current_key
+from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, current_key
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
                                         signing_secret)
@@ -59,10 +59,11 @@ def retrieve(artifact_id: str, db: SessionDep, key: ReadKey):
 
 
 @router.get("/{artifact_id}/content")
-def content(artifact_id: str, request: Request, db: SessionDep, expires: int | None = None, sig: str | None = None):
+def content(artifact_id: str, request: Request, db: SessionDep, settings: SettingsDep, blobs: BlobsDep,
+            expires: int | None = None, sig: str | None = None):
     """The artifact's bytes: with a key, or through a signed link that has not expired."""
     if sig is not None or expires is not None:
-        secret = signing_secret(request.app.state.settings.home_dir)
+        secret = signing_secret(settings.home_dir)
         if expires is None or sig is None or not check_signature(secret, artifact_id, expires=expires, sig=sig,
                                                                   now=time.time()):
             expired = expires is not None and expires < time.time()
@@ -77,7 +78,6 @@ def content(artifact_id: str, request: Request, db: SessionDep, expires: int | N
         if not has_scope(key, "read"):
             raise APIError(403, "this key cannot read artifacts", type="permission_error", code="insufficient_scope")
         art = _visible(db, artifact_id, key)
-    blobs = request.app.state.blobs
     if not blobs.path(art.sha256).exists():
         raise APIError(410, f"the bytes of artifact {artifact_id!r} are gone from the blob store", code="blob_missing")
     data = blobs.get_bytes(art.sha256)

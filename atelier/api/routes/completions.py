@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from atelier.api import sse
-from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
+from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, SessionDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.poem_completion import poem_completion
@@ -201,7 +201,7 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
 
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                            manager: ManagerDep, key: GenerateKey):
+                            manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
     """Continue a prompt (OpenAI's legacy completions)."""
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, chat=False)
@@ -215,7 +215,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
-    rid, created, metrics = f"cmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
+    rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
     prompt_of = lambda index: texts[index // plan.n]  # noqa: E731
@@ -252,7 +252,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                                 manager: ManagerDep, key: GenerateKey):
+                                 manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, chat=True)
@@ -276,7 +276,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         body, [lm.chat_prompt(messages)], lm, settings, max_tokens=max_tokens, prompt_param="messages",
         logprobs=logprobs, chat=True))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
-    rid, created, metrics = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), request.app.state.metrics
+    rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
 
@@ -312,7 +312,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
 
 @router.post("/engines/{model:path}/completions")
 async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
-                                   manager: ManagerDep, key: GenerateKey):
+                                   manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
     """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
     try:
         raw = await request.json()
@@ -326,4 +326,4 @@ async def create_engine_completion(model: str, request: Request, db: SessionDep,
         body = CompletionRequest.model_validate(raw | {"model": model})
     except ValidationError as e:
         raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    return await create_completion(body, request, db, settings, manager, key)
+    return await create_completion(body, request, db, settings, manager, metrics, key)

@@ -6,11 +6,11 @@ import calendar
 import hashlib
 import secrets
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from atelier.api.deps import SessionDep, SettingsDep, TrainKey
+from atelier.api.deps import BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request
 from atelier.api.uploads import get_file, read_limited
 from atelier.storage.db import File, Job
@@ -28,7 +28,7 @@ def file_public(f: File) -> dict:
 
 
 @router.post("")
-async def upload(request: Request, db: SessionDep, settings: SettingsDep, key: TrainKey,
+async def upload(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: TrainKey,
                  file: UploadFile, purpose: str = Form(...)):
     """Upload a training file; an identical file with the same purpose returns the existing record."""
     if purpose not in PURPOSES:
@@ -39,7 +39,6 @@ async def upload(request: Request, db: SessionDep, settings: SettingsDep, key: T
         checked = check_upload(filename, data, max_zip_bytes=settings.max_upload_bytes * 4)
     except UploadError as e:
         raise bad_request(str(e), e.param, code="invalid_file") from None
-    blobs = request.app.state.blobs
     digest = hashlib.sha256(data).hexdigest()
     existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose))
     if existing is not None:
@@ -69,15 +68,15 @@ def retrieve(file_id: str, db: SessionDep, key: TrainKey):
 
 
 @router.get("/{file_id}/content")
-def content(file_id: str, request: Request, db: SessionDep, key: TrainKey):
+def content(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The file's bytes."""
     f = get_file(db, file_id)
-    return Response(request.app.state.blobs.get_bytes(f.sha256), media_type="application/octet-stream",
+    return Response(blobs.get_bytes(f.sha256), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})
 
 
 @router.delete("/{file_id}")
-def delete(file_id: str, request: Request, db: SessionDep, key: TrainKey):
+def delete(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """Delete a file (refused while a job uses it); its bytes go when no other file shares them."""
     f = get_file(db, file_id)
     busy = db.scalar(select(Job).where(Job.status.in_(ACTIVE_JOB_STATES),
@@ -88,6 +87,6 @@ def delete(file_id: str, request: Request, db: SessionDep, key: TrainKey):
     db.delete(f)
     db.commit()
     if db.scalar(select(File).where(File.sha256 == f.sha256)) is None:
-        request.app.state.blobs.path(f.sha256).unlink(missing_ok=True)
+        blobs.path(f.sha256).unlink(missing_ok=True)
     audit.record(db, action="file.delete", target=file_id, key_id=key.id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -88,10 +88,10 @@ def delete(ref: str, db: SessionDep, key: AdminKey, force: bool = Query(False)):
 
 
 @router.get("/{ref:path}/export")
-def export(ref: str, request: Request, db: SessionDep, key: TrainKey):
+def export(ref: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The version as one zip archive (files + manifest with sha256)."""
     version = resolve_version(db, ref)
-    data = archives.export_archive(request.app.state.blobs, version)
+    data = archives.export_archive(blobs, version)
     filename = f"{version.model.name}-{version.number}.zip"
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
