@@ -295,3 +295,45 @@ def test_cli_imports_a_folder(hf_server, folders, tmp_path):
                         "cli-llama"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "imported cli-llama@1 (hf-causal-lm, text-generation)" in r.stdout
+
+
+def han_tokenizer(chars: str):
+    """A byte-level BPE like Qwen2's: every character of `chars` is one token (its UTF-8 bytes merged)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    spelled = _bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0}
+    for s in spelled:
+        vocab.setdefault(s, len(vocab))
+    merges = []
+    for ch in chars:
+        b = [spelled[x] for x in ch.encode("utf-8")]
+        for k in range(1, len(b)):
+            left, right = "".join(b[:k]), b[k]
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def test_poems_on_an_imported_lm_with_single_character_tokens(hf_http, tmp_path):
+    """The poetry engine masks every multi-character token at constrained positions and decodes the
+    characters the tokenizer has as tokens of their own — here the 1,500 commonest of tang-poet."""
+    from atelier.families.shipped import SHIPPED_DIR
+    from atelier.models.tokenizer import CharTokenizer
+
+    chars = "".join(CharTokenizer.load(SHIPPED_DIR / "tang-poet" / "tokenizer.json").itos[4:1504]) + "，。"
+    tok = han_tokenizer(chars)
+    folder = tmp_path / "han-qwen2"
+    tiny_model("qwen2", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert import_folder(hf_http, folder, "han-qwen2").status_code == 200
+    r = hf_http.post("/api/poems", json={"model": "han-qwen2", "form": "wujue", "seed": 2, "title": "春"})
+    assert r.status_code == 200, r.text
+    poem = r.json()["poems"][0]
+    assert poem["report"]["compliant"] and len(poem["lines"]) == 4 and all(len(line) == 5 for line in poem["lines"])
+    assert r.json()["model"] == "han-qwen2@1"

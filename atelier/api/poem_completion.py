@@ -33,14 +33,16 @@ async def run_poetry(fn, *args, **kwargs):
 @contextmanager
 def poet(manager: ModelManager, db, ref: str, keep_alive=None):
     """(loaded, model, tokenizer) of a language model held for one poem search. The search decodes
-    characters under tone and rhyme masks, so it needs a model whose tokens are characters."""
+    characters under tone and rhyme masks, so it needs tokens that are single characters."""
     loaded = acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
     try:
-        lm = loaded.servable
-        if not getattr(lm, "char_level", False):
-            raise bad_request(f"model {loaded.ref} ({loaded.family.name}) cannot write constrained poems: they need "
-                              "a character-level model such as tang-poet", "model", code="model_not_supported")
-        yield loaded, lm.model, lm.tokenizer
+        try:
+            model, tokenizer = loaded.servable.poet()
+        except (AttributeError, ValueError) as e:
+            why = str(e) if isinstance(e, ValueError) else "its family has no character view"
+            raise bad_request(f"model {loaded.ref} ({loaded.family.name}) cannot write constrained poems: {why}",
+                              "model", code="model_not_supported") from None
+        yield loaded, model, tokenizer
     finally:
         manager.release(loaded, keep_alive)
 

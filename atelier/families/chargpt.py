@@ -22,11 +22,9 @@ LINE_END = "，。！？；、,.!?;"
 class CharLM:
     """A chargpt version as the text engine drives it (families/base.py: TextServable).
 
-    One token is one character (`char_level`): the poetry engine decodes with `model` and
-    `tokenizer` directly (constrained search over characters).
+    One token is one character: the poetry engine decodes with `model` and `tokenizer`
+    directly (constrained search over characters).
     """
-
-    char_level = True
 
     def __init__(self, model: chargpt.CharGPT, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -44,6 +42,10 @@ class CharLM:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def poet(self):
+        """(model, tokenizer) for the poetry engine."""
+        return self.model, self.tokenizer
 
     def new_cache(self, rows: int) -> chargpt.KVCache:
         return chargpt.KVCache(self.model.config, rows)

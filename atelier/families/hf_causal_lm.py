@@ -81,6 +81,13 @@ class SlotCache(Cache):
         self.seen = 0  # positions attended to in this forward: 1 + the largest position written
         super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
 
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Rows `dst` take the first `length` positions of rows `src` (a search forking its beams)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[dst, :, :length] = layer.keys[src, :, :length]
+                layer.values[dst, :, :length] = layer.values[src, :, :length]
+
 
 # -- the servable --------------------------------------------------------------------------
 
@@ -126,6 +133,7 @@ class HFCausalLM:
         if self.manifest.get("chat_template"):
             self.tokenizer.chat_template = self.manifest["chat_template"]
         self.system_prompt = self.manifest.get("system_prompt")
+        self._poet = None  # the poetry view, built on first use
 
     def _eos_ids(self, folder: Path, GenerationConfig) -> list[int]:
         ids: list[int] = []
@@ -169,6 +177,79 @@ class HFCausalLM:
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
+
+    def poet(self) -> tuple[PoetModel, PoetTokenizer]:
+        """(model, tokenizer) for the poetry engine; ValueError saying why when the tokenizer has too
+        few Han characters as tokens of their own (a constrained position holds one character)."""
+        if self._poet is None:
+            view = PoetTokenizer(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
+            han = sum(1 for ch in view.stoi if "\u4e00" <= ch <= "\u9fff")
+            missing = [repr(p) for p in POET_PUNCTUATION if p not in view.stoi]
+            if han < MIN_POET_CHARACTERS or missing:
+                self._poet = ValueError(
+                    f"its tokenizer has {han} Han characters as tokens of their own (at least "
+                    f"{MIN_POET_CHARACTERS} are needed)" + (f" and no single token for {', '.join(missing)}"
+                                                             if missing else "")
+                    + "; constrained poems decode one character per position")
+            else:
+                self._poet = (PoetModel(self), view)
+        if isinstance(self._poet, ValueError):
+            raise self._poet
+        return self._poet
+
+
+# -- poems: the poetry engine decodes characters under tone and rhyme masks -------------------
+
+MIN_POET_CHARACTERS = 500  # Han characters with a token of their own, below which poems are refused
+POET_PUNCTUATION = "，。\n"
+
+
+class PoetTokenizer:
+    """A tokenizer as the poetry engine sees a character tokenizer (itos, stoi, encode, decode): each
+    character that has a token of its own keeps it; every other token has no character, so the
+    masks never allow it at a constrained position."""
+
+    def __init__(self, tokenizer, vocab: int):
+        self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.itos = [""] * vocab  # the model's vocabulary may be padded past the tokenizer's
+        self.stoi: dict[str, int] = {}
+        for i in range(min(vocab, len(tokenizer))):
+            text = tokenizer.decode([i])
+            self.itos[i] = text
+            if len(text) == 1 and i not in self.special_ids and text not in self.stoi \
+                    and tokenizer.encode(text, add_special_tokens=False) == [i]:
+                self.stoi[text] = i
+        self.common = torch.tensor([len(t) == 1 and i in self.stoi.values() for i, t in enumerate(self.itos)])
+        eos = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        self.unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else self.bos_id
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class PoetModel:
+    """The model as the poetry engine calls chargpt: model(ids, cache=, rows=, pos=) → (logits, None)."""
+
+    def __init__(self, lm: "HFCausalLM"):
+        self.lm = lm
+        self.config = type("Config", (), {"n_positions": lm.context})()
+
+    def new_cache(self, batch: int) -> SlotCache:
+        return self.lm.new_cache(batch)
+
+    def __call__(self, ids: torch.Tensor, cache: SlotCache | None = None, rows=None, pos=None):
+        if cache is None:  # one pass over whole sequences (the checker's suggestions)
+            B, T = ids.shape
+            cache, rows, pos = self.lm.new_cache(B), torch.arange(B), torch.arange(T).expand(B, T)
+        return self.lm.forward(ids, cache, rows, pos), None
 
 
 class HFCausalLMFamily(Family):

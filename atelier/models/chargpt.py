@@ -145,6 +145,10 @@ class CharGPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def new_cache(self, batch: int) -> KVCache:
+        """A KV cache with `batch` rows for this model (the poetry search forks rows of it)."""
+        return KVCache(self.config, batch)
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

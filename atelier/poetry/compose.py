@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atelier.models.chargpt import KVCache
 from atelier.poetry.checker import analyse, convert, detect_forms, fit_lines, parse_poem
 from atelier.poetry.corpus import CorpusIndex, default_index
 from atelier.poetry.errors import PoemError
@@ -197,7 +196,7 @@ class _Search:
         self.temperature, self.gen, self.corpus = temperature, generator, corpus
         self.check_corpus = check_corpus  # lines that must not be in the corpus (not the kept ones)
         self.B, self.S = cfg.beam, cfg.beam * cfg.samples  # beam rows, sample rows
-        self.cache = KVCache(model.config, self.B + self.S)
+        self.cache = model.new_cache(self.B + self.S)
         self.V = len(tokenizer)
         self.kw = torch.zeros(self.V, dtype=torch.bool)
         for ch in keywords:

@@ -30,8 +30,8 @@ class VocabMasks:
         self.ze = torch.zeros(V, dtype=torch.bool)
         self.member = torch.zeros(G, V, dtype=torch.bool)
         for i, ch in enumerate(tokenizer.itos):
-            if i < 4 or len(ch) != 1 or not is_han(ch):
-                continue  # ids 0-3 are <pad> <unk> <bos> <eos>
+            if len(ch) != 1 or not is_han(ch) or i in getattr(tokenizer, "special_ids", range(4)):
+                continue  # a CharTokenizer's ids 0-3 are <pad> <unk> <bos> <eos>
             self.han[i] = True
             tones = tone_table.tones(ch)
             self.ping[i], self.ze[i] = PING in tones, ZE in tones
@@ -41,7 +41,9 @@ class VocabMasks:
         # A 叶 character of group g: in a group of the same part (第七部) with the other tone.
         other = torch.tensor([[h.part == g.part and h.tone != g.tone for h in groups] for g in groups])
         self.ye_member = (other.float() @ self.member.float()) > 0
-        self.usable = self.member[:, 4:COMMON_IDS].sum(1) >= MIN_COMMON_IN_GROUP
+        common = getattr(tokenizer, "common", None)  # (V,) bool, when ids are not in order of frequency
+        self.usable = (self.member[:, common] if common is not None else self.member[:, 4:COMMON_IDS]).sum(1) \
+            >= MIN_COMMON_IN_GROUP
         self.group_tone = [g.tone for g in groups]
 
     def tone(self, required: str) -> torch.Tensor:
