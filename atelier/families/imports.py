@@ -42,7 +42,7 @@ DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_
             "frequency_penalty", "stop")
 
 
-class ImportError_(ValueError):
+class ImportRefused(ValueError):
     """A folder or upload that cannot become a model; `param` is the request field to blame."""
 
     def __init__(self, message: str, param: str = "file"):
@@ -65,12 +65,12 @@ def unpack(data: bytes, filename: str, dest: Path, *, max_unpacked: int) -> Path
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise ImportError_(f"{name or 'the upload'} is neither a .zip of a model folder nor an .onnx file") from None
+        raise ImportRefused(f"{name or 'the upload'} is neither a .zip of a model folder nor an .onnx file") from None
     infos = [i for i in z.infolist() if not i.is_dir()]
     if len(infos) > MAX_ENTRIES:
-        raise ImportError_(f"the archive has {len(infos)} files; at most {MAX_ENTRIES}")
+        raise ImportRefused(f"the archive has {len(infos)} files; at most {MAX_ENTRIES}")
     if sum(i.file_size for i in infos) > max_unpacked:
-        raise ImportError_(f"the archive unpacks to more than {max_unpacked} bytes (4 × ATELIER_MAX_UPLOAD_BYTES)")
+        raise ImportRefused(f"the archive unpacks to more than {max_unpacked} bytes (4 × ATELIER_MAX_UPLOAD_BYTES)")
     refuse_pickles_named([i.filename for i in infos])
     # One top-level folder (zip -r model.zip my-model/) is the model folder itself.
     tops = {i.filename.split("/", 1)[0] for i in infos}
@@ -78,34 +78,34 @@ def unpack(data: bytes, filename: str, dest: Path, *, max_unpacked: int) -> Path
     for info in infos:
         rel = info.filename.split("/", 1)[1] if strip else info.filename
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise ImportError_(f"archive entry {info.filename!r} is a symbolic link; links are refused")
+            raise ImportRefused(f"archive entry {info.filename!r} is a symbolic link; links are refused")
         target = dest / safe_path(rel, info.filename)
         target.parent.mkdir(parents=True, exist_ok=True)
         with z.open(info) as src:
             content = src.read(max_unpacked + 1)
         if len(content) != info.file_size:  # a header that lies about its size
-            raise ImportError_(f"archive entry {info.filename!r} does not match its declared size")
+            raise ImportRefused(f"archive entry {info.filename!r} does not match its declared size")
         target.write_bytes(content)
     return dest
 
 
 def safe_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", name) or name.startswith("."):
-        raise ImportError_(f"file name {name!r} is not accepted (letters, digits, '.', '_', '-')")
+        raise ImportRefused(f"file name {name!r} is not accepted (letters, digits, '.', '_', '-')")
     return name
 
 
 def safe_path(rel: str, shown: str) -> Path:
     parts = rel.split("/")
     if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise ImportError_(f"archive entry {shown!r} has an unsafe path")
+        raise ImportRefused(f"archive entry {shown!r} has an unsafe path")
     return Path(*parts)
 
 
 def refuse_pickles_named(names: list[str]) -> None:
     pickled = [n for n in names if n.endswith(PICKLED)]
     if pickled:
-        raise ImportError_(f"{', '.join(pickled)}: pickle-based weights are refused (loading them can run code); "
+        raise ImportRefused(f"{', '.join(pickled)}: pickle-based weights are refused (loading them can run code); "
                            "convert them to safetensors, e.g. model.save_pretrained(folder, safe_serialization=True)")
 
 
@@ -119,15 +119,15 @@ def read_manifest(folder: Path) -> dict:
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ImportError_(f"{MANIFEST} is not valid JSON: {e}") from None
+        raise ImportRefused(f"{MANIFEST} is not valid JSON: {e}") from None
     if not isinstance(found, dict):
-        raise ImportError_(f"{MANIFEST} must be a JSON object")
+        raise ImportRefused(f"{MANIFEST} must be a JSON object")
     unknown = sorted(set(found) - set(MANIFEST_KEYS))
     if unknown:
-        raise ImportError_(f"{MANIFEST} has unknown fields {', '.join(unknown)}; accepted: {', '.join(MANIFEST_KEYS)}")
+        raise ImportRefused(f"{MANIFEST} has unknown fields {', '.join(unknown)}; accepted: {', '.join(MANIFEST_KEYS)}")
     bad = sorted(set(found.get("defaults") or {}) - set(DEFAULTS))
     if bad:
-        raise ImportError_(f"{MANIFEST} defaults has unknown fields {', '.join(bad)}; accepted: {', '.join(DEFAULTS)}")
+        raise ImportRefused(f"{MANIFEST} defaults has unknown fields {', '.join(bad)}; accepted: {', '.join(DEFAULTS)}")
     return found
 
 
@@ -136,13 +136,13 @@ def recognise(folder: Path, manifest: dict) -> Family:
         family = FAMILIES.get(manifest["family"])
         if family is None or type(family).recognises is Family.recognises:
             importable = [n for n, f in FAMILIES.items() if type(f).recognises is not Family.recognises]
-            raise ImportError_(f"{MANIFEST} names family {manifest['family']!r}; importable families: "
+            raise ImportRefused(f"{MANIFEST} names family {manifest['family']!r}; importable families: "
                                f"{', '.join(importable)}")
         return family
     for family in FAMILIES.values():
         if family.recognises(folder):
             return family
-    raise ImportError_("the folder is not a model Atelier can import: expected a transformers causal LM "
+    raise ImportRefused("the folder is not a model Atelier can import: expected a transformers causal LM "
                        "(config.json + *.safetensors + tokenizer files), a diffusers pipeline (model_index.json "
                        "+ component folders with safetensors), or one .onnx file")
 
@@ -154,7 +154,7 @@ def check(folder: Path, family: Family) -> str | None:
         refuse_pickles(folder)
         servable = family.load(folder)
     except (ValueError, OSError) as e:
-        raise ImportError_(str(e)) from None
+        raise ImportRefused(str(e)) from None
     return getattr(servable, "task", None)
 
 
@@ -165,7 +165,7 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
                   source: str = "") -> Version:
     """Steps 2–4 for a folder on this machine (`atelier models import PATH`, or an unpacked upload)."""
     if not NAME_RE.match(name):
-        raise ImportError_(f"model name {name!r} must match {NAME_RE.pattern}", "name")
+        raise ImportRefused(f"model name {name!r} must match {NAME_RE.pattern}", "name")
     manifest = read_manifest(folder)
     family = recognise(folder, manifest)
     served_task = check(folder, family)
@@ -179,7 +179,7 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
                                    training={"imported_from": source, "manifest": manifest})
     except ValueError as e:  # a name taken by another family, …
         db.rollback()
-        raise ImportError_(str(e), "name") from None
+        raise ImportRefused(str(e), "name") from None
     facts = family.import_facts(folder)
     if facts:
         version.config = {**version.config, **facts}

@@ -117,7 +117,7 @@ async def import_(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: T
             folder = imports.unpack(data, file.filename or "", Path(tmp), max_unpacked=settings.max_upload_bytes * 4)
             version = await run_in_threadpool(imports.import_folder, db, blobs, folder, name=name, key_id=key.id,
                                               source=file.filename or "upload")
-        except imports.ImportError_ as e:
+        except imports.ImportRefused as e:
             raise bad_request(str(e), e.param, code="invalid_model") from None
     return model_public(version.model, current=version)
 
