@@ -76,3 +76,48 @@ def test_a_new_family_is_one_registry_entry(tmp_path, monkeypatch):
         r = http.post("/v1/completions", json={"model": "twice", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_supported"
         assert "doubler" in r.json()["error"]["message"]
+
+
+class SlowFamily(DoublerFamily):
+    """Loads only when the test says so: a stand-in for a big model that takes seconds to load."""
+
+    name = "slow"
+    release_load = None  # a threading.Event, set by the test
+
+    def load(self, folder):
+        assert self.release_load.wait(30), "the test never let the load finish"
+        return super().load(folder)
+
+
+def test_a_slow_load_does_not_hold_up_models_already_loaded(tmp_path, monkeypatch):
+    """While one request loads a model, requests to loaded models are served (the manager's lock is
+    not held across a load; if it were, the first request below would wait forever and this fails)."""
+    import threading
+
+    slow = SlowFamily()
+    slow.release_load = threading.Event()
+    monkeypatch.setitem(FAMILIES, "doubler", DoublerFamily())
+    monkeypatch.setitem(FAMILIES, "slow", slow)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"factor": 3}))
+    settings = make_settings(tmp_path / "home", run_worker=False, shipped_models=False)
+    with LiveServer(settings) as s, admin_http(s) as http:
+        from atelier.storage.registry import register_version
+
+        with s.app.state.sessions() as db:
+            register_version(db, s.app.state.blobs, name="fast", family="doubler", task="regression", folder=folder)
+            register_version(db, s.app.state.blobs, name="sluggish", family="slow", task="regression", folder=folder)
+        assert http.post("/api/models/fast/predict", json={"rows": [{"x": 1}]}).json()["predictions"] == [3.0]
+        slow_answer = {}
+        waiting = threading.Thread(target=lambda: slow_answer.update(
+            http.post("/api/models/sluggish/predict", json={"rows": [{"x": 2}]}, timeout=60).json()))
+        waiting.start()
+        while ("sluggish", 1) not in s.app.state.manager._loading:  # the slow load has begun
+            threading.Event().wait(0.01)
+        with admin_http(s) as other:
+            assert other.post("/api/models/fast/predict", json={"rows": [{"x": 2}]}, timeout=10).json()["predictions"] \
+                == [6.0]
+        slow.release_load.set()
+        waiting.join(30)
+        assert slow_answer["predictions"] == [6.0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import threading
 import time
 
 import httpx
@@ -114,14 +113,8 @@ def test_unload_mid_stream_ends_the_stream_with_a_clear_error(rt, small_runtime)
     """An engine that closes fails its running requests: the stream ends, it does not hang."""
     body = {"model": "tang-poet", "prompt": "春", "max_tokens": 100, "stream": True, "ignore_eos": True, "seed": 3,
             "keep_alive": -1}
-    events, unloaded = [], threading.Event()
-
-    def unload_soon():
-        time.sleep(0.3)
-        with admin_http(small_runtime) as c:
-            c.post("/api/models/tang-poet/unload")
-        unloaded.set()
-
+    events = []
+    manager = small_runtime.app.state.manager
     with httpx.Client(base_url=small_runtime.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                       timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
         started = time.time()
@@ -131,10 +124,9 @@ def test_unload_mid_stream_ends_the_stream_with_a_clear_error(rt, small_runtime)
             if line == "data: [DONE]":
                 break
             events.append(json.loads(line[6:]))
-            if len(events) == 1:
-                threading.Thread(target=unload_soon, daemon=True).start()
+            if len(events) == 1:  # the first token is here; 99 are still to come
+                assert manager.unload("tang-poet", 1)  # what POST /api/models/tang-poet/unload does
         assert time.time() - started < 20
-    assert unloaded.wait(5)
     errors = [e["error"] for e in events if "error" in e]
     texts = [e for e in events if "choices" in e]
     assert texts, "some text streamed before the unload"

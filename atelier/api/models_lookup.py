@@ -1,11 +1,12 @@
 """Resolving a request's `model` field to a version, and holding it loaded in the runtime.
 
-Every route that runs a model does `loaded = acquire(...)` and, when its response is
+Every route that runs a model does `loaded = await acquire(...)` and, when its response is
 finished (streams included), `manager.release(loaded, keep_alive)`.
 """
 
 from __future__ import annotations
 
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from atelier.api.errors import APIError, bad_request, not_found
@@ -33,13 +34,14 @@ def check_keep_alive(value) -> None:
             raise bad_request(str(e), "keep_alive") from None
 
 
-def acquire(manager: ModelManager, db: Session, ref: str, *, tasks: tuple[str, ...] | None, keep_alive=None,
-            param: str = "model") -> Loaded:
-    """The model `ref` loaded and held for this request: 404 unknown, 400 wrong task, 503 not loadable."""
+async def acquire(manager: ModelManager, db: Session, ref: str, *, tasks: tuple[str, ...] | None,
+                  keep_alive=None, param: str = "model") -> Loaded:
+    """The model `ref` loaded and held for this request: 404 unknown, 400 wrong task, 503 not loadable.
+    Loading can take seconds, so it runs in a worker thread, never on the event loop."""
     check_keep_alive(keep_alive)
     version = resolve_version(db, ref, param)
     try:
-        return manager.acquire(version, tasks=tasks)
+        return await run_in_threadpool(manager.acquire, version, tasks=tasks)
     except WrongTask as e:
         raise bad_request(f"{e}; GET /v1/models lists each model's task", param, code="model_not_supported") from None
     except ModelTooLarge as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -30,11 +30,11 @@ async def run_poetry(fn, *args, **kwargs):
                        code="poem_unsatisfiable" if e.status == 422 else "invalid_value") from None
 
 
-@contextmanager
-def poet(manager: ModelManager, db, ref: str, keep_alive=None):
+@asynccontextmanager
+async def poet(manager: ModelManager, db, ref: str, keep_alive=None):
     """(loaded, model, tokenizer) of a language model held for one poem search. The search decodes
     characters under tone and rhyme masks, so it needs tokens that are single characters."""
-    loaded = acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
+    loaded = await acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
     try:
         try:
             model, tokenizer = loaded.servable.poet()
@@ -62,7 +62,7 @@ async def poem_completion(request: Request, body, manager: ModelManager, db, *, 
     constraints.setdefault("n", body.n)
     constraints.setdefault("seed", body.seed)
     constraints.setdefault("temperature", body.temperature)
-    with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+    async with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **constraints)
     rid, created = secrets.token_hex(12), int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}

@@ -81,6 +81,8 @@ class ModelManager:
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
         self._loaded: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
+        self._loading: dict[tuple[str, int], threading.Event] = {}  # versions being loaded, by one request each
+        self._incoming = 0  # bytes of weights being loaded now
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.evictions = 0
@@ -103,14 +105,25 @@ class ModelManager:
             can_not = CANNOT.get(tasks[0], f"cannot do {' or '.join(tasks)}")
             raise WrongTask(f"model {version.model.name!r} (a {family.name} model, {version.model.task}) {can_not}")
         key = (version.model.name, version.number)
-        with self._lock:
-            loaded = self._loaded.get(key)
-            if loaded is None:
-                loaded = self._load(version, family)
-            self._loaded.move_to_end(key)
-            loaded.in_use += 1
-            loaded.last_used = time.time()
-            return loaded
+        while True:
+            with self._lock:
+                loaded = self._loaded.get(key)
+                if loaded is not None:
+                    self._loaded.move_to_end(key)
+                    loaded.in_use += 1
+                    loaded.last_used = time.time()
+                    return loaded
+                loading = self._loading.get(key)
+                if loading is None:  # this request loads it; others for the same version wait for it
+                    loading = self._loading[key] = threading.Event()
+                    break
+            loading.wait()  # then look again: loaded, or this request tries itself after a failure
+        try:
+            return self._load(version, family)
+        finally:
+            with self._lock:
+                del self._loading[key]
+            loading.set()
 
     def release(self, loaded: Loaded, keep_alive=None) -> None:
         """The request is done with it: start its keep-alive clock (unload now if it is 0)."""
@@ -162,18 +175,25 @@ class ModelManager:
 
     # -- inside ---------------------------------------------------------------------------
     def _load(self, version: Version, family: Family) -> Loaded:
+        """Unpack, make room, load — outside the manager's lock, so that requests to models already
+        loaded are not held up by a slow load (seconds for a big imported model)."""
         folder = version_folder(self.blobs, version, self.cache_root)
         weight = family.weight_bytes(folder)
         if self.max_memory is not None and weight > self.max_memory:
             self._remove_folder(folder)
             raise ModelTooLarge(f"model {version.model.name}@{version.number} holds {weight} bytes of weights; "
                                 f"ATELIER_MAX_MODEL_MEMORY is {self.max_memory}")
-        self._make_room(weight)
+        with self._lock:
+            self._make_room(weight)
+            self._incoming += weight
         try:
             servable = family.load(folder)
         except Exception:
             self._remove_folder(folder)
             raise
+        finally:
+            with self._lock:
+                self._incoming -= weight
         if family.engine == "text":
             engine = TextEngine(servable, self.max_batch)
         elif family.engine == "image":
@@ -181,16 +201,17 @@ class ModelManager:
         else:
             engine = None
         loaded = Loaded(version.model.name, version.number, family, version.model.task, servable, engine, folder,
-                        weight)
-        self._loaded[loaded.key] = loaded
+                        weight, in_use=1)  # held for the request that loaded it
+        with self._lock:
+            self._loaded[loaded.key] = loaded
         log.info("loaded %s (%s, %d bytes of weights)", loaded.ref, family.name, weight)
         return loaded
 
     def _make_room(self, incoming: int) -> None:
         """1. Unload least recently used versions (idle ones first) until one more fits."""
-        def over() -> bool:
-            return len(self._loaded) >= self.max_loaded or (
-                self.max_memory is not None and self.memory() + incoming > self.max_memory)
+        def over() -> bool:  # versions being loaded by other requests count as loaded
+            return len(self._loaded) + len(self._loading) - 1 >= self.max_loaded or (
+                self.max_memory is not None and self.memory() + self._incoming + incoming > self.max_memory)
 
         while self._loaded and over():
             idle = [m for m in self._loaded.values() if m.in_use == 0]

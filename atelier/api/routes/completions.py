@@ -177,9 +177,9 @@ async def _collect(request, seqs, events, metrics):
     return chunks, finished
 
 
-def _text_model(manager: ModelManager, db, body: SamplingFields) -> Loaded:
+async def _text_model(manager: ModelManager, db, body: SamplingFields) -> Loaded:
     """The model held for this request; its manifest's default sampling fills the fields the request left unset."""
-    loaded = acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
+    loaded = await acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
     for name, value in (getattr(loaded.servable, "manifest", None) or {}).get("defaults", {}).items():
         if name not in body.model_fields_set and name in type(body).model_fields:
             setattr(body, name, value)
@@ -210,7 +210,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
         raise bad_request("prompt is empty", "prompt", code="empty_prompt")
     if len(texts) > settings.max_n:
         raise bad_request(f"at most {settings.max_n} prompts per request, got {len(texts)}", "prompt")
-    loaded = _text_model(manager, db, body)
+    loaded = await _text_model(manager, db, body)
     lm = loaded.servable
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
@@ -269,7 +269,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (top or 1) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    loaded = _text_model(manager, db, body)
+    loaded = await _text_model(manager, db, body)
     lm = loaded.servable
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(

@@ -101,7 +101,7 @@ def _predict(loaded, body: PredictRequest) -> dict:
 async def predict(model: str, body: PredictRequest, db: SessionDep, manager: ManagerDep, key: GenerateKey):
     """Predict from rows (a table) or run on named tensors (inputs); explain=true adds per-feature contributions."""
     check_request(body)
-    loaded = acquire(manager, db, model, tasks=TASKS, keep_alive=body.keep_alive)
+    loaded = await acquire(manager, db, model, tasks=TASKS, keep_alive=body.keep_alive)
     try:
         return await run_in_threadpool(_predict, loaded, body)
     finally:

@@ -26,11 +26,11 @@ def ps(manager: ManagerDep, settings: SettingsDep, key: ReadKey):
 
 
 @router.post("/models/{ref:path}/load")
-def load(ref: str, db: SessionDep, manager: ManagerDep, key: TrainKey, body: LoadRequest | None = None):
+async def load(ref: str, db: SessionDep, manager: ManagerDep, key: TrainKey, body: LoadRequest | None = None):
     """Load a version now (so the first request does not wait), for keep_alive once idle."""
     keep_alive = body.keep_alive if body else None
     check_keep_alive(keep_alive)
-    loaded = acquire(manager, db, ref, tasks=None, keep_alive=keep_alive)
+    loaded = await acquire(manager, db, ref, tasks=None, keep_alive=keep_alive)
     manager.release(loaded, keep_alive)
     audit.record(db, action="model.load", target=loaded.ref, key_id=key.id, detail={"keep_alive": keep_alive})
     return loaded.public()
