@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atelier.families.base import Family
+from atelier.families.base import MANIFEST, Family
 
-MANIFEST = "atelier.json"
 TASKS = ("classification", "regression", "inference")
 ALLOWED_BESIDE = {"atelier.json", "config.json"}
 # ONNX tensor element types → numpy dtypes a request's nested lists are converted to

@@ -30,7 +30,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
     From scratch, the tokenizer is built from the corpus and the model from model_cfg;
     with `base` (a version folder), both come from the base model (fine-tuning).
     The folder holds config.json, model.safetensors, tokenizer.json and training.json
-    (config, data provenance, metrics), ready for `registry.store.register_version`.
+    (config, data provenance, metrics), ready for `storage.registry.register_trained`.
     """
     if threads:
         torch.set_num_threads(threads)
