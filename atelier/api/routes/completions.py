@@ -163,15 +163,19 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
     return sse.response(body(), on_close=release)
 
 
-async def _collect(request, seqs, events, metrics):
+async def _collect(request, seqs, events, metrics, release):
+    """Every choice's chunks and finish, for a non-streamed answer; the model is released after."""
     chunks: dict[int, list[TextChunk]] = {s.index: [] for s in seqs}
     finished: dict[int, Finished] = {}
-    async for index, event in _events(request, seqs, events):
-        if isinstance(event, TextChunk):
-            metrics.tokens(len(event.tokens))
-            chunks[index].append(event)
-        else:
-            finished[index] = event
+    try:
+        async for index, event in _events(request, seqs, events):
+            if isinstance(event, TextChunk):
+                metrics.tokens(len(event.tokens))
+                chunks[index].append(event)
+            else:
+                finished[index] = event
+    finally:
+        release()
     if len(finished) < len(seqs):
         raise APIError(499, "client closed the request", code="client_closed")
     return chunks, finished
@@ -236,10 +240,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
 
-    try:
-        chunks, finished = await _collect(request, seqs, events, metrics)
-    finally:
-        release()
+    chunks, finished = await _collect(request, seqs, events, metrics, release)
     choices = []
     for index in sorted(chunks):
         text = "".join(c.text for c in chunks[index])
@@ -299,10 +300,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
 
-    try:
-        chunks, finished = await _collect(request, seqs, events, metrics)
-    finally:
-        release()
+    chunks, finished = await _collect(request, seqs, events, metrics, release)
     choices = [{"index": i,
                 "message": {"role": "assistant", "content": "".join(c.text for c in chunks[i])},
                 "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs else None,
