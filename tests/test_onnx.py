@@ -93,6 +93,9 @@ def built(tmp_path_factory):
         "shapes": write_folder(root / "shapes", cnn_bytes, {"task": "classification",
                                                              "labels": ["circle", "square", "star"]}),
         "shapes-raw": write_folder(root / "shapes-raw", cnn_bytes, {"family": "onnx"}),
+        "shapes-img": write_folder(root / "shapes-img", cnn_bytes, {
+            "task": "classification", "labels": ["circle", "square", "star"],
+            "image": {"input": "image", "size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}}),
         "twice": write_folder(root / "twice", two_column_regression(),
                               {"task": "regression", "features": ["a", "b"], "baseline": {"a": 0.0, "b": 1.0}}),
         "broken": write_folder(root / "broken", b"this is not a protobuf of a model", {"task": "inference"}),
@@ -192,6 +195,38 @@ def test_torch_cnn_inputs(http, built):
     assert r.status_code == 200, r.text
     assert set(r.json()) == {"model", "outputs"}
     np.testing.assert_allclose(r.json()["outputs"]["logits"], logits[:1], atol=1e-5)
+
+
+def test_images_are_preprocessed_as_the_manifest_says(http, built):
+    """images: base64 pictures, decoded safely, resized, grey, scaled to [0, 1], (x − mean) / std, NCHW."""
+    import base64
+
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pictures = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2)]
+    encoded = []
+    for p in pictures:
+        buf = io.BytesIO()
+        Image.fromarray(p, "L").convert("RGB").save(buf, format="PNG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    r = http.post("/api/models/shapes-img/predict", json={"images": encoded})
+    assert r.status_code == 200, r.text
+    x = np.stack([np.asarray(Image.fromarray(p, "L").convert("RGB").convert("L").resize((8, 8)), np.float32)
+                  for p in pictures])[:, None] / 255.0
+    with torch.no_grad():
+        logits = built["cnn"](torch.from_numpy((x - 0.5) / 0.25).float()).numpy()
+    np.testing.assert_allclose(np.array(r.json()["outputs"]["logits"]), logits, atol=1e-4)
+    assert r.json()["predictions"] == [["circle", "square", "star"][i] for i in logits.argmax(1)]
+    # a model without `image` in its manifest, a picture that is not one, explain on images
+    assert "no `image` entry" in error(http.post("/api/models/shapes/predict", json={"images": encoded}), 400,
+                                       "images")
+    assert "base64" in error(http.post("/api/models/shapes-img/predict", json={"images": ["%%%"]}), 400, "images")
+    bogus = base64.b64encode(b"not a picture").decode()
+    assert "images[0]" in error(http.post("/api/models/shapes-img/predict", json={"images": [bogus]}), 400, "images")
+    error(http.post("/api/models/shapes-img/predict", json={"images": encoded, "explain": True}), 400, "explain")
+    error(http.post("/api/models/shapes-img/predict", json={"images": encoded, "rows": [{"a": 1}]}), 400, "images")
 
 
 def test_per_column_inputs_regression_and_explain(http):

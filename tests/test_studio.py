@@ -464,3 +464,73 @@ def test_models_tab_promotes_and_shows_a_refused_rollback(page):
     card.locator(".rollback").click()
     assert "no older version to roll back to" in banner(page)
     assert "val_loss" in page.inner_text(".model[data-model=tang-poet] .metrics")  # the model card's metrics
+
+
+def test_models_tab_loads_and_unloads_a_model(page, image_server):
+    with admin_http(image_server) as http:  # start with nothing loaded: other tests share this server
+        for m in http.get("/api/ps").json()["data"]:
+            assert http.post(f"/api/models/{m['model']}/unload").status_code == 200
+    connect(page)
+    page.click("[data-tab=models]")
+    page.wait_for_selector("#ps-table tr.empty")
+    assert re.search(r"^0 of \d+ loaded · 0 B of weights \((limit .+|no limit)\)$", page.inner_text("#ps-summary"))
+
+    page.select_option("#keep-alive", "30m")
+    page.click(".model[data-model=tiny-gan] .load")
+    row = page.wait_for_selector("#ps-table tr[data-model='tiny-gan@1']")
+    cells = row.eval_on_selector_all("td", "tds => tds.map(t => t.textContent)")
+    assert cells[:3] == ["tiny-gan@1", "dcgan", "image-generation"]
+    assert re.fullmatch(r"[\d.]+ [kM]?B", cells[3]) and cells[4] == "0" and cells[5] == "unloads in 30 min"
+    assert page.inner_text("#ps-summary").startswith("1 of ")
+    with admin_http(image_server) as http:
+        loaded = http.get("/api/ps").json()["data"]
+    assert [m["model"] for m in loaded] == ["tiny-gan@1"] and loaded[0]["expires_at"] is not None
+    assert cells[3] != "—" and loaded[0]["size_bytes"] > 0
+
+    page.select_option("#keep-alive", "-1")  # loading it again with "keep" keeps it until evicted
+    page.click(".model[data-model=tiny-gan] .load")
+    page.wait_for_selector("#ps-table tr[data-model='tiny-gan@1'] td:text('stays loaded')")
+
+    page.click("#ps-table tr[data-model='tiny-gan@1'] .unload")
+    page.wait_for_selector("#ps-table tr.empty")
+    assert page.inner_text("#ps-summary").startswith("0 of ")
+    assert page.locator(".banner").count() == 0
+    with admin_http(image_server) as http:
+        assert http.get("/api/ps").json()["data"] == []
+
+
+def test_import_an_onnx_model_through_the_form(page, image_server, tmp_path):
+    import torch
+
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(torch.nn.Linear(3, 2).eval(), (torch.zeros(1, 3),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    connect(page)
+    page.click("[data-tab=models]")
+    page.set_input_files("#import-form [name=file]", str(path))
+    page.fill("#import-form [name=name]", "tiny-linear")
+    page.click("#import-form button[type=submit]")
+    page.wait_for_selector("#import-out:has-text('imported')")
+    page.wait_for_selector(".model[data-model=tiny-linear]")  # the models list is refreshed
+    assert page.locator(".banner").count() == 0
+    with admin_http(image_server) as http:
+        model = http.get("/v1/models/tiny-linear").json()
+    assert model["family"] == "onnx"
+    assert page.inner_text("#import-out") == f"imported {model['latest']['ref']} (onnx, {model['task']})"
+
+
+def test_a_bad_import_shows_the_api_error_and_registers_nothing(page, image_server):
+    connect(page)
+    page.click("[data-tab=models]")
+    page.set_input_files("#import-form [name=file]",
+                         files=[{"name": "notes.zip", "mimeType": "application/zip", "buffer": b"just some notes\n"}])
+    page.fill("#import-form [name=name]", "not-a-model")
+    page.click("#import-form button[type=submit]")
+    text = banner(page)
+    assert "notes.zip is neither a .zip of a model folder nor an .onnx file" in text
+    assert "HTTP 400" in text and "param: file" in text
+    assert page.inner_text("#import-out") == ""
+    with admin_http(image_server) as http:
+        assert http.get("/v1/models/not-a-model").status_code == 404
+        assert "not-a-model" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert page.locator(".model[data-model=not-a-model]").count() == 0

@@ -37,7 +37,7 @@ from atelier.storage.registry import CONFIG_FILES, NAME_RE, register_version
 
 MAX_ENTRIES = 10_000
 MANIFEST_KEYS = ("display_name", "family", "description", "license", "defaults", "system_prompt", "chat_template",
-                 "context_length", "task", "inputs", "outputs", "labels", "features", "baseline", "name")
+                 "context_length", "task", "inputs", "outputs", "labels", "features", "baseline", "image", "name")
 DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty", "presence_penalty",
             "frequency_penalty", "stop")
 

@@ -9,6 +9,8 @@ time. A version folder holds exactly one `*.onnx` file and, optionally, a manife
      "labels": ["setosa", "versicolor", "virginica"],   # class names, in output column order
      "features": ["sepal_length", "sepal_width", "petal_length"],   # a row's columns, in matrix order
      "baseline": {"sepal_length": 5.8, …},   # per feature: training mean (or mode), for explain
+     "image": {"input": "image", "size": [28, 28], "channels": 1, "layout": "NCHW",   # images in
+               "scale": 0.00392156862745098, "mean": [0.1307], "std": [0.3081]},
      "description": "…", "license": "…"}
 
 Other keys (family, display_name, …) are the importer's and are ignored here.
@@ -18,7 +20,10 @@ A request gives either
   rows    [{column: value}] (a table), turned into inputs:
             a. one input of shape [N, F]: the rows stacked into an (N, F) matrix, columns in
                `features` order (or, without `features`, in the rows' own key order);
-            b. one input per column, each [N, 1] or [N] (skl2onnx pipelines over named columns).
+            b. one input per column, each [N, 1] or [N] (skl2onnx pipelines over named columns), or
+  images  decoded pictures (the route decodes the uploads), when the manifest says how the model
+          takes them (`image`): resized to `size`, grey or RGB by `channels`, pixel × scale,
+          then (x − mean) / std per channel, stacked as NCHW (or NHWC) into the `input` tensor.
 and gets back `outputs` (every graph output, as nested lists; a ZipMap's dicts with string
 keys), plus, by task:
   classification  predictions (labels) and probabilities ([{label: p}]): from a label output
@@ -75,7 +80,36 @@ def read_manifest(folder: Path) -> dict:
             raise ValueError(f"{MANIFEST}: {key} must be a list")
     if "baseline" in manifest and not isinstance(manifest["baseline"], dict):
         raise ValueError(f"{MANIFEST}: baseline must be an object {{feature: value}}")
+    if "image" in manifest:
+        check_image_spec(manifest["image"])
     return manifest
+
+
+IMAGE_KEYS = ("input", "size", "channels", "layout", "scale", "mean", "std")
+
+
+def check_image_spec(spec) -> None:
+    """The manifest's `image` entry: how pictures become the model's input tensor."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{MANIFEST}: image must be an object with {', '.join(IMAGE_KEYS)}")
+    unknown = sorted(set(spec) - set(IMAGE_KEYS))
+    if unknown:
+        raise ValueError(f"{MANIFEST}: image has unknown fields {', '.join(unknown)}; accepted: {', '.join(IMAGE_KEYS)}")
+    size = spec.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 4096 for v in size)):
+        raise ValueError(f"{MANIFEST}: image.size must be [height, width] in pixels, e.g. [224, 224]")
+    if spec.get("channels", 3) not in (1, 3):
+        raise ValueError(f"{MANIFEST}: image.channels must be 1 (grey) or 3 (RGB)")
+    if spec.get("layout", "NCHW") not in ("NCHW", "NHWC"):
+        raise ValueError(f"{MANIFEST}: image.layout must be NCHW or NHWC")
+    channels = spec.get("channels", 3)
+    for key in ("mean", "std"):
+        v = spec.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) in (1, channels)
+                                  and all(isinstance(x, (int, float)) for x in v)):
+            raise ValueError(f"{MANIFEST}: image.{key} must be a list of 1 or {channels} numbers")
+    if any(x == 0 for x in spec.get("std") or []):
+        raise ValueError(f"{MANIFEST}: image.std must not hold 0")
 
 
 def _shape_text(shape) -> str:
@@ -139,6 +173,13 @@ class OnnxModel:
         self.labels = [str(x) for x in manifest.get("labels") or []]
         self.features = [str(x) for x in manifest.get("features") or []]
         self.baseline = manifest.get("baseline")
+        self.image = manifest.get("image")
+        if self.image is not None:
+            name = self.image.get("input", self.inputs[0].name)
+            if name not in names["inputs"]:
+                raise ValueError(f"{MANIFEST}: image.input {name!r} is not an input of {self.path.name}; its inputs: "
+                                 f"{', '.join(names['inputs'])}")
+            self.image = {"input": name} | {k: v for k, v in self.image.items() if k != "input"}
         self.task = manifest.get("task") or self.graph_task()
 
     def graph_task(self) -> str:
@@ -256,10 +297,35 @@ class OnnxModel:
             raise ValueError(f"the model refused the inputs: {e}; it takes {self._inputs_text()}") from None
         return dict(zip(self.output_names, values))
 
+    def images_to_inputs(self, images: list) -> dict[str, np.ndarray]:
+        """Pictures (PIL images) → the `image` input, as the manifest says; the model's other inputs
+        cannot be given this way."""
+        if self.image is None:
+            raise ValueError(f"this model takes no images: its {MANIFEST} has no `image` entry saying how "
+                             "(input, size, channels, layout, scale, mean, std)")
+        spec = self.image
+        height, width = spec["size"]
+        channels = spec.get("channels", 3)
+        arrays = [np.asarray(im.convert("L" if channels == 1 else "RGB").resize((width, height)), dtype=np.float32)
+                  for im in images]
+        x = np.stack(arrays).reshape(len(images), height, width, channels) * float(spec.get("scale", 1 / 255))
+        x = (x - np.asarray(spec.get("mean") or [0.0], np.float32)) / np.asarray(spec.get("std") or [1.0], np.float32)
+        if spec.get("layout", "NCHW") == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        arg = next(a for a in self.inputs if a.name == spec["input"])
+        others = [a.name for a in self.inputs if a.name != spec["input"]]
+        if others:
+            raise ValueError(f"this model also needs {', '.join(others)}: send inputs instead of images")
+        return {arg.name: self._tensor(arg, np.ascontiguousarray(x).tolist())}
+
     # -- 3. results → response ------------------------------------------------------------
-    def run(self, *, rows: list[dict] | None = None, inputs: dict | None = None) -> dict:
-        """rows or inputs → {"outputs": {name: nested lists}, "predictions"?, "probabilities"?}."""
-        raw = self.session_run(self.rows_to_inputs(rows) if rows is not None else self.tensors(inputs))
+    def run(self, *, rows: list[dict] | None = None, inputs: dict | None = None, images: list | None = None) -> dict:
+        """rows, inputs or images → {"outputs": {name: nested lists}, "predictions"?, "probabilities"?}."""
+        if images is not None:
+            tensors = self.images_to_inputs(images)
+        else:
+            tensors = self.rows_to_inputs(rows) if rows is not None else self.tensors(inputs)
+        raw = self.session_run(tensors)
         out = {"outputs": {name: _jsonable(v) for name, v in raw.items()}}
         if self.task == "classification":
             predictions, P, classes = self._classify(raw)
@@ -371,7 +437,7 @@ class Onnx(Family):
 
     def describe(self, config: dict, files: dict) -> dict:
         """From the manifest only: input and output shapes are known once a session is built."""
-        keys = ("features", "labels", "inputs", "outputs", "description", "license")
+        keys = ("features", "labels", "inputs", "outputs", "image", "description", "license")
         return {k: config[k] for k in keys if isinstance(config, dict) and k in config}
 
     def recognises(self, folder: Path) -> bool:

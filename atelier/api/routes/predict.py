@@ -3,10 +3,11 @@
 A request gives exactly one of
   rows    [{column: value}, …]           every table model (sklearn, onnx over a table)
   inputs  {"<graph input>": nested list}  models that run on named tensors (onnx)
+  images  ["<base64 PNG/JPEG/WebP>", …]   models whose manifest says how they take pictures (onnx)
 and may ask `explain: true` (rows only) for each feature's contribution per row.
 
 What the route asks of a "call" servable (the family's model object), by duck typing:
-  run(rows=…, inputs=…) → {"outputs": …, "predictions"?: …, "probabilities"?: …}   (onnx)
+  run(rows=…, inputs=…, images=…) → {"outputs": …, "predictions"?: …, "probabilities"?: …}   (onnx)
   or predict(rows) → predictions, and predict_proba(rows) for classification      (sklearn)
   explain(rows) → {"method": str, "explanations": [{"base", "contributions"}, …]}
   cannot_explain → None, or why explain cannot work for this version (a 400 naming `explain`)
@@ -14,20 +15,24 @@ What the route asks of a "call" servable (the family's model object), by duck ty
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.api.deps import GenerateKey, ManagerDep, SessionDep
+from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
 from atelier.api.errors import bad_request
 from atelier.api.models_lookup import acquire
+from atelier.images.png import ImageInputError, open_upload
 
 router = APIRouter(prefix="/api", tags=["predict"])
 
 MAX_ROWS = 1000
 MAX_INPUT_VALUES = 1_000_000  # numbers (or strings) in all of a request's `inputs` together
+MAX_IMAGES = 64
 TASKS = ("classification", "regression", "inference")
 
 
@@ -36,6 +41,7 @@ class PredictRequest(BaseModel):
 
     rows: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=MAX_ROWS)
     inputs: dict[str, Any] | None = None
+    images: list[str] | None = Field(default=None, min_length=1, max_length=MAX_IMAGES)
     explain: bool = False
     keep_alive: str | float | None = None
 
@@ -52,12 +58,16 @@ def count_values(inputs: dict) -> int:
     return n
 
 
-def check_request(body: PredictRequest) -> None:
-    """400s naming the field, before any model is loaded."""
-    if (body.rows is None) == (body.inputs is None):
-        field = "inputs" if body.inputs is not None else "rows"
-        raise bad_request("give exactly one of rows (a list of objects, one per row) or inputs "
-                          "({input name: nested list})", field)
+def check_request(body: PredictRequest, settings) -> list | None:
+    """400s naming the field, before any model is loaded; the decoded images, if any."""
+    given = [name for name in ("rows", "inputs", "images") if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise bad_request("give exactly one of rows (a list of objects, one per row), inputs "
+                          "({input name: nested list}) or images (base64 pictures)", given[-1] if given else "rows")
+    if body.images is not None:
+        if body.explain:
+            raise bad_request("explain works on rows (a table), not on images", "explain")
+        return [decode_image(data, i, settings) for i, data in enumerate(body.images)]
     if body.inputs is not None:
         if not body.inputs:
             raise bad_request("inputs must name at least one input: {input name: nested list}", "inputs")
@@ -67,23 +77,38 @@ def check_request(body: PredictRequest) -> None:
                               "(send smaller batches)", "inputs")
         if body.explain:
             raise bad_request("explain works on rows (a table), not on inputs", "explain")
+    return None
 
 
-def _predict(loaded, body: PredictRequest) -> dict:
+def decode_image(data: str, index: int, settings):
+    """One base64 picture → an RGB image, within the upload limits (decompression bombs refused)."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"images[{index}] is not base64", "images") from None
+    try:
+        return open_upload(raw, max_bytes=settings.max_image_upload_bytes, max_pixels=settings.max_image_upload_pixels)
+    except ImageInputError as e:
+        raise bad_request(f"images[{index}]: {e}", "images", code=e.code) from None
+
+
+def _predict(loaded, body: PredictRequest, images: list | None) -> dict:
     servable = loaded.servable
     run = getattr(servable, "run", None)
-    if body.inputs is not None and run is None:
-        raise bad_request(f"model {loaded.ref} (a {loaded.family.name} model) takes rows, not inputs", "inputs")
+    for name in ("inputs", "images"):
+        if getattr(body, name) is not None and run is None:
+            raise bad_request(f"model {loaded.ref} (a {loaded.family.name} model) takes rows, not {name}", name)
     if body.explain:
         why = getattr(servable, "cannot_explain", f"{loaded.family.name} models do not explain their predictions")
         if why or not hasattr(servable, "explain"):
             raise bad_request(f"model {loaded.ref} cannot explain: "
                               f"{why or 'its family has no explanations'}", "explain")
-    param = "rows" if body.rows is not None else "inputs"
+    param = "rows" if body.rows is not None else "inputs" if body.inputs is not None else "images"
     try:
         with loaded.lock:  # one call at a time per model: estimators and sessions are not promised thread-safe
             if run is not None:
-                out = {"model": loaded.ref} | run(rows=body.rows, inputs=body.inputs)
+                out = {"model": loaded.ref} | (run(images=images) if images is not None else
+                                               run(rows=body.rows, inputs=body.inputs))
             else:
                 out = {"model": loaded.ref, "predictions": servable.predict(body.rows)}
                 if loaded.task == "classification":
@@ -98,11 +123,13 @@ def _predict(loaded, body: PredictRequest) -> dict:
 
 
 @router.post("/models/{model}/predict")
-async def predict(model: str, body: PredictRequest, db: SessionDep, manager: ManagerDep, key: GenerateKey):
-    """Predict from rows (a table) or run on named tensors (inputs); explain=true adds per-feature contributions."""
-    check_request(body)
+async def predict(model: str, body: PredictRequest, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
+                  key: GenerateKey):
+    """Predict from rows (a table), named tensors (inputs) or pictures (images); explain=true adds per-feature
+    contributions."""
+    images = check_request(body, settings)
     loaded = await acquire(manager, db, model, tasks=TASKS, keep_alive=body.keep_alive)
     try:
-        return await run_in_threadpool(_predict, loaded, body)
+        return await run_in_threadpool(_predict, loaded, body, images)
     finally:
         manager.release(loaded, body.keep_alive)
