@@ -23,7 +23,7 @@ from atelier.families.base import Family, manifest, refuse_pickles
 
 log = logging.getLogger("atelier.families")
 
-MAX_CONTEXT = 4096  # cache rows are allocated whole: a 128k-context model still gets this many positions
+MAX_CONTEXT = 32768  # positions a sequence may reach (cache rows grow as they are used, up to this)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -46,15 +46,24 @@ class SlotLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        c = self.cache
-        self.keys = key_states.new_zeros((c.slots, key_states.shape[1], c.length, key_states.shape[-1]))
-        self.values = value_states.new_zeros((c.slots, value_states.shape[1], c.length, value_states.shape[-1]))
+        self.keys = key_states.new_zeros((self.cache.slots, key_states.shape[1], 0, key_states.shape[-1]))
+        self.values = value_states.new_zeros((self.cache.slots, value_states.shape[1], 0, value_states.shape[-1]))
         self.is_initialized = True
+
+    def _grow(self, needed: int) -> None:
+        """Positions are allocated as sequences reach them (doubling, up to the context), so a model
+        with a long context holds memory for what its sequences use, not for all of it."""
+        size = min(self.cache.length, max(needed, 2 * self.keys.shape[2], 64))
+        extra = size - self.keys.shape[2]
+        pad = lambda t: torch.cat([t, t.new_zeros((*t.shape[:2], extra, t.shape[3]))], dim=2)  # noqa: E731
+        self.keys, self.values = pad(self.keys), pad(self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows, pos = self.cache.rows, self.cache.pos  # (B,), (B, T)
+        if self.cache.seen > self.keys.shape[2]:
+            self._grow(self.cache.seen)
         # 1. states (B, heads, T, dim) go to [row, :, position]
         self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2)
         self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
