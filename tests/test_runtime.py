@@ -184,6 +184,8 @@ def test_a_job_trains_with_encryption_on_and_the_key_from_the_environment(tmp_pa
         assert job.status == "succeeded", job.error
         assert client.completions.create(model="sealed-poet", prompt="春", max_tokens=3, seed=0).choices[0].text
         assert not (tmp_path / "home" / "secret.key").exists()  # the key came from the environment only
+        # The finished job's folder (a plaintext copy of the upload, checkpoints, weights) is gone.
+        assert not (tmp_path / "home" / "jobs" / job.id).exists()
 
 
 def test_sigterm_of_atelier_serve_leaves_no_decrypted_folder(tmp_path):
@@ -223,3 +225,17 @@ def test_sigterm_of_atelier_serve_leaves_no_decrypted_folder(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_temp_files_of_crashed_blob_writes_are_removed_at_start(tmp_path):
+    import os
+
+    settings = make_settings(tmp_path / "home", run_worker=False, shipped_models=False)
+    folder = settings.blobs_dir / "sha256" / "ab"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".abcd.1234.tmp", folder / ".abce.5678.tmp"
+    stale.write_bytes(b"half a blob")
+    fresh.write_bytes(b"a write in progress")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with LiveServer(settings):
+        assert not stale.exists() and fresh.exists()

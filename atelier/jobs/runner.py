@@ -11,6 +11,7 @@ A job whose worker dies resumes at step 4 from its last checkpoint: the job fold
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
     sink = EventSink(sessions, job_id)
     workdir = settings.home_dir / "jobs" / job_id
     data_dir = workdir / "data"
+    unpacked: list[Path] = []  # versions unpacked for this job (a fine-tune's base, fusion members)
     data_dir.mkdir(parents=True, exist_ok=True)
     last_check = [0.0, False]
 
@@ -112,7 +114,7 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
         work = TrainJob(hyperparameters=dict(job.hyperparameters), seed=job.seed, train_path=train_path,
                         val_path=val_path, workdir=workdir, max_steps=settings.max_job_steps, on_event=sink,
                         stage=sink.stage, should_stop=should_stop,
-                        version_folder=lambda ref: _version_folder(sessions, blobs, settings, ref))
+                        version_folder=lambda ref: _version_folder(sessions, blobs, settings, ref, unpacked))
         if job.base_model != job.family:  # fine-tuning a version
             version, work.base = work.version_folder(job.base_model)
             work.base_ref, work.base_config = f"{version.model.name}@{version.number}", version.config
@@ -140,13 +142,30 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
             store.finish(db, job, "failed", error={"code": "training_error", "message": f"{type(e).__name__}: {e}",
                                                    "param": None})
             store.add_event(db, job_id, f"job failed: {type(e).__name__}: {e}", level="error")
+    finally:
+        _clean_up(job_id, sessions, blobs, workdir, unpacked)
 
 
-def _version_folder(sessions, blobs: BlobStore, settings: Settings, ref: str):
+def _clean_up(job_id: str, sessions, blobs: BlobStore, workdir: Path, unpacked: list[Path]) -> None:
+    """Plaintext never outlives its use: a finished job's folder (copies of the uploads, checkpoints,
+    weights) is deleted — the new version is in the blob store — and so are the versions it unpacked
+    (when the store is encrypted). A job stopped by shutdown keeps its folder, to resume from."""
+    if blobs.encrypted:
+        for folder in unpacked:
+            shutil.rmtree(folder, ignore_errors=True)
+    with sessions() as db:
+        finished = db.get(Job, job_id).status in store.FINAL
+    if finished:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _version_folder(sessions, blobs: BlobStore, settings: Settings, ref: str, unpacked: list[Path]):
     """(version, its unpacked folder) for a reference, e.g. a fine-tune's base or a fusion member."""
     with sessions() as db:
         version = resolve(db, ref=ref)
-        return version, version_folder(blobs, version, settings.home_dir / "versions")
+        folder = version_folder(blobs, version, settings.home_dir / "versions")
+    unpacked.append(folder)
+    return version, folder
 
 
 def _register(job: Job, sessions, blobs: BlobStore, folder: Path) -> None:

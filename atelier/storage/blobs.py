@@ -120,6 +120,28 @@ def _free_bytes(folder: str) -> int:
     return st.f_bavail * st.f_frsize if os.access(folder, os.W_OK) else 0
 
 
+STALE_TEMPORARY_S = 600  # a temp file this old is a crashed write's, not a write in progress
+
+
+def remove_stale_temporaries(root: Path, now: float | None = None) -> int:
+    """Delete the temp files of writes that a crash interrupted (atomic writes leave `.name.*.tmp`
+    beside the blob until their rename); returns how many."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = 0
+    for p in Path(root).glob("sha256/*/.*.tmp"):
+        try:
+            if now - p.stat().st_mtime > STALE_TEMPORARY_S:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def open_blobs(settings) -> BlobStore:
-    """The installation's blob store, sealed with its data key unless ATELIER_ENCRYPT_AT_REST=false."""
+    """The installation's blob store, sealed with its data key unless ATELIER_ENCRYPT_AT_REST=false;
+    temp files left by crashed writes are removed."""
+    remove_stale_temporaries(settings.blobs_dir)
     return BlobStore(settings.blobs_dir, key=crypto.data_key(settings))
