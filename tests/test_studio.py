@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -51,10 +52,19 @@ def page(browser, image_server):
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     pg.goto("/studio/")
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def wait_until(page, expression: str) -> None:
+    """page.wait_for_function without its in-page eval, which the studio's CSP refuses: poll page.evaluate."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
 
 
 def connect(page, key: str = ADMIN_KEY) -> None:
@@ -316,7 +326,7 @@ def test_gallery_pages_through_artifacts_and_shows_texts_as_cards(page, image_se
     page.click("[data-tab=gallery]")
     page.select_option("#gallery-filters [name=limit]", "12")
     page.select_option("#gallery-model", "tiny-gan")
-    page.wait_for_function("document.querySelectorAll('#gallery-grid .tile.kind-image').length === 12")
+    wait_until(page, "document.querySelectorAll('#gallery-grid .tile.kind-image').length === 12")
     ids = lambda: page.eval_on_selector_all("#gallery-grid .tile", "ts => ts.map(t => t.dataset.id)")  # noqa: E731
     first = ids()
     assert page.is_disabled("#gallery-newer") and page.is_enabled("#gallery-older")
@@ -354,7 +364,7 @@ def test_style_transfer_shows_the_result_and_its_losses(page, tmp_path):
     page.fill("#style-form [name=steps]", "5")
     page.click("#style-form button[type=submit]")
     result = page.wait_for_selector("#style-out .style-result img")
-    page.wait_for_function("document.querySelector('#style-out .style-result img').naturalWidth > 0")
+    wait_until(page, "document.querySelector('#style-out .style-result img').naturalWidth > 0")
     assert result.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 32]  # longest side 64, aspect kept
     losses = page.inner_text("#style-out .facts")
     before, after = map(float, re.search(r"style loss\s+([\d.e+-]+) → ([\d.e+-]+)", losses).groups())
@@ -427,6 +437,8 @@ def test_upload_a_file_and_create_a_job(page, image_server):
     page.click("#job-upload")
     page.wait_for_selector("#job-upload-out:has-text('records')")
     assert "4 records" in page.inner_text("#job-upload-out")
+    # the file list is refilled after the upload's answer is shown: wait for it to pick the new file
+    wait_until(page, "document.querySelector('#job-file').value.startsWith('file-')")
     file_id = page.input_value("#job-file")
     assert file_id.startswith("file-")
 

@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from atelier import __version__
-from atelier.api import errors
+from atelier.api import errors, security_headers
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager.close()
         engine.dispose()
 
-    app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Creative models as a service, in OpenAI's dialect.")
     app.state.settings = settings
     app.state.sessions = sessions
@@ -90,4 +90,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes))
     app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
+    app.add_middleware(security_headers.studio_headers)
     return app

@@ -61,10 +61,8 @@ def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | No
                              "(no pickle, ever)")
     if sum(i.file_size for i in entries.values()) > max_unpacked:
         raise ValueError(f"the archive unpacks to more than {max_unpacked} bytes")
-    manifest = json.loads(z.read("manifest.json"))
-    if manifest.get("format") != ARCHIVE_FORMAT:
-        raise ValueError(f"manifest format {manifest.get('format')!r} is not {ARCHIVE_FORMAT}")
-    files = manifest.get("files", {})
+    manifest = _read_manifest(z)
+    files = manifest["files"]
     if set(files) != set(entries) - {"manifest.json"}:
         raise ValueError("the archive's files do not match its manifest")
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,6 +72,40 @@ def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | No
                 raise ValueError(f"{fname}: sha256 does not match the manifest")
             (Path(tmp) / fname).write_bytes(content)
         return register_version(db, blobs, name=name or manifest["name"], family=manifest["family"],
-                                task=manifest["task"], folder=Path(tmp), metrics=manifest.get("metrics", {}),
-                                training=manifest.get("training", {}) | {"imported_from": f"{manifest['name']}@"
+                                task=manifest["task"], folder=Path(tmp), metrics=manifest["metrics"],
+                                training=manifest["training"] | {"imported_from": f"{manifest['name']}@"
                                                                         f"{manifest['version']}"})
+
+
+# manifest key → the JSON type it must have (metrics and training may be absent)
+MANIFEST_KEYS = {"format": str, "name": str, "version": int, "family": str, "task": str, "files": dict}
+MANIFEST_OPTIONAL = {"metrics": dict, "training": dict}
+
+
+def _read_manifest(z) -> dict:
+    """manifest.json as a dict with every key of MANIFEST_KEYS, of the right type (ValueError naming it)."""
+    try:
+        manifest = json.loads(z.read("manifest.json"))
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to be a manifest
+        raise ValueError(f"manifest.json is not valid JSON: {type(e).__name__}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest.json must be a JSON object, not {type(manifest).__name__}")
+    if manifest.get("format") != ARCHIVE_FORMAT:
+        raise ValueError(f"manifest format {manifest.get('format')!r} is not {ARCHIVE_FORMAT}")
+    for key, kind in MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise ValueError(f"manifest.json has no {key!r}")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise ValueError(f"manifest.json: {key!r} must be a JSON {_JSON_NAMES[kind]}, "
+                             f"not {type(manifest[key]).__name__}")
+    for key, kind in MANIFEST_OPTIONAL.items():
+        value = manifest.get(key) or {}  # absent or null: none
+        if not isinstance(value, kind):
+            raise ValueError(f"manifest.json: {key!r} must be a JSON {_JSON_NAMES[kind]}")
+        manifest[key] = value
+    if not all(isinstance(d, str) for d in manifest["files"].values()):
+        raise ValueError("manifest.json: 'files' must map each file name to its sha256 (a string)")
+    return manifest
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object"}

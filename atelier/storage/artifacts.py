@@ -106,7 +106,11 @@ def signed_path(secret: bytes, artifact_id: str, *, expires: int) -> str:
 
 
 def check_signature(secret: bytes, artifact_id: str, *, expires: int, sig: str, now: float) -> bool:
-    return now <= expires and hmac.compare_digest(signature(secret, artifact_id, expires), sig)
+    # A signature is 64 lowercase hex digits; anything else (non-ASCII included, which compare_digest
+    # refuses on str) is simply not one. Bytes are compared, in constant time.
+    if len(sig) != 64 or not all(c in "0123456789abcdef" for c in sig):
+        return False
+    return now <= expires and hmac.compare_digest(signature(secret, artifact_id, expires).encode(), sig.encode())
 
 
 __all__ = ["create_artifact", "get_artifact", "list_artifacts", "artifact_public", "signing_secret",

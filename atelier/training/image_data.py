@@ -65,7 +65,16 @@ def load_npz(path: str | Path, *, size: int = 32, val_fraction: float = 0.08,
 
     Without `names` every caption is empty (the model learns unconditionally).
     """
+    from atelier.training.uploads import npz_arrays
+
     path = Path(path)
+    # The headers first (no object dtypes, sizes that add up), so a bad file is refused before it inflates.
+    declared = npz_arrays(path)
+    if "images" not in declared:
+        raise ValueError(f"{path.name} has no 'images' array")
+    shape, dtype = declared["images"]
+    if dtype != np.uint8 or shape[1:] != (size, size, 3):
+        raise ValueError(f"images must be uint8 N×{size}×{size}×3, got {dtype} {shape}")
     with np.load(path, allow_pickle=False) as d:
         images = d["images"]
         names = [str(n) for n in d["names"]] if "names" in d.files else [""] * len(images)

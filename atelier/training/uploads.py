@@ -5,7 +5,8 @@ Accepted, by file name:
   or chat `{"messages": [{"role", "content"}, …]}`; or flat rows (a table for `sklearn`)
 - `.txt`: UTF-8 text (documents separated by blank lines)
 - `.csv`: UTF-8 with a header row (a table)
-- `.npz`: image arrays, loaded with allow_pickle=False (`images`: uint8 N×H×W×3)
+- `.npz`: image arrays (`images`: uint8 N×H×W×3, optional `names`), checked from the .npy headers
+  before anything is inflated (bounded like archives, no object dtypes)
 - `.zip`: images only (png, jpg, jpeg, webp), no absolute or `..` paths, bounded size
 Errors name the line of the first bad record.
 """
@@ -37,7 +38,8 @@ class Checked:
 
 
 def check_upload(filename: str, data: bytes, *, max_zip_bytes: int) -> Checked:
-    """Validate an upload; raise UploadError naming what is wrong."""
+    """Validate an upload; raise UploadError naming what is wrong (`max_zip_bytes` bounds what a .zip or
+    .npz may inflate to)."""
     if not data:
         raise UploadError("the file is empty")
     suffix = PurePosixPath(filename).suffix.lower()
@@ -51,7 +53,7 @@ def check_upload(filename: str, data: bytes, *, max_zip_bytes: int) -> Checked:
     if suffix == ".csv":
         return _check_csv(_utf8(data))
     if suffix == ".npz":
-        return _check_npz(data)
+        return _check_npz(data, max_zip_bytes)
     if suffix == ".zip":
         return _check_zip(data, max_zip_bytes)
     raise UploadError(f"file name {filename!r}: accepted types are .jsonl, .txt, .csv, .npz and .zip")
@@ -121,21 +123,84 @@ def _check_csv(text: str) -> Checked:
     return Checked("csv", sum(1 for r in rows[1:] if r))
 
 
-def _check_npz(data: bytes) -> Checked:
-    import numpy as np
+def npz_arrays(source, *, max_bytes: int | None = None) -> dict:
+    """Each array's declared (shape, dtype) in an .npz, from the .npy headers, without inflating the data.
+
+    An .npz is a zip of .npy files, and a 1 MB upload can inflate to gigabytes, so nothing is
+    loaded until the headers add up:
+      1. every member is a `.npy` (np.load would hand back any other member's bytes in full)
+      2. its header gives shape and dtype; object dtypes (pickles) are refused
+      3. header + prod(shape) × itemsize must equal the zip entry's declared size
+      4. the declared sizes together must stay within `max_bytes` (when given)
+
+        npz_arrays(data, max_bytes=4 * settings.max_upload_bytes)
+        → {'images': ((10, 32, 32, 3), dtype('uint8')), 'names': ((10,), dtype('<U12'))}
+    """
+    from numpy.lib import format as npy
 
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise UploadError("an .npz file needs an 'images' array")
-            images = z["images"]
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        if isinstance(e, UploadError):
-            raise
-        raise UploadError(f"not a readable .npz without pickles: {e}") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UploadError(f"'images' must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
-    return Checked("npz", int(images.shape[0]))
+        z = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UploadError("not a readable .npz (an .npz is a zip of .npy arrays)") from None
+    arrays, total = {}, 0
+    with z:
+        for info in z.infolist():
+            name = info.filename
+            if not name.endswith(".npy") or info.is_dir():
+                raise UploadError(f".npz member {name!r} is not a .npy array")
+            total += info.file_size
+            if max_bytes is not None and total > max_bytes:
+                raise UploadError(f"the .npz inflates to more than {max_bytes} bytes (4 × ATELIER_MAX_UPLOAD_BYTES)")
+            try:
+                with z.open(info) as f:
+                    version = npy.read_magic(f)
+                    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _fortran, dtype = read_header(f)
+                    header_len = f.tell()
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
+                raise UploadError(f".npz member {name!r} has no readable .npy header: {e}") from None
+            if dtype.hasobject:
+                raise UploadError(f"an .npz must hold arrays without pickles: {name[:-4]!r} has dtype {dtype} "
+                                  "(Python objects)")
+            declared = header_len + dtype.itemsize * _prod(shape)
+            if declared != info.file_size:
+                raise UploadError(f"array {name[:-4]!r}: its header says {tuple(shape)} {dtype} "
+                                  f"({declared} bytes) but the zip entry holds {info.file_size} bytes")
+            arrays[name[:-4]] = (tuple(shape), dtype)
+    return arrays
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _check_npz(data: bytes, max_bytes: int) -> Checked:
+    import numpy as np
+
+    # 1. headers first: shapes, dtypes and declared sizes, nothing inflated
+    arrays = npz_arrays(data, max_bytes=max_bytes)
+    if "images" not in arrays:
+        raise UploadError("an .npz file needs an 'images' array")
+    shape, dtype = arrays["images"]
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise UploadError(f"'images' must be uint8 N×H×W×3, got {dtype} {shape}")
+    if "names" in arrays:
+        n_shape, n_dtype = arrays["names"]
+        if n_dtype.kind not in "US" or n_shape != shape[:1]:
+            raise UploadError(f"'names' must be N strings (N = {shape[0]}), got {n_dtype} {n_shape}")
+    # 2. then the data, streamed in chunks (bounded memory) so a bad CRC is caught here, not in training
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    while f.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UploadError(f"not a readable .npz: {e}") from None
+    return Checked("npz", int(shape[0]))
 
 
 def _check_zip(data: bytes, max_bytes: int) -> Checked:

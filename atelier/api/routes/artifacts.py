@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, current_key
 from atelier.api.errors import APIError, bad_request, not_found
+from atelier.api.security_headers import content_disposition
 from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
                                         signing_secret)
 from atelier.storage.db import ApiKey, Artifact
@@ -60,7 +61,7 @@ def retrieve(artifact_id: str, db: SessionDep, key: ReadKey):
 
 @router.get("/{artifact_id}/content")
 def content(artifact_id: str, request: Request, db: SessionDep, settings: SettingsDep, blobs: BlobsDep,
-            expires: int | None = None, sig: str | None = None):
+            expires: int | None = Query(None, ge=-(2**63), le=2**63 - 1), sig: str | None = None):
     """The artifact's bytes: with a key, or through a signed link that has not expired."""
     if sig is not None or expires is not None:
         secret = signing_secret(settings.home_dir)
@@ -83,5 +84,5 @@ def content(artifact_id: str, request: Request, db: SessionDep, settings: Settin
     data = blobs.get_bytes(art.sha256)
     ext = {"image/png": ".png", "text/plain": ".txt", "application/json": ".json"}.get(art.mime, "")
     return Response(data, media_type=art.mime,
-                    headers={"Content-Disposition": f'inline; filename="{art.id}{ext}"',
+                    headers={"Content-Disposition": content_disposition(f"{art.id}{ext}", "inline"),
                              "Cache-Control": "private, max-age=3600", "ETag": f'"{art.sha256}"'})

@@ -13,7 +13,7 @@ router = APIRouter(prefix="/api/audit", tags=["audit"])
 
 
 @router.get("")
-def list_entries(db: SessionDep, key: AdminKey, limit: int = Query(50, ge=1, le=500), after: int = Query(0, ge=0)):
+def list_entries(db: SessionDep, key: AdminKey, limit: int = Query(50, ge=1, le=500), after: int = Query(0, ge=0, le=2**63 - 1)):
     """Entries in order, `limit` at a time after id `after`."""
     rows = db.scalars(select(AuditEntry).where(AuditEntry.id > after).order_by(AuditEntry.id).limit(limit))
     data = [{"id": e.id, "at": e.at.isoformat() + "Z", "key_id": e.key_id, "action": e.action, "target": e.target,

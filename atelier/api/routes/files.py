@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from atelier.api.deps import BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request
+from atelier.api.security_headers import content_disposition
 from atelier.api.uploads import get_file, read_limited
 from atelier.storage.db import File, Job
 from atelier.storage import audit
@@ -72,7 +73,7 @@ def content(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The file's bytes."""
     f = get_file(db, file_id)
     return Response(blobs.get_bytes(f.sha256), media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})
+                    headers={"Content-Disposition": content_disposition(f.filename)})
 
 
 @router.delete("/{file_id}")

@@ -140,8 +140,8 @@ def events(job_id: str, db: SessionDep, key: TrainKey, after: str | None = None,
     get_job(db, job_id)
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
-        if not re.fullmatch(r"ftevent-\d+", after):
-            raise bad_request(f"after={after!r} is not an event id (ftevent-N)", "after")
+        if not re.fullmatch(r"ftevent-[0-9]{1,19}", after) or int(after.split("-")[1]) > 2**63 - 1:
+            raise bad_request(f"after={after[:64]!r} is not an event id (ftevent-N, N below 2**63)", "after")
         n = int(after.split("-")[1])
         q = q.where(JobEvent.id > n if order == "asc" else JobEvent.id < n)
     q = q.order_by(JobEvent.id.asc() if order == "asc" else JobEvent.id.desc()).limit(limit + 1)

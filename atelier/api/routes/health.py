@@ -7,6 +7,8 @@ from sqlalchemy import text
 
 from atelier.api.deps import ReadKey, SessionDep
 from atelier.api.errors import APIError
+from atelier.safety.keys import has_scope
+from atelier.storage.keys import find_key
 
 router = APIRouter(tags=["health"])
 
@@ -19,14 +21,27 @@ def healthz():
 
 @router.get("/readyz")
 def readyz(request: Request, db: SessionDep):
-    """The database answers and the models are registered (no key needed)."""
+    """The database answers and the models are registered (no key needed; names and pids only with a key)."""
     try:
         db.execute(text("SELECT 1"))
     except Exception as e:  # noqa: BLE001 — any database failure means not ready
         raise APIError(503, f"database unavailable: {type(e).__name__}", type="server_error", code="not_ready")
-    worker = request.app.state.worker
-    return {"status": "ready", "loaded_models": request.app.state.manager.loaded(),
+    worker, loaded = request.app.state.worker, request.app.state.manager.loaded()
+    if not _reads(request, db):
+        # Anyone may probe readiness, but which (private) models are loaded is a key holder's business.
+        return {"status": "ready", "loaded_models": len(loaded),
+                "worker": {"alive": worker.status()["alive"]} if worker else None}
+    return {"status": "ready", "loaded_models": len(loaded), "models": loaded,
             "worker": worker.status() if worker else None}
+
+
+def _reads(request: Request, db) -> bool:
+    """Whether the request carries a valid key with the read scope (a missing or bad key is no error here)."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        return False
+    key = find_key(db, secret=secret.strip())
+    return key is not None and has_scope(key, "read")
 
 
 @router.get("/metrics")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import AdminKey, SessionDep
 from atelier.api.errors import APIError, bad_request, not_found
@@ -15,6 +15,8 @@ router = APIRouter(prefix="/api/keys", tags=["keys"])
 
 
 class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: ["generate"], min_length=1)
 

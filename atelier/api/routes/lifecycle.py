@@ -12,11 +12,12 @@ from pathlib import Path
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import AdminKey, BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
+from atelier.api.security_headers import content_disposition
 from atelier.api.uploads import read_limited
 from atelier.api.models_public import model_public
 from atelier.families import imports
@@ -28,11 +29,15 @@ router = APIRouter(prefix="/api/models", tags=["lifecycle"])
 
 
 class AliasMove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     alias: str = Field(min_length=1, max_length=32)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=2**63 - 1)
 
 
 class Rollback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     alias: str = Field(default="production", min_length=1, max_length=32)
 
 
@@ -94,7 +99,7 @@ def export(ref: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     data = archives.export_archive(blobs, version)
     filename = f"{version.model.name}-{version.number}.zip"
     return Response(data, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": content_disposition(filename)})
 
 
 @router.post("/import")
@@ -128,7 +133,7 @@ def is_atelier_archive(data: bytes) -> bool:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             return "manifest.json" in z.namelist() and \
                 json.loads(z.read("manifest.json")).get("format") == archives.ARCHIVE_FORMAT
-    except (zipfile.BadZipFile, ValueError, AttributeError, KeyError):
+    except (zipfile.BadZipFile, ValueError, AttributeError, KeyError, RecursionError):
         return False
 
 
