@@ -13,16 +13,25 @@ from atelier.api.errors import APIError, bad_request, not_found
 from atelier.runtime.errors import EngineClosed, ModelTooLarge, WrongTask
 from atelier.runtime.manager import Loaded, ModelManager, parse_keep_alive
 from atelier.storage.db import Version
+from atelier.storage.ownership import can_see_model, can_see_version
 from atelier.storage.registry import NotFound, resolve
 
 
-def resolve_version(db: Session, ref: str, param: str = "model") -> Version:
+def resolve_version(db: Session, ref: str, param: str = "model", *, key) -> Version:
+    """The version `ref` names, if `key` may see it; a model or fine-tune of another key's is a 404
+    exactly like one that does not exist (atelier/storage/ownership.py)."""
     try:
-        return resolve(db, ref=ref)
+        version = resolve(db, ref=ref)
     except NotFound as e:
         raise not_found(f"{e}", param=param, code="model_not_found") from None
     except ValueError as e:
         raise bad_request(str(e), param=param) from None
+    if not can_see_version(key, version):
+        name = ref.split("@")[0].split(":")[0]
+        message = f"model {name!r} does not exist" if not can_see_model(key, version.model) else \
+            f"{ref!r} does not exist"
+        raise not_found(message, param=param, code="model_not_found")
+    return version
 
 
 def check_keep_alive(value) -> None:
@@ -34,12 +43,12 @@ def check_keep_alive(value) -> None:
             raise bad_request(str(e), "keep_alive") from None
 
 
-async def acquire(manager: ModelManager, db: Session, ref: str, *, tasks: tuple[str, ...] | None,
+async def acquire(manager: ModelManager, db: Session, ref: str, *, key, tasks: tuple[str, ...] | None,
                   keep_alive=None, param: str = "model") -> Loaded:
     """The model `ref` loaded and held for this request: 404 unknown, 400 wrong task, 503 not loadable.
     Loading can take seconds, so it runs in a worker thread, never on the event loop."""
     check_keep_alive(keep_alive)
-    version = resolve_version(db, ref, param)
+    version = resolve_version(db, ref, param, key=key)
     try:
         return await run_in_threadpool(manager.acquire, version, tasks=tasks)
     except WrongTask as e:

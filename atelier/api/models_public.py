@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 
 from atelier.families import FAMILIES
+from atelier.storage.ownership import can_see_version
 from atelier.storage.db import Model, Version
 
 
@@ -19,13 +20,17 @@ def version_public(v: Version) -> dict:
             "files": v.files}
 
 
-def model_public(m: Model, current: Version | None = None) -> dict:
-    latest = current or next((v for v in m.versions for a in m.aliases
+def model_public(m: Model, current: Version | None = None, *, key) -> dict:
+    """The model as `key` sees it: the versions (and aliases pointing at them) it may use."""
+    versions = [v for v in m.versions if can_see_version(key, v)]
+    numbers = {v.number for v in versions}
+    latest = current or next((v for v in versions for a in m.aliases
                               if a.name == "latest" and a.version_number == v.number), None)
     return {"id": m.name, "object": "model", "created": _ts(m.created_at), "owned_by": m.owner,
             "family": m.family, "task": m.task,
-            "aliases": {a.name: a.version_number for a in sorted(m.aliases, key=lambda a: a.name)},
-            "versions": [version_public(v) for v in m.versions],
+            "aliases": {a.name: a.version_number for a in sorted(m.aliases, key=lambda a: a.name)
+                        if a.version_number in numbers},
+            "versions": [version_public(v) for v in versions],
             "latest": version_public(latest) if latest else None} | _family_fields(m, latest) | _manifest(latest)
 
 
@@ -35,13 +40,15 @@ def _manifest(v: Version | None) -> dict:
     return {"manifest": manifest} if manifest else {}
 
 
-def callable_ids(m: Model) -> list[dict]:
-    """The model, then one entry per fine-tune alias (`tang-poet:ft-my-style`): what a caller can put in `model`."""
-    entries = [model_public(m)]
+def callable_ids(m: Model, key) -> list[dict]:
+    """The model, then one entry per fine-tune alias (`tang-poet:ft-my-style`) `key` may use: what a caller
+    can put in `model`."""
+    entries = [model_public(m, key=key)]
     for alias in sorted(m.aliases, key=lambda a: a.name):
         if alias.name.startswith("ft-"):
             version = next((v for v in m.versions if v.number == alias.version_number), None)
-            entries.append(model_public(m, current=version) | {"id": f"{m.name}:{alias.name}", "parent": m.name})
+            if version is not None and can_see_version(key, version):
+                entries.append(model_public(m, current=version, key=key) | {"id": f"{m.name}:{alias.name}", "parent": m.name})
     return entries
 
 

@@ -31,10 +31,10 @@ async def run_poetry(fn, *args, **kwargs):
 
 
 @asynccontextmanager
-async def poet(manager: ModelManager, db, ref: str, keep_alive=None):
+async def poet(manager: ModelManager, db, ref: str, keep_alive=None, *, key):
     """(loaded, model, tokenizer) of a language model held for one poem search. The search decodes
     characters under tone and rhyme masks, so it needs tokens that are single characters."""
-    loaded = await acquire(manager, db, ref, tasks=("text-generation",), keep_alive=keep_alive)
+    loaded = await acquire(manager, db, ref, key=key, tasks=("text-generation",), keep_alive=keep_alive)
     try:
         try:
             model, tokenizer = loaded.servable.poet()
@@ -47,7 +47,7 @@ async def poet(manager: ModelManager, db, ref: str, keep_alive=None):
         manager.release(loaded, keep_alive)
 
 
-async def poem_completion(request: Request, body, manager: ModelManager, db, *, chat: bool):
+async def poem_completion(request: Request, body, manager: ModelManager, db, *, key, chat: bool):
     """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape."""
     try:
         constraints = poetry.poem_constraints_from_extra_body(body.poem)
@@ -62,7 +62,7 @@ async def poem_completion(request: Request, body, manager: ModelManager, db, *, 
     constraints.setdefault("n", body.n)
     constraints.setdefault("seed", body.seed)
     constraints.setdefault("temperature", body.temperature)
-    async with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+    async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **constraints)
     rid, created = secrets.token_hex(12), int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}

@@ -6,6 +6,7 @@ from fastapi import UploadFile
 
 from atelier.api.errors import APIError, not_found
 from atelier.storage.db import File
+from atelier.storage.ownership import owns
 
 
 async def read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -19,8 +20,9 @@ async def read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def get_file(db, file_id: str, param: str = "file_id") -> File:
+def get_file(db, file_id: str, param: str = "file_id", *, key) -> File:
+    """The file, if it is `key`'s (or `key` is an admin's); another key's file is a 404 like a missing one."""
     f = db.get(File, file_id)
-    if f is None:
+    if f is None or not owns(key, f.key_id):
         raise not_found(f"file {file_id!r} does not exist", param)
     return f

@@ -162,7 +162,7 @@ def check(folder: Path, family: Family) -> str | None:
 
 
 def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key_id: str | None = None,
-                  source: str = "") -> Version:
+                  owner: str = "atelier", source: str = "") -> Version:
     """Steps 2–4 for a folder on this machine (`atelier models import PATH`, or an unpacked upload)."""
     if not NAME_RE.match(name):
         raise ImportRefused(f"model name {name!r} must match {NAME_RE.pattern}", "name")
@@ -175,7 +175,7 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
     config = json.loads(config_file.read_text(encoding="utf-8"))
     task = manifest.get("task") or served_task or family.task_of(config)
     try:
-        version = register_version(db, blobs, name=name, family=family.name, task=task, folder=folder,
+        version = register_version(db, blobs, name=name, family=family.name, task=task, folder=folder, owner=owner,
                                    training={"imported_from": source, "manifest": manifest})
     except ValueError as e:  # a name taken by another family, …
         db.rollback()

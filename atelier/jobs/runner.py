@@ -20,7 +20,8 @@ from atelier.config import Settings
 from atelier.families import FAMILIES, TrainError, TrainJob
 from atelier.jobs import store
 from atelier.storage.blobs import BlobStore
-from atelier.storage.db import File, Job
+from atelier.storage.db import ApiKey, File, Job
+from atelier.storage.ownership import owner_for
 from atelier.storage.registry import get_model, register_trained, resolve, set_alias, version_folder
 
 log = logging.getLogger("atelier.jobs")
@@ -173,20 +174,21 @@ def _register(job: Job, sessions, blobs: BlobStore, folder: Path) -> None:
                "validation_file": job.validation_file, "hyperparameters": job.hyperparameters, "seed": job.seed}
     detail = {"job_id": job.id}
     with sessions() as db:
+        owner = owner_for(db.get(ApiKey, job.key_id) if job.key_id else None)  # the job's key owns what it made
         if job.base_model == job.family:  # from scratch: a new model named by the suffix
             import json
 
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
             v = register_trained(db, blobs, folder=folder, name=job.suffix, family=job.family,
                                  task=FAMILIES[job.family].task_of(config), training={"lineage": lineage},
-                                 key_id=job.key_id, detail=detail)
+                                 key_id=job.key_id, detail=detail, owner=owner)
             fine_tuned = f"{job.suffix}@{v.number}"
         else:  # fine-tuning: a new version of the base model under the alias ft-<suffix>
             base = resolve(db, ref=job.base_model)
             alias = f"ft-{job.suffix or job.id[-8:]}"
             v = register_trained(db, blobs, folder=folder, name=base.model.name, family=base.model.family,
-                                 task=base.model.task, training={"lineage": lineage | {"base_version": base.number}},
-                                 aliases=(), key_id=job.key_id, detail=detail)
+                                 task=base.model.task, aliases=(), key_id=job.key_id, detail=detail,
+                                 training={"lineage": lineage | {"base_version": base.number}, "owner": owner})
             set_alias(db, model=get_model(db, name=base.model.name), alias=alias, number=v.number)
             db.commit()
             fine_tuned = f"{base.model.name}:{alias}"

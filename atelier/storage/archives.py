@@ -10,11 +10,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atelier.storage.blobs import BlobStore
-from atelier.storage.db import Version
-from atelier.storage.registry import register_version
+from atelier.storage.db import Model, Version
+from atelier.storage.registry import Conflict, register_version
 
 
 ARCHIVE_FORMAT = "atelier-model/1"
@@ -40,8 +41,9 @@ def export_archive(blobs: BlobStore, version: Version) -> bytes:
 
 
 def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | None = None,
-                   max_unpacked: int = 1 << 30) -> Version:
-    """Verify an exported archive (names, types, sizes, hashes) and register it as a new version."""
+                   max_unpacked: int = 1 << 30, owner: str = "atelier", may_add_to=lambda model: True) -> Version:
+    """Verify an exported archive (names, types, sizes, hashes) and register it as a new version
+    (of a new model owned by `owner`, or of an existing one `may_add_to` allows: Conflict otherwise)."""
     import io
     import tempfile
     import zipfile
@@ -71,7 +73,11 @@ def import_archive(db: Session, blobs: BlobStore, data: bytes, *, name: str | No
             if hashlib.sha256(content).hexdigest() != digest:
                 raise ValueError(f"{fname}: sha256 does not match the manifest")
             (Path(tmp) / fname).write_bytes(content)
-        return register_version(db, blobs, name=name or manifest["name"], family=manifest["family"],
+        target = name or manifest["name"]
+        existing = db.scalar(select(Model).where(Model.name == target))
+        if existing is not None and not may_add_to(existing):
+            raise Conflict(f"the name {target!r} is taken by a model this key does not own; choose another name")
+        return register_version(db, blobs, name=target, owner=owner, family=manifest["family"],
                                 task=manifest["task"], folder=Path(tmp), metrics=manifest["metrics"],
                                 training=manifest["training"] | {"imported_from": f"{manifest['name']}@"
                                                                         f"{manifest['version']}"})

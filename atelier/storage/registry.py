@@ -223,14 +223,14 @@ def delete_version(db: Session, *, version: Version, force: bool = False) -> lis
 
 def register_trained(db: Session, blobs: BlobStore, *, folder: Path, name: str, family: str, task: str,
                      training: dict | None = None, aliases: tuple[str, ...] = ("latest",), key_id: str | None = None,
-                     detail: dict | None = None) -> Version:
+                     detail: dict | None = None, owner: str = "atelier") -> Version:
     """A trainer's best folder → a new version, with its training record (`training.json`, when the
     folder has one, plus `training`) and an audit entry. The CLI and the job runner both publish here.
     """
     record = {}
     if (Path(folder) / "training.json").exists():
         record = json.loads((Path(folder) / "training.json").read_text(encoding="utf-8"))
-    version = register_version(db, blobs, name=name, family=family, task=task, folder=folder,
+    version = register_version(db, blobs, name=name, family=family, task=task, folder=folder, owner=owner,
                                metrics=record.get("metrics", {}), training=record | (training or {}), aliases=aliases)
     audit.record(db, action="model.register", target=f"{name}@{version.number}", key_id=key_id, detail=detail or {})
     return version

@@ -181,9 +181,9 @@ async def _collect(request, seqs, events, metrics, release):
     return chunks, finished
 
 
-async def _text_model(manager: ModelManager, db, body: SamplingFields) -> Loaded:
+async def _text_model(manager: ModelManager, db, body: SamplingFields, key) -> Loaded:
     """The model held for this request; its manifest's default sampling fills the fields the request left unset."""
-    loaded = await acquire(manager, db, body.model, tasks=("text-generation",), keep_alive=body.keep_alive)
+    loaded = await acquire(manager, db, body.model, key=key, tasks=("text-generation",), keep_alive=body.keep_alive)
     for name, value in (getattr(loaded.servable, "manifest", None) or {}).get("defaults", {}).items():
         if name not in body.model_fields_set and name in type(body).model_fields:
             setattr(body, name, value)
@@ -208,13 +208,13 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
                             manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
     """Continue a prompt (OpenAI's legacy completions)."""
     if body.poem is not None:
-        return await poem_completion(request, body, manager, db, chat=False)
+        return await poem_completion(request, body, manager, db, key=key, chat=False)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not texts:
         raise bad_request("prompt is empty", "prompt", code="empty_prompt")
     if len(texts) > settings.max_n:
         raise bad_request(f"at most {settings.max_n} prompts per request, got {len(texts)}", "prompt")
-    loaded = await _text_model(manager, db, body)
+    loaded = await _text_model(manager, db, body, key)
     lm = loaded.servable
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
@@ -256,7 +256,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                                  manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     if body.poem is not None:
-        return await poem_completion(request, body, manager, db, chat=True)
+        return await poem_completion(request, body, manager, db, key=key, chat=True)
     users = [m.text() for m in body.messages if m.role == "user"]
     if not users:
         raise bad_request("messages must contain at least one user message", "messages")
@@ -270,7 +270,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (top or 1) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    loaded = await _text_model(manager, db, body)
+    loaded = await _text_model(manager, db, body, key)
     lm = loaded.servable
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(

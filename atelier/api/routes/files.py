@@ -14,6 +14,7 @@ from atelier.api.deps import BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request
 from atelier.api.security_headers import content_disposition
 from atelier.api.uploads import get_file, read_limited
+from atelier.storage.ownership import is_admin
 from atelier.storage.db import File, Job
 from atelier.storage import audit
 from atelier.training.uploads import PURPOSES, UploadError, check_upload
@@ -41,7 +42,7 @@ async def upload(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: Tr
     except UploadError as e:
         raise bad_request(str(e), e.param, code="invalid_file") from None
     digest = hashlib.sha256(data).hexdigest()
-    existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose))
+    existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose, File.key_id == key.id))
     if existing is not None:
         return file_public(existing) | {"duplicate": True}
     blobs.put_bytes(data)  # atomic: temp file, fsync, rename
@@ -57,6 +58,8 @@ async def upload(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: Tr
 def list_files(db: SessionDep, key: TrainKey, purpose: str | None = None, limit: int = Query(100, ge=1, le=1000)):
     """Uploaded files, newest first."""
     q = select(File).order_by(File.created_at.desc()).limit(limit)
+    if not is_admin(key):  # a key sees its own files; an admin sees everyone's
+        q = q.where(File.key_id == key.id)
     if purpose:
         q = q.where(File.purpose == purpose)
     return {"object": "list", "data": [file_public(f) for f in db.scalars(q)], "has_more": False}
@@ -65,13 +68,13 @@ def list_files(db: SessionDep, key: TrainKey, purpose: str | None = None, limit:
 @router.get("/{file_id}")
 def retrieve(file_id: str, db: SessionDep, key: TrainKey):
     """One file's record."""
-    return file_public(get_file(db, file_id))
+    return file_public(get_file(db, file_id, key=key))
 
 
 @router.get("/{file_id}/content")
 def content(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The file's bytes."""
-    f = get_file(db, file_id)
+    f = get_file(db, file_id, key=key)
     return Response(blobs.get_bytes(f.sha256), media_type="application/octet-stream",
                     headers={"Content-Disposition": content_disposition(f.filename)})
 
@@ -79,7 +82,7 @@ def content(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
 @router.delete("/{file_id}")
 def delete(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """Delete a file (refused while a job uses it); its bytes go when no other file shares them."""
-    f = get_file(db, file_id)
+    f = get_file(db, file_id, key=key)
     busy = db.scalar(select(Job).where(Job.status.in_(ACTIVE_JOB_STATES),
                                        (Job.training_file == file_id) | (Job.validation_file == file_id)))
     if busy is not None:

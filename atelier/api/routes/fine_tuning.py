@@ -16,9 +16,10 @@ from atelier.api.deps import SessionDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
 from atelier.api.uploads import get_file
+from atelier.storage.ownership import can_change_model, can_see_version, is_admin, owns
 from atelier.jobs import store
 from atelier.families import FAMILIES, TrainError, trainable
-from atelier.storage.db import Job, JobCheckpoint, JobEvent
+from atelier.storage.db import Job, JobCheckpoint, JobEvent, Model
 from atelier.storage import audit
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -46,9 +47,10 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
-def get_job(db, job_id: str) -> Job:
+def get_job(db, job_id: str, key) -> Job:
+    """The job, if it is `key`'s (or `key` is an admin's); another key's job is a 404 like a missing one."""
     job = db.get(Job, job_id)
-    if job is None:
+    if job is None or not owns(key, job.key_id):
         raise not_found(f"fine-tuning job {job_id!r} does not exist", "fine_tuning_job_id")
     return job
 
@@ -70,19 +72,29 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
                               f"{', '.join(trainable())}", "model", code="model_not_supported")
         if not body.suffix:
             raise bad_request(f"training {family} from scratch needs a suffix: the new model's name", "suffix")
+        taken = db.scalar(select(Model).where(Model.name == body.suffix))
+        if taken is not None and not can_change_model(key, taken):
+            raise APIError(409, f"suffix {body.suffix!r} names a model this key does not own; choose another",
+                           param="suffix", code="suffix_taken")
     else:
-        version = resolve_version(db, body.model)
+        version = resolve_version(db, body.model, key=key)
         family = version.model.family
         if not FAMILIES[family].fine_tunable:
             fine_tunable = ", ".join(n for n, f in FAMILIES.items() if f.fine_tunable)
             raise bad_request(f"model {version.model.name!r} ({family}) does not support fine-tuning; "
                               f"fine-tunable families: {fine_tunable}", "model", code="model_not_supported")
+        alias = next((a for a in version.model.aliases if a.name == f"ft-{body.suffix}"), None) if body.suffix else None
+        if alias is not None:
+            target = next((v for v in version.model.versions if v.number == alias.version_number), None)
+            if target is not None and not can_see_version(key, target):
+                raise APIError(409, f"suffix {body.suffix!r} is another key's fine-tune of {version.model.name}; "
+                               "choose another", param="suffix", code="suffix_taken")
     formats = FAMILIES[family].train_formats
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
             continue
-        f = get_file(db, file_id, param)
+        f = get_file(db, file_id, param, key=key)
         if f.purpose != "fine-tune":
             raise bad_request(f"{param} {file_id} has purpose {f.purpose!r}, not 'fine-tune'", param)
         if f.format not in formats:
@@ -103,8 +115,10 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
 def list_jobs(db: SessionDep, key: TrainKey, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
     """Jobs, newest first; `after` is a job id to page from."""
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if not is_admin(key):
+        q = q.where(Job.key_id == key.id)
     if after:
-        anchor = get_job(db, after)
+        anchor = get_job(db, after, key)
         q = q.where(Job.created_at <= anchor.created_at, Job.id != anchor.id)
     jobs = list(db.scalars(q.limit(limit + 1)))
     return {"object": "list", "data": [store.job_public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
@@ -113,13 +127,13 @@ def list_jobs(db: SessionDep, key: TrainKey, after: str | None = None, limit: in
 @router.get("/{job_id}")
 def retrieve(job_id: str, db: SessionDep, key: TrainKey):
     """One job."""
-    return store.job_public(get_job(db, job_id))
+    return store.job_public(get_job(db, job_id, key))
 
 
 @router.post("/{job_id}/cancel")
 def cancel(job_id: str, db: SessionDep, key: TrainKey):
     """Cancel a queued or running job; a finished job cannot be cancelled (409)."""
-    job = get_job(db, job_id)
+    job = get_job(db, job_id, key)
     if job.status in store.FINAL:
         raise APIError(409, f"job {job_id} is already {job.status}", param="fine_tuning_job_id",
                        code="job_not_cancellable")
@@ -137,7 +151,7 @@ def cancel(job_id: str, db: SessionDep, key: TrainKey):
 def events(job_id: str, db: SessionDep, key: TrainKey, after: str | None = None,
            limit: int = Query(20, ge=1, le=1000), order: str = Query("desc", pattern="^(asc|desc)$")):
     """Events, newest first (OpenAI's order) or `order=asc`; `after` is an event id to page from."""
-    get_job(db, job_id)
+    get_job(db, job_id, key)
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
         if not re.fullmatch(r"ftevent-[0-9]{1,19}", after) or int(after.split("-")[1]) > 2**63 - 1:
@@ -152,7 +166,7 @@ def events(job_id: str, db: SessionDep, key: TrainKey, after: str | None = None,
 @router.get("/{job_id}/checkpoints")
 def checkpoints(job_id: str, db: SessionDep, key: TrainKey, limit: int = Query(10, ge=1, le=100)):
     """Checkpoints, newest first."""
-    job = get_job(db, job_id)
+    job = get_job(db, job_id, key)
     rows = list(db.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                            .order_by(JobCheckpoint.id.desc()).limit(limit)))
     return {"object": "list", "data": [store.checkpoint_public(c, job) for c in rows], "has_more": False}

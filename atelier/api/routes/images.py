@@ -62,7 +62,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, upscaler,
     store, keep_alive."""
     check_openai_fields(body.model_extra or {})
-    loaded = await acquire(manager, db, body.model, tasks=("image-generation",), keep_alive=body.keep_alive)
+    loaded = await acquire(manager, db, body.model, key=key, tasks=("image-generation",), keep_alive=body.keep_alive)
     try:
         job, plan = _submit(body, loaded, settings)
     except BaseException:

@@ -22,6 +22,7 @@ from atelier.api.uploads import read_limited
 from atelier.api.models_public import model_public
 from atelier.families import imports
 from atelier.storage import archives
+from atelier.storage.ownership import can_change_model, can_see_model, owner_for
 from atelier.storage import registry as store
 from atelier.storage import audit
 
@@ -41,17 +42,24 @@ class Rollback(BaseModel):
     alias: str = Field(default="production", min_length=1, max_length=32)
 
 
-def _model(db, name: str):
+def _model(db, name: str, key):
+    """A model `key` may change: 404 if it cannot see it, 403 if it sees it but is not its owner."""
     try:
-        return store.get_model(db, name=name)
+        model = store.get_model(db, name=name)
     except store.NotFound as e:
         raise not_found(str(e), "model", code="model_not_found") from None
+    if not can_see_model(key, model):
+        raise not_found(f"model {name!r} does not exist", "model", code="model_not_found")
+    if not can_change_model(key, model):
+        raise APIError(403, f"model {name!r} belongs to another key; only its owner or an admin moves its aliases",
+                       type="permission_error", param="model", code="not_owner")
+    return model
 
 
 @router.post("/{name}/aliases")
 def promote(name: str, body: AliasMove, db: SessionDep, key: TrainKey):
     """Point an alias (e.g. production) at a version."""
-    model = _model(db, name)
+    model = _model(db, name, key)
     try:
         store.set_alias(db, model=model, alias=body.alias, number=body.version)
     except store.NotFound as e:
@@ -61,13 +69,13 @@ def promote(name: str, body: AliasMove, db: SessionDep, key: TrainKey):
     db.commit()
     audit.record(db, action="model.promote", target=f"{name}@{body.version}", key_id=key.id,
                  detail={"alias": body.alias})
-    return model_public(model)
+    return model_public(model, key=key)
 
 
 @router.post("/{name}/rollback")
 def rollback(name: str, body: Rollback, db: SessionDep, key: TrainKey):
     """Move an alias back to the version before the one it points at."""
-    _model(db, name)
+    _model(db, name, key)
     try:
         number = store.rollback(db, name=name, alias=body.alias)
     except store.NotFound as e:
@@ -75,7 +83,7 @@ def rollback(name: str, body: Rollback, db: SessionDep, key: TrainKey):
     except store.Conflict as e:
         raise APIError(409, str(e), param="alias", code="nothing_to_roll_back") from None
     audit.record(db, action="model.rollback", target=f"{name}@{number}", key_id=key.id, detail={"alias": body.alias})
-    return model_public(_model(db, name))
+    return model_public(_model(db, name, key), key=key)
 
 
 @router.delete("/{ref:path}")
@@ -83,7 +91,7 @@ def delete(ref: str, db: SessionDep, key: AdminKey, force: bool = Query(False)):
     """Delete a version (`name@N`); refused while an alias points at it unless force=true."""
     if "@" not in ref:
         raise bad_request("name a version to delete, as name@N", "model")
-    version = resolve_version(db, ref)
+    version = resolve_version(db, ref, key=key)
     try:
         removed = store.delete_version(db, version=version, force=force)
     except store.Conflict as e:
@@ -95,7 +103,7 @@ def delete(ref: str, db: SessionDep, key: AdminKey, force: bool = Query(False)):
 @router.get("/{ref:path}/export")
 def export(ref: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The version as one zip archive (files + manifest with sha256)."""
-    version = resolve_version(db, ref)
+    version = resolve_version(db, ref, key=key)
     data = archives.export_archive(blobs, version)
     filename = f"{version.model.name}-{version.number}.zip"
     return Response(data, media_type="application/zip",
@@ -109,22 +117,41 @@ async def import_(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: T
     diffusers pipeline folder, or an .onnx file (atelier.json beside it optional). Checked by loading it first."""
     data = await read_limited(file, settings.max_upload_bytes)
     if is_atelier_archive(data):
+        if name is not None:
+            check_name_free(db, name, key)
         try:
-            version = archives.import_archive(db, blobs, data, name=name, max_unpacked=settings.max_upload_bytes * 4)
+            version = archives.import_archive(db, blobs, data, name=name, max_unpacked=settings.max_upload_bytes * 4,
+                                              owner=owner_for(key), may_add_to=lambda m: can_change_model(key, m))
+        except store.Conflict as e:
+            db.rollback()
+            raise APIError(409, str(e), param="name", code="name_taken") from None
         except (ValueError, KeyError) as e:
             db.rollback()
             raise bad_request(f"{e}", "file", code="invalid_archive") from None
         audit.record(db, action="model.import", target=f"{version.model.name}@{version.number}", key_id=key.id)
-        return model_public(version.model, current=version)
+        return model_public(version.model, current=version, key=key)
     name = name or default_name(file.filename)
+    check_name_free(db, name, key)
     with tempfile.TemporaryDirectory(prefix="atelier-import-") as tmp:
         try:
             folder = imports.unpack(data, file.filename or "", Path(tmp), max_unpacked=settings.max_upload_bytes * 4)
             version = await run_in_threadpool(imports.import_folder, db, blobs, folder, name=name, key_id=key.id,
-                                              source=file.filename or "upload")
+                                              owner=owner_for(key), source=file.filename or "upload")
         except imports.ImportRefused as e:
             raise bad_request(str(e), e.param, code="invalid_model") from None
-    return model_public(version.model, current=version)
+    return model_public(version.model, current=version, key=key)
+
+
+def check_name_free(db, name: str, key) -> None:
+    """A new version of an existing model only from its owner (or an admin): another key's model —
+    or a shared one, for a non-admin key — is not imported over."""
+    try:
+        model = store.get_model(db, name=name)
+    except store.NotFound:
+        return
+    if not can_change_model(key, model):
+        raise APIError(409, f"the name {name!r} is taken by a model this key does not own; choose another name",
+                       param="name", code="name_taken")
 
 
 def is_atelier_archive(data: bytes) -> bool:

@@ -68,7 +68,7 @@ def forms(key: ReadKey):
 async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep, key: GenerateKey):
     """Write poems that obey a form, each with its compliance report."""
     args = body.model_dump(exclude={"model", "keep_alive"})
-    async with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+    async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
     return out | {"model": loaded.ref}
 
@@ -85,7 +85,7 @@ async def check(body: PoemCheck, db: SessionDep, settings: SettingsDep, manager:
     poem = body.text if body.text is not None else body.lines
     if not body.suggestions:
         return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern)
-    async with poet(manager, db, body.model, body.keep_alive) as (_, model, tokenizer):
+    async with poet(manager, db, body.model, body.keep_alive, key=key) as (_, model, tokenizer):
         return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern, model=model,
                                 tokenizer=tokenizer)
 
@@ -93,6 +93,6 @@ async def check(body: PoemCheck, db: SessionDep, settings: SettingsDep, manager:
 @router.post("/revise")
 async def revise(body: PoemRevise, db: SessionDep, manager: ManagerDep, key: GenerateKey):
     """Keep some lines (or characters) and rewrite the rest under the same constraints."""
-    async with poet(manager, db, body.model, body.keep_alive) as (loaded, model, tokenizer):
+    async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.revise, model, tokenizer, **body.model_dump(exclude={"model", "keep_alive"}))
     return out | {"model": loaded.ref}

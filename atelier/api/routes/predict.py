@@ -128,7 +128,7 @@ async def predict(model: str, body: PredictRequest, db: SessionDep, settings: Se
     """Predict from rows (a table), named tensors (inputs) or pictures (images); explain=true adds per-feature
     contributions."""
     images = check_request(body, settings)
-    loaded = await acquire(manager, db, model, tasks=TASKS, keep_alive=body.keep_alive)
+    loaded = await acquire(manager, db, model, key=key, tasks=TASKS, keep_alive=body.keep_alive)
     try:
         return await run_in_threadpool(_predict, loaded, body, images)
     finally:

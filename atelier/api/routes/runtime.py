@@ -30,7 +30,7 @@ async def load(ref: str, db: SessionDep, manager: ManagerDep, key: TrainKey, bod
     """Load a version now (so the first request does not wait), for keep_alive once idle."""
     keep_alive = body.keep_alive if body else None
     check_keep_alive(keep_alive)
-    loaded = await acquire(manager, db, ref, tasks=None, keep_alive=keep_alive)
+    loaded = await acquire(manager, db, ref, key=key, tasks=None, keep_alive=keep_alive)
     manager.release(loaded, keep_alive)
     audit.record(db, action="model.load", target=loaded.ref, key_id=key.id, detail={"keep_alive": keep_alive})
     return loaded.public()
@@ -39,7 +39,7 @@ async def load(ref: str, db: SessionDep, manager: ManagerDep, key: TrainKey, bod
 @router.post("/models/{ref:path}/unload")
 def unload(ref: str, db: SessionDep, manager: ManagerDep, key: TrainKey):
     """Unload a version now; requests still running on it end with a 503 (model_unloaded)."""
-    version = resolve_version(db, ref)
+    version = resolve_version(db, ref, key=key)
     done = manager.unload(version.model.name, version.number)
     audit.record(db, action="model.unload", target=f"{version.model.name}@{version.number}", key_id=key.id,
                  detail={"was_loaded": done})

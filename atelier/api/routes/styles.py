@@ -76,7 +76,7 @@ async def style_transfer(request: Request, form, settings, manager, sessions, bl
     else:
         style_label = f"upload:{style_sha[:12]}"
     with sessions() as db:
-        loaded = await acquire(manager, db, model_ref, tasks=("style-transfer",), keep_alive=keep_alive)
+        loaded = await acquire(manager, db, model_ref, key=key, tasks=("style-transfer",), keep_alive=keep_alive)
     ref = loaded.ref
     try:
         stop = threading.Event()
