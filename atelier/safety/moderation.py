@@ -1,12 +1,12 @@
 """Lexicon moderation for Chinese and English text, in the categories of OpenAI's moderation API.
 
     >>> moderator = Moderator.load(None)              # the shipped lists only
-    >>> text = "You ＩＤＩＯＴ, I’m going to hurt you"
+    >>> text = "You ＩＤＩＯＴ, I’ll hurt you"
     >>> result = moderator.check(text)
     >>> result.flagged, result.categories["harassment"], result.categories["hate"]
     (True, True, False)
     >>> [(m.category, text[m.start:m.end]) for m in result.matches]
-    [('harassment', 'ＩＤＩＯＴ'), ('harassment/threatening', 'I’m going to hurt you')]
+    [('harassment', 'ＩＤＩＯＴ'), ('harassment/threatening', 'I’ll hurt you')]
     >>> moderator.check("床前明月光，疑是地上霜。").flagged
     False
 

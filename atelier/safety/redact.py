@@ -26,8 +26,8 @@ What is caught:
   parentheses between digits);
 - ID: 18-character mainland resident ID numbers (last character may be X), also grouped 6-8-4;
 - card: 13–19 digits, contiguous or grouped 4-4-4-… or 4-6-4/5 by spaces or dashes;
-- IP: IPv4 with every octet ≤ 255 (no leading zeros) and IPv6 (checked by `ipaddress`; `::1`
-  and other addresses with fewer than two groups are left alone).
+- IP: IPv4 with every octet ≤ 255 (no leading zeros) and IPv6 (checked by `ipaddress`; `::1`,
+  `a::b` and other addresses with fewer than two groups or four hex digits are left alone).
 What is not: names, postal addresses, landlines without `+` (`010-12345678`), 15-digit IDs of
 the first generation, passport numbers, numbers spelled in words or in Chinese numerals, and a
 Luhn-valid number that is not a card (one in ten random 16-digit numbers with a card prefix
@@ -96,7 +96,8 @@ def _valid_ipv6(candidate: str) -> bool:
         ipaddress.IPv6Address(candidate)
     except ValueError:
         return False
-    return sum(1 for g in candidate.split(":") if g) >= 2  # "::", "::1", "a::" are too common in code
+    groups = [g for g in candidate.split(":") if g]
+    return len(groups) >= 2 and sum(map(len, groups)) >= 4  # "::", "::1", "a::b" are too common in code
 
 
 # -- detectors, in priority order --------------------------------------------------------------
@@ -107,7 +108,8 @@ _NOT_DIGIT_AFTER = r"(?!\d)"
 
 # (type, pattern, validator of the matched text or None)
 _DETECTORS: list[tuple[str, re.Pattern, Any]] = [
-    ("email", re.compile(r"(?<![0-9A-Za-z._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])"),
+    ("email", re.compile(r"(?<![0-9A-Za-z._%+-])[A-Za-z0-9._%+-]+"  # local part
+                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])"),  # @domain.tld
      None),
     ("ip", re.compile(r"(?<![0-9A-Za-z:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
                       rf"(?::{_OCTET}(?:\.{_OCTET}){{3}})?(?![0-9A-Za-z:]|\.\d)"),
@@ -119,7 +121,8 @@ _DETECTORS: list[tuple[str, re.Pattern, Any]] = [
                         r"|\d{4}([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?"  # 4-4-4-4(-3), 4-4-4-1…
                         rf"|\d{{4}}([ -])\d{{6}}\2\d{{4,5}}){_NOT_DIGIT_AFTER}"),  # 4-6-5 (Amex), 4-6-4 (Diners)
      lambda s: valid_card(re.sub(r"[ -]", "", s))),
-    ("phone", re.compile(rf"(?:(?:\+|(?<!\d)00)86[ -]?|{_NOT_DIGIT_BEFORE})1[3-9]\d(?:[ -]?\d{{4}}){{2}}{_NOT_DIGIT_AFTER}"),
+    ("phone", re.compile(rf"(?:(?:\+|(?<!\d)00)86[ -]?|{_NOT_DIGIT_BEFORE})"  # +86, 0086 or nothing
+                         rf"1[3-9]\d(?:[ -]?\d{{4}}){{2}}{_NOT_DIGIT_AFTER}"),  # 138 1234 5678
      None),
     ("phone", re.compile(r"(?<![0-9A-Za-z+])\+(?:\d[ .()-]{0,2}){7,14}\d(?!\d)"),
      lambda s: 8 <= sum(c.isdigit() for c in s) <= 15),
