@@ -150,6 +150,9 @@ def _key(entry: str) -> str:
 
 
 def _merged_lists(home: Path | None) -> dict[str, list[_Entry]]:
+    if not DEFAULT_LISTS.is_dir():  # an install without package data would otherwise flag nothing, silently
+        raise ValueError(f"the shipped moderation lists are missing: {DEFAULT_LISTS} (package data "
+                         "atelier/safety/data/**)")
     lists: dict[str, list[_Entry]] = {}
     for category in CATEGORIES:
         path = DEFAULT_LISTS / f"{category}.txt"
