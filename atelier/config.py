@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
+
+    # Moderation (atelier/api/moderation_policy.py): the word-list moderator on every generation route
+    moderation: Literal["off", "flag", "block"] = Field(default="flag", description="off | flag (check, serve, audit) | block (refuse flagged inputs, cut flagged outputs)")
 
     # Images (generation, uploads, micro-batching, signed links)
     max_image_n: int = Field(default=8, ge=1, description="largest n (images per request)")

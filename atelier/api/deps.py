@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from atelier.api.errors import APIError
 from atelier.api.metrics import Metrics
 from atelier.config import Settings
+from atelier.safety.moderation import Moderator
 from atelier.runtime.manager import ModelManager
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import ApiKey
@@ -44,12 +46,34 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+_build_lock = threading.Lock()  # one moderator per app, built once
+
+
+def get_moderator(request: Request) -> Moderator:
+    """The app's moderator, built on first use from the shipped lists and ATELIER_HOME/moderation/
+    (edits to the lists take effect at the next start)."""
+    state = request.app.state
+    moderator = getattr(state, "moderator", None)
+    if moderator is None:
+        with _build_lock:
+            moderator = getattr(state, "moderator", None)
+            if moderator is None:
+                try:
+                    moderator = Moderator.load(state.settings.home_dir)
+                except ValueError as e:  # an operator's list is broken: not the client's fault
+                    raise APIError(500, f"the moderation lists are invalid: {e}", type="server_error",
+                                   code="moderation_lists_invalid") from None
+                state.moderator = moderator
+    return moderator
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
 SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ModeratorDep = Annotated[Moderator, Depends(get_moderator)]
 
 
 def current_key(request: Request, db: SessionDep) -> ApiKey:

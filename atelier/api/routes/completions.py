@@ -12,8 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from atelier.api import sse
-from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, SessionDep, SettingsDep
+from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
+from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.poem_completion import poem_completion
 from atelier.api.schemas import UNSUPPORTED, ChatRequest, CompletionRequest, SamplingFields
@@ -140,17 +141,26 @@ def _chat_logprobs(chunks: list, lm) -> dict:
                         for c in chunks for s in c.tokens]}
 
 
-def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics, release):
+def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics, release,
+            guard: OutputGuard):
     async def body():
         finished: dict[int, Finished] = {}
+        so_far: dict[int, str] = {}
         try:
             async for index, event in _events(request, seqs, events):
                 if isinstance(event, TextChunk):
                     metrics.tokens(len(event.tokens))
-                    yield sse.data(make_chunk(index, event, None))
+                    if index in guard.filtered:
+                        continue
+                    so_far[index] = so_far.get(index, "") + event.text
+                    if guard.allow(index, so_far[index]):
+                        yield sse.data(make_chunk(index, event, None))
+                    else:  # the choice ends here, without the text that tripped the filter
+                        yield sse.data(make_chunk(index, None, CONTENT_FILTER))
                 else:
                     finished[index] = event
-                    yield sse.data(make_chunk(index, None, event.reason))
+                    if index not in guard.filtered:
+                        yield sse.data(make_chunk(index, None, event.reason))
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
             if final_usage:
@@ -161,6 +171,16 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
             yield sse.DONE
 
     return sse.response(body(), on_close=release)
+
+
+def _moderated(guard: OutputGuard, chunks: dict[int, list[TextChunk]], finished: dict[int, Finished]
+               ) -> dict[int, tuple[str, str]]:
+    """(text, finish_reason) per choice of a whole answer: a flagged one is withheld under `block`."""
+    out = {}
+    for index, parts in chunks.items():
+        text = "".join(c.text for c in parts)
+        out[index] = (text, finished[index].reason) if guard.allow(index, text) else ("", CONTENT_FILTER)
+    return out
 
 
 async def _collect(request, seqs, events, metrics, release):
@@ -205,11 +225,14 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
 
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                            manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
+                            manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep, sessions: SessionsDep,
+                            key: GenerateKey):
     """Continue a prompt (OpenAI's legacy completions)."""
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_input(moderator, settings.moderation, [t for t in texts if isinstance(t, str)], param="prompt",
+                sessions=sessions, key_id=key.id, where="completions")
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, key=key, chat=False)
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not texts:
         raise bad_request("prompt is empty", "prompt", code="empty_prompt")
     if len(texts) > settings.max_n:
@@ -219,6 +242,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
+    guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="completions")
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
@@ -238,23 +262,27 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
             return base | {"choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard)
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
+    answers = _moderated(guard, chunks, finished)
     choices = []
     for index in sorted(chunks):
-        text = "".join(c.text for c in chunks[index])
+        text, reason = answers[index]
         prefix = prompt_of(index) if body.echo else ""
-        lp = _completion_logprobs(chunks[index], lm, len(prefix)) if body.logprobs is not None else None
-        choices.append({"text": prefix + text, "index": index, "logprobs": lp,
-                        "finish_reason": finished[index].reason})
+        lp = _completion_logprobs(chunks[index], lm, len(prefix)) if body.logprobs is not None and \
+            reason != CONTENT_FILTER else None
+        choices.append({"text": prefix + text, "index": index, "logprobs": lp, "finish_reason": reason})
     return base | {"choices": choices, "usage": _usage(finished, plan)}
 
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                                 manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
+                                 manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
+                                 sessions: SessionsDep, key: GenerateKey):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
+    check_input(moderator, settings.moderation, [m.text() for m in body.messages], param="messages",
+                sessions=sessions, key_id=key.id, where="chat")
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, key=key, chat=True)
     users = [m.text() for m in body.messages if m.role == "user"]
@@ -277,6 +305,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         body, [lm.chat_prompt(messages)], lm, settings, max_tokens=max_tokens, prompt_param="messages",
         logprobs=logprobs, chat=True))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
+    guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="chat")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
@@ -298,19 +327,22 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard)
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
+    answers = _moderated(guard, chunks, finished)
     choices = [{"index": i,
-                "message": {"role": "assistant", "content": "".join(c.text for c in chunks[i])},
-                "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs else None,
-                "finish_reason": finished[i].reason} for i in sorted(chunks)]
+                "message": {"role": "assistant", "content": answers[i][0]},
+                "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs and answers[i][1] != CONTENT_FILTER
+                else None,
+                "finish_reason": answers[i][1]} for i in sorted(chunks)]
     return base | {"object": "chat.completion", "choices": choices, "usage": _usage(finished, plan)}
 
 
 @router.post("/engines/{model:path}/completions")
 async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
-                                   manager: ManagerDep, metrics: MetricsDep, key: GenerateKey):
+                                   manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
+                                   sessions: SessionsDep, key: GenerateKey):
     """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
     try:
         raw = await request.json()
@@ -324,4 +356,4 @@ async def create_engine_completion(model: str, request: Request, db: SessionDep,
         body = CompletionRequest.model_validate(raw | {"model": model})
     except ValidationError as e:
         raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    return await create_completion(body, request, db, settings, manager, metrics, key)
+    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, key)

@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api import sse
-from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, SessionDep, SessionsDep, SettingsDep
+from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
+from atelier.api.moderation_policy import check_input
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.outputs import artifact_url, check_openai_fields, check_prompt, store_png
 from atelier.images.png import a1111_parameters, encode_png, upscale
@@ -58,10 +59,13 @@ class ImageGenerateRequest(BaseModel):
 
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerateRequest, request: Request, db: SessionDep, settings: SettingsDep,
-                       manager: ManagerDep, sessions: SessionsDep, blobs: BlobsDep, key: GenerateKey):
+                       manager: ManagerDep, sessions: SessionsDep, blobs: BlobsDep, moderator: ModeratorDep,
+                       key: GenerateKey):
     """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, upscaler,
     store, keep_alive."""
     check_openai_fields(body.model_extra or {})
+    check_input(moderator, settings.moderation, [body.prompt], param="prompt", sessions=sessions, key_id=key.id,
+                where="images")
     loaded = await acquire(manager, db, body.model, key=key, tasks=("image-generation",), keep_alive=body.keep_alive)
     try:
         job, plan = _submit(body, loaded, settings)

@@ -9,16 +9,15 @@ lexicon hit and 0.0 otherwise, not probabilities.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
-from atelier.api.deps import GenerateKey, SettingsDep
-from atelier.api.errors import APIError, bad_request
-from atelier.safety.moderation import CATEGORIES, Moderator
+from atelier.api.deps import GenerateKey, ModeratorDep, SettingsDep
+from atelier.api.errors import bad_request
+from atelier.safety.moderation import CATEGORIES
 
 router = APIRouter(tags=["moderations"])
 
@@ -26,30 +25,6 @@ MODEL = "atelier-lexicon-1"
 MODELS = (MODEL, "omni-moderation-latest", "omni-moderation-2024-09-26", "text-moderation-latest",
           "text-moderation-stable")
 MAX_INPUTS = 32
-
-_build_lock = threading.Lock()
-
-
-def get_moderator(request: Request) -> Moderator:
-    """The app's moderator, built on first use from the shipped lists and ATELIER_HOME/moderation/
-    (edits to the lists take effect at the next start)."""
-    state = request.app.state
-    moderator = getattr(state, "moderator", None)
-    if moderator is None:
-        with _build_lock:
-            moderator = getattr(state, "moderator", None)
-            if moderator is None:
-                try:
-                    moderator = Moderator.load(state.settings.home_dir)
-                except ValueError as e:  # an operator's list is broken: not the client's fault
-                    raise APIError(500, f"the moderation lists are invalid: {e}", type="server_error",
-                                   code="moderation_lists_invalid") from None
-                state.moderator = moderator
-    return moderator
-
-
-ModeratorDep = Annotated[Moderator, Depends(get_moderator)]
-
 
 class ModerationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -10,8 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.api.deps import GenerateKey, ManagerDep, ReadKey, SessionDep, SettingsDep
+from atelier.api.deps import GenerateKey, ManagerDep, ModeratorDep, ReadKey, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import bad_request
+from atelier.api.moderation_policy import check_input
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
 
@@ -65,8 +66,12 @@ def forms(key: ReadKey):
 
 
 @router.post("")
-async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep, key: GenerateKey):
+async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
+                  moderator: ModeratorDep, sessions: SessionsDep, key: GenerateKey):
     """Write poems that obey a form, each with its compliance report."""
+    keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
+    check_input(moderator, settings.moderation, [body.title or "", body.acrostic or "", *keywords], param="title",
+                sessions=sessions, key_id=key.id, where="poems")
     args = body.model_dump(exclude={"model", "keep_alive"})
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
