@@ -22,6 +22,10 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address [ATELIE
 
     settings = _settings(host=host, port=port, home=home)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from atelier.safety.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # Atelier's own log lines: no personal data either
+        handler.addFilter(RedactingFilter())
     try:
         application = create_app(settings)
     except ValueError as e:  # a data key that does not open the store, a malformed key, …
@@ -31,4 +35,18 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address [ATELIE
         console.print(f"[bold]Admin API key[/bold] (shown once, only its hash is stored):\n"
                       f"  {application.state.new_admin_secret}\n  export ATELIER_API_KEY={application.state.new_admin_secret}")
     console.print(f"Atelier on http://{settings.host}:{settings.port}  (data: {settings.home_dir})")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=redacted_log_config())
+
+
+def redacted_log_config() -> dict:
+    """uvicorn's logging, with every handler redacting personal data (request lines carry query strings)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact"] = {"()": "atelier.safety.redact.RedactingFilter"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact")
+    return config

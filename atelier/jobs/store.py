@@ -8,6 +8,7 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from atelier.safety.redact import redact, redact_obj
 from atelier.storage.db import Job, JobCheckpoint, JobEvent, utcnow
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -28,7 +29,8 @@ def create_job(db: Session, **fields) -> Job:
 
 def add_event(db: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
               data: dict | None = None, commit: bool = True) -> JobEvent:
-    ev = JobEvent(job_id=job_id, message=message, level=level, type=type, data=data or {})
+    # Events quote file names and errors: personal data in them is redacted (atelier/safety/redact.py).
+    ev = JobEvent(job_id=job_id, message=redact(message).text, level=level, type=type, data=redact_obj(data or {}))
     db.add(ev)
     if commit:
         db.commit()

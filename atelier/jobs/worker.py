@@ -21,6 +21,7 @@ import time
 from atelier.config import get_settings
 from atelier.jobs import store
 from atelier.jobs.runner import run_job
+from atelier.safety.redact import RedactingFilter
 from atelier.storage.db import make_engine, make_sessionmaker
 from atelier.storage.blobs import open_blobs
 
@@ -30,6 +31,8 @@ log = logging.getLogger("atelier.worker")
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s worker: %(message)s")
+    for handler in logging.getLogger().handlers:  # job errors quote file names: no personal data in the log
+        handler.addFilter(RedactingFilter())
     home = settings.home_dir
     home.mkdir(parents=True, exist_ok=True)
     parent = os.getppid()

@@ -36,6 +36,8 @@ passes; a dotted four-part version number `1.2.3.4` reads as an IPv4 address).
 
 from __future__ import annotations
 
+import logging
+
 import datetime as dt
 import ipaddress
 import re
@@ -172,3 +174,15 @@ def redact_obj(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_obj(v) for v in value]
     return value
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts personal data from every record it passes (message and arguments
+    formatted first), so logs hold no e-mail address, phone, ID or card number, or IP address."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message).text
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from atelier.storage.db import Artifact
 from atelier.storage.blobs import BlobStore
 from atelier.storage.registry import NotFound
+from atelier.safety.redact import redact_obj
 from atelier.safety.crypto import create_secret_once
 
 KINDS = ("image", "poem", "melody", "text")
@@ -37,12 +38,13 @@ SECRET_FILE = "url-signing.key"
 
 def create_artifact(db: Session, blobs: BlobStore, *, kind: str, data: bytes, mime: str, model_ref: str = "",
                     key_id: str | None = None, params: dict | None = None) -> Artifact:
-    """Store `data` as a blob and record it; returns the committed row."""
+    """Store `data` as a blob and record it; returns the committed row. Personal data in the parameters
+    (e-mail addresses, phone, ID and card numbers, IPs: atelier/safety/redact.py) is redacted first."""
     if kind not in KINDS:
         raise ValueError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
     digest = blobs.put_bytes(data)  # 1. the bytes (atomic, deduplicated)
     art = Artifact(id=f"art_{secrets.token_hex(12)}", kind=kind, model_ref=model_ref, key_id=key_id,
-                   sha256=digest, mime=mime, size=len(data), params=params or {})
+                   sha256=digest, mime=mime, size=len(data), params=redact_obj(params or {}))
     db.add(art)  # 2. the row that points at them
     db.commit()
     return art

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atelier.safety.audit import GENESIS, chain_digest
+from atelier.safety.redact import redact, redact_obj
 from atelier.storage.db import AuditEntry, utcnow
 
 
@@ -14,7 +15,7 @@ def record(db: Session, *, action: str, target: str = "", key_id: str | None = N
     last = db.scalar(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1))
     prev = last.hash if last else GENESIS
     at = utcnow()
-    detail = detail or {}
+    detail, target = redact_obj(detail or {}), redact(target).text  # no personal data in the log
     entry = AuditEntry(at=at, key_id=key_id, action=action, target=target, detail=detail, prev_hash=prev,
                        hash=chain_digest(prev, at, key_id, action, target, detail))
     db.add(entry)

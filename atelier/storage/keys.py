@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atelier.safety.keys import KEY_PREFIX, hash_secret, validate_scopes
+from atelier.safety.redact import redact
 from atelier.storage.db import ApiKey, utcnow
 
 
@@ -20,7 +21,7 @@ def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | 
     secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
     if len(secret) < 16:
         raise ValueError("a key must be at least 16 characters long")
-    key = ApiKey(id="key_" + secrets.token_hex(8), name=name, prefix=secret[:8], hash=hash_secret(secret),
+    key = ApiKey(id="key_" + secrets.token_hex(8), name=redact(name).text, prefix=secret[:8], hash=hash_secret(secret),
                  scopes=scopes)
     db.add(key)
     db.commit()

@@ -14,6 +14,7 @@ from atelier.api.deps import BlobsDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request
 from atelier.api.security_headers import content_disposition
 from atelier.api.uploads import get_file, read_limited
+from atelier.safety.redact import redact
 from atelier.storage.ownership import is_admin
 from atelier.storage.db import File, Job
 from atelier.storage import audit
@@ -36,7 +37,7 @@ async def upload(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: Tr
     if purpose not in PURPOSES:
         raise bad_request(f"purpose {purpose!r} is not supported; use one of {', '.join(PURPOSES)}", "purpose")
     data = await read_limited(file, settings.max_upload_bytes)
-    filename = (file.filename or "upload").rsplit("/", 1)[-1][:256]
+    filename = redact((file.filename or "upload").rsplit("/", 1)[-1]).text[:256]  # names can carry personal data
     try:
         checked = check_upload(filename, data, max_zip_bytes=settings.max_upload_bytes * 4)
     except UploadError as e:
