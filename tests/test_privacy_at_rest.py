@@ -4,7 +4,6 @@ process, is sent personal data through several routes, stopped, and its home and
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
