@@ -11,15 +11,16 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from atelier import __version__
-from atelier.api import errors, security_headers
+from atelier.api import errors, metering, security_headers
 from atelier.api.limits import body_limit
 from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
-from atelier.api.routes import models, moderations, poems, predict, privacy, runtime, styles
+from atelier.api.routes import models, moderations, poems, predict, privacy, runtime, styles, usage
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker
 from atelier.families.shipped import ensure_shipped
+from atelier.storage.usage import InFlight
 from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
 from atelier.storage import audit as audit_log
@@ -73,12 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_memory=settings.max_model_memory, keep_alive=settings.keep_alive,
                                      max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
                                      image_wait_ms=settings.image_batch_wait_ms)
+    app.state.inflight = InFlight()  # requests running per key (max_parallel)
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None
     errors.install(app)
     for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, runtime.router,
               lifecycle.router, poems.router, keys.router, audit.router, predict.router, images.router, styles.router,
-              artifacts.router, moderations.router, privacy.router):
+              artifacts.router, moderations.router, privacy.router, usage.router):
         app.include_router(r)
     studio = PACKAGE_DIR / "studio"
     if (studio / "index.html").exists():
@@ -91,4 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes))
     app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
     app.add_middleware(security_headers.studio_headers)
+    app.add_middleware(metering.usage_middleware)
     return app

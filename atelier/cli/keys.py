@@ -29,19 +29,27 @@ def _local_db(home: Optional[Path]):
 @app.command("create")
 def keys_create(scopes: Annotated[list[str], typer.Option("--scope", help="admin | generate | train | read")] = ["generate"],  # noqa: B006
                 name: Annotated[str, typer.Option()] = "",
+                rpm: Annotated[Optional[int], typer.Option(help="requests per minute")] = None,
+                tpm: Annotated[Optional[int], typer.Option(help="tokens per minute")] = None,
+                images_per_day: Annotated[Optional[int], typer.Option(help="images per UTC day")] = None,
+                max_parallel: Annotated[Optional[int], typer.Option(help="requests at once")] = None,
+                tokens_per_month: Annotated[Optional[int], typer.Option(help="tokens per calendar month")] = None,
                 home: HomeOpt = None):
-    """Create a key and print its secret (shown once)."""
+    """Create a key (with rate limits and quotas, if given) and print its secret (shown once)."""
     from atelier.storage import audit
     from atelier.storage.keys import create_key
 
+    limits = {"rpm": rpm, "tpm": tpm, "images_per_day": images_per_day, "max_parallel": max_parallel,
+              "tokens_per_month": tokens_per_month}
     with _local_db(home) as db:
         try:
-            key, secret = create_key(db, name=name, scopes=scopes)
+            key, secret = create_key(db, name=name, scopes=scopes, limits=limits)
         except ValueError as e:
             err.print(f"[red]{e}[/red]")
             raise typer.Exit(2)
         audit.record(db, action="key.create", target=key.id, detail={"scopes": key.scopes, "via": "cli"})
-    console.print(f"{key.id}  scopes={','.join(key.scopes)}\n{secret}")
+    shown = " ".join(f"{k}={v}" for k, v in (key.limits or {}).items())
+    console.print(f"{key.id}  scopes={','.join(key.scopes)}" + (f"  {shown}" if shown else "") + f"\n{secret}")
 
 
 @app.command("list")

@@ -67,6 +67,20 @@ class ApiKey(Base):
     scopes: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    limits: Mapped[dict | None] = mapped_column(JSON, default=None)  # rpm, tpm, images_per_day, … (storage/usage.py)
+
+
+class Usage(Base):
+    """One served request of a key: what rate limits and quotas count, and GET /api/usage sums."""
+
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    route: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(200), default="")
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class AuditEntry(Base):
@@ -169,7 +183,23 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a database was created (create_all makes only missing tables). A stopgap
+    until the schema has real migrations: each is nullable, so old rows stay valid."""
+    from sqlalchemy import inspect, text
+
+    added = {"api_keys": {"limits": "JSON"}}
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table, columns in added.items():
+            have = {c["name"] for c in inspector.get_columns(table)}
+            for name, kind in columns.items():
+                if name not in have:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

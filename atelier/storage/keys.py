@@ -13,16 +13,20 @@ from sqlalchemy.orm import Session
 from atelier.safety.keys import KEY_PREFIX, hash_secret, validate_scopes
 from atelier.safety.redact import redact
 from atelier.storage.db import ApiKey, utcnow
+from atelier.storage.usage import check_limits
 
 
-def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | None = None) -> tuple[ApiKey, str]:
-    """Store a new key and return it with its secret (the only time the secret is seen)."""
+def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | None = None,
+               limits: dict | None = None) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its secret (the only time the secret is seen); `limits` are its
+    rate limits and quotas (atelier/storage/usage.py)."""
     scopes = validate_scopes(scopes)
+    limits = check_limits(limits or {})
     secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
     if len(secret) < 16:
         raise ValueError("a key must be at least 16 characters long")
     key = ApiKey(id="key_" + secrets.token_hex(8), name=redact(name).text, prefix=secret[:8], hash=hash_secret(secret),
-                 scopes=scopes)
+                 scopes=scopes, limits=limits or None)
     db.add(key)
     db.commit()
     return key, secret

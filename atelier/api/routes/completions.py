@@ -7,13 +7,14 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from atelier.api import sse
 from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
+from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.poem_completion import poem_completion
@@ -101,13 +102,17 @@ def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
 
 
 async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue):
-    """Yield (index, event) until every choice has finished; cancel all if the client leaves."""
+    """Yield (index, event) until every choice has finished; cancel all if the client leaves. The
+    request's meter (api/metering.py) counts the tokens as they come."""
+    meter = request.state.meter
     try:
         async for index, event in sse.watch(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
             if isinstance(event, EngineClosed):
                 raise unloaded(event)
             if isinstance(event, Exception):
                 raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+            if isinstance(event, TextChunk):
+                meter.tokens += len(event.tokens)
             yield index, event
     finally:
         for s in seqs:
@@ -226,7 +231,7 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
                             manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep, sessions: SessionsDep,
-                            key: GenerateKey):
+                            key: GenerateKey, meter: Meter = Depends(metered("completions"))):
     """Continue a prompt (OpenAI's legacy completions)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_input(moderator, settings.moderation, [t for t in texts if isinstance(t, str)], param="prompt",
@@ -242,6 +247,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
+    meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="completions")
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
@@ -279,7 +285,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
                                  manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                 sessions: SessionsDep, key: GenerateKey):
+                                 sessions: SessionsDep, key: GenerateKey, meter: Meter = Depends(metered("chat"))):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     check_input(moderator, settings.moderation, [m.text() for m in body.messages], param="messages",
                 sessions=sessions, key_id=key.id, where="chat")
@@ -305,6 +311,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         body, [lm.chat_prompt(messages)], lm, settings, max_tokens=max_tokens, prompt_param="messages",
         logprobs=logprobs, chat=True))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
+    meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="chat")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
@@ -342,7 +349,8 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
 @router.post("/engines/{model:path}/completions")
 async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
                                    manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                   sessions: SessionsDep, key: GenerateKey):
+                                   sessions: SessionsDep, key: GenerateKey,
+                                   meter: Meter = Depends(metered("completions"))):
     """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
     try:
         raw = await request.json()
@@ -356,4 +364,4 @@ async def create_engine_completion(model: str, request: Request, db: SessionDep,
         body = CompletionRequest.model_validate(raw | {"model": model})
     except ValidationError as e:
         raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, key)
+    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, key, meter)

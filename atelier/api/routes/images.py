@@ -16,12 +16,13 @@ import secrets
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api import sse
 from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
+from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.outputs import artifact_url, check_openai_fields, check_prompt, store_png
@@ -60,7 +61,7 @@ class ImageGenerateRequest(BaseModel):
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerateRequest, request: Request, db: SessionDep, settings: SettingsDep,
                        manager: ManagerDep, sessions: SessionsDep, blobs: BlobsDep, moderator: ModeratorDep,
-                       key: GenerateKey):
+                       key: GenerateKey, meter: Meter = Depends(metered("images", images_param="n"))):
     """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, upscaler,
     store, keep_alive."""
     check_openai_fields(body.model_extra or {})
@@ -73,6 +74,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
         manager.release(loaded, body.keep_alive)
         raise
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
+    meter.model, meter.images = loaded.ref, body.n
     return await _respond(body, request, settings, sessions, blobs, key, loaded, job, plan, release)
 
 

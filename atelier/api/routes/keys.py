@@ -10,6 +10,7 @@ from atelier.api.errors import APIError, bad_request, not_found
 from atelier.storage.db import ApiKey
 from atelier.storage import audit
 from atelier.storage.keys import count_active_admin_keys, create_key, list_keys, revoke_key
+from atelier.storage.usage import check_limits
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
 
@@ -19,10 +20,17 @@ class KeyCreate(BaseModel):
 
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: ["generate"], min_length=1)
+    limits: dict[str, int | None] = Field(default_factory=dict)  # rpm, tpm, images_per_day, max_parallel, …
+
+
+class KeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limits: dict[str, int | None]  # replaces the key's limits; null removes one
 
 
 def key_public(k: ApiKey) -> dict:
-    return {"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes,
+    return {"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "limits": k.limits or {},
             "created_at": k.created_at.isoformat() + "Z",
             "revoked_at": k.revoked_at.isoformat() + "Z" if k.revoked_at else None}
 
@@ -31,10 +39,15 @@ def key_public(k: ApiKey) -> dict:
 def create(body: KeyCreate, db: SessionDep, key: AdminKey):
     """Create a key; the response carries its secret, which is never shown again."""
     try:
-        new, secret = create_key(db, name=body.name, scopes=body.scopes)
+        check_limits(body.limits)
+    except ValueError as e:
+        raise bad_request(str(e), "limits") from None
+    try:
+        new, secret = create_key(db, name=body.name, scopes=body.scopes, limits=body.limits)
     except ValueError as e:
         raise bad_request(str(e), "scopes") from None
-    audit.record(db, action="key.create", target=new.id, key_id=key.id, detail={"scopes": new.scopes})
+    audit.record(db, action="key.create", target=new.id, key_id=key.id,
+                 detail={"scopes": new.scopes, "limits": new.limits or {}})
     return key_public(new) | {"key": secret}
 
 
@@ -42,6 +55,21 @@ def create(body: KeyCreate, db: SessionDep, key: AdminKey):
 def list_all(db: SessionDep, key: AdminKey):
     """Every key, revoked ones included (no secrets: only prefixes)."""
     return {"object": "list", "data": [key_public(k) for k in list_keys(db)]}
+
+
+@router.patch("/{key_id}")
+def update(key_id: str, body: KeyUpdate, db: SessionDep, key: AdminKey):
+    """Change a key's rate limits and quotas (they apply from its next request)."""
+    target = db.get(ApiKey, key_id)
+    if target is None:
+        raise not_found(f"key {key_id!r} does not exist", "key_id")
+    try:
+        target.limits = check_limits(body.limits) or None
+    except ValueError as e:
+        raise bad_request(str(e), "limits") from None
+    db.commit()
+    audit.record(db, action="key.limits", target=key_id, key_id=key.id, detail={"limits": target.limits or {}})
+    return key_public(target)
 
 
 @router.delete("/{key_id}")

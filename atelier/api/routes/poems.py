@@ -7,11 +7,12 @@ within the search budget).
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import GenerateKey, ManagerDep, ModeratorDep, ReadKey, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import bad_request
+from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
@@ -67,7 +68,8 @@ def forms(key: ReadKey):
 
 @router.post("")
 async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
-                  moderator: ModeratorDep, sessions: SessionsDep, key: GenerateKey):
+                  moderator: ModeratorDep, sessions: SessionsDep, key: GenerateKey,
+                  meter: Meter = Depends(metered("poems"))):
     """Write poems that obey a form, each with its compliance report."""
     keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
     check_input(moderator, settings.moderation, [body.title or "", body.acrostic or "", *keywords], param="title",
@@ -75,6 +77,7 @@ async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manag
     args = body.model_dump(exclude={"model", "keep_alive"})
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
+    meter.model, meter.tokens = loaded.ref, sum(len(p["text"]) for p in out["poems"])
     return out | {"model": loaded.ref}
 
 

@@ -19,12 +19,13 @@ import base64
 import binascii
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
 from atelier.api.errors import bad_request
+from atelier.api.metering import Meter, metered
 from atelier.api.models_lookup import acquire
 from atelier.images.png import ImageInputError, open_upload
 
@@ -124,11 +125,12 @@ def _predict(loaded, body: PredictRequest, images: list | None) -> dict:
 
 @router.post("/models/{model}/predict")
 async def predict(model: str, body: PredictRequest, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
-                  key: GenerateKey):
+                  key: GenerateKey, meter: Meter = Depends(metered("predict"))):
     """Predict from rows (a table), named tensors (inputs) or pictures (images); explain=true adds per-feature
     contributions."""
     images = check_request(body, settings)
     loaded = await acquire(manager, db, model, key=key, tasks=TASKS, keep_alive=body.keep_alive)
+    meter.model = loaded.ref
     try:
         return await run_in_threadpool(_predict, loaded, body, images)
     finally:

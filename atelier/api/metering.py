@@ -1,0 +1,96 @@
+"""Rate limits and quotas on the generation routes, and the usage they count (storage/usage.py).
+
+  1. `metered(route)`, a dependency: checks the caller's key against its limits — a 429 in
+     OpenAI's shape (`rate_limit_exceeded` or `insufficient_quota`, with Retry-After) when over
+     one — and records the request at once, so concurrent requests count each other
+  2. the route adds what it served to `meter` (tokens, images, the model)
+  3. `usage_middleware` writes that down when the response is over (streams included) and puts
+     OpenAI's x-ratelimit-* headers on every metered response
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from atelier.api.deps import current_key
+from atelier.api.errors import APIError
+from atelier.storage.db import ApiKey, Usage
+from atelier.storage.usage import InFlight, verdict
+
+
+class Meter:
+    def __init__(self, sessions, key_id: str, usage_id: int, inflight: InFlight):
+        self.sessions, self.key_id, self.usage_id, self.inflight = sessions, key_id, usage_id, inflight
+        self.tokens = self.images = 0
+        self.model = ""
+        self._closed = False
+
+    def close(self) -> None:
+        """3. The request is over: write what it served, leave the key's running count (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.inflight.leave(self.key_id)
+        with self.sessions() as db:
+            row = db.get(Usage, self.usage_id)
+            row.tokens, row.images, row.model = self.tokens, self.images, self.model[:200]
+            db.commit()
+
+
+def metered(route: str, *, images_param: str | None = None):
+    """The dependency for one route; `images_param` names the body field holding how many images."""
+
+    async def dependency(request: Request, key: ApiKey = Depends(current_key)) -> Meter:
+        state = request.app.state
+        images = 0
+        if images_param is not None:
+            try:
+                images = int((await request.json()).get(images_param, 1))
+            except (ValueError, AttributeError, TypeError):
+                images = 1
+        # Check and record with nothing awaited in between, so this process's requests count each other;
+        # across replicas the key's row is locked until the request is recorded (PostgreSQL).
+        with state.sessions() as db:
+            db.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
+            v = verdict(db, key.id, key.limits, images=images, parallel=state.inflight.count(key.id))
+            request.state.ratelimit_headers = v.headers or {}
+            if not v.allowed:
+                request.state.ratelimit_headers["retry-after"] = str(v.retry_after)
+                raise APIError(429, v.message, type="rate_limit_error" if v.code == "rate_limit_exceeded"
+                               else "insufficient_quota", code=v.code)
+            row = Usage(key_id=key.id, route=route)
+            db.add(row)
+            db.commit()
+        state.inflight.enter(key.id)
+        meter = Meter(state.sessions, key.id, row.id, state.inflight)
+        request.state.meter = meter
+        return meter
+
+    return dependency
+
+
+def usage_middleware(app):
+    """Adds the x-ratelimit-* (and Retry-After) headers a metered request computed; closes its meter
+    once the response has been sent, or the client has gone."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                extra = (scope.get("state") or {}).get("ratelimit_headers")
+                if extra:
+                    message = message | {"headers": list(message.get("headers", [])) +
+                                         [(k.encode(), v.encode()) for k, v in extra.items()]}
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_headers)
+        finally:
+            meter = (scope.get("state") or {}).get("meter")
+            if meter is not None:
+                meter.close()
+
+    return asgi
