@@ -97,10 +97,12 @@ def test_a_fine_tune_of_a_shared_model_is_its_keys_own(alice, bob, server):
     job = alice.post("/v1/fine_tuning/jobs", json={"model": "tang-poet", "training_file": f["id"], "suffix": "mine",
                                                    "hyperparameters": {"max_steps": 1, "batch_size": 2}}).json()
     assert sdk_wait(server, job["id"]).status == "succeeded"
-    assert "tang-poet:ft-mine" in [m["id"] for m in alice.get("/v1/models").json()["data"]]
+    alices = {m["id"]: m for m in alice.get("/v1/models").json()["data"]}
+    number = alices["tang-poet:ft-mine"]["latest"]["version"]
     listed = {m["id"]: m for m in bob.get("/v1/models").json()["data"]}
     assert "tang-poet:ft-mine" not in listed and "ft-mine" not in listed["tang-poet"]["aliases"]
-    assert all(v["version"] == 1 for v in listed["tang-poet"]["versions"])  # alice's version is not shown
+    assert number not in [v["version"] for v in listed["tang-poet"]["versions"]]  # alice's version is not shown
+    assert bob.get(f"/v1/models/tang-poet@{number}").status_code == 404
     assert bob.post("/v1/completions", json={"model": "tang-poet:ft-mine", "prompt": "春",
                                              "max_tokens": 2}).status_code == 404
     assert bob.post("/v1/completions", json={"model": "tang-poet", "prompt": "春", "max_tokens": 2}).status_code == 200
