@@ -68,7 +68,7 @@ def test_keys_are_stored_hashed_and_revocable(db):
 def test_audit_chain_detects_tampering(db):
     for i in range(3):
         audit.record(db, action="test", target=str(i))
-    assert audit.verify(db) == {"ok": True, "entries": 3, "first_bad_id": None}
+    assert audit.verify(db) == {"ok": True, "entries": 3, "first_bad_id": None, "reason": None}
     from atelier.storage.db import AuditEntry
 
     entry = db.get(AuditEntry, 2)

@@ -20,6 +20,7 @@ from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker
 from atelier.families.shipped import ensure_shipped
+from atelier.safety.crypto import audit_mac_key
 from atelier.storage.usage import InFlight
 from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     engine = make_engine(settings.db_url)
-    sessions = make_sessionmaker(engine)
+    sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false
     # Shown once by `atelier serve` (never logged); only its hash is stored.
     new_admin_secret = bootstrap(settings, sessions, blobs)

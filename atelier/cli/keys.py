@@ -19,11 +19,17 @@ HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="[ATELIER_HOME]"
 
 def _local_db(home: Optional[Path]):
     """A session on ATELIER_HOME's database (created if missing); `train` registers through it too."""
+    from atelier.safety.crypto import audit_mac_key
     from atelier.storage.db import make_engine, make_sessionmaker
 
     settings = _settings(home=home)
     settings.home_dir.mkdir(parents=True, exist_ok=True)
-    return make_sessionmaker(make_engine(settings.db_url))()
+    try:
+        mac_key = audit_mac_key(settings)
+    except ValueError as e:  # a data key that does not open this home's store
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    return make_sessionmaker(make_engine(settings.db_url), audit_key=mac_key)()
 
 
 @app.command("create")

@@ -21,6 +21,7 @@ import time
 from atelier.config import get_settings
 from atelier.jobs import store
 from atelier.jobs.runner import run_job
+from atelier.safety.crypto import audit_mac_key
 from atelier.safety.redact import RedactingFilter
 from atelier.storage.db import make_engine, make_sessionmaker
 from atelier.storage.blobs import open_blobs
@@ -39,7 +40,7 @@ def main() -> None:
     lock = open(home / "worker.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while an older worker still runs
     (home / "worker.pid").write_text(str(os.getpid()))
-    sessions = make_sessionmaker(make_engine(settings.db_url))
+    sessions = make_sessionmaker(make_engine(settings.db_url), audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)
     if settings.threads:
         import torch

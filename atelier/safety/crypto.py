@@ -118,3 +118,11 @@ def data_key(settings) -> bytes | None:
 
 
 __all__ = ["seal", "unseal", "is_sealed", "data_key", "create_secret_once", "SealError", "MAGIC"]
+
+
+def audit_mac_key(settings) -> bytes:
+    """The audit chain's MAC key: derived from the data key, or (encryption off) from its own file."""
+    from atelier.safety.audit import audit_key
+
+    data = data_key(settings)
+    return audit_key(data if data is not None else create_secret_once(settings.home_dir / "audit.key"))

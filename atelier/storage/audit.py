@@ -1,36 +1,69 @@
-"""The audit log in the database: append an entry to the hash chain, verify the chain."""
+"""The audit log in the database: append an entry to the keyed chain and its signed head, verify both.
+
+The key comes with the session (`make_sessionmaker(engine, audit_key=...)`); sessions without one
+(tests of other things) write a plain, unkeyed chain.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from atelier.safety.audit import GENESIS, chain_digest
+from atelier.safety.audit import GENESIS, chain_digest, head_mac
 from atelier.safety.redact import redact, redact_obj
-from atelier.storage.db import AuditEntry, utcnow
+from atelier.storage.db import AuditEntry, AuditHead, utcnow
 
 
 def record(db: Session, *, action: str, target: str = "", key_id: str | None = None,
            detail: dict | None = None, commit: bool = True) -> AuditEntry:
+    mac_key = db.info.get("audit_key")
+    head = db.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update()) if mac_key else None
     last = db.scalar(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1))
     prev = last.hash if last else GENESIS
     at = utcnow()
     detail, target = redact_obj(detail or {}), redact(target).text  # no personal data in the log
+    keyed = mac_key
     entry = AuditEntry(at=at, key_id=key_id, action=action, target=target, detail=detail, prev_hash=prev,
-                       hash=chain_digest(prev, at, key_id, action, target, detail))
+                       hash="")
     db.add(entry)
+    db.flush()  # the entry's id
+    if keyed is not None and head is None:  # the first keyed entry: earlier ones stay as they were
+        count = db.scalar(select(func.count(AuditEntry.id)))
+        head = AuditHead(id=1, last_id=entry.id, last_hash="", entries=count - 1, keyed_from=entry.id, mac="")
+        db.add(head)
+    entry.hash = chain_digest(prev, at, key_id, action, target, detail, keyed)
+    if head is not None:
+        head.last_id, head.last_hash, head.entries = entry.id, entry.hash, head.entries + 1
+        head.mac = head_mac(mac_key, head.last_id, head.last_hash, head.entries, head.keyed_from)
     if commit:
         db.commit()
     return entry
 
 
 def verify(db: Session) -> dict:
-    """{"ok": bool, "entries": n, "first_bad_id": id | None}."""
-    prev = GENESIS
-    n = 0
+    """{"ok", "entries", "first_bad_id", "reason"}: the first entry whose MAC or link is wrong, or the
+    head's own problem (entries deleted at the end, a forged head)."""
+    mac_key = db.info.get("audit_key")
+    head = db.get(AuditHead, 1)
+    prev, n, last = GENESIS, 0, None
+
+    def bad(entry_id, reason):
+        return {"ok": False, "entries": n, "first_bad_id": entry_id, "reason": reason}
+
     for e in db.scalars(select(AuditEntry).order_by(AuditEntry.id)):
         n += 1
-        if e.prev_hash != prev or e.hash != chain_digest(prev, e.at, e.key_id, e.action, e.target, e.detail):
-            return {"ok": False, "entries": n, "first_bad_id": e.id}
-        prev = e.hash
-    return {"ok": True, "entries": n, "first_bad_id": None}
+        keyed = mac_key if head is not None and e.id >= head.keyed_from else None
+        if head is not None and keyed is None and e.id >= head.keyed_from:
+            return bad(e.id, "the chain is keyed but this server has no audit key")
+        if e.prev_hash != prev or e.hash != chain_digest(prev, e.at, e.key_id, e.action, e.target, e.detail, keyed):
+            return bad(e.id, "entry edited, inserted or removed before it")
+        prev, last = e.hash, e
+    if head is not None:
+        if mac_key is None or head.mac != head_mac(mac_key, head.last_id, head.last_hash, head.entries,
+                                                   head.keyed_from):
+            return bad(None, "the chain's head is not signed by this server's key")
+        if last is None or last.id != head.last_id or last.hash != head.last_hash or n != head.entries:
+            return bad(last.id if last else None,
+                       f"the log ends at entry {last.id if last else 'none'} but its head says {head.last_id} "
+                       f"({head.entries} entries): entries were deleted")
+    return {"ok": True, "entries": n, "first_bad_id": None, "reason": None}

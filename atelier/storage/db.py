@@ -95,6 +95,19 @@ class AuditEntry(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class AuditHead(Base):
+    """The audit chain's signed head (one row): the last entry, how many there are, and since which
+    entry the chain is keyed (entries written before it keep their plain SHA-256)."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    entries: Mapped[int] = mapped_column(Integer)
+    keyed_from: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(64))
+
+
 class File(Base):
     """An uploaded file (training data); its bytes are a blob."""
 
@@ -202,5 +215,6 @@ def _add_missing_columns(engine: Engine) -> None:
                     conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, *, audit_key: bytes | None = None) -> sessionmaker:
+    """Sessions over `engine`; `audit_key` keys the audit chain (atelier/safety/audit.py) written through them."""
+    return sessionmaker(bind=engine, expire_on_commit=False, info={"audit_key": audit_key})

@@ -1,0 +1,86 @@
+"""The audit chain catches an edited, an inserted, a deleted and a truncated entry, and a chain
+rebuilt by someone with write access to the database but not the key (issue #10, defect 10)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from atelier.safety.audit import chain_digest
+from conftest import LiveServer, admin_http, make_settings
+
+
+@pytest.fixture()
+def home_with_log(tmp_path):
+    settings = make_settings(tmp_path / "home", run_worker=False, shipped_models=False)
+    with LiveServer(settings) as s, admin_http(s) as http:
+        for i in range(4):
+            assert http.post("/api/keys", json={"name": f"k{i}", "scopes": ["read"]}).status_code == 201
+        assert http.get("/api/audit/verify").json()["ok"]
+    return settings
+
+
+def verify(settings) -> dict:
+    with LiveServer(settings) as s, admin_http(s) as http:
+        return http.get("/api/audit/verify").json()
+
+
+def db(settings):
+    return sqlite3.connect(settings.home_dir / "atelier.db")
+
+
+def cli_verify(settings) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atelier.cli", "audit", "verify", "--home", str(settings.home_dir)],
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"ATELIER_ADMIN_KEY": ""})
+
+
+def test_an_untouched_chain_verifies(home_with_log):
+    r = cli_verify(home_with_log)
+    assert r.returncode == 0 and "audit chain ok" in r.stdout
+
+
+def test_an_edited_entry_is_named(home_with_log):
+    with db(home_with_log) as c:
+        c.execute("UPDATE audit SET target = 'key_forged' WHERE id = 3")
+    result = verify(home_with_log)
+    assert not result["ok"] and result["first_bad_id"] == 3
+    r = cli_verify(home_with_log)
+    assert r.returncode == 1 and "entry 3" in r.stderr
+
+
+def test_a_deleted_middle_entry_is_named(home_with_log):
+    with db(home_with_log) as c:
+        c.execute("DELETE FROM audit WHERE id = 2")
+    result = verify(home_with_log)
+    assert not result["ok"] and result["first_bad_id"] == 3
+
+
+def test_truncating_the_end_is_caught_by_the_signed_head(home_with_log):
+    with db(home_with_log) as c:
+        last = c.execute("SELECT max(id) FROM audit").fetchone()[0]
+        c.execute("DELETE FROM audit WHERE id = ?", (last,))
+    result = verify(home_with_log)
+    assert not result["ok"] and "deleted" in result["reason"]
+
+
+def test_a_chain_rebuilt_without_the_key_is_caught(home_with_log):
+    """Edit an entry, then recompute every hash after it the way an unkeyed chain would."""
+    from datetime import datetime
+
+    with db(home_with_log) as c:
+        rows = c.execute("SELECT id, at, key_id, action, target, detail FROM audit ORDER BY id").fetchall()
+        prev = "0" * 64
+        for id_, at, key_id, action, target, detail in rows:
+            import json
+
+            target = "key_forged" if id_ == 2 else target
+            digest = chain_digest(prev, datetime.fromisoformat(at), key_id, action, target, json.loads(detail))
+            c.execute("UPDATE audit SET target = ?, prev_hash = ?, hash = ? WHERE id = ?", (target, prev, digest, id_))
+            prev = digest
+        c.execute("UPDATE audit_head SET last_hash = ?", (prev,))
+    result = verify(home_with_log)
+    assert not result["ok"]
