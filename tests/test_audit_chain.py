@@ -84,3 +84,32 @@ def test_a_chain_rebuilt_without_the_key_is_caught(home_with_log):
         c.execute("UPDATE audit_head SET last_hash = ?", (prev,))
     result = verify(home_with_log)
     assert not result["ok"]
+
+
+def test_key_use_leaves_a_trace_and_links_die_with_their_key(server, http):
+    """Generations (model@version and the prompt's hash, never the text), downloads and exports are
+    audited; a signed link stops working when the key it was made for is revoked."""
+    import hashlib
+
+    import httpx
+
+    made = http.post("/api/keys", json={"name": "linker", "scopes": ["generate"]}).json()
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {made['key']}"}, timeout=60) as c:
+        c.post("/v1/completions", json={"model": "tang-poet", "prompt": "秋风", "max_tokens": 2})
+        image = c.post("/v1/images/generations", json={"model": "emoji-gan", "prompt": "red apple",
+                                                       "response_format": "url"}).json()["data"][0]
+    link = image["url"]
+    assert httpx.get(link).status_code == 200
+    http.get("/api/models/tang-poet@1/export")
+    entries = http.get("/api/audit", params={"limit": 500}).json()["data"]
+    mine = [e for e in entries if e["key_id"] == made["id"]]
+    generation = next(e for e in mine if e["action"] == "generate" and e["detail"]["route"] == "completions")
+    assert generation["target"] == "tang-poet@1"
+    assert generation["detail"]["prompt_sha256"] == hashlib.sha256("秋风".encode()).hexdigest()
+    assert any(e["action"] == "generate" and e["detail"]["images"] == 1 for e in mine)
+    assert any(e["action"] == "artifact.download" and e["target"] == image["artifact_id"] for e in entries)
+    assert any(e["action"] == "model.export" and e["target"] == "tang-poet@1" for e in entries)
+    http.delete(f"/api/keys/{made['id']}")
+    r = httpx.get(link)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "key_revoked"
+    assert http.get("/api/audit/verify").json()["ok"]

@@ -10,11 +10,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from fastapi import Depends, Request
 from sqlalchemy import select
 
 from atelier.api.deps import current_key
 from atelier.api.errors import APIError
+from atelier.storage import audit
 from atelier.storage.db import ApiKey, Usage
 from atelier.storage.usage import InFlight, verdict
 
@@ -24,6 +27,7 @@ class Meter:
         self.sessions, self.key_id, self.usage_id, self.inflight = sessions, key_id, usage_id, inflight
         self.tokens = self.images = 0
         self.model = ""
+        self.prompt = ""  # hashed into the audit entry, never stored
         self._closed = False
 
     def close(self) -> None:
@@ -36,6 +40,10 @@ class Meter:
             row = db.get(Usage, self.usage_id)
             row.tokens, row.images, row.model = self.tokens, self.images, self.model[:200]
             db.commit()
+            # Every generation leaves a trace: who, which model@version, how much, and the prompt's hash.
+            audit.record(db, action="generate", target=self.model or row.route, key_id=self.key_id,
+                         detail={"route": row.route, "tokens": self.tokens, "images": self.images,
+                                 "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()})
 
 
 def metered(route: str, *, images_param: str | None = None):

@@ -49,15 +49,31 @@ def claim_next(db: Session) -> Job | None:
     return None
 
 
-def requeue_orphans(db: Session) -> list[str]:
-    """Jobs left `running` by a worker that died: queue them again (they resume from checkpoints)."""
-    ids = list(db.scalars(select(Job.id).where(Job.status == "running")))
-    for job_id in ids:
-        db.execute(update(Job).where(Job.id == job_id).values(status="queued"))
-        add_event(db, job_id, "worker restarted: job queued again, it resumes from its last checkpoint",
-                  level="warn", commit=False)
+MAX_ATTEMPTS = 3  # a job whose worker dies this many times is failed, not retried for ever
+
+
+def requeue_orphans(db: Session, *, graceful: bool = False) -> list[str]:
+    """Jobs left `running`: queue them again (they resume from checkpoints). After a crash the attempt
+    counts, and a job that has used MAX_ATTEMPTS fails instead; a graceful stop does not count."""
+    jobs = list(db.scalars(select(Job).where(Job.status == "running")))
+    for job in jobs:
+        if graceful:
+            db.execute(update(Job).where(Job.id == job.id).values(status="queued", attempts=Job.attempts - 1))
+            add_event(db, job.id, "worker stopped: job queued again, it resumes from its last checkpoint",
+                      commit=False)
+        elif job.attempts >= MAX_ATTEMPTS:
+            db.execute(update(Job).where(Job.id == job.id).values(
+                status="failed", finished_at=utcnow(),
+                error={"code": "worker_died", "param": None,
+                       "message": f"the worker died {job.attempts} times running this job; it is not retried again"}))
+            add_event(db, job.id, f"job failed: the worker died {job.attempts} times running it", level="error",
+                      commit=False)
+        else:
+            db.execute(update(Job).where(Job.id == job.id).values(status="queued"))
+            add_event(db, job.id, "worker restarted: job queued again, it resumes from its last checkpoint",
+                      level="warn", commit=False)
     db.commit()
-    return ids
+    return [j.id for j in jobs]
 
 
 def finish(db: Session, job: Job, status: str, **fields) -> None:

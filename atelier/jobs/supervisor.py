@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 from pydantic import SecretStr
 
@@ -39,14 +40,24 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
+        self.spawned_at = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "atelier.jobs.worker"], env=settings_env(self.settings))
 
     def _watch(self) -> None:
+        """Restart a worker that died, waiting longer after each quick death (0.5 s, 1 s, 2 s … 60 s), so a
+        worker that crashes at start does not spin; one that lived a minute starts the wait over."""
+        delay = 0.5
         while not self._stop.wait(0.5):
-            if self.proc.poll() is not None:
-                log.warning("job worker exited with %s; restarting it", self.proc.returncode)
-                self.restarts += 1
-                self._spawn()
+            if self.proc.poll() is None:
+                continue
+            lived = time.monotonic() - self.spawned_at
+            delay = 0.5 if lived > 60 else min(60.0, delay * 2)
+            log.warning("job worker exited with %s after %.0f s; restarting it in %.1f s", self.proc.returncode,
+                        lived, delay)
+            if self._stop.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
 
     def status(self) -> dict:
         alive = self.proc is not None and self.proc.poll() is None

@@ -73,7 +73,7 @@ def main() -> None:
     for t in running.values():
         t.join(timeout=30)
     with sessions() as db:
-        store.requeue_orphans(db)
+        store.requeue_orphans(db, graceful=True)
 
 
 if __name__ == "__main__":

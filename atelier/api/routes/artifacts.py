@@ -12,6 +12,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from atelier.storage import audit
 from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, current_key
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.security_headers import content_disposition
@@ -74,11 +75,17 @@ def content(artifact_id: str, request: Request, db: SessionDep, settings: Settin
             art = get_artifact(db, artifact_id=artifact_id)
         except NotFound:
             raise not_found(f"artifact {artifact_id!r} does not exist", "artifact_id") from None
+        maker = db.get(ApiKey, art.key_id) if art.key_id else None
+        if maker is not None and maker.revoked_at is not None:  # a link dies with the key it was made for
+            raise APIError(403, "this link was made for a key that has been revoked", type="permission_error",
+                           param="sig", code="key_revoked")
     else:
         key = current_key(request, db)
         if not has_scope(key, "read"):
             raise APIError(403, "this key cannot read artifacts", type="permission_error", code="insufficient_scope")
         art = _visible(db, artifact_id, key)
+    audit.record(db, action="artifact.download", target=art.id, key_id=getattr(request.state, "key_id", None),
+                 detail={"via": "signed link" if sig is not None else "key"})
     if not blobs.path(art.sha256).exists():
         raise APIError(410, f"the bytes of artifact {artifact_id!r} are gone from the blob store", code="blob_missing")
     data = blobs.get_bytes(art.sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -248,6 +249,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
         body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
+    meter.prompt = "\n".join(texts)
     guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="completions")
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
@@ -312,6 +314,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
         logprobs=logprobs, chat=True))
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
+    meter.prompt = json.dumps(messages, ensure_ascii=False)
     guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="chat")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}

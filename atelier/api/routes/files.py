@@ -76,6 +76,7 @@ def retrieve(file_id: str, db: SessionDep, key: TrainKey):
 def content(file_id: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The file's bytes."""
     f = get_file(db, file_id, key=key)
+    audit.record(db, action="file.download", target=file_id, key_id=key.id)
     return Response(blobs.get_bytes(f.sha256), media_type="application/octet-stream",
                     headers={"Content-Disposition": content_disposition(f.filename)})
 

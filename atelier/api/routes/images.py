@@ -74,7 +74,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
         manager.release(loaded, body.keep_alive)
         raise
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
-    meter.model, meter.images = loaded.ref, body.n
+    meter.model, meter.images, meter.prompt = loaded.ref, body.n, body.prompt
     return await _respond(body, request, settings, sessions, blobs, key, loaded, job, plan, release)
 
 

@@ -105,6 +105,7 @@ def export(ref: str, db: SessionDep, blobs: BlobsDep, key: TrainKey):
     """The version as one zip archive (files + manifest with sha256)."""
     version = resolve_version(db, ref, key=key)
     data = archives.export_archive(blobs, version)
+    audit.record(db, action="model.export", target=f"{version.model.name}@{version.number}", key_id=key.id)
     filename = f"{version.model.name}-{version.number}.zip"
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": content_disposition(filename)})
