@@ -115,3 +115,22 @@ def test_cli_creates_a_key_with_limits(tmp_path):
     r = subprocess.run([sys.executable, "-m", "atelier.cli", "keys", "create", "--rpm", "0", "--home",
                         str(tmp_path / "home")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "rpm" in r.stderr
+
+
+def test_many_concurrent_streams_do_not_run_the_database_dry(server, http):
+    """64 clients at once (defect 3: the pool ran dry at 15 and 500s followed): every one answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import ADMIN_KEY
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
+            if i % 4 == 3:
+                return c.get("/v1/models").status_code
+            with c.stream("POST", "/v1/completions", json=ASK | {"max_tokens": 3, "stream": True, "seed": i}) as r:
+                list(r.iter_lines())
+                return r.status_code
+
+    with ThreadPoolExecutor(64) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64

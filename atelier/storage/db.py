@@ -183,7 +183,10 @@ class Artifact(Base):
 
 
 def make_engine(url: str) -> Engine:
-    kwargs = {}
+    # Requests hold a connection only while they read or write (generation routes give theirs back
+    # before streaming), but a burst of many clients still needs more than the default 5 + 10.
+    in_memory = url in ("sqlite://", "sqlite:///:memory:")  # one shared connection: no pool to size
+    kwargs = {} if in_memory else {"pool_size": 20, "max_overflow": 80, "pool_timeout": 30}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)

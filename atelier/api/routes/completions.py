@@ -208,8 +208,10 @@ async def _collect(request, seqs, events, metrics, release):
 
 
 async def _text_model(manager: ModelManager, db, body: SamplingFields, key) -> Loaded:
-    """The model held for this request; its manifest's default sampling fills the fields the request left unset."""
+    """The model held for this request; its manifest's default sampling fills the fields the request left unset.
+    The request's database session is given back here: a generation can last a minute."""
     loaded = await acquire(manager, db, body.model, key=key, tasks=("text-generation",), keep_alive=body.keep_alive)
+    db.close()
     for name, value in (getattr(loaded.servable, "manifest", None) or {}).get("defaults", {}).items():
         if name not in body.model_fields_set and name in type(body).model_fields:
             setattr(body, name, value)

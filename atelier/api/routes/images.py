@@ -68,6 +68,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     check_input(moderator, settings.moderation, [body.prompt], param="prompt", sessions=sessions, key_id=key.id,
                 where="images")
     loaded = await acquire(manager, db, body.model, key=key, tasks=("image-generation",), keep_alive=body.keep_alive)
+    db.close()  # the rest of the request (seconds of sampling) needs no database session of its own
     try:
         job, plan = _submit(body, loaded, settings)
     except BaseException:
