@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_n: int = Field(default=8, ge=1, description="largest n (choices per request)")
     max_prompt_chars: int = Field(default=4000, ge=1, description="longest prompt or message text, in characters")
     max_stop_sequences: int = Field(default=4, ge=0, description="most stop sequences per request")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for the next part of a request body before a 408")
     max_upload_bytes: int = Field(default=50_000_000, ge=1024, description="largest uploaded file or model archive")
 
     # Jobs

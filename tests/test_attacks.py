@@ -245,3 +245,46 @@ def test_studio_sends_a_content_security_policy(server):
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp, path
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
     assert "content-security-policy" not in httpx.get(server.url + "/healthz").headers
+
+
+# -- #10 defect 8: how requests arrive --------------------------------------------------------------
+
+
+def raw_exchange(server, head: bytes, body_part: bytes, wait_s: float = 10.0) -> bytes:
+    """Send a request head and only part of its body over a raw socket; whatever the server answers."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(head + body_part)
+        chunks = []
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+                if b"\r\n\r\n" in b"".join(chunks) and b'"error"' in b"".join(chunks):
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_a_keyless_body_is_refused_before_it_is_read(server):
+    """A 48 MB upload without a key is answered 401 at once, with most of it never sent."""
+    head = (b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 48000000\r\n\r\n")
+    answer = raw_exchange(server, head, b"--b\r\n" + b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 401") and b"missing_api_key" in answer
+
+
+def test_a_stalled_body_is_cut_off(tmp_path):
+    from conftest import ADMIN_KEY, LiveServer, make_settings
+
+    with LiveServer(make_settings(tmp_path / "home", body_timeout_s=1.0, run_worker=False,
+                                  shipped_models=False)) as s:
+        head = (b"POST /api/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + ADMIN_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n")
+        answer = raw_exchange(s, head, b'{"name": ', wait_s=15)
+        assert answer.startswith(b"HTTP/1.1 408") and b"ATELIER_BODY_TIMEOUT_S" in answer

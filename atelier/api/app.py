@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from atelier import __version__
 from atelier.api import errors, metering, security_headers
-from atelier.api.limits import body_limit
+from atelier.api.limits import body_limit, key_gate
 from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
 from atelier.api.routes import models, moderations, poems, predict, privacy, runtime, styles, usage
@@ -91,7 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def root():
             return RedirectResponse("/studio/")
 
-    app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes))
+    app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes,
+                                              timeout_s=settings.body_timeout_s))
+    app.add_middleware(lambda app: key_gate(app, sessions))  # before the body limit: a keyless body is never read
     app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
     app.add_middleware(security_headers.studio_headers)
     app.add_middleware(metering.usage_middleware)

@@ -1,7 +1,9 @@
-"""A request-body size limit, enforced while the body streams in (Content-Length can lie)."""
+"""Limits on how a request arrives: its body's size (enforced while it streams in: Content-Length can
+lie) and pace (a body that stalls is cut off), and a key checked before any body is read."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.exceptions import HTTPException
@@ -15,13 +17,19 @@ class BodyTooLarge(HTTPException):
     """Raised from `receive`: FastAPI re-raises HTTP errors met while reading the body."""
 
 
-def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...] = UPLOAD_PATHS):
-    """Bodies up to max_bytes; up to upload_bytes (plus multipart overhead) on upload routes."""
+class BodyTimeout(HTTPException):
+    """The client stopped sending its body."""
 
-    async def reply_413(send, message):
+
+def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...] = UPLOAD_PATHS,
+               timeout_s: float = 30.0):
+    """Bodies up to max_bytes; up to upload_bytes (plus multipart overhead) on upload routes; each part of a
+    body must arrive within timeout_s of the one before (a stalled client does not hold a request open)."""
+
+    async def reply_413(send, message, status: int = 413, code: str = "request_too_large"):
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                     "param": None, "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
+                                     "param": None, "code": code}}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -36,13 +44,20 @@ def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, 
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await reply_413(send, message)
-        seen = 0
+        seen, complete = 0, False
 
         async def receive_counted():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, complete
+            if complete:  # afterwards the app only listens for the client leaving: no deadline
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(408, f"the request body stalled for {timeout_s:g} s (ATELIER_BODY_TIMEOUT_S)") \
+                    from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                complete = not msg.get("more_body", False)
                 if seen > limit:
                     raise BodyTooLarge(413, message)
             return msg
@@ -59,5 +74,44 @@ def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, 
         except BodyTooLarge:
             if not started:
                 await reply_413(send, message)
+        except BodyTimeout as e:
+            if not started:
+                await reply_413(send, e.detail, status=408, code="request_timeout")
+
+    return asgi
+
+
+PROTECTED = ("/v1/", "/api/")
+WITH_BODY = (b"POST", b"PUT", b"PATCH")
+
+
+def key_gate(app, sessions):
+    """A request with a body to a route that needs a key is answered 401 before its body is read, when it
+    has no key or a key that is not valid (the route itself still checks the key's scopes)."""
+    from atelier.storage.keys import find_key
+
+    async def reply_401(send, message: str, code: str):
+        body = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None,
+                                     "code": code}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http" or scope["method"].encode() not in WITH_BODY or \
+                not scope["path"].startswith(PROTECTED):
+            return await app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        scheme, _, secret = header.partition(" ")
+        if not header:
+            return await reply_401(send, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        if scheme.lower() != "bearer" or not secret.strip():
+            return await reply_401(send, "malformed Authorization header: expected 'Bearer <key>'", "invalid_api_key")
+        with sessions() as db:
+            known = find_key(db, secret=secret.strip()) is not None
+        if not known:
+            return await reply_401(send, "invalid or revoked API key", "invalid_api_key")
+        return await app(scope, receive, send)
 
     return asgi

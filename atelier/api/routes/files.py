@@ -6,6 +6,7 @@ import calendar
 import hashlib
 import secrets
 
+from fastapi.concurrency import run_in_threadpool
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy import select
@@ -38,15 +39,17 @@ async def upload(db: SessionDep, settings: SettingsDep, blobs: BlobsDep, key: Tr
         raise bad_request(f"purpose {purpose!r} is not supported; use one of {', '.join(PURPOSES)}", "purpose")
     data = await read_limited(file, settings.max_upload_bytes)
     filename = redact((file.filename or "upload").rsplit("/", 1)[-1]).text[:256]  # names can carry personal data
+    # Checking, hashing and sealing tens of megabytes is CPU work: off the event loop, so other
+    # requests are not held up while an upload is processed.
     try:
-        checked = check_upload(filename, data, max_zip_bytes=settings.max_upload_bytes * 4)
+        checked = await run_in_threadpool(check_upload, filename, data, max_zip_bytes=settings.max_upload_bytes * 4)
     except UploadError as e:
         raise bad_request(str(e), e.param, code="invalid_file") from None
-    digest = hashlib.sha256(data).hexdigest()
+    digest = await run_in_threadpool(lambda: hashlib.sha256(data).hexdigest())
     existing = db.scalar(select(File).where(File.sha256 == digest, File.purpose == purpose, File.key_id == key.id))
     if existing is not None:
         return file_public(existing) | {"duplicate": True}
-    blobs.put_bytes(data)  # atomic: temp file, fsync, rename
+    await run_in_threadpool(blobs.put_bytes, data)  # atomic: temp file, fsync, rename
     f = File(id="file-" + secrets.token_hex(12), filename=filename, purpose=purpose, format=checked.format,
              records=checked.records, bytes=len(data), sha256=digest, key_id=key.id)
     db.add(f)
