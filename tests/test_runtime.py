@@ -233,9 +233,71 @@ def test_temp_files_of_crashed_blob_writes_are_removed_at_start(tmp_path):
     settings = make_settings(tmp_path / "home", run_worker=False, shipped_models=False)
     folder = settings.blobs_dir / "sha256" / "ab"
     folder.mkdir(parents=True)
-    stale, fresh = folder / ".abcd.1234.tmp", folder / ".abce.5678.tmp"
-    stale.write_bytes(b"half a blob")
-    fresh.write_bytes(b"a write in progress")
+    import subprocess
+    import sys
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    stale, fresh = folder / ".abcd.1234.tmp", folder / f".abce.pid{os.getpid()}.5678.tmp"
+    crashed = folder / f".abcf.pid{dead_pid}.9abc.tmp"  # fresh, but its writer is gone
+    for p in (stale, fresh, crashed):
+        p.write_bytes(b"part of a blob")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     with LiveServer(settings):
-        assert not stale.exists() and fresh.exists()
+        assert not stale.exists() and not crashed.exists() and fresh.exists()
+
+
+def test_kill_9_during_an_upload_leaves_the_file_absent_or_whole(tmp_path):
+    """The server killed while it writes an upload: after a restart the file is listed whole or not at
+    all, and no temp file of the interrupted write is left in the blob store."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import ADMIN_KEY, free_port
+
+    home, port = tmp_path / "home", free_port()
+    env = os.environ | {"ATELIER_HOME": str(home), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY,
+                        "ATELIER_RUN_WORKER": "false", "ATELIER_SHIPPED_MODELS": "false", "ATELIER_LOG_LEVEL": "warning"}
+    url = f"http://127.0.0.1:{port}"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    data = ("\n\n".join(["春眠不觉晓，处处闻啼鸟。"] * 600_000)).encode()  # ~20 MB of plain text
+    proc = start()
+    try:
+        def upload():
+            try:
+                httpx.post(url + "/v1/files", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60,
+                           files={"file": ("big.txt", data)}, data={"purpose": "fine-tune"})
+            except httpx.HTTPError:
+                pass  # the server died under it
+
+        t = threading.Thread(target=upload)
+        t.start()
+        time.sleep(0.6)  # somewhere inside the upload: reading, checking, sealing or writing
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        t.join(30)
+        proc = start()
+        files = httpx.get(url + "/v1/files", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+        for f in files:
+            content = httpx.get(f"{url}/v1/files/{f['id']}/content",
+                                headers={"Authorization": f"Bearer {ADMIN_KEY}"}).content
+            assert hashlib.sha256(content).hexdigest() == hashlib.sha256(data).hexdigest()  # whole
+        assert not list((home / "blobs").rglob("*.tmp"))
+    finally:
+        proc.kill()

@@ -124,15 +124,17 @@ STALE_TEMPORARY_S = 600  # a temp file this old is a crashed write's, not a writ
 
 
 def remove_stale_temporaries(root: Path, now: float | None = None) -> int:
-    """Delete the temp files of writes that a crash interrupted (atomic writes leave `.name.*.tmp`
-    beside the blob until their rename); returns how many."""
+    """Delete the temp files of writes that a crash interrupted (atomic writes leave `.name.pidN.*.tmp`
+    beside the blob until their rename): at once when process N is gone, else when old; returns how many."""
     import time
 
     now = time.time() if now is None else now
     removed = 0
     for p in Path(root).glob("sha256/*/.*.tmp"):
+        found = re.search(r"\.pid(\d+)\.", p.name)
         try:
-            if now - p.stat().st_mtime > STALE_TEMPORARY_S:
+            dead = found is not None and not _alive(int(found.group(1)))
+            if dead or now - p.stat().st_mtime > STALE_TEMPORARY_S:
                 p.unlink()
                 removed += 1
         except FileNotFoundError:
