@@ -53,6 +53,29 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def serve_process(env: dict, port: int, *, ready=lambda readyz: True, output=None, timeout_s: float = 90):
+    """`atelier serve` as a process of its own (for signals: SIGTERM, kill -9), returned once its /readyz
+    answers and `ready(readyz_json)` holds; its output goes to `output` (a file) or nowhere."""
+    import subprocess
+    import sys
+
+    sink = output if output is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env, stdout=sink, stderr=sink)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            if r.status_code == 200 and ready(r.json()):
+                return proc
+        except (httpx.TransportError, KeyError, TypeError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("atelier serve did not start")
+
+
 def make_settings(home: Path, **overrides) -> Settings:
     values = dict(home=home, port=free_port(), admin_key=ADMIN_KEY, max_body_bytes=20_000, max_tokens_limit=100,
                   max_n=4, max_prompt_chars=150, max_batch=8, threads=None, max_upload_bytes=40_000_000)

@@ -283,26 +283,14 @@ def test_sklearn_train_search_predict_and_fuse(client, http):
 
 
 def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
-    import subprocess
-    import sys
 
-    from conftest import ADMIN_KEY, free_port
+    from conftest import ADMIN_KEY, free_port, serve_process
 
     port = free_port()
     env = os.environ | {"ATELIER_HOME": str(tmp_path), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY}
 
     def start():
-        proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").json()["worker"]["alive"]:
-                    return proc
-            except (httpx.TransportError, KeyError, TypeError):
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not start")
+        return serve_process(env, port, ready=lambda readyz: readyz["worker"]["alive"])
 
     server = start()
     try:

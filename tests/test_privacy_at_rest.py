@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 
-from conftest import ADMIN_KEY, free_port
+from conftest import ADMIN_KEY, free_port, serve_process
 
 PERSONAL = {"email": "alice.wong@example.com", "phone": "13812345678", "id": "11010519491231002X",
             "card": "4111111111111111", "ip": "192.168.31.77"}
@@ -24,18 +21,9 @@ def test_personal_data_is_nowhere_at_rest(tmp_path):
     env = os.environ | {"ATELIER_HOME": str(home), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY,
                         "ATELIER_RUN_WORKER": "false", "ATELIER_LOG_LEVEL": "info"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env, stdout=out, stderr=out)
+        proc = serve_process(env, port, output=out)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.3)
         said = " ".join(PERSONAL.values())
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
             r = http.post("/v1/images/generations", json={"model": "emoji-gan", "prompt": f"red apple {said}",

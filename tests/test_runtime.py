@@ -193,26 +193,16 @@ def test_sigterm_of_atelier_serve_leaves_no_decrypted_folder(tmp_path):
     atexit does not run after uvicorn re-raises the signal, so shutdown must do it."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from atelier.storage.blobs import PLAIN_PREFIX
-    from conftest import free_port
+    from conftest import free_port, serve_process
 
     port = free_port()
     env = os.environ | {"ATELIER_HOME": str(tmp_path / "home"), "ATELIER_PORT": str(port),
                         "ATELIER_ADMIN_KEY": ADMIN_KEY, "ATELIER_RUN_WORKER": "false", "ATELIER_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = serve_process(env, port)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
         r = httpx.post(url + "/api/models/style-transfer/load", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                        timeout=60)
         assert r.status_code == 200, r.text
@@ -253,31 +243,17 @@ def test_kill_9_during_an_upload_leaves_the_file_absent_or_whole(tmp_path):
     import hashlib
     import os
     import signal
-    import subprocess
-    import sys
     import threading
 
-    from conftest import ADMIN_KEY, free_port
+    from conftest import ADMIN_KEY, free_port, serve_process
 
     home, port = tmp_path / "home", free_port()
     env = os.environ | {"ATELIER_HOME": str(home), "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY,
                         "ATELIER_RUN_WORKER": "false", "ATELIER_SHIPPED_MODELS": "false", "ATELIER_LOG_LEVEL": "warning"}
     url = f"http://127.0.0.1:{port}"
 
-    def start():
-        proc = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError("the server did not start")
-
     data = ("\n\n".join(["春眠不觉晓，处处闻啼鸟。"] * 600_000)).encode()  # ~20 MB of plain text
-    proc = start()
+    proc = serve_process(env, port)
     try:
         def upload():
             try:
@@ -292,7 +268,7 @@ def test_kill_9_during_an_upload_leaves_the_file_absent_or_whole(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         t.join(30)
-        proc = start()
+        proc = serve_process(env, port)
         files = httpx.get(url + "/v1/files", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
         for f in files:
             content = httpx.get(f"{url}/v1/files/{f['id']}/content",

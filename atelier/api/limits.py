@@ -8,6 +8,9 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from atelier.api.deps import key_from_header
+from atelier.api.errors import APIError
+
 
 # Routes that take file uploads get ATELIER_MAX_UPLOAD_BYTES instead of ATELIER_MAX_BODY_BYTES.
 UPLOAD_PATHS = ("/v1/files", "/api/models/import", "/v1/images/edits", "/api/style-transfer")
@@ -21,17 +24,23 @@ class BodyTimeout(HTTPException):
     """The client stopped sending its body."""
 
 
+async def reply_error(send, status: int, body: dict, close: bool = False) -> None:
+    """An error answered from a middleware, before any route runs: OpenAI's error shape as JSON."""
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+def invalid_request(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
 def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...] = UPLOAD_PATHS,
                timeout_s: float = 30.0):
     """Bodies up to max_bytes; up to upload_bytes (plus multipart overhead) on upload routes; each part of a
     body must arrive within timeout_s of the one before (a stalled client does not hold a request open)."""
-
-    async def reply_413(send, message, status: int = 413, code: str = "request_too_large"):
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                     "param": None, "code": code}}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
     async def asgi(scope, receive, send):
         if scope["type"] != "http":
@@ -43,7 +52,7 @@ def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, 
         message = f"request body is larger than the limit of {limit} bytes ({setting})"
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await reply_413(send, message)
+            return await reply_error(send, 413, invalid_request(message, "request_too_large"))
         seen, complete = 0, False
 
         async def receive_counted():
@@ -73,10 +82,10 @@ def body_limit(app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, 
             await app(scope, receive_counted, send_tracked)
         except BodyTooLarge:
             if not started:
-                await reply_413(send, message)
+                await reply_error(send, 413, invalid_request(message, "request_too_large"))
         except BodyTimeout as e:
             if not started:
-                await reply_413(send, e.detail, status=408, code="request_timeout")
+                await reply_error(send, 408, invalid_request(e.detail, "request_timeout"))
 
     return asgi
 
@@ -88,30 +97,16 @@ WITH_BODY = (b"POST", b"PUT", b"PATCH")
 def key_gate(app, sessions):
     """A request with a body to a route that needs a key is answered 401 before its body is read, when it
     has no key or a key that is not valid (the route itself still checks the key's scopes)."""
-    from atelier.storage.keys import find_key
-
-    async def reply_401(send, message: str, code: str):
-        body = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None,
-                                     "code": code}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
     async def asgi(scope, receive, send):
         if scope["type"] != "http" or scope["method"].encode() not in WITH_BODY or \
                 not scope["path"].startswith(PROTECTED):
             return await app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
-        scheme, _, secret = header.partition(" ")
-        if not header:
-            return await reply_401(send, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
-        if scheme.lower() != "bearer" or not secret.strip():
-            return await reply_401(send, "malformed Authorization header: expected 'Bearer <key>'", "invalid_api_key")
-        with sessions() as db:
-            known = find_key(db, secret=secret.strip()) is not None
-        if not known:
-            return await reply_401(send, "invalid or revoked API key", "invalid_api_key")
+        try:
+            with sessions() as db:
+                key_from_header(db, header)
+        except APIError as e:
+            return await reply_error(send, e.status, e.body(), close=True)
         return await app(scope, receive, send)
 
     return asgi

@@ -39,8 +39,8 @@ class Meter:
         with self.sessions() as db:
             row = db.get(Usage, self.usage_id)
             row.tokens, row.images, row.model = self.tokens, self.images, self.model[:200]
-            db.commit()
             # Every generation leaves a trace: who, which model@version, how much, and the prompt's hash.
+            # (audit.record commits the usage row and the audit entry together.)
             audit.record(db, action="generate", target=self.model or row.route, key_id=self.key_id,
                          detail={"route": row.route, "tokens": self.tokens, "images": self.images,
                                  "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()})

@@ -57,8 +57,10 @@ class OutputGuard:
         self.flagged: set[int] = set()  # choices audited as flagged (flag or block)
 
     def allow(self, index: int, text: str) -> bool:
-        if self.policy == "off" or index in self.filtered:
-            return index not in self.filtered
+        if index in self.filtered:
+            return False
+        if self.policy == "off":
+            return True
         result = self.moderator.check(text)
         if not result.flagged:
             return True

@@ -136,12 +136,6 @@ class ModelManager:
                 self._unload(loaded, "keep_alive=0")
 
     # -- operators ------------------------------------------------------------------------
-    def load(self, version: Version, keep_alive=None) -> Loaded:
-        """Load (or keep) a version without a request: POST /api/models/{ref}/load."""
-        loaded = self.acquire(version)
-        self.release(loaded, keep_alive)
-        return loaded
-
     def unload(self, name: str, number: int) -> bool:
         """Unload a version now (its running requests fail with EngineClosed); False if it was not loaded."""
         with self._lock:

@@ -94,11 +94,6 @@ def verdict(db: Session, key_id: str, limits: dict | None, *, images: int = 0, p
     return Verdict(True, headers=headers)
 
 
-def record(db: Session, key_id: str, *, route: str, model: str = "", tokens: int = 0, images: int = 0) -> None:
-    db.add(Usage(key_id=key_id, route=route, model=model, tokens=tokens, images=images))
-    db.commit()
-
-
 def summary(db: Session, key_id: str | None, since: datetime) -> list[dict]:
     """Usage per key, model and UTC day since `since` (every key when key_id is None)."""
     day = func.date(Usage.at)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
-from atelier.api.deps import ReadKey, SessionDep
+from atelier.api.deps import ReadKey, SessionDep, key_from_header
 from atelier.api.errors import APIError
 from atelier.safety.keys import has_scope
-from atelier.storage.keys import find_key
 
 router = APIRouter(tags=["health"])
 
@@ -37,11 +36,10 @@ def readyz(request: Request, db: SessionDep):
 
 def _reads(request: Request, db) -> bool:
     """Whether the request carries a valid key with the read scope (a missing or bad key is no error here)."""
-    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    try:
+        return has_scope(key_from_header(db, request.headers.get("authorization", "")), "read")
+    except APIError:
         return False
-    key = find_key(db, secret=secret.strip())
-    return key is not None and has_scope(key, "read")
 
 
 @router.get("/metrics")
