@@ -33,8 +33,18 @@ MANIFEST = "atelier.json"
 
 
 def manifest(folder: Path) -> dict:
+    """The folder's atelier.json ({} without one); ValueError when it is not a JSON object. What each
+    key may hold is checked by its reader (the importer, the family)."""
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{MANIFEST} must be a JSON object")
+    return found
 
 
 def refuse_pickles(folder: Path) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from atelier.common.files import atomic_write_json
 from atelier.families import FAMILIES, Family
-from atelier.families.base import MANIFEST, PICKLED, refuse_pickles
+from atelier.families.base import MANIFEST, PICKLED, manifest, refuse_pickles
 from atelier.storage import audit
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import Version
@@ -113,15 +113,11 @@ def refuse_pickles_named(names: list[str]) -> None:
 
 
 def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.exists():
-        return {}
+    """atelier.json with every key known to some reader (a typo is refused, not ignored)."""
     try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ImportRefused(f"{MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(found, dict):
-        raise ImportRefused(f"{MANIFEST} must be a JSON object")
+        found = manifest(folder)
+    except ValueError as e:
+        raise ImportRefused(str(e)) from None
     unknown = sorted(set(found) - set(MANIFEST_KEYS))
     if unknown:
         raise ImportRefused(f"{MANIFEST} has unknown fields {', '.join(unknown)}; accepted: {', '.join(MANIFEST_KEYS)}")

@@ -36,13 +36,12 @@ feature set to its baseline value), when the manifest gives `features` and `base
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from atelier.families.base import MANIFEST, Family
+from atelier.families.base import MANIFEST, Family, manifest as base_manifest
 
 TASKS = ("classification", "regression", "inference")
 ALLOWED_BESIDE = {"atelier.json", "config.json"}
@@ -63,16 +62,8 @@ def onnx_file(folder: Path) -> Path:
 
 
 def read_manifest(folder: Path) -> dict:
-    """atelier.json (or {}), with its task checked."""
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{MANIFEST} must be a JSON object")
+    """atelier.json (or {}), with what this family reads from it checked."""
+    manifest = base_manifest(folder)
     if manifest.get("task") is not None and manifest["task"] not in TASKS:
         raise ValueError(f"{MANIFEST}: task {manifest['task']!r} is not one of {', '.join(TASKS)}")
     for key in ("inputs", "outputs", "labels", "features"):
