@@ -229,7 +229,8 @@ class PoetTokenizer:
             if len(text) == 1 and i not in self.special_ids and text not in self.stoi \
                     and tokenizer.encode(text, add_special_tokens=False) == [i]:
                 self.stoi[text] = i
-        self.common = torch.tensor([len(t) == 1 and i in self.stoi.values() for i, t in enumerate(self.itos)])
+        own = set(self.stoi.values())  # a set: Qwen2-sized vocabularies have 150,000 tokens
+        self.common = torch.tensor([i in own for i in range(vocab)])
         eos = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else self.bos_id
