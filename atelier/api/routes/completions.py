@@ -102,9 +102,9 @@ def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
     return seqs, events
 
 
-async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue):
-    """Yield (index, event) until every choice has finished; cancel all if the client leaves. The
-    request's meter (api/metering.py) counts the tokens as they come."""
+async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue, metrics):
+    """Yield (index, event) until every choice has finished; cancel all if the client leaves. Tokens are
+    counted here as they come, for /metrics and for the request's meter (api/metering.py)."""
     meter = request.state.meter
     try:
         async for index, event in sse.watch(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
@@ -114,6 +114,7 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue)
                 raise APIError(500, "generation failed", type="server_error", code="generation_failed")
             if isinstance(event, TextChunk):
                 meter.tokens += len(event.tokens)
+                metrics.tokens(len(event.tokens))
             yield index, event
     finally:
         for s in seqs:
@@ -153,9 +154,8 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
         finished: dict[int, Finished] = {}
         so_far: dict[int, str] = {}
         try:
-            async for index, event in _events(request, seqs, events):
+            async for index, event in _events(request, seqs, events, metrics):
                 if isinstance(event, TextChunk):
-                    metrics.tokens(len(event.tokens))
                     if index in guard.filtered:
                         continue
                     so_far[index] = so_far.get(index, "") + event.text
@@ -194,9 +194,8 @@ async def _collect(request, seqs, events, metrics, release):
     chunks: dict[int, list[TextChunk]] = {s.index: [] for s in seqs}
     finished: dict[int, Finished] = {}
     try:
-        async for index, event in _events(request, seqs, events):
+        async for index, event in _events(request, seqs, events, metrics):
             if isinstance(event, TextChunk):
-                metrics.tokens(len(event.tokens))
                 chunks[index].append(event)
             else:
                 finished[index] = event
