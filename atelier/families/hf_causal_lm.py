@@ -27,6 +27,13 @@ MAX_CONTEXT = 32768  # positions a sequence may reach (cache rows grow as they a
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def context_length(config: dict, wanted: int | None = None) -> int:
+    """Positions a sequence may use: the model's own limit (or a manifest's smaller `context_length`),
+    never more than MAX_CONTEXT."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions") or MAX_CONTEXT
+    return int(min(wanted or limit, limit, MAX_CONTEXT))
+
+
 # -- the KV cache: one row per sequence slot, each at its own positions ------------------
 
 try:
@@ -131,8 +138,7 @@ class HFCausalLM:
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         self.layers = config.num_hidden_layers
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or MAX_CONTEXT
-        self.context = int(min(self.manifest.get("context_length") or limit, limit, MAX_CONTEXT))
+        self.context = context_length(config.to_dict(), self.manifest.get("context_length"))
         self.eos_ids = self._eos_ids(folder, GenerationConfig)
         if not self.eos_ids:
             raise ValueError("the model names no end-of-sequence token (eos_token_id in config.json, "
@@ -280,9 +286,8 @@ class HFCausalLMFamily(Family):
             "model_type" in config and not archs and (Path(folder) / "tokenizer.json").exists())
 
     def describe(self, config: dict, files: dict) -> dict:
-        limit = config.get("max_position_embeddings") or config.get("n_positions")
         return {"architecture": (config.get("architectures") or [config.get("model_type")])[0],
-                "context_length": min(limit, MAX_CONTEXT) if limit else None}
+                "context_length": context_length(config)}
 
     def load(self, folder: Path) -> HFCausalLM:
         return HFCausalLM(Path(folder))
