@@ -171,15 +171,15 @@ def import_folder(db: Session, blobs: BlobStore, folder: Path, *, name: str, key
     config = json.loads(config_file.read_text(encoding="utf-8"))
     task = manifest.get("task") or served_task or family.task_of(config)
     try:
+        facts = family.import_facts(folder)  # what describe() needs beyond the config file: stored with it
+    except ValueError as e:
+        raise ImportRefused(str(e)) from None
+    try:
         version = register_version(db, blobs, name=name, family=family.name, task=task, folder=folder, owner=owner,
-                                   training={"imported_from": source, "manifest": manifest})
+                                   training={"imported_from": source, "manifest": manifest}, config_extra=facts)
     except ValueError as e:  # a name taken by another family, …
         db.rollback()
         raise ImportRefused(str(e), "name") from None
-    facts = family.import_facts(folder)
-    if facts:
-        version.config = {**version.config, **facts}
-        db.commit()
     audit.record(db, action="model.import", target=f"{name}@{version.number}", key_id=key_id,
                  detail={"family": family.name, "source": source})
     return version

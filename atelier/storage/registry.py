@@ -103,7 +103,8 @@ def list_models(db: Session) -> list[Model]:
 
 def register_version(db: Session, blobs: BlobStore, *, name: str, family: str, task: str, folder: Path,
                      metrics: dict | None = None, training: dict | None = None,
-                     aliases: tuple[str, ...] = ("latest",), owner: str = "atelier") -> Version:
+                     aliases: tuple[str, ...] = ("latest",), owner: str = "atelier",
+                     config_extra: dict | None = None) -> Version:
     """Store every file of `folder` (subfolders too: a diffusers pipeline has one per component) as
     a blob and record a new immutable version of `name`. Its config is `config.json`, else the
     folder's `model_index.json` or `atelier.json` (the family reads what it needs).
@@ -124,7 +125,7 @@ def register_version(db: Session, blobs: BlobStore, *, name: str, family: str, t
     config_file = next((f for f in CONFIG_FILES if f in files), None)
     if config_file is None:
         raise ValueError(f"{folder} has no {' or '.join(CONFIG_FILES)}")
-    config = json.loads((folder / config_file).read_text(encoding="utf-8"))
+    config = json.loads((folder / config_file).read_text(encoding="utf-8")) | (config_extra or {})
     model = db.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(name=name, family=family, task=task, owner=owner)
