@@ -39,6 +39,7 @@ class Token:
     col: int
     length: Fraction = Fraction(1)  # notes, rests, chords: the written length in units (L:)
     notes: list[str] = field(default_factory=list)  # chord: the notes' texts
+    duration: Fraction = Fraction(0)  # set by parse: what it lasts, in whole notes (broken rhythm, tuplets)
 
 
 # -- the header ---------------------------------------------------------------------------
@@ -287,7 +288,7 @@ class Tune:
         """What the API returns about a tune: its header facts and every bar."""
         repeats = [t.text for t in self.tokens if t.kind == "bar" and ":" in t.text]
         endings = [t.text for t in self.tokens if t.kind == "ending"]
-        full = [b for b in self.bars if b.status == "ok"]
+        full = [b for b in self.bars if b.status in ("ok", "closing")]
         return {"title": self.titles[0] if self.titles else None, "meter": self.meter_text,
                 "unit": f"1/{self.unit.denominator}", "key": self.key.abc(), "tempo": self.tempo,
                 "bars": len(full), "pickup": str(self.bars[0].length) if self.bars and self.bars[0].number == 0
@@ -385,6 +386,7 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
     next_factor = Fraction(1)  # broken rhythm: what the next note is multiplied by
     tuplet_left, tuplet_factor = 0, Fraction(1)
     last_length: Fraction | None = None  # the previous note's length in whole notes (for > and <)
+    last_timed: Token | None = None
     section_start = True  # the next bar opens the tune or a section: it may be a pickup
     number = 0
     multi_rest = 0
@@ -440,6 +442,7 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
                     raise error("Z (bars of rest) needs a meter", t)
                 multi_rest = int(-t.length)
                 elapsed += meter * multi_rest
+                t.duration = meter * multi_rest
                 start = start or t
                 continue
             length = t.length * unit * next_factor
@@ -448,7 +451,8 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
                 length *= tuplet_factor
                 tuplet_left -= 1
             elapsed += length
-            last_length = length
+            last_length, last_timed = length, t
+            t.duration = length
             start = start or t
             continue
         if t.kind == "broken":
@@ -459,9 +463,11 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
             shorter = 2 - longer
             if t.text[0] == ">":
                 elapsed += last_length * (longer - 1)
+                last_timed.duration = last_length * longer
                 next_factor = shorter
             else:
                 elapsed -= last_length * (1 - shorter)
+                last_timed.duration = last_length * shorter
                 next_factor = longer
             nxt = next((u for u in tune.tokens[idx + 1:] if u.kind not in ("deco", "slur", "grace",
                                                                           "chord_symbol", "annotation")), None)

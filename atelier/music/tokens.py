@@ -28,6 +28,7 @@ CHORD_RE = re.compile(r"^[A-G][#b]?(?:m|min|maj|dim|aug|sus|add|[0-9]|\+|-)*(?:/
 TOKEN_RE = re.compile(r'M:\S+|K:\S+|"[^"]*"|:\||\|:|\|\]|\|\||\||\[[12]|\(3|[=^_]{0,2}[A-Ga-g][,\']*|z'
                       r'|\d+/\d+|/\d+|\d+|>|<|-|~| |\n')
 BARS = ("|", "||", "|]", "|:", ":|")
+NOTE_OR_REST = re.compile(r"[=^_]{0,2}[A-Ga-g][,']*|z")
 
 
 class NotCanonical(ValueError):
@@ -51,6 +52,12 @@ def canonical(tune: Tune) -> str:
     out: list[str] = []
 
     def emit(text: str) -> None:
+        if text in ("|", "||") and not any(NOTE_OR_REST.fullmatch(o) for o in out):
+            return  # a bar line before any music closes nothing
+        if text == "-" and out and out[-1] == " ":
+            out.pop()
+        if text.startswith('"') and out and out[-1].startswith('"'):
+            out.pop()  # two chord symbols on one note: the later one sounds
         if text == " " and (not out or out[-1] in (" ",) or out[-1] in BARS or out[-1].startswith(('"', "[", "("))
                             or out[-1] in ("~", ">", "<")):
             return
