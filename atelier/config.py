@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     moderation: Literal["off", "flag", "block"] = Field(default="flag", description="off | flag (check, serve, audit) | block (refuse flagged inputs, cut flagged outputs)")
 
     # Images (generation, uploads, micro-batching, signed links)
+    max_music_bars: int = Field(default=64, ge=1, description="most bars a tune may ask for (POST /api/music); a checked or rendered tune may have four times as many")
+    max_render_seconds: float = Field(default=600.0, gt=0, description="longest audio rendering of a tune (WAV, Ogg), in seconds")
     max_image_n: int = Field(default=8, ge=1, description="largest n (images per request)")
     max_image_steps: int = Field(default=100, ge=1, description="largest number of denoising or style-transfer steps")
     max_image_upload_bytes: int = Field(default=4_000_000, ge=1024, description="largest uploaded image (style transfer), in bytes")

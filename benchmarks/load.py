@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import ADMIN_KEY, LiveServer, admin_http, make_settings  # noqa: E402
+from conftest import LiveServer, admin_http, make_settings  # noqa: E402
 
 POEM = "春眠不觉晓，处处闻啼鸟。\n\n床前明月光，疑是地上霜。\n".encode()
 

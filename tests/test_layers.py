@@ -1,7 +1,7 @@
 """Imports go one way, downwards (DESIGN.md's layout): a module may import its own layer or
 any layer below it, never one above. Function-level imports count too.
 
-    cli → api → runtime, jobs → families → training, poetry, images → models → storage
+    cli → api → runtime, jobs → families → training, poetry, images, music → models → storage
         → safety → config, common
 """
 
@@ -17,7 +17,7 @@ LAYERS = [
     {"api", "studio"},
     {"runtime", "jobs"},
     {"families"},
-    {"training", "poetry", "images"},
+    {"training", "poetry", "images", "music"},
     {"models"},
     {"storage"},
     {"safety"},

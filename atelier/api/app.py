@@ -15,7 +15,7 @@ from atelier.api import errors, metering, security_headers
 from atelier.api.limits import body_limit, key_gate
 from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
-from atelier.api.routes import models, moderations, poems, predict, privacy, runtime, styles, usage
+from atelier.api.routes import models, moderations, music, poems, predict, privacy, runtime, styles, usage
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.worker = None
     errors.install(app)
     for r in (health.router, models.router, completions.router, files.router, fine_tuning.router, runtime.router,
-              lifecycle.router, poems.router, keys.router, audit.router, predict.router, images.router, styles.router,
+              lifecycle.router, poems.router, music.router, keys.router, audit.router, predict.router, images.router, styles.router,
               artifacts.router, moderations.router, privacy.router, usage.router):
         app.include_router(r)
     studio = PACKAGE_DIR / "studio"

@@ -2,7 +2,8 @@
 
 - `studio_headers`: an ASGI middleware adding a Content-Security-Policy (same-origin scripts,
   styles and requests only, no inline code or eval; images may also be data:/blob: URLs, which
-  the studio makes from generated PNGs), `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` to
+  the studio makes from generated PNGs; media may be blob: URLs too, the Music tab's rendered WAV),
+  `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` to
   every response under /studio. `connect-src` also allows blob: (only the page's own blobs can be
   fetched, so nothing leaves), which lets a generated image shown from a blob: URL be read back.
 - `content_disposition`: a Content-Disposition header for a user-chosen file name (RFC 6266):
@@ -16,8 +17,9 @@ import re
 from urllib.parse import quote
 
 STUDIO_PREFIX = "/studio"
-STUDIO_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-              "connect-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+STUDIO_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
+              "script-src 'self'; connect-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; "
+              "form-action 'self'")
 STUDIO_HEADERS = [(b"content-security-policy", STUDIO_CSP.encode()),
                   (b"x-content-type-options", b"nosniff"),
                   (b"referrer-policy", b"no-referrer")]

@@ -7,7 +7,7 @@ contract (atelier/families/base.py) and one line here.
 
 from __future__ import annotations
 
-from atelier.families import chargpt, dcgan, ddpm, diffusers, hf_causal_lm, onnx, sklearn, style, upscaler
+from atelier.families import abc_gpt, chargpt, dcgan, ddpm, diffusers, hf_causal_lm, onnx, sklearn, style, upscaler
 from atelier.families.base import Family, TrainError, TrainJob
 
 FAMILIES: dict[str, Family] = {
@@ -20,6 +20,7 @@ FAMILIES: dict[str, Family] = {
     "upscaler": upscaler.family,
     "hf-causal-lm": hf_causal_lm.family,
     "diffusers": diffusers.family,
+    "abc-gpt": abc_gpt.family,
 }
 
 

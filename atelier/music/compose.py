@@ -57,8 +57,11 @@ class MusicRequestError(ValueError):
         self.param = param
 
 
-def header_tokens(tokenizer, meter: str, key: str) -> list[int]:
-    """`M:… \\n K:… \\n` as ids; MusicRequestError when the model never saw that meter or key."""
+def header_tokens(tokenizer, meter: str, key: str) -> tuple[list[int], str]:
+    """`M:… \\n K:… \\n` as ids, and the K: token the model is given. A mode the model never saw
+    (Ador, Dmix …) is written under a key it knows with the same signature (G for Ador, G for
+    Dmix): the notes are spelt the same, and the tune is labelled with the mode asked for.
+    MusicRequestError when the model knows neither the meter nor any key with that signature."""
     try:
         parse_meter(meter)
     except ValueError as e:
@@ -73,10 +76,15 @@ def header_tokens(tokenizer, meter: str, key: str) -> list[int]:
         meters = sorted(t[2:] for t in known if t.startswith("M:"))
         raise MusicRequestError(f"this model writes in {', '.join(meters)}, not {meter}", "meter")
     if k not in tokenizer.index:
-        keys = sorted(t[2:] for t in known if t.startswith("K:"))
-        raise MusicRequestError(f"this model writes in the keys {', '.join(keys)}, not {key}", "key")
+        sharps = parse_key(key).sharps
+        same = [t for t in known if t.startswith("K:") and parse_key(t[2:]).sharps == sharps]
+        if not same:
+            keys = sorted(t[2:] for t in known if t.startswith("K:"))
+            raise MusicRequestError(f"this model writes in the keys {', '.join(keys)} (and their modes), not {key}",
+                                    "key")
+        k = min(same, key=lambda t: (parse_key(t[2:]).mode != "maj", t))
     nl = tokenizer.index["\n"]
-    return [tokenizer.index[m], nl, tokenizer.index[k], nl]
+    return [tokenizer.index[m], nl, tokenizer.index[k], nl], k
 
 
 def prime_tokens(tokenizer, request: TuneRequest) -> list[str]:
@@ -119,7 +127,7 @@ def sample(logits: torch.Tensor, allowed: list[bool], temperature: float, top_p:
 def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
             on_bar: Callable[[str], None] | None = None) -> Composed:
     """One tune for `request`; `on_bar(canonical text so far)` after every bar line (streaming)."""
-    prefix = header_tokens(tokenizer, request.meter, request.key)
+    prefix, given_key = header_tokens(tokenizer, request.meter, request.key)
     plan = Plan(bars=request.bars, form=request.form, chords=request.chords)
     scanner = scanner_for(vocab, tokenizer.tokens, parse_meter(request.meter), parse_key(request.key), plan)
     ids = [tokenizer.bos_id] + prefix
@@ -151,7 +159,7 @@ def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
         if len(ids) >= context:
             raise ScanError("the tune ran past the model's context")  # wrap_up makes this unreachable
         logits, _ = model(torch.tensor([[token]]), cache=cache, rows=rows, pos=torch.tensor([[len(ids) - 1]]))
-    text = tokenizer.decode(ids[1:])
+    text = tokenizer.decode(ids[1:]).replace(given_key, f"K:{parse_key(request.key).abc()}", 1)
     abc = write_abc(text, title=request.title, unit=request.unit, chords=request.chords)
     tune = parse(abc)
     report = tune.report()

@@ -7,6 +7,7 @@ Accepted, by file name:
 - `.csv`: UTF-8 with a header row (a table)
 - `.npz`: image arrays (`images`: uint8 N×H×W×3, optional `names`), checked from the .npy headers
   before anything is inflated (bounded like archives, no object dtypes)
+- `.abc`: folk tunes in ABC notation, every tune read (errors name the tune, line and column)
 - `.zip`: images only (png, jpg, jpeg, webp), no absolute or `..` paths, bounded size
 Errors name the line of the first bad record.
 """
@@ -56,7 +57,21 @@ def check_upload(filename: str, data: bytes, *, max_zip_bytes: int) -> Checked:
         return _check_npz(data, max_zip_bytes)
     if suffix == ".zip":
         return _check_zip(data, max_zip_bytes)
-    raise UploadError(f"file name {filename!r}: accepted types are .jsonl, .txt, .csv, .npz and .zip")
+    if suffix == ".abc":
+        return _check_abc(_utf8(data))
+    raise UploadError(f"file name {filename!r}: accepted types are .jsonl, .txt, .csv, .npz, .zip and .abc")
+
+
+def _check_abc(text: str) -> Checked:
+    """Every tune must parse; bars that do not scan are tolerated in a training file (the corpus
+    reader skips those tunes), a parse error is not."""
+    from atelier.music.abc import AbcError, parse_many
+
+    try:
+        tunes = parse_many(text)
+    except AbcError as e:
+        raise UploadError(str(e)) from None
+    return Checked("abc", len(tunes))
 
 
 def _utf8(data: bytes) -> str:

@@ -20,6 +20,7 @@ from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, 
                                         signing_secret)
 from atelier.storage.db import ApiKey, Artifact
 from atelier.storage.registry import NotFound
+from atelier.api.tunes import ABC_MIME, FORMATS, read_tune, render_or_400
 from atelier.safety.keys import has_scope
 
 router = APIRouter(prefix="/api/artifacts", tags=["artifacts"])
@@ -61,9 +62,11 @@ def retrieve(artifact_id: str, db: SessionDep, key: ReadKey):
 
 
 @router.get("/{artifact_id}/content")
-def content(artifact_id: str, request: Request, db: SessionDep, settings: SettingsDep, blobs: BlobsDep,
-            expires: int | None = Query(None, ge=-(2**63), le=2**63 - 1), sig: str | None = None):
-    """The artifact's bytes: with a key, or through a signed link that has not expired."""
+async def content(artifact_id: str, request: Request, db: SessionDep, settings: SettingsDep, blobs: BlobsDep,
+                  expires: int | None = Query(None, ge=-(2**63), le=2**63 - 1), sig: str | None = None,
+                  format: str | None = Query(None, description="tunes (kind melody): abc (stored), mid, wav or ogg")):
+    """The artifact's bytes: with a key, or through a signed link that has not expired. A tune is stored as
+    ABC; `format=mid|wav|ogg` renders it (melody and chord accompaniment, default instruments)."""
     if sig is not None or expires is not None:
         secret = signing_secret(settings.home_dir)
         if expires is None or sig is None or not check_signature(secret, artifact_id, expires=expires, sig=sig,
@@ -89,7 +92,22 @@ def content(artifact_id: str, request: Request, db: SessionDep, settings: Settin
     if not blobs.path(art.sha256).exists():
         raise APIError(410, f"the bytes of artifact {artifact_id!r} are gone from the blob store", code="blob_missing")
     data = blobs.get_bytes(art.sha256)
-    ext = {"image/png": ".png", "text/plain": ".txt", "application/json": ".json"}.get(art.mime, "")
+    if format is not None:
+        return await rendered(art, data, format, settings)
+    ext = {"image/png": ".png", "text/plain": ".txt", "application/json": ".json", ABC_MIME: ".abc"}.get(art.mime, "")
     return Response(data, media_type=art.mime,
                     headers={"Content-Disposition": content_disposition(f"{art.id}{ext}", "inline"),
                              "Cache-Control": "private, max-age=3600", "ETag": f'"{art.sha256}"'})
+
+
+async def rendered(art: Artifact, data: bytes, fmt: str, settings) -> Response:
+    """A stored tune in another format: abc as stored, or rendered to mid, wav or ogg."""
+    if art.kind != "melody":
+        raise bad_request(f"format applies to tunes (kind melody); artifact {art.id!r} is {art.kind}", "format")
+    if fmt != "abc" and fmt not in FORMATS:
+        raise bad_request(f"format={fmt!r} is not one of abc, {', '.join(FORMATS)}", "format")
+    if fmt != "abc":
+        data = await render_or_400(read_tune(data.decode("utf-8"), settings), fmt, settings)
+    return Response(data, media_type=FORMATS.get(fmt, ABC_MIME),
+                    headers={"Content-Disposition": content_disposition(f"{art.id}.{fmt}", "attachment"),
+                             "Cache-Control": "private, max-age=3600"})
