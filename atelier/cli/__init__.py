@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from atelier.cli import audit, generate, image, jobs, keys, models, poem, ps, serve, train
+from atelier.cli import audit, generate, image, jobs, keys, models, music, poem, ps, serve, train
 
 app = typer.Typer(help="Atelier: creative models as a service.", no_args_is_help=True, add_completion=False)
 # Typer lists commands, then groups, each in registration order.
 app.command()(serve.serve)
 app.command()(generate.generate)
 app.command()(poem.poem)
+app.command()(music.music)
 app.add_typer(models.app, name="models")
 app.command()(ps.ps)
 app.add_typer(keys.app, name="keys")

@@ -140,14 +140,15 @@ def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
             scanner.feed(i)
             ids.append(i)
     context = model.config.n_positions
-    if len(ids) >= context - WRAP_UP_MARGIN:
+    margin = min(WRAP_UP_MARGIN, context // 4)
+    if len(ids) >= context - margin:
         raise MusicRequestError(f"prime: too long for the model's context of {context} tokens", "prime")
     generator = torch.Generator().manual_seed(request.seed)
     cache = model.new_cache(1)
     rows = torch.zeros(1, dtype=torch.long)
     logits, _ = model(torch.tensor([ids]), cache=cache, rows=rows, pos=torch.arange(len(ids))[None])
     while True:
-        if len(ids) >= context - WRAP_UP_MARGIN:
+        if len(ids) >= context - margin:
             scanner.wrap_up = True
         token = sample(logits[0, -1], scanner.allowed(), request.temperature, request.top_p, generator)
         if token == tokenizer.eos_id:
