@@ -7,6 +7,11 @@ DEV_STAMP := $(VENV)/.installed-dev
 # The studio's browser tests drive Debian's Chromium (Playwright never downloads a browser here).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The studio's Music tab engraves with abcjs, served by Atelier itself (no CDN at run time): one file
+# from npm's tarball, checked against its sha256, kept out of git (atelier/studio/vendor/ is ignored).
+ABCJS_VERSION := 6.7.2
+ABCJS_SHA256 := 3290ef44c918d5e882029d3a47ad3dd63c16c8819da5abe921f3d1e642b4f4f0
+ABCJS := atelier/studio/vendor/abcjs/abcjs-basic-min.js
 
 .PHONY: serve test bench clean
 
@@ -26,10 +31,21 @@ $(DEV_STAMP): requirements-dev.txt $(STAMP)
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-serve: $(STAMP)
+# npm pack fetches the tarball without installing anything; the .js is copied last, so a failed
+# check leaves no target behind.
+$(ABCJS):
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd "$$tmp" && npm pack --silent abcjs@$(ABCJS_VERSION) >/dev/null) && \
+	tar -xzf "$$tmp/abcjs-$(ABCJS_VERSION).tgz" -C "$$tmp" package/LICENSE.md package/dist/abcjs-basic-min.js.LICENSE \
+	    package/dist/abcjs-basic-min.js && \
+	echo "$(ABCJS_SHA256)  $$tmp/package/dist/abcjs-basic-min.js" | sha256sum --check --quiet && \
+	mkdir -p $(@D) && cp "$$tmp/package/LICENSE.md" "$$tmp/package/dist/abcjs-basic-min.js.LICENSE" $(@D)/ && \
+	cp "$$tmp/package/dist/abcjs-basic-min.js" $@
+
+serve: $(STAMP) $(ABCJS)
 	$(BIN)/atelier serve
 
-test: $(DEV_STAMP) $(CHROMIUM)
+test: $(DEV_STAMP) $(CHROMIUM) $(ABCJS)
 	$(BIN)/python -m pytest -q
 
 bench: $(DEV_STAMP)

@@ -103,7 +103,7 @@ def read_length(text: str, i: int, line: int, col: int) -> tuple[Fraction, int]:
         d = 1
     elif den:
         if len(slashes) > 1:
-            raise AbcError(f"{text[i:m.end()]!r} is not a note length", line, col + (i - col + 1) - 1)
+            raise AbcError(f"{text[i:m.end()]!r} is not a note length", line, i + 1)
         d = int(den)
     else:
         d = 2 ** len(slashes)
@@ -370,6 +370,22 @@ def parse(text: str, *, tune_number: int | None = None, first_line: int = 1) -> 
         except AbcError as e:
             e.tune = tune_number
             raise AbcError(e.reason, e.line, e.col, tune_number) from None
+    # Fields between K: and the first note still describe the whole tune (Nottingham writes
+    # M:4/4, K:G, then M:6/8): they update the header rather than change anything mid-tune.
+    while tokens and tokens[0].kind == "field" and tokens[0].text[0] in "MLKQ":
+        name, value = tokens[0].text[0], tokens[0].text[2:].strip()
+        try:
+            if name == "M":
+                meter = parse_meter(value)
+                unit = parse_unit(fields["L"]) if "L" in fields else default_unit(meter)
+            elif name == "L":
+                unit = parse_unit(value)
+            elif name == "K":
+                key = parse_key(value)
+        except (ValueError, TheoryError) as e:
+            raise AbcError(str(e), tokens[0].line, 1, tune_number) from None
+        fields[name] = value
+        tokens.pop(0)
     tune = Tune(fields, titles, meter, unit, key, parse_tempo(fields["Q"]) if "Q" in fields else None,
                 tokens, [], first_line + body_start)
     tune.bars = time_bars(tune, tune_number)
@@ -429,10 +445,9 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
                 elif name == "L":
                     unit = parse_unit(value)
                 elif name == "K":
-                    parse_key(value)
-                    close(t, True)
-                elif name == "P":
-                    close(t, True)
+                    parse_key(value)  # a key change mid-bar changes spelling, not time
+                elif name == "P" and elapsed == 0:
+                    section_start = True
             except (ValueError, TheoryError) as e:
                 raise error(str(e), t) from None
             continue
@@ -456,7 +471,8 @@ def time_bars(tune: Tune, tune_number: int | None = None) -> list[Bar]:
             start = start or t
             continue
         if t.kind == "broken":
-            if last_length is None or tune.tokens[idx - 1].kind not in ("note", "rest", "chord"):
+            before = next((u for u in reversed(tune.tokens[:idx]) if u.kind != "slur"), None)
+            if last_length is None or before is None or before.kind not in ("note", "rest", "chord"):
                 raise error(f"{t.text} must stand between two notes", t)
             dots = len(t.text)
             longer = Fraction(2 ** (dots + 1) - 1, 2 ** dots)  # > 3/2, >> 7/4, >>> 15/8

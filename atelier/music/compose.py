@@ -125,8 +125,11 @@ def sample(logits: torch.Tensor, allowed: list[bool], temperature: float, top_p:
 
 @torch.no_grad()
 def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
-            on_bar: Callable[[str], None] | None = None) -> Composed:
-    """One tune for `request`; `on_bar(canonical text so far)` after every bar line (streaming)."""
+            on_bar: Callable[[str], None] | None = None, *, constrained: bool = True) -> Composed:
+    """One tune for `request`; `on_bar(canonical text so far)` after every bar line (streaming).
+
+    `constrained=False` samples without the mask (only the special tokens barred) and returns
+    whatever comes out, checked or not: the baseline benchmarks/music_eval.py measures against."""
     prefix, given_key = header_tokens(tokenizer, request.meter, request.key)
     plan = Plan(bars=request.bars, form=request.form, chords=request.chords)
     scanner = scanner_for(vocab, tokenizer.tokens, parse_meter(request.meter), parse_key(request.key), plan)
@@ -144,16 +147,19 @@ def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
     if len(ids) >= context - margin:
         raise MusicRequestError(f"prime: too long for the model's context of {context} tokens", "prime")
     generator = torch.Generator().manual_seed(request.seed)
+    unmasked = [kind != "special" or i == tokenizer.eos_id for i, kind in enumerate(vocab.kinds)]
     cache = model.new_cache(1)
     rows = torch.zeros(1, dtype=torch.long)
     logits, _ = model(torch.tensor([ids]), cache=cache, rows=rows, pos=torch.arange(len(ids))[None])
     while True:
         if len(ids) >= context - margin:
             scanner.wrap_up = True
-        token = sample(logits[0, -1], scanner.allowed(), request.temperature, request.top_p, generator)
-        if token == tokenizer.eos_id:
+        allowed = scanner.allowed() if constrained else unmasked
+        token = sample(logits[0, -1], allowed, request.temperature, request.top_p, generator)
+        if token == tokenizer.eos_id or not constrained and len(ids) + 1 >= context:
             break
-        scanner.feed(token)
+        if constrained:
+            scanner.feed(token)
         ids.append(token)
         if on_bar is not None and vocab.kinds[token] == "bar":
             on_bar(tokenizer.decode(ids[1:]))
@@ -161,6 +167,9 @@ def compose(model, tokenizer, vocab: Vocabulary, request: TuneRequest,
             raise ScanError("the tune ran past the model's context")  # wrap_up makes this unreachable
         logits, _ = model(torch.tensor([[token]]), cache=cache, rows=rows, pos=torch.tensor([[len(ids) - 1]]))
     text = tokenizer.decode(ids[1:]).replace(given_key, f"K:{parse_key(request.key).abc()}", 1)
+    if not constrained:  # as sampled: stray headers and all
+        abc = f"X:1\nT:{request.title or 'Untitled'}\nL:1/8\n{text}\n"
+        return Composed(abc=abc, canonical=text, report={}, seed=request.seed, tokens=len(ids) - 1)
     abc = write_abc(text, title=request.title, unit=request.unit, chords=request.chords)
     tune = parse(abc)
     report = tune.report()

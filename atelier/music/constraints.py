@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from atelier.music.theory import ACCIDENTALS, Key, note_parts
+from atelier.music.theory import ACCIDENTALS, NATURAL, Key, note_parts
 
 NOTE_RE = re.compile(r"[=^_]{0,2}[A-Ga-g][,']*")
 LENGTH_RE = re.compile(r"\d+/\d+|/\d+|\d+")
@@ -111,6 +111,8 @@ class Scanner:
     courtesy: set = field(default_factory=set)  # letters with an accidental in this bar or the last
     finished: bool = False
     wrap_up: bool = False  # running out of context: finish at the next bar line
+    pending_pc: int | None = None  # the waiting note's pitch class (None: a rest)
+    last_pc: int | None = None  # the last committed note's
 
     # -- lengths -------------------------------------------------------------------------------
     @property
@@ -131,15 +133,37 @@ class Scanner:
                 return length == self.triplet_unit
             total = length * self.triplet_left  # the first note fixes the triplet's length
             return self._on_grid(self.remaining - total)
-        return self._on_grid(self.remaining - length)
+        if not self._on_grid(self.remaining - length):
+            return False
+        return self.pending_pc == self.key.tonic_pitch_class or not (self._final() and self._closable(self.elapsed + length))
+
+    def _final(self) -> bool:
+        """This bar is the tune's last: its last note must be the tonic."""
+        if self.owed is not None:
+            return False
+        number = self.bars_done + 1
+        return number == self._target() if self.plan.form == "AABB" else number >= self._target()
+
+    def _closable(self, elapsed: Fraction) -> bool:
+        return elapsed == self.bar or any(elapsed + p == self.bar for p in self.pickups)
+
+    def _pitch_class(self, i: int) -> int:
+        acc, letter, octave = self.vocab.pitches[i]
+        alteration = ACCIDENTALS[acc] if acc else self.accidentals.get((letter, octave), self.key.signature[letter])
+        return (NATURAL[letter] + alteration) % 12
 
     def _multiplier(self) -> Fraction:
         return self.broken_next * (TRIPLET if self.triplet_left else 1)
 
     def _note_fits(self) -> bool:
-        """Whether a new note (with or without a length token) can start now."""
+        """Whether a new note (with or without a length token) can start now — some note: the tonic
+        may always end the tune; which others may, `_leaves_room` says."""
         mult = self._multiplier()
-        return any(self._commit_ok(d * mult) for d in self._lengths())
+        saved, self.pending_pc = self.pending_pc, self.key.tonic_pitch_class
+        try:
+            return any(self._commit_ok(d * mult) for d in self._lengths())
+        finally:
+            self.pending_pc = saved
 
     def _settled(self, check) -> bool:
         """`check()` as if the waiting note took its default length (False if it cannot)."""
@@ -147,12 +171,14 @@ class Scanner:
             return check()
         if not self._commit_ok(self.pending):
             return False
-        saved = (self.elapsed, self.pending, self.triplet_left, self.triplet_unit, self.last_length)
+        saved = (self.elapsed, self.pending, self.triplet_left, self.triplet_unit, self.last_length, self.last_pc,
+                 self.last_pitch)
         self._commit(self.pending)
         try:
             return check()
         finally:
-            self.elapsed, self.pending, self.triplet_left, self.triplet_unit, self.last_length = saved
+            (self.elapsed, self.pending, self.triplet_left, self.triplet_unit, self.last_length, self.last_pc,
+             self.last_pitch) = saved
 
     def _free(self) -> bool:
         """No broken rhythm or triplet is in flight."""
@@ -184,7 +210,8 @@ class Scanner:
             final = number >= target or self.wrap_up
             kinds = {"|]", ":|", "||"} if final else {"|", "||", ":|"} | ({"|:"} if not self.repeat_open else set())
         if self.ending == 1:
-            kinds &= {":|"} if self.ending_bars >= 1 else {"|", ":|"}
+            # a first ending closes after two bars at most, and leaves a bar for the second
+            kinds &= {":|"} if self.ending_bars >= 1 or number + 1 >= target else {"|", ":|"}
         elif self.ending == 2:
             kinds -= {":|"}
         if short:  # closing a section: it complements a pickup, or the next bar must
@@ -192,6 +219,8 @@ class Scanner:
             kinds &= {":|", "||", "|]", "|:"}
             if final and not complements:
                 return set()
+        if self._final() and self.last_pc != self.key.tonic_pitch_class:
+            return set()  # a tune ends on its tonic
         return kinds
 
     def _may_end(self) -> bool:
@@ -222,7 +251,7 @@ class Scanner:
             elif kind == "pitch":
                 ok = note_ok and self._pitch_ok(i)
             elif kind == "rest":
-                ok = note_ok and self.tied is None and last != "roll"
+                ok = note_ok and self.tied is None and last != "roll" and self._rest_ok()
             elif kind == "bar":
                 t = self.tokens[i]
                 if just_closed:
@@ -244,9 +273,11 @@ class Scanner:
                 ok = after_note and boundary and self._broken_ok(self.tokens[i])
             elif kind == "triplet":
                 ok = (boundary and self.tied is None and self.broken_next == 1 and not self._in_triplet()
-                      and last not in ("roll", "triplet") and self._settled(self._triplet_fits))
+                      and last not in ("roll", "triplet") and self._settled(lambda: self._triplet_fits()
+                                                                            and not self._final()))
             elif kind == "tie":
-                ok = (after_note and boundary and self._tie_pitch() is not None and self.broken_next == 1)
+                ok = (after_note and boundary and self._tie_pitch() is not None and self.broken_next == 1
+                      and not self._settled(self._final))  # the last bar ends on a note of its own
             elif kind == "roll":
                 ok = note_ok and self.tied is None and last not in ("roll", "broken")
             elif kind == "space":
@@ -257,6 +288,19 @@ class Scanner:
             mask[i] = ok
         mask[v.eos_id] = just_closed and self._may_end()
         return mask
+
+    def _leaves_room(self, pc: int | None) -> bool:
+        """In the last bar, a note that is not the tonic (or a rest) must not be the one that fills it."""
+        if pc == self.key.tonic_pitch_class or not self._final():
+            return True
+        saved, self.pending_pc = self.pending_pc, pc  # as if it were the waiting note
+        try:
+            return any(self._commit_ok(d * self._multiplier()) for d in self._lengths())
+        finally:
+            self.pending_pc = saved
+
+    def _rest_ok(self) -> bool:
+        return self._settled(lambda: self._leaves_room(None))
 
     def _in_triplet(self) -> bool:
         """A triplet still has notes to come once the waiting note settles."""
@@ -276,7 +320,8 @@ class Scanner:
             current = self.accidentals.get((letter, octave), self.key.signature[letter])
             if ACCIDENTALS[acc] == current:
                 return False  # it restates the key signature, and no accidental nearby calls for courtesy
-        return True
+        pc = self._pitch_class(i)
+        return self._settled(lambda: self._leaves_room(pc))
 
     def _broken_ok(self, token: str) -> bool:
         if self.triplet_left or self.broken_next != 1 or self.tied is not None:
@@ -302,6 +347,7 @@ class Scanner:
         if self.pending is not None:  # any other token gives the waiting note its default length
             self._commit(self.pending)
         if kind in ("pitch", "rest"):
+            self.pending_pc = self._pitch_class(i) if kind == "pitch" else None
             self.pending = self._multiplier()
             self.broken_next = Fraction(1)
             self.content = True
@@ -332,6 +378,7 @@ class Scanner:
         self.last_kind = kind
 
     def _commit(self, length: Fraction) -> None:
+        self.last_pc = self.pending_pc
         self.elapsed += length
         self.last_length = length
         self.last_pitch = self.pending_pitch

@@ -1,6 +1,7 @@
 // Gallery: GET /api/artifacts (newest first, paged with `after`), thumbnails fetched with the
 // key (/content → blob URL), and an artifact's full provenance, with the A1111 `parameters`
-// text read from the PNG itself.
+// text read from the PNG itself. Tunes (kind "melody") show their title and ABC, open in the Music
+// tab, and download as ABC, MIDI or WAV (/content?format=…).
 
 import { api, blob } from "./api.js";
 import { $, badge, download, facts, fmtBytes, fmtTime, guard, h, picture } from "./ui.js";
@@ -88,6 +89,12 @@ async function fillThumb(box, a) {
     const url = URL.createObjectURL(data);
     urls.push(url);
     box.append(picture(url, a.params?.prompt ?? a.kind));
+  } else if (a.kind === "melody") { // a tune: its title and header instead of a picture
+    const abc = await data.text();
+    const field = (name) => new RegExp(`^${name}:(.*)$`, "m").exec(abc)?.[1].trim();
+    box.classList.add("tune-thumb");
+    box.append(h("span", { class: "tune-clef" }, "♫"), h("b", {}, field("T") || "untitled"),
+               h("span", { class: "muted" }, [field("M"), field("K") && `K:${field("K")}`].filter(Boolean).join(" · ")));
   } else {
     const t = await data.text();
     box.classList.add("text-thumb");
@@ -111,9 +118,10 @@ async function showDetail(id) {
     preview = picture(detailUrl, a.params?.prompt ?? a.kind, "big");
     if (a.mime === "image/png") parameters = (await pngText(await data.arrayBuffer())).parameters ?? null;
   } else {
-    preview = h("pre", { class: "poem-text" }, await data.text());
+    preview = h("pre", { class: a.kind === "melody" ? "abc-text" : "poem-text" }, await data.text());
   }
   const p = a.params || {};
+  const tune = a.kind === "melody" ? preview.textContent : null;
   const canRerun = a.kind === "image" && typeof p.prompt === "string" && p.sampler !== undefined;
   panel.hidden = false;
   panel.dataset.id = a.id;
@@ -128,16 +136,29 @@ async function showDetail(id) {
     h("h3", {}, "Parameters"),
     facts(Object.entries(p).filter(([k]) => k !== "seed").map(([k, v]) =>
       [k, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)])),
-    parameters !== null ? h("h3", {}, "A1111 parameters (PNG info)") : null,
-    parameters !== null ? h("pre", { class: "a1111" }, parameters) : null,
+    ...(parameters !== null ? [h("h3", {}, "A1111 parameters (PNG info)"), h("pre", { class: "a1111" }, parameters)] : []),
     h("div", { class: "actions" },
       canRerun ? h("button", { type: "button", class: "primary send-to-images",
                                onclick: () => { ctx.emit("send-to-images", { ...p, model: a.model });
                                                 ctx.openTab("images"); } }, "Send to Images") : null,
       parameters !== null ? h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(parameters) },
                               "Copy parameters") : null,
-      h("button", { type: "button", onclick: () => download(data, `${a.id}${a.mime === "image/png" ? ".png" : ".txt"}`) },
-        "Download")));
+      tune !== null ? tuneButtons(a, tune)
+        : h("button", { type: "button", onclick: () => download(data, `${a.id}${a.mime === "image/png" ? ".png" : ".txt"}`) },
+          "Download")));
+}
+
+/** A tune's buttons: open it in the Music tab; its ABC, and its MIDI and WAV rendered by the server. */
+function tuneButtons(a, abc) {
+  const rendered = (format, label) => h("button", { type: "button", dataset: { format },
+    onclick: (e) => guard(e.currentTarget, async () => download(
+      await blob(`/api/artifacts/${encodeURIComponent(a.id)}/content?format=${format}`), `${a.id}.${format}`)) }, label);
+  return [
+    h("button", { type: "button", class: "primary open-in-music",
+                  onclick: () => ctx.emit("open-tune", { abc, model: a.model, seed: a.params?.seed ?? null, artifactId: a.id }) },
+      "Open in Music"),
+    rendered("abc", "ABC"), rendered("mid", "MIDI"), rendered("wav", "WAV"),
+  ];
 }
 
 /** The text chunks (tEXt, iTXt, zTXt) of a PNG: {keyword: text}. */

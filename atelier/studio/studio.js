@@ -7,11 +7,12 @@ import { $, $$, clearErrors, showError } from "./ui.js";
 import * as write from "./write.js";
 import * as poem from "./poem.js";
 import * as images from "./images.js";
+import * as music from "./music.js";
 import * as gallery from "./gallery.js";
 import * as training from "./training.js";
 import * as models from "./models.js";
 
-const TABS = { write, poem, images, gallery, training, models };
+const TABS = { write, poem, images, music, gallery, training, models };
 const STORAGE_KEY = "atelier.key";
 
 const listeners = {};
