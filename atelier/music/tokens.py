@@ -3,8 +3,8 @@
 A tune becomes `M:6/8\nK:D\n` and one line of music in a canonical spelling: unit length
 1/8 always (the request's `unit` only changes how the result is written), one token per
 pitch (accidental, letter and octave together), per length, per bar line, per chord
-symbol; broken rhythm, triplets, ties, rolls and spaces (they group notes under one beam)
-are tokens too. Grace notes, slurs, decorations other than the roll, annotations and part
+symbol; triplets, ties, rolls and spaces (they group notes under one beam) are tokens too.
+Broken rhythm is written out (`A>B` becomes `A3/2B/2`, as the Nottingham tunes write it). Grace notes, slurs, decorations other than the roll, annotations and part
 labels are dropped. Written back (`write_abc`), the line breaks every four bars.
 
 Transposing canonical text to another key is how the training set learns every key
@@ -50,6 +50,7 @@ def canonical(tune: Tune) -> str:
     """A parsed tune → canonical text (NotCanonical when it cannot be said in the model's tokens)."""
     scale = tune.unit / UNIT
     out: list[str] = []
+    tuplet_notes = 0
 
     def emit(text: str) -> None:
         if text in ("|", "||") and not any(NOTE_OR_REST.fullmatch(o) for o in out):
@@ -78,15 +79,18 @@ def canonical(tune: Tune) -> str:
             if name in same and not same[name]():
                 raise NotCanonical(f"{t.text} changes the key, meter or unit inside the tune")
             continue
-        if t.kind in ("note", "chord"):
-            acc, letter, octave = note_parts(re.match(r"[=^_]*[A-Ga-g][,']*", t.text.lstrip("["))[0])
-            emit(note_text(acc, letter, octave))
-            emit(length_text(t.length * scale))
-        elif t.kind == "rest":
-            if t.length < 0:
+        if t.kind in ("note", "chord", "rest"):
+            if t.kind == "rest" and t.length < 0:
                 raise NotCanonical("Z (bars of rest)")
-            emit("z")
-            emit(length_text(t.length * scale))
+            # Broken rhythm is written out (A>B → A3/2B/2); a triplet's notes keep their written length.
+            length = t.length * scale if tuplet_notes else t.duration / UNIT
+            tuplet_notes = max(0, tuplet_notes - 1)
+            if t.kind == "rest":
+                emit("z")
+            else:
+                acc, letter, octave = note_parts(re.match(r"[=^_]*[A-Ga-g][,']*", t.text.lstrip("["))[0])
+                emit(note_text(acc, letter, octave))
+            emit(length_text(length))
         elif t.kind == "bar":
             bars = {"::": [":|", "|:"], ":||:": [":|", "|:"], ":|:": [":|", "|:"], "[|": ["||"],
                     ":|]": [":|"], "::|": [":|"], "|::": ["|:"], ":||": [":|"], "||:": ["|:"]}.get(t.text, [t.text])
@@ -102,14 +106,11 @@ def canonical(tune: Tune) -> str:
             symbol = t.text.replace(" ", "")
             if CHORD_RE.match(symbol):
                 emit(f'"{symbol}"')
-        elif t.kind == "broken":
-            if len(t.text) != 1:
-                raise NotCanonical(f"broken rhythm {t.text}")
-            emit(t.text)
         elif t.kind == "tuplet":
             if t.text != "(3":
                 raise NotCanonical(f"tuplet {t.text}")
             emit("(3")
+            tuplet_notes = 3
         elif t.kind == "tie":
             emit("-")
         elif t.kind == "deco" and t.text == "~":
