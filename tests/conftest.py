@@ -163,3 +163,23 @@ def image_http(image_server):
 @pytest.fixture()
 def image_client(image_server):
     return admin_openai(image_server)
+
+
+# -- the browser the studio tests drive ---------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium through Playwright, one for the session (every studio test file shares it)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs Debian's chromium "
+                    "(apt-get install chromium) before the tests", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True, timeout=30_000)
+        yield b
+        b.close()

@@ -86,6 +86,7 @@ def test_streaming_sends_bars_then_the_tune(http):
 def test_stored_tune_in_every_format(http):
     tune = http.post("/api/music", json={"bars": 4, "meter": "4/4", "seed": 9}).json()["tunes"][0]
     url = f"/api/artifacts/{tune['artifact_id']}/content"
+    assert tune["urls"]["mid"] == f"{url}?format=mid"
     assert http.get(url).text == tune["abc"] and http.get(url).headers["content-type"].startswith("text/vnd.abc")
     assert http.get(url, params={"format": "abc"}).text == tune["abc"]
     assert http.get(url, params={"format": "mid"}).content[:4] == b"MThd"

@@ -51,7 +51,8 @@ def test_quick_start_commands_and_ci():
     assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text() and "pytest" in makefile
 
 
-@pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo")])
+@pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo"),
+                                          ("music.md", "music")])
 def test_tutorial_runs(tmp_path, page, marker):
     """A docs/ tutorial's example prints what the page says it prints (each on its own server)."""
     from conftest import LiveServer, make_settings

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,23 +24,7 @@ from atelier.jobs import store
 from atelier.storage.db import Job
 from conftest import ADMIN_KEY, admin_http
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 15_000
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs Debian's chromium "
-                    "(apt-get install chromium) before the tests", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True, timeout=30_000)
-        yield b
-        b.close()
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ROOT, admin_http
-from test_studio import ARGS, CHROMIUM, TIMEOUT_MS, connect, wait_until
+from test_studio import TIMEOUT_MS, connect, wait_until
 
 COMPOSE_TIMEOUT_MS = 90_000  # the first tune loads the model, on a CPU that may be busy
 ABCJS = ROOT / "atelier" / "studio" / "vendor" / "abcjs" / "abcjs-basic-min.js"
@@ -27,19 +27,6 @@ A|dfa afd|gfe edc|dfa afd|gbg fed:|
 |:faf gbg|aga fed|faf gbg|afd d2:|
 """
 BROKEN = "X:1\nT:Broken\nM:6/8\nL:1/8\nK:D\nA|dfa afd|gQe edc|\n"  # the Q is on line 6, column 12
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's Chromium, as in test_studio.py."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs it", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True, timeout=30_000)
-        yield b
-        b.close()
 
 
 @pytest.fixture()

@@ -113,7 +113,9 @@ def store_tunes(sessions, blobs, tunes, *, model_ref: str, key_id: str | None, p
         for t in tunes:
             art = create_artifact(db, blobs, kind="melody", data=t.abc.encode(), mime=ABC_MIME, model_ref=model_ref,
                                   key_id=key_id, params=params | {"seed": t.seed})
-            out.append({"abc": t.abc, "report": t.report, "seed": t.seed, "artifact_id": art.id})
+            content = f"/api/artifacts/{art.id}/content"
+            out.append({"abc": t.abc, "report": t.report, "seed": t.seed, "artifact_id": art.id,
+                        "urls": {fmt: f"{content}?format={fmt}" for fmt in ("abc", "mid", "wav", "ogg")}})
     return out
 
 
