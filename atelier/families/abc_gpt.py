@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atelier.families.base import Family, TrainError, TrainJob
+from atelier.families.base import Family, TrainError, TrainJob, decoder_context
 from atelier.music.compose import Composed, TuneRequest, compose
 from atelier.music.constraints import Vocabulary
 from atelier.training import hyperparameters
@@ -54,12 +54,7 @@ class AbcGpt(Family):
         from atelier.music.tokens import tokenize
 
         hyper = dict(job.hyperparameters)
-        if job.base is not None:
-            block = job.base_config.get("n_positions")
-            job.stage(f"building the model: fine-tuning {job.base_ref}")
-        else:
-            block = int(hyper.get("context", SCRATCH_DEFAULTS["context"]))
-            job.stage("building the model: abc-gpt from scratch")
+        block = decoder_context(job, SCRATCH_DEFAULTS["context"], "abc-gpt")
         try:
             corpus, facts = tune_corpus(job.train_path, val_data=job.val_path)
         except ValueError as e:
@@ -67,14 +62,9 @@ class AbcGpt(Family):
         job.stage(f"data: {facts['train_tunes']} tunes ({facts['train_sequences']} in all keys), "
                   f"{facts['val_tunes']} held out")
         tokens = sum(len(tokenize(t)) + 2 for t in corpus.train)
-        cfg, capped = hyperparameters.train_config(hyper, fine_tune=job.base is not None, train_tokens=tokens,
-                                                   block=block, seed=job.seed, max_steps_limit=job.max_steps)
-        if capped:
-            job.stage(f"training: the step count was capped at {cfg.max_steps} (ATELIER_MAX_JOB_STEPS)")
-        model_cfg = {"n_positions": block, **{k: int(hyper.get(k, SCRATCH_DEFAULTS[k]))
-                                              for k in ("n_embd", "n_layer", "n_head")}}
-        if model_cfg["n_embd"] % model_cfg["n_head"]:
-            raise TrainError("hyperparameters.n_embd must be divisible by n_head", param="hyperparameters.n_embd")
+        model_cfg, cfg = hyperparameters.decoder_plan(hyper, block=block, fine_tune=job.base is not None,
+                                                      train_tokens=tokens, seed=job.seed, max_steps_limit=job.max_steps,
+                                                      defaults=SCRATCH_DEFAULTS, stage=job.stage)
         folder = train_tunes(job.train_path, job.workdir / "train", model_cfg, cfg, base=job.base,
                              val_data=job.val_path, on_event=job.on_event, should_stop=job.should_stop)
         if job.should_stop():

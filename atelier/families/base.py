@@ -77,6 +77,16 @@ class TrainJob:
     trained_tokens: int | None = None  # set by the hook, recorded on the job
 
 
+def decoder_context(job: TrainJob, default: int, family: str) -> int:
+    """A decoder job's context length: the base version's when fine-tuning, else the job's (or `default`);
+    the job's events say which model is being built."""
+    if job.base is not None:
+        job.stage(f"building the model: fine-tuning {job.base_ref}")
+        return job.base_config.get("n_positions")
+    job.stage(f"building the model: {family} from scratch")
+    return int(job.hyperparameters.get("context", default))
+
+
 class TextServable(Protocol):
     """A language model as the text engine drives it. Token ids in, logits out."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from atelier.families.base import Family, TrainError, TrainJob
+from atelier.families.base import Family, TrainJob, decoder_context
 from atelier.models import chargpt
 from atelier.training import hyperparameters
 
@@ -81,22 +81,12 @@ class Chargpt(Family):
 
         # 3. build the model
         hyper = dict(job.hyperparameters)
-        if job.base is not None:
-            block = job.base_config.get("n_positions")
-            job.stage(f"building the model: fine-tuning {job.base_ref}")
-        else:
-            block = int(hyper.get("context", SCRATCH_DEFAULTS["context"]))
-            job.stage("building the model: chargpt from scratch")
+        block = decoder_context(job, SCRATCH_DEFAULTS["context"], "chargpt")
         corpus = load_corpus(job.train_path)
         tokens = sum(len(d) + 2 for d in corpus.train)
-        cfg, capped = hyperparameters.train_config(hyper, fine_tune=job.base is not None, train_tokens=tokens,
-                                                   block=block, seed=job.seed, max_steps_limit=job.max_steps)
-        if capped:
-            job.stage(f"training: the step count was capped at {cfg.max_steps} (ATELIER_MAX_JOB_STEPS)")
-        model_cfg = {"n_positions": block, **{k: int(hyper.get(k, SCRATCH_DEFAULTS[k]))
-                                              for k in ("n_embd", "n_layer", "n_head")}}
-        if model_cfg["n_embd"] % model_cfg["n_head"]:
-            raise TrainError("hyperparameters.n_embd must be divisible by n_head", param="hyperparameters.n_embd")
+        model_cfg, cfg = hyperparameters.decoder_plan(hyper, block=block, fine_tune=job.base is not None,
+                                                      train_tokens=tokens, seed=job.seed, max_steps_limit=job.max_steps,
+                                                      defaults=SCRATCH_DEFAULTS, stage=job.stage)
         # 4. train
         folder = train_chargpt(job.train_path, job.workdir / "train", model_cfg, cfg,
                                min_count=int(hyper.get("min_count", 1)), on_event=job.on_event, base=job.base,

@@ -83,3 +83,17 @@ def train_config(hyper: dict, *, fine_tune: bool, train_tokens: int, block: int,
                       patience=int(h.get("early_stopping_patience", 5)), log_every=max(1, min(10, steps // 20)),
                       eval_batches=4, seed=seed)
     return cfg, capped
+
+
+def decoder_plan(hyper: dict, *, block: int, fine_tune: bool, train_tokens: int, seed: int, max_steps_limit: int,
+                 defaults: dict, stage) -> tuple[dict, TrainConfig]:
+    """A chargpt-style decoder job's model shape (the base's when fine-tuning is the caller's) and its
+    TrainConfig; a capped step count is said with `stage`; TrainError when the heads do not divide the width."""
+    cfg, capped = train_config(hyper, fine_tune=fine_tune, train_tokens=train_tokens, block=block, seed=seed,
+                               max_steps_limit=max_steps_limit)
+    if capped:
+        stage(f"training: the step count was capped at {cfg.max_steps} (ATELIER_MAX_JOB_STEPS)")
+    model_cfg = {"n_positions": block, **{k: int(hyper.get(k, defaults[k])) for k in ("n_embd", "n_layer", "n_head")}}
+    if model_cfg["n_embd"] % model_cfg["n_head"]:
+        raise TrainError("hyperparameters.n_embd must be divisible by n_head", param="hyperparameters.n_embd")
+    return model_cfg, cfg

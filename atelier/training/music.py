@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from atelier.models.chargpt import CharGPT, ChargptConfig, CONFIG_FILE, load_sta
 from atelier.music.theory import TheoryError
 from atelier.music.tokens import AbcTokenizer, pitch_range, read_corpus, transpose
 from atelier.training.corpus import Corpus
-from atelier.training.trainer import TrainConfig, Trainer
+from atelier.training.trainer import TrainConfig, Trainer, environment
 
 FAMILY = "abc-gpt"
 TOKENIZER_FILE = "tokenizer.json"
@@ -104,9 +103,7 @@ def train_tunes(data: str | Path, workdir: str | Path, model_cfg: dict, train_cf
         tok = AbcTokenizer.load(tok_path) if tok_path.exists() else AbcTokenizer.train(corpus.train + corpus.val)
         tok.save(tok_path)
         model = CharGPT(ChargptConfig(vocab_size=len(tok), **model_cfg))
-    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event)
-    if should_stop is not None:
-        trainer.should_stop = should_stop
+    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event, should_stop)
     started = time.time()
     state = trainer.fit()
     best = trainer.best_dir
@@ -123,7 +120,6 @@ def train_tunes(data: str | Path, workdir: str | Path, model_cfg: dict, train_cf
         "metrics": {"val_loss": state.best_val_loss, "best_step": state.best_step, "steps": state.step,
                     "tokens_seen": state.tokens_seen, "stopped_early": state.stopped_early},
         "history": state.history,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "wall_seconds_this_run": round(time.time() - started, 1)},
+        "environment": environment(started),
     })
     return best

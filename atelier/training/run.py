@@ -6,7 +6,6 @@ result as a model version is the caller's business (see `atelier.storage.registr
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,7 @@ from atelier.models.chargpt import CharGPT, ChargptConfig, from_pretrained
 from atelier.models.tokenizer import CharTokenizer
 from atelier.common.files import atomic_write_json
 from atelier.training.corpus import Corpus, load_corpus
-from atelier.training.trainer import Trainer, TrainConfig
+from atelier.training.trainer import Trainer, TrainConfig, environment
 
 
 def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_cfg: TrainConfig,
@@ -55,9 +54,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
             tok.save(tok_path)
         config = ChargptConfig(vocab_size=len(tok), **model_cfg)
         model = CharGPT(config)
-    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event)
-    if should_stop is not None:
-        trainer.should_stop = should_stop
+    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event, should_stop)
     started = time.time()
     state = trainer.fit()
     best = trainer.best_dir
@@ -72,8 +69,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
                     "best_step": state.best_step, "steps": state.step, "tokens_seen": state.tokens_seen,
                     "stopped_early": state.stopped_early},
         "history": state.history,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "wall_seconds_this_run": round(time.time() - started, 1)},
+        "environment": environment(started),
     }
     atomic_write_json(best / "training.json", record)
     return best

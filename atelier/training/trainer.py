@@ -86,6 +86,14 @@ def encode_stream(docs: list[str], tok: CharTokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def environment(started: float) -> dict:
+    """Where a run happened, for its training.json."""
+    import platform
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "wall_seconds_this_run": round(time.time() - started, 1)}
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -152,13 +160,14 @@ class Trainer:
     """
 
     def __init__(self, model: CharGPT, tokenizer: CharTokenizer, corpus: Corpus, cfg: TrainConfig,
-                 workdir: str | Path, on_event: Callable[[dict], None] | None = None):
+                 workdir: str | Path, on_event: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         self.model, self.tok, self.corpus, self.cfg = model, tokenizer, corpus, cfg
         self.workdir = Path(workdir)
         self.on_event = on_event or (lambda e: None)
         self.block = model.config.n_positions
         self.state = TrainState()
-        self.should_stop = lambda: False  # a job runner can set this to cancel
+        self.should_stop = should_stop or (lambda: False)  # a job runner cancels through it
 
     # -- data ---------------------------------------------------------------------------
     def _streams(self):
