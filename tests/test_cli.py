@@ -160,6 +160,49 @@ def test_models_import_a_folder_that_is_no_model_says_what_is_expected(server, t
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+TUNES = """X:1
+T:One
+M:6/8
+L:1/8
+K:D
+A|:"D"dfe dcB|"G"BAG "A7"FGA|"D"dfe dcB|"A7"ABc "D"d2:|
+
+X:2
+T:Two
+M:4/4
+L:1/8
+K:G
+"G"GABc dBAG|"C"E2c2 "D7"A3B|"G"G2B2 d2G2|"D7"F2A2 "G"G4|]
+"""
+
+
+def test_train_a_tune_model_locally_then_write_and_check_tunes(server, tmp_path):
+    data = tmp_path / "tunes.abc"
+    data.write_text(TUNES, encoding="utf-8")
+    home = {"ATELIER_HOME": str(tmp_path / "home")}
+    r = run(["train", "--family", "abc-gpt", "--data", str(data), "--name", "jigs", "--workdir", str(tmp_path / "run"),
+             "--context", "64", "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--steps", "6", "--batch-size", "2",
+             "--eval-every", "3", "--warmup", "1"], home)
+    assert r.returncode == 0, r.stderr
+    assert "registered jigs@1" in r.stdout
+    training = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
+    assert training["family"] == "abc-gpt" and training["data"]["train_sequences"] > training["data"]["train_tunes"]
+
+    env = {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY}
+    out = tmp_path / "jig.abc"
+    r = run(["music", "--meter", "6/8", "--key", "D", "--seed", "1", "--bars", "8", "-o", str(out),
+             "--midi", str(tmp_path / "jig.mid"), "--wav", str(tmp_path / "jig.wav")], env)
+    assert r.returncode == 0, r.stderr
+    assert "valid: 8 bars of 6/8 in D" in r.stdout
+    assert out.read_text().startswith("X:1\n") and (tmp_path / "jig.mid").read_bytes()[:4] == b"MThd"
+    assert (tmp_path / "jig.wav").read_bytes()[:4] == b"RIFF"
+    assert run(["music", "--check", str(out)], env).returncode == 0
+    bad = tmp_path / "bad.abc"
+    bad.write_text("X:1\nM:4/4\nL:1/8\nK:G\nGABc dBAG|GABc dBA|GABc dBAG|\n")
+    r = run(["music", "--check", str(bad)], env)
+    assert r.returncode == 1 and "bar 2 (line 5, column 11): 7 units, 8 expected" in r.stderr
+
+
 def test_train_rejects_a_family_without_a_local_trainer(tmp_path):
     from atelier.cli.train import LOCAL_TRAINERS
     from atelier.families import FAMILIES

@@ -14,7 +14,8 @@ from atelier.cli.keys import _local_db
 
 # The families this command can train in-process. Other registered families (sklearn, gram) train
 # only as server jobs or not at all; tests/test_cli.py checks that each is in the family registry.
-LOCAL_TRAINERS = ("chargpt", "ddpm", "dcgan", "upscaler")
+LOCAL_TRAINERS = ("chargpt", "abc-gpt", "ddpm", "dcgan", "upscaler")
+DECODERS = ("chargpt", "abc-gpt")  # the language-model trainers (text; ABC tunes)
 
 
 def _family(name: str):
@@ -25,7 +26,8 @@ def _family(name: str):
 
 
 def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.jsonl + songci.jsonl), .txt or "
-                                                  ".jsonl; images: the emoji folder or an .npz")],
+                                                  ".jsonl; abc-gpt: an .abc file or a folder of them; images: "
+                                                  "the emoji folder or an .npz")],
           name: Annotated[str, typer.Option(help="model name to register the result under")],
           family: Annotated[str, typer.Option(help=" | ".join(LOCAL_TRAINERS))] = "chargpt",
           workdir: Annotated[Optional[Path], typer.Option(help="checkpoints; rerun to resume [runs/<name>]")] = None,
@@ -60,7 +62,8 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
           url: UrlOpt = None, api_key: KeyOpt = None):
     """Train a model (progress bar, evaluation, checkpoints; rerun to resume) and register it.
 
-    --family chargpt (text, early stopping), ddpm or dcgan (images), or upscaler (a ×2
+    --family chargpt (text, early stopping), abc-gpt (folk tunes from .abc files, in all twelve
+    keys), ddpm or dcgan (images), or upscaler (a ×2
     upscaler that --attach-to adds to an image model, which then serves twice its size).
     Locally by default; with --follow, the data is uploaded and trained by the server's
     job worker (from scratch, or fine-tuning --base), with this terminal following it.
@@ -68,22 +71,23 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
     if family not in LOCAL_TRAINERS:
         err.print(f"[red]--family {family!r} is not one of {', '.join(LOCAL_TRAINERS)}[/red]")
         raise typer.Exit(2)
-    default_lr = {"chargpt": 3e-4 if base else 2e-3, "ddpm": 8e-4, "dcgan": 2e-4, "upscaler": 1e-3}[family]
+    default_lr = {"chargpt": 3e-4 if base else 2e-3, "abc-gpt": 3e-4 if base else 2e-3, "ddpm": 8e-4, "dcgan": 2e-4,
+                  "upscaler": 1e-3}[family]
     lr = lr or default_lr
     if follow_job:
         if data.is_dir() or family == "upscaler":
-            err.print("[red]--follow uploads one file (.txt or .jsonl; .npz for ddpm/dcgan) and trains chargpt, "
-                      "ddpm or dcgan[/red]")
+            err.print("[red]--follow uploads one file (.txt or .jsonl; .abc for abc-gpt; .npz for ddpm/dcgan) and "
+                      "trains chargpt, abc-gpt, ddpm or dcgan[/red]")
             raise typer.Exit(2)
         # The job API takes a learning-rate multiplier (OpenAI's shape), relative to the family default.
         hyper = {"max_steps": steps, "batch_size": batch_size, "learning_rate_multiplier": lr / default_lr,
                  "eval_every": eval_every}
-        if family == "chargpt":
+        if family in DECODERS:
             hyper |= {"optimizer": optimizer, "schedule": schedule, "warmup_steps": warmup, "grad_clip": grad_clip,
                       "precision": precision, "early_stopping_patience": patience}
             if not base:  # a fine-tune keeps its base's architecture
-                hyper |= {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "context": context,
-                          "min_count": min_count}
+                hyper |= {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "context": context}
+                hyper |= {"min_count": min_count} if family == "chargpt" else {}
         with open(data, "rb") as f:
             up = call("POST", "/v1/files", url, api_key, files={"file": (data.name, f)},
                       data={"purpose": "fine-tune"}).json()
@@ -93,12 +97,13 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
         console.print(f"job {job['id']} queued")
         done = follow(job["id"], _settings(url=url, api_key=api_key))
         raise typer.Exit(0 if done["status"] == "succeeded" else 1)
-    if family != "chargpt":
+    if family not in DECODERS:
         _train_image_family(family, data=data, name=name, workdir=workdir or Path("runs") / name, steps=steps,
                             batch_size=batch_size, lr=lr, eval_every=eval_every, max_minutes=max_minutes, seed=seed,
                             threads=threads, base_channels=base_channels, text_from=text_from,
                             attach_to=attach_to, register=register, home=home)
         return
+    from atelier.training.music import train_tunes
     from atelier.training.run import train_chargpt
     from atelier.training.trainer import TrainConfig
 
@@ -112,9 +117,15 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
     workdir = workdir or Path("runs") / name
     with (progress := _progress()):
         on_event = _training_events(progress, progress.add_task("training", total=steps, info=""))
-        best = train_chargpt(data, workdir, dict(n_positions=context, n_embd=n_embd, n_layer=n_layer,
-                                                 n_head=n_head, dropout=dropout),
-                             cfg, min_count=min_count, threads=threads, on_event=on_event)
+        shape = dict(n_positions=context, n_embd=n_embd, n_layer=n_layer, n_head=n_head, dropout=dropout)
+        if family == "abc-gpt":
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            best = train_tunes(data, workdir, shape, cfg, on_event=on_event)
+        else:
+            best = train_chargpt(data, workdir, shape, cfg, min_count=min_count, threads=threads, on_event=on_event)
     record = json.loads((best / "training.json").read_text())
     console.print(f"best weights: {best}  val loss {record['metrics']['val_loss']:.4f}")
     if register:
@@ -123,8 +134,8 @@ def train(data: Annotated[Path, typer.Option(help="chargpt: poetry folder (tang.
 
         settings = _settings(home=home)
         with _local_db(home) as db:
-            v = register_trained(db, open_blobs(settings), folder=best, name=name, family="chargpt",
-                                 task=_family("chargpt").task, detail={"via": "cli"})
+            v = register_trained(db, open_blobs(settings), folder=best, name=name, family=family,
+                                 task=_family(family).task, detail={"via": "cli"})
             console.print(f"registered {name}@{v.number} (alias latest) in {settings.home_dir}")
 
 
