@@ -11,7 +11,7 @@ Three columns, measured in the same run:
 Rows: parse rate; share of bars of the right length (a pickup and the last bar aside); tunes
 ending on the tonic; distance (total variation, 0–1) of the pitch-class histogram relative to
 the tonic, and of the interval histogram, from the held-out tunes'; AABB tunes whose repeats
-close correctly; tunes sharing a 4-bar sequence with a training tune (in any key); tokens/s.
+close correctly; chord symbols per bar; tunes sharing a 4-bar sequence with a training tune (in any key); tokens/s.
 Then the speed through the real server: tunes/s and time to the first bar (streaming).
 """
 
@@ -107,6 +107,7 @@ def repeats_close(tune) -> bool:
 
 def measure(abcs: list[str], canonicals: list[str], reference: dict | None, training: set) -> dict:
     parsed, bars_ok, bars_all, tonic_end, pcs, intervals, closes, copied = 0, 0, 0, 0, [], [], 0, 0
+    chords, bars_written = 0, 0
     for abc, canon in zip(abcs, canonicals):
         try:
             tune = parse(abc)
@@ -116,17 +117,20 @@ def measure(abcs: list[str], canonicals: list[str], reference: dict | None, trai
         parsed += 1
         inner = tune.bars[1:-1] if tune.bars and tune.bars[0].number == 0 else tune.bars[:-1]
         bars_all += len(inner)
-        bars_ok += sum(b.status == "ok" for b in inner)
+        bars_ok += sum(b.ok for b in inner)  # full, or a short bar closing a section by a pickup
         if notes and notes[-1] % 12 == tonic(tune):
             tonic_end += 1
         pcs += [(p - tonic(tune)) % 12 for p in notes]
         intervals += [b - a for a, b in zip(notes, notes[1:])]
         closes += repeats_close(tune)
+        chords += sum(t.kind == "chord_symbol" for t in tune.tokens)
+        bars_written += len(tune.bars)
         if training and windows(canon) & training:
             copied += 1
     n = len(abcs)
     out = {"tunes": n, "parse rate": parsed / n, "bars of the right length": bars_ok / max(bars_all, 1),
            "end on the tonic": tonic_end / max(parsed, 1), "repeats close correctly": closes / max(parsed, 1),
+           "chord symbols per bar": chords / max(bars_written, 1),
            "pitch classes": histogram(pcs, 0, 11), "intervals": histogram(intervals, -12, 12)}
     if training:
         out["share a 4-bar sequence with training"] = copied / n
@@ -200,6 +204,7 @@ def main() -> None:
     unmasked = measure(unmasked_abcs, unmasked_canon, reference, training)
     reference |= {"pitch-class distance": 0.0, "interval distance": 0.0}
     rows = ["tunes", "parse rate", "bars of the right length", "end on the tonic", "repeats close correctly",
+            "chord symbols per bar",
             "pitch-class distance", "interval distance", "share a 4-bar sequence with training"]
     print(f"\n{'':40} {'held-out':>10} {'masked':>10} {'unmasked':>10}")
     for row in rows:

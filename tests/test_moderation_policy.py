@@ -75,3 +75,23 @@ def test_flag_serves_and_audits_and_off_does_nothing(tmp_path):
             assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
             actions = [e["action"] for e in http.get("/api/audit", params={"limit": 100}).json()["data"]]
             assert ("moderation.flag" in actions) is audited, (policy, actions)
+
+
+def test_an_admin_sets_a_keys_own_policy(tmp_path):
+    """The server flags; one key is set to block, then back to the server's policy."""
+    with moderated_server(tmp_path, "flag") as s, admin_http(s) as admin:
+        made = admin.post("/api/keys", json={"name": "school", "scopes": ["generate"], "moderation": "block"}).json()
+        assert made["moderation"] == "block"
+        body = {"model": "tang-poet", "prompt": f"春 {WORD}", "max_tokens": 4, "seed": 1}
+        with httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {made['key']}"}, timeout=60) as school:
+            r = school.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+            assert admin.post("/v1/completions", json=body).status_code == 200  # the admin key: flag
+            assert school.patch(f"/api/keys/{made['id']}", json={"moderation": "off"}).status_code == 403
+            changed = admin.patch(f"/api/keys/{made['id']}", json={"moderation": None}).json()
+            assert changed["moderation"] is None and changed["limits"] == {}
+            assert school.post("/v1/completions", json=body).status_code == 200
+        bad = admin.patch(f"/api/keys/{made['id']}", json={"moderation": "sometimes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] in ("moderation", "body.moderation")
+        audit = admin.get("/api/audit", params={"limit": 100}).json()["data"]
+        assert any(e["action"] == "key.update" and e["detail"]["moderation"] is None for e in audit)

@@ -30,6 +30,11 @@ def record(sessions, key_id: str | None, *, where: str, result: Result, blocked:
                      detail={"categories": flagged_categories(result)})
 
 
+def policy_for(settings, key) -> str:
+    """The moderation policy for a request: the key's own (set by an admin), else ATELIER_MODERATION."""
+    return getattr(key, "moderation", None) or settings.moderation
+
+
 def check_input(moderator: Moderator, policy: str, texts: list[str], *, param: str, sessions, key_id: str | None,
                 where: str) -> None:
     """Before a request runs: under `block`, a flagged text is a 400 naming `param`."""

@@ -40,6 +40,8 @@ def keys_create(scopes: Annotated[list[str], typer.Option("--scope", help="admin
                 images_per_day: Annotated[Optional[int], typer.Option(help="images per UTC day")] = None,
                 max_parallel: Annotated[Optional[int], typer.Option(help="requests at once")] = None,
                 tokens_per_month: Annotated[Optional[int], typer.Option(help="tokens per calendar month")] = None,
+                moderation: Annotated[Optional[str], typer.Option(help="off | flag | block: this key's policy "
+                                                                       "[ATELIER_MODERATION]")] = None,
                 home: HomeOpt = None):
     """Create a key (with rate limits and quotas, if given) and print its secret (shown once)."""
     from atelier.storage import audit
@@ -49,12 +51,12 @@ def keys_create(scopes: Annotated[list[str], typer.Option("--scope", help="admin
               "tokens_per_month": tokens_per_month}
     with _local_db(home) as db:
         try:
-            key, secret = create_key(db, name=name, scopes=scopes, limits=limits)
+            key, secret = create_key(db, name=name, scopes=scopes, limits=limits, moderation=moderation)
         except ValueError as e:
             err.print(f"[red]{e}[/red]")
             raise typer.Exit(2)
         audit.record(db, action="key.create", target=key.id, detail={"scopes": key.scopes, "via": "cli"})
-    shown = " ".join(f"{k}={v}" for k, v in (key.limits or {}).items())
+    shown = " ".join(f"{k}={v}" for k, v in ((key.limits or {}) | ({"moderation": moderation} if moderation else {})).items())
     console.print(f"{key.id}  scopes={','.join(key.scopes)}" + (f"  {shown}" if shown else "") + f"\n{secret}")
 
 

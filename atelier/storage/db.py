@@ -68,6 +68,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     limits: Mapped[dict | None] = mapped_column(JSON, default=None)  # rpm, tpm, images_per_day, … (storage/usage.py)
+    moderation: Mapped[str | None] = mapped_column(String(8), default=None)  # off|flag|block; None: ATELIER_MODERATION
 
 
 class Usage(Base):
@@ -208,7 +209,7 @@ def _add_missing_columns(engine: Engine) -> None:
     until the schema has real migrations: each is nullable, so old rows stay valid."""
     from sqlalchemy import inspect, text
 
-    added = {"api_keys": {"limits": "JSON"}}
+    added = {"api_keys": {"limits": "JSON", "moderation": "VARCHAR(8)"}}
     inspector = inspect(engine)
     with engine.begin() as conn:
         for table, columns in added.items():

@@ -16,17 +16,22 @@ from atelier.storage.db import ApiKey, utcnow
 from atelier.storage.usage import check_limits
 
 
+MODERATION_POLICIES = ("off", "flag", "block")
+
+
 def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | None = None,
-               limits: dict | None = None) -> tuple[ApiKey, str]:
+               limits: dict | None = None, moderation: str | None = None) -> tuple[ApiKey, str]:
     """Store a new key and return it with its secret (the only time the secret is seen); `limits` are its
-    rate limits and quotas (atelier/storage/usage.py)."""
+    rate limits and quotas (atelier/storage/usage.py), `moderation` its own policy (None: the server's)."""
+    if moderation not in (None, *MODERATION_POLICIES):
+        raise ValueError(f"moderation {moderation!r} is not one of {', '.join(MODERATION_POLICIES)}")
     scopes = validate_scopes(scopes)
     limits = check_limits(limits or {})
     secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
     if len(secret) < 16:
         raise ValueError("a key must be at least 16 characters long")
     key = ApiKey(id="key_" + secrets.token_hex(8), name=redact(name).text, prefix=secret[:8], hash=hash_secret(secret),
-                 scopes=scopes, limits=limits or None)
+                 scopes=scopes, limits=limits or None, moderation=moderation)
     db.add(key)
     db.commit()
     return key, secret

@@ -16,7 +16,7 @@ from atelier.api import sse
 from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.metering import Meter, metered
-from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input
+from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input, policy_for
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.poem_completion import poem_completion
 from atelier.api.schemas import UNSUPPORTED, ChatRequest, CompletionRequest, SamplingFields
@@ -236,7 +236,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
                             key: GenerateKey, meter: Meter = Depends(metered("completions"))):
     """Continue a prompt (OpenAI's legacy completions)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    check_input(moderator, settings.moderation, [t for t in texts if isinstance(t, str)], param="prompt",
+    check_input(moderator, policy_for(settings, key), [t for t in texts if isinstance(t, str)], param="prompt",
                 sessions=sessions, key_id=key.id, where="completions")
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, key=key, chat=False)
@@ -251,7 +251,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = "\n".join(texts)
-    guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="completions")
+    guard = OutputGuard(moderator, policy_for(settings, key), sessions=sessions, key_id=key.id, where="completions")
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
@@ -290,7 +290,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                                  manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
                                  sessions: SessionsDep, key: GenerateKey, meter: Meter = Depends(metered("chat"))):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
-    check_input(moderator, settings.moderation, [m.text() for m in body.messages], param="messages",
+    check_input(moderator, policy_for(settings, key), [m.text() for m in body.messages], param="messages",
                 sessions=sessions, key_id=key.id, where="chat")
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, key=key, chat=True)
@@ -316,7 +316,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = json.dumps(messages, ensure_ascii=False)
-    guard = OutputGuard(moderator, settings.moderation, sessions=sessions, key_id=key.id, where="chat")
+    guard = OutputGuard(moderator, policy_for(settings, key), sessions=sessions, key_id=key.id, where="chat")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731

@@ -23,7 +23,7 @@ from atelier.api import sse
 from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.metering import Meter, metered
-from atelier.api.moderation_policy import check_input
+from atelier.api.moderation_policy import check_input, policy_for
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.outputs import artifact_url, check_openai_fields, check_prompt, store_png
 from atelier.images.png import a1111_parameters, encode_png, upscale
@@ -65,7 +65,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, db: Session
     """Text to image (OpenAI's images.generate); extra fields seed, steps, guidance, negative_prompt, upscaler,
     store, keep_alive."""
     check_openai_fields(body.model_extra or {})
-    check_input(moderator, settings.moderation, [body.prompt], param="prompt", sessions=sessions, key_id=key.id,
+    check_input(moderator, policy_for(settings, key), [body.prompt], param="prompt", sessions=sessions, key_id=key.id,
                 where="images")
     loaded = await acquire(manager, db, body.model, key=key, tasks=("image-generation",), keep_alive=body.keep_alive)
     db.close()  # the rest of the request (seconds of sampling) needs no database session of its own

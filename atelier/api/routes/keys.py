@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,16 +23,21 @@ class KeyCreate(BaseModel):
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: ["generate"], min_length=1)
     limits: dict[str, int | None] = Field(default_factory=dict)  # rpm, tpm, images_per_day, max_parallel, …
+    moderation: Literal["off", "flag", "block"] | None = None  # this key's policy; null: ATELIER_MODERATION
 
 
 class KeyUpdate(BaseModel):
+    """What is given changes; what is left out stays."""
+
     model_config = ConfigDict(extra="forbid")
 
-    limits: dict[str, int | None]  # replaces the key's limits; null removes one
+    limits: dict[str, int | None] | None = None  # replaces the key's limits; null removes one
+    moderation: Literal["off", "flag", "block"] | None = None  # null: back to ATELIER_MODERATION
 
 
 def key_public(k: ApiKey) -> dict:
     return {"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "limits": k.limits or {},
+            "moderation": k.moderation,
             "created_at": k.created_at.isoformat() + "Z",
             "revoked_at": k.revoked_at.isoformat() + "Z" if k.revoked_at else None}
 
@@ -43,11 +50,12 @@ def create(body: KeyCreate, db: SessionDep, key: AdminKey):
     except ValueError as e:
         raise bad_request(str(e), "limits") from None
     try:
-        new, secret = create_key(db, name=body.name, scopes=body.scopes, limits=body.limits)
+        new, secret = create_key(db, name=body.name, scopes=body.scopes, limits=body.limits,
+                                 moderation=body.moderation)
     except ValueError as e:
         raise bad_request(str(e), "scopes") from None
     audit.record(db, action="key.create", target=new.id, key_id=key.id,
-                 detail={"scopes": new.scopes, "limits": new.limits or {}})
+                 detail={"scopes": new.scopes, "limits": new.limits or {}, "moderation": new.moderation})
     return key_public(new) | {"key": secret}
 
 
@@ -59,16 +67,22 @@ def list_all(db: SessionDep, key: AdminKey):
 
 @router.patch("/{key_id}")
 def update(key_id: str, body: KeyUpdate, db: SessionDep, key: AdminKey):
-    """Change a key's rate limits and quotas (they apply from its next request)."""
+    """Change a key's rate limits and quotas, or its moderation policy (from its next request)."""
     target = db.get(ApiKey, key_id)
     if target is None:
         raise not_found(f"key {key_id!r} does not exist", "key_id")
-    try:
-        target.limits = check_limits(body.limits) or None
-    except ValueError as e:
-        raise bad_request(str(e), "limits") from None
+    if not body.model_fields_set:
+        raise bad_request("give limits and/or moderation to change", "limits")
+    if "limits" in body.model_fields_set:
+        try:
+            target.limits = check_limits(body.limits or {}) or None
+        except ValueError as e:
+            raise bad_request(str(e), "limits") from None
+    if "moderation" in body.model_fields_set:
+        target.moderation = body.moderation
     db.commit()
-    audit.record(db, action="key.limits", target=key_id, key_id=key.id, detail={"limits": target.limits or {}})
+    audit.record(db, action="key.update", target=key_id, key_id=key.id,
+                 detail={"limits": target.limits or {}, "moderation": target.moderation})
     return key_public(target)
 
 

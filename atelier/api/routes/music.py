@@ -23,7 +23,7 @@ from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, Se
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.models_lookup import acquire
-from atelier.api.moderation_policy import check_input
+from atelier.api.moderation_policy import check_input, policy_for
 from atelier.api.tunes import ABC_MIME, audio_response, read_tune, render_or_400
 from atelier.music.abc import parse_unit
 from atelier.music.compose import MusicRequestError, TuneRequest
@@ -126,7 +126,7 @@ async def create(body: TuneCreate, request: Request, db: SessionDep, settings: S
     """Write n tunes in the meter, key and form asked for: every one parses and every bar scans."""
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     tune_req = tune_request(body, settings, seed)
-    check_input(moderator, settings.moderation, [body.title or ""], param="title", sessions=sessions,
+    check_input(moderator, policy_for(settings, key), [body.title or ""], param="title", sessions=sessions,
                 key_id=key.id, where="music")
     loaded = await acquire(manager, db, body.model, key=key, tasks=("music-generation",), keep_alive=body.keep_alive)
     meter.model = loaded.ref

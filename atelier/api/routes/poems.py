@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atelier.api.deps import GenerateKey, ManagerDep, ModeratorDep, ReadKey, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
-from atelier.api.moderation_policy import check_input
+from atelier.api.moderation_policy import check_input, policy_for
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
 
@@ -72,7 +72,7 @@ async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manag
                   meter: Meter = Depends(metered("poems"))):
     """Write poems that obey a form, each with its compliance report."""
     keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
-    check_input(moderator, settings.moderation, [body.title or "", body.acrostic or "", *keywords], param="title",
+    check_input(moderator, policy_for(settings, key), [body.title or "", body.acrostic or "", *keywords], param="title",
                 sessions=sessions, key_id=key.id, where="poems")
     args = body.model_dump(exclude={"model", "keep_alive"})
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
