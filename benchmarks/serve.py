@@ -1,0 +1,184 @@
+"""Serving benchmark in the shape of `vllm bench serve`: the real server, streaming completions.
+
+    .venv/bin/python benchmarks/serve.py [--model tang-poet] [--concurrency 1 8 32] [--requests 32]
+                                         [--max-tokens 64] [--rate R] [--threads N]
+
+Starts `atelier serve` as its own process on loopback with a fresh home, then for each
+concurrency runs a closed loop (each client sends its next request when the last one ends;
+with --rate, Poisson arrivals at R requests/s instead) of streaming `/v1/completions` with
+`ignore_eos`, and prints requests/s, output tokens/s, time to first token (TTFT) p50/p99,
+time per output token (TPOT) p50/p99, inter-token latency (ITL) p99, and tokens/s over
+concurrency 1's. In the same run: the in-process engine (batch 1) and `transformers`
+`generate` on the same weights, and a 1-token completion's round trip against the
+in-process call. No assertions: the figures are for people (issue "Performance").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from conftest import ADMIN_KEY, free_port, serve_process  # noqa: E402
+
+PROMPT = "春眠不觉晓，"
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+async def one(client: httpx.AsyncClient, model: str, max_tokens: int, seed: int) -> dict:
+    """One streamed completion: when each token arrived."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed,
+            "temperature": 1.0, "ignore_eos": True}
+    start = time.perf_counter()
+    arrivals = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"text": ""' not in line:
+                arrivals.append(time.perf_counter() - start)
+    return {"arrivals": arrivals, "latency": time.perf_counter() - start}
+
+
+async def run_load(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
+                   rate: float | None) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=600,
+                                 limits=limits) as client:
+        results: list[dict] = []
+        started = time.perf_counter()
+        if rate is None:
+            queue = iter(range(requests))
+
+            async def worker():
+                for seed in queue:
+                    results.append(await one(client, model, max_tokens, seed))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            rng, tasks = random.Random(0), []
+            for seed in range(requests):
+                tasks.append(asyncio.create_task(one(client, model, max_tokens, seed)))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = list(await asyncio.gather(*tasks))
+        wall = time.perf_counter() - started
+    tokens = sum(len(r["arrivals"]) for r in results)
+    ttft = [r["arrivals"][0] for r in results if r["arrivals"]]
+    tpot = [(r["latency"] - r["arrivals"][0]) / (len(r["arrivals"]) - 1) for r in results if len(r["arrivals"]) > 1]
+    itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    return {"requests/s": len(results) / wall, "tokens/s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
+            "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99),
+            "itl_p99": pct(itl, 0.99)}
+
+
+def round_trip(url: str, model: str, n: int = 30) -> float:
+    """Median seconds of a 1-token, non-streamed completion through the server."""
+    times = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as http:
+        for i in range(n):
+            t0 = time.perf_counter()
+            http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1, "seed": i})
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def in_process(model: str, max_tokens: int) -> dict:
+    """The engine without HTTP (batch 1 tokens/s, a 1-token call) and transformers generate, same weights."""
+    import torch
+    from text_decode import ours, theirs
+    from transformers import AutoModelForCausalLM
+
+    from atelier.families import get_family
+    from atelier.families.shipped import SHIPPED_DIR
+    from atelier.runtime.text_engine import TextEngine
+
+    folder = SHIPPED_DIR / model
+    lm = get_family("chargpt").load(folder)
+    engine = TextEngine(lm, max_batch=16)
+    ids = lm.encode(PROMPT)
+    asyncio.run(ours(engine, ids, 1, 8))
+    engine_tps = max(asyncio.run(ours(engine, ids, 1, max_tokens)) for _ in range(3))
+    one_token = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        asyncio.run(ours(engine, ids, 1, 1))
+        one_token.append(time.perf_counter() - t0)
+    engine.close()
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    theirs(hf, ids, 1, 8)
+    hf_tps = max(theirs(hf, ids, 1, max_tokens) for _ in range(3))
+    return {"engine_tps": engine_tps, "one_token": statistics.median(one_token), "hf_tps": hf_tps,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tang-poet")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 × it)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s) instead of a closed loop")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    local = in_process(args.model, args.max_tokens)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as home:
+        env = os.environ | {"ATELIER_HOME": home, "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY,
+                            "ATELIER_RUN_WORKER": "false", "ATELIER_MAX_TOKENS_LIMIT": str(max(512, args.max_tokens)),
+                            "ATELIER_LOG_LEVEL": "warning"}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        proc = serve_process(env, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_load(url, args.model, 1, 2, 8, None))  # load the model, warm up
+            rt = round_trip(url, args.model)
+            rows = {c: asyncio.run(run_load(url, args.model, c, max(args.requests, 2 * c), args.max_tokens, args.rate))
+                    for c in args.concurrency}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    base = rows[args.concurrency[0]]["tokens/s"]
+    mode = f"Poisson {args.rate} req/s" if args.rate else "closed loop"
+    print(f"\n{args.model}, {args.max_tokens} tokens per request, streaming, {mode}, {local['threads']} threads")
+    print(f"{'clients':>7} | {'req/s':>6} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
+          f"{'TPOT p99':>8} | {'ITL p99':>7} | {'× c=1':>5}")
+    print("-" * 92)
+    for c, r in rows.items():
+        print(f"{c:>7} | {r['requests/s']:>6.2f} | {r['tokens/s']:>7.0f} | {r['ttft_p50'] * 1e3:>6.0f}ms | "
+              f"{r['ttft_p99'] * 1e3:>6.0f}ms | {r['tpot_p50'] * 1e3:>6.1f}ms | {r['tpot_p99'] * 1e3:>6.1f}ms | "
+              f"{r['itl_p99'] * 1e3:>5.0f}ms | {r['tokens/s'] / base:>5.2f}")
+    single = rows.get(1, rows[args.concurrency[0]])["tokens/s"]
+    print(f"\nin-process engine, batch 1: {local['engine_tps']:.0f} tok/s; transformers generate: "
+          f"{local['hf_tps']:.0f} tok/s (engine / transformers {local['engine_tps'] / local['hf_tps']:.2f}×)")
+    print(f"through the server, 1 client: {single:.0f} tok/s = {single / local['engine_tps']:.0%} of the engine's")
+    print(f"1-token completion: {rt * 1e3:.1f} ms round trip vs {local['one_token'] * 1e3:.1f} ms in process "
+          f"(+{(rt - local['one_token']) * 1e3:.1f} ms)")
+    if len(rows) > 1:
+        top = max(rows)
+        print(f"{top} clients: {rows[top]['tokens/s'] / base:.1f}× one client's tokens/s; TTFT p99 "
+              f"{rows[top]['ttft_p99'] / rows[args.concurrency[0]]['ttft_p50']:.1f}× the single-client TTFT")
+
+
+if __name__ == "__main__":
+    main()
