@@ -83,7 +83,7 @@ it stays in a fiddle's range: {data['train_sequences']} training sequences.
 
 ## Training
 ```bash
-.venv/bin/python benchmarks/train_music.py --minutes {minutes:g} --ship
+.venv/bin/python benchmarks/train_music.py --minutes {minutes:g} --steps {metrics['steps']} --ship
 ```
 AdamW, peak learning rate {record['train_config']['lr']}, {record['train_config']['warmup_steps']} warm-up steps
 then cosine decay, batch {record['train_config']['batch_size']} windows of {cfg['n_positions']} tokens, dropout
