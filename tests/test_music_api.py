@@ -83,6 +83,27 @@ def test_streaming_sends_bars_then_the_tune(http):
     assert plain["tunes"][0]["abc"] == tunes[0]["abc"]
 
 
+def test_a_client_that_leaves_stops_its_tune(http, server):
+    """A streamed tune whose client hangs up is abandoned at its next bar line: nothing is stored."""
+    import time
+
+    import httpx
+
+    def melodies():
+        return len(http.get("/api/artifacts", params={"kind": "melody", "limit": 100}).json()["data"])
+
+    before = melodies()
+    headers = {"Authorization": http.headers["Authorization"]}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c, \
+            c.stream("POST", "/api/music", json={"meter": "4/4", "bars": 48, "seed": 11, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: bar"):
+                break  # leave after the first bar
+    time.sleep(3)  # the whole tune takes about a second to write; an abandoned one is never stored
+    assert melodies() == before
+    assert http.post("/api/music", json={"bars": 4, "seed": 1}).status_code == 200  # the model is free again
+
+
 def test_stored_tune_in_every_format(http):
     tune = http.post("/api/music", json={"bars": 4, "meter": "4/4", "seed": 9}).json()["tunes"][0]
     url = f"/api/artifacts/{tune['artifact_id']}/content"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from fractions import Fraction
 from typing import Literal
@@ -145,14 +146,21 @@ async def create(body: TuneCreate, request: Request, db: SessionDep, settings: S
     return {"object": "music.tunes", "created": int(time.time()), "model": loaded.ref, "tunes": stored}
 
 
+class Abandoned(Exception):
+    """A streamed tune whose client has left."""
+
+
 def stream_tunes(request: Request, loaded, manager, body: TuneCreate, tune_req: TuneRequest, sessions, blobs, key,
                  params: dict):
     """SSE: `bar` events as each bar is written ({tune, bars, abc so far in canonical form}), then one
     `tune` event per finished tune (as the JSON response has it), then [DONE]; errors as `error`."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()  # the client left: the writer stops at its next bar line
 
     def on_bar(index: int, text: str) -> None:
+        if gone.is_set():
+            raise Abandoned
         loop.call_soon_threadsafe(queue.put_nowait, ("bar", {"tune": index, "abc": text}))
 
     def work():
@@ -160,6 +168,8 @@ def stream_tunes(request: Request, loaded, manager, body: TuneCreate, tune_req: 
             tunes = write_tunes(loaded, tune_req, body.n, on_bar=on_bar)
             stored = store_tunes(sessions, blobs, tunes, model_ref=loaded.ref, key_id=key.id, params=params)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", stored))
+        except Abandoned:
+            return  # nothing stored, and the model's lock is free for the next request
         except MusicRequestError as e:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", {"message": str(e), "type": "invalid_request_error",
                                                                    "param": e.param, "code": "invalid_value"}))
@@ -181,11 +191,15 @@ def stream_tunes(request: Request, loaded, manager, body: TuneCreate, tune_req: 
                 yield sse.event("error", {"error": payload})
                 break
             if await request.is_disconnected():
-                return  # the tune in hand finishes in its thread; nobody reads it
+                return
         await task
         yield sse.DONE
 
-    return sse.response(body_events(), on_close=lambda: manager.release(loaded, body.keep_alive))
+    def close() -> None:
+        gone.set()
+        manager.release(loaded, body.keep_alive)
+
+    return sse.response(body_events(), on_close=close)
 
 
 @router.post("/check")
