@@ -43,6 +43,7 @@ def test_tunes_parse_scan_and_repeat_by_seed(http):
         report = tune["report"]
         assert report["valid"] and report["wrong_bars"] == [] and report["bars"] == 16  # AABB: 2 × 8 bars
         assert report["meter"] == "6/8" and report["key"] == "D" and report["repeats"] >= 2
+        assert report["tempo"] == 165  # no Q: the tempo a rendering plays (a dotted quarter = 110)
         assert tune["abc"].startswith("X:1\nT:Morning\nM:6/8\nL:1/8\nK:D\n")
         assert parse(tune["abc"]).ok  # our own reader agrees, from the text alone
     again = http.post("/api/music", json=body).json()

@@ -210,6 +210,7 @@ def test_generate_a_jig_in_d_then_continue_it_and_find_it_in_the_gallery(page, l
     assert re.search(r"^M:6/8$", abc, re.MULTILINE) and re.search(r"^K:D", abc, re.MULTILINE) and "T:Studio Jig" in abc
     assert "✓ valid" in page.inner_text("#music-report .verdict")
     assert page.locator("#music-paper svg .abcjs-note").count() >= 16
+    assert page.get_attribute(f"{form} [name=tempo]", "placeholder") == "auto (165)"  # the server's 6/8 tempo
     with admin_http(live) as http:  # the same request through the API: the same tune, byte for byte
         r = http.post("/api/music", json=generated[-1])
     assert r.status_code == 200, r.text

@@ -289,8 +289,11 @@ class Tune:
         repeats = [t.text for t in self.tokens if t.kind == "bar" and ":" in t.text]
         endings = [t.text for t in self.tokens if t.kind == "ending"]
         full = [b for b in self.bars if b.status in ("ok", "closing")]
+        from atelier.music.score import default_tempo, meter_signature  # score reads tunes: imported here
+
+        tempo = self.tempo or default_tempo(meter_signature(self.meter_text))  # what a rendering plays
         return {"title": self.titles[0] if self.titles else None, "meter": self.meter_text,
-                "unit": f"1/{self.unit.denominator}", "key": self.key.abc(), "tempo": self.tempo,
+                "unit": f"1/{self.unit.denominator}", "key": self.key.abc(), "tempo": tempo,
                 "bars": len(full), "pickup": str(self.bars[0].length) if self.bars and self.bars[0].number == 0
                 else None, "repeats": len(repeats), "endings": endings,
                 "valid": self.ok, "wrong_bars": [b.number for b in self.bars if not b.ok],

@@ -398,7 +398,10 @@ function quartersPerMinute() {
 }
 
 function autoTempo() {
-  // abcjs counts beats of getBeatLength() whole notes (a dotted quarter in 6/8); a quarter is 1/4.
+  // The server's tempo for this tune (its Q:, else the meter's), as its report says, so the tab plays
+  // what a download from the gallery plays; else abcjs's, which counts beats of getBeatLength()
+  // whole notes (a dotted quarter in 6/8; a quarter is 1/4).
+  if (tune.report?.tempo && tune.reportAbc === tune.abc) return tune.report.tempo;
   return visual ? Math.round(visual.getBpm() * visual.getBeatLength() * 4) : undefined;
 }
 
