@@ -203,6 +203,19 @@ def test_train_a_tune_model_locally_then_write_and_check_tunes(server, tmp_path)
     assert r.returncode == 1 and "bar 2 (line 5, column 11): 7 units, 8 expected" in r.stderr
 
 
+def test_serve_says_the_database_is_unreachable_and_exits_3(tmp_path):
+    from conftest import free_port
+
+    port = free_port()  # nothing listens there
+    for url, shown in ((f"postgresql://atelier:s3cret@127.0.0.1:{port}/atelier", f"127.0.0.1:{port}"),
+                       (f"sqlite:///{tmp_path}/no/such/folder/atelier.db", "no/such/folder")):
+        r = run(["serve", "--port", str(free_port())], {"ATELIER_HOME": str(tmp_path / "home"),
+                                                      "ATELIER_DATABASE_URL": url}, timeout=60)
+        assert r.returncode == 3, (url, r.stdout, r.stderr)
+        assert "cannot reach the database" in r.stderr and shown in r.stderr
+        assert "Traceback" not in r.stderr and "s3cret" not in r.stderr  # a message, not a stack; no password
+
+
 def test_train_rejects_a_family_without_a_local_trainer(tmp_path):
     from atelier.cli.train import LOCAL_TRAINERS
     from atelier.families import FAMILIES

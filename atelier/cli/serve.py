@@ -26,8 +26,13 @@ def serve(host: Annotated[Optional[str], typer.Option(help="bind address [ATELIE
 
     for handler in logging.getLogger().handlers:  # Atelier's own log lines: no personal data either
         handler.addFilter(RedactingFilter())
+    from atelier.storage.db import DatabaseUnreachable
+
     try:
         application = create_app(settings)
+    except DatabaseUnreachable as e:  # exit status 3: start it (or fix the URL) and start Atelier again
+        err.print(f"[red]cannot start: {e}[/red]")
+        raise typer.Exit(3)
     except ValueError as e:  # a data key that does not open the store, a malformed key, …
         err.print(f"[red]cannot start: {e}[/red]")
         raise typer.Exit(2)

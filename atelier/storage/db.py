@@ -183,6 +183,29 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class DatabaseUnreachable(RuntimeError):
+    """The database cannot be opened or reached at start: the server says so and exits."""
+
+
+def engine_url(url: str) -> str:
+    """`postgresql://` (or Heroku's `postgres://`) means psycopg 3, the driver Atelier installs;
+    SQLAlchemy alone would look for psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 — a URL SQLAlchemy cannot parse is shown as its scheme only
+        return url.split(":", 1)[0] + ":…"
+
+
 def make_engine(url: str) -> Engine:
     # Requests hold a connection only while they read or write (generation routes give theirs back
     # before streaming), but a burst of many clients still needs more than the default 5 + 10.
@@ -190,7 +213,10 @@ def make_engine(url: str) -> Engine:
     kwargs = {} if in_memory else {"pool_size": 20, "max_overflow": 80, "pool_timeout": 30}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(engine_url(url), **kwargs)
+    except (ImportError, ValueError) as e:  # an unknown driver, a malformed URL
+        raise DatabaseUnreachable(f"ATELIER_DATABASE_URL={safe_url(url)}: {e}") from None
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _):
@@ -199,8 +225,14 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        Base.metadata.create_all(engine)
+        _add_missing_columns(engine)
+    except OperationalError as e:  # down, refused, wrong password, a folder that does not exist …
+        reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e).splitlines()[0]
+        raise DatabaseUnreachable(f"cannot reach the database {safe_url(url)}: {reason}") from None
     return engine
 
 
