@@ -31,6 +31,8 @@ def error_of(resp, status: int) -> dict:
     ({"response_format": "gif"}, "response_format", 400, ""),
     ({"response_format": "url", "store": False}, "response_format", 400, "store"),
     ({"quality": "hd"}, "quality", 400, "not supported"),
+    ({"moderation": []}, "moderation", 400, "not supported"),  # a list (schemathesis found the 500)
+    ({"background": {"a": 1}}, "background", 400, "not supported"),
     ({"style": "vivid"}, "style", 400, "not supported"),
     ({"output_format": "jpeg"}, "output_format", 400, "png"),
     ({"seed": -1}, "seed", 400, ""),

@@ -16,7 +16,8 @@ ACCEPTED = {"quality": {"auto", "standard", None}, "background": {"auto", "opaqu
 
 def check_openai_fields(values: dict) -> None:
     for name, ok in ACCEPTED.items():
-        if name in values and values[name] not in ok:
+        # A list or an object (JSON can send either) is no accepted value, and cannot be looked up in a set.
+        if name in values and not (isinstance(values[name], (str, int, float, bool, type(None))) and values[name] in ok):
             allowed = ", ".join(sorted(str(v) for v in ok if v is not None)) or "nothing (leave it unset)"
             raise bad_request(f"{name}={values[name]!r} is not supported by Atelier; accepted: {allowed}", name,
                               code="unsupported_parameter")
