@@ -14,14 +14,12 @@ Lengths are counted in eighths (the canonical unit, atelier/music/tokens.py) as 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from atelier.music.theory import ACCIDENTALS, NATURAL, Key, note_parts
+from atelier.music.tokens import is_pitch, length_of
 
-NOTE_RE = re.compile(r"[=^_]{0,2}[A-Ga-g][,']*")
-LENGTH_RE = re.compile(r"\d+/\d+|/\d+|\d+")
 SECTION_ENDS = (":|", "||", "|]")
 TRIPLET = Fraction(2, 3)
 
@@ -49,12 +47,12 @@ class Vocabulary:
                 kind = "newline"
             elif t == "z":
                 kind = "rest"
-            elif NOTE_RE.fullmatch(t):
+            elif is_pitch(t):
                 kind = "pitch"
                 pitches[i] = note_parts(t)
-            elif LENGTH_RE.fullmatch(t):
+            elif length_of(t) is not None:
                 kind = "length"
-                lengths[i] = Fraction(1, int(t[1:])) if t.startswith("/") else Fraction(t)
+                lengths[i] = length_of(t)
             elif t in ("|", "||", "|]", "|:", ":|"):
                 kind = "bar"
             elif t in ("[1", "[2"):

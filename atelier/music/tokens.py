@@ -19,16 +19,27 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from atelier.music.abc import Token, Tune, parse
+from atelier.music.abc import Token, Tune, parse, pitches_of
 from atelier.music.theory import TheoryError, Transposition, note_parts, note_text, parse_key
 
 UNIT = Fraction(1, 8)
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 CHORD_RE = re.compile(r"^[A-G][#b]?(?:m|min|maj|dim|aug|sus|add|[0-9]|\+|-)*(?:/[A-G][#b]?)?$")
-TOKEN_RE = re.compile(r'M:\S+|K:\S+|"[^"]*"|:\||\|:|\|\]|\|\||\||\[[12]|\(3|[=^_]{0,2}[A-Ga-g][,\']*|z'
-                      r'|\d+/\d+|/\d+|\d+|>|<|-|~| |\n')
 BARS = ("|", "||", "|]", "|:", ":|")
-NOTE_OR_REST = re.compile(r"[=^_]{0,2}[A-Ga-g][,']*|z")
+PITCH = re.compile(r"[=^_]{0,2}[A-Ga-g][,']*")  # a pitch token: accidental, letter, octave marks
+LENGTH = re.compile(r"\d+/\d+|/\d+|\d+")  # a length token, in eighths
+TOKEN_RE = re.compile(rf'M:\S+|K:\S+|"[^"]*"|:\||\|:|\|\]|\|\||\||\[[12]|\(3|{PITCH.pattern}|z|{LENGTH.pattern}|>|<|-|~| |\n')
+
+
+def is_pitch(token: str) -> bool:
+    return PITCH.fullmatch(token) is not None
+
+
+def length_of(token: str) -> Fraction | None:
+    """A length token's value in eighths ('3/2', '/2', '4'); None for any other token."""
+    if not LENGTH.fullmatch(token):
+        return None
+    return Fraction(1, int(token[1:])) if token.startswith("/") else Fraction(token)
 
 
 class NotCanonical(ValueError):
@@ -53,7 +64,7 @@ def canonical(tune: Tune) -> str:
     tuplet_notes = 0
 
     def emit(text: str) -> None:
-        if text in ("|", "||") and not any(NOTE_OR_REST.fullmatch(o) for o in out):
+        if text in ("|", "||") and not any(o == "z" or is_pitch(o) for o in out):
             return  # a bar line before any music closes nothing
         if text == "-" and out and out[-1] == " ":
             out.pop()
@@ -88,8 +99,7 @@ def canonical(tune: Tune) -> str:
             if t.kind == "rest":
                 emit("z")
             else:
-                acc, letter, octave = note_parts(re.match(r"[=^_]*[A-Ga-g][,']*", t.text.lstrip("["))[0])
-                emit(note_text(acc, letter, octave))
+                emit(note_text(*pitches_of(t)[0]))  # a chord [ceg] is said by its first note
             emit(length_text(length))
         elif t.kind == "bar":
             bars = {"::": [":|", "|:"], ":||:": [":|", "|:"], ":|:": [":|", "|:"], "[|": ["||"],
@@ -147,7 +157,7 @@ def transpose(text: str, semitones: int) -> str:
             out.append(f"K:{move.target.abc()}")
         elif t.startswith('"'):
             out.append(f'"{move.chord(t[1:-1])}"')
-        elif re.fullmatch(r"[=^_]{0,2}[A-Ga-g][,']*", t):
+        elif is_pitch(t):
             out.append(note_text(*move.note(*note_parts(t))))
         else:
             out.append(t)
@@ -157,7 +167,7 @@ def transpose(text: str, semitones: int) -> str:
 def pitch_range(text: str) -> tuple[int, int]:
     """Lowest and highest written letter-octave (in diatonic steps from middle C)."""
     steps = [note_parts(t)[2] * 7 + "CDEFGAB".index(note_parts(t)[1]) for t in tokenize(text)
-             if re.fullmatch(r"[=^_]{0,2}[A-Ga-g][,']*", t)]
+             if is_pitch(t)]
     return (min(steps), max(steps)) if steps else (0, 0)
 
 
@@ -173,13 +183,11 @@ def write_abc(text: str, *, title: str | None = None, number: int = 1, unit: Fra
     for i, t in enumerate(music):
         if t.startswith('"') and not chords:
             continue
-        if re.fullmatch(r"\d+/\d+|/\d+|\d+", t):
+        if length_of(t) is not None:
             continue  # written with its note below
-        if re.fullmatch(r"[=^_]{0,2}[A-Ga-g][,']*|z", t):
-            nxt = music[i + 1] if i + 1 < len(music) else ""
-            length = Fraction(nxt) if re.fullmatch(r"\d+/\d+|\d+", nxt) else (
-                Fraction(1, int(nxt[1:])) if re.fullmatch(r"/\d+", nxt) else Fraction(1))
-            line.append(t + length_text(length * scale))
+        if t == "z" or is_pitch(t):
+            length = length_of(music[i + 1]) if i + 1 < len(music) else None
+            line.append(t + length_text((length or Fraction(1)) * scale))
             continue
         line.append(t)
         if t in BARS:
