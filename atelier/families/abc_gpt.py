@@ -56,7 +56,7 @@ class AbcGpt(Family):
         hyper = dict(job.hyperparameters)
         block = decoder_context(job, SCRATCH_DEFAULTS["context"], "abc-gpt")
         try:
-            corpus, facts = tune_corpus(job.train_path, val_data=job.val_path)
+            corpus, facts = read = tune_corpus(job.train_path, val_data=job.val_path)
         except ValueError as e:
             raise TrainError(str(e), param="training_file") from None
         job.stage(f"data: {facts['train_tunes']} tunes ({facts['train_sequences']} in all keys), "
@@ -66,7 +66,7 @@ class AbcGpt(Family):
                                                       train_tokens=tokens, seed=job.seed, max_steps_limit=job.max_steps,
                                                       defaults=SCRATCH_DEFAULTS, stage=job.stage)
         folder = train_tunes(job.train_path, job.workdir / "train", model_cfg, cfg, base=job.base,
-                             val_data=job.val_path, on_event=job.on_event, should_stop=job.should_stop)
+                             val_data=job.val_path, on_event=job.on_event, should_stop=job.should_stop, read=read)
         if job.should_stop():
             return None
         job.trained_tokens = cfg.max_steps * cfg.batch_size * block

@@ -279,13 +279,14 @@ def load_state(model: CharGPT, tensors: dict[str, torch.Tensor]) -> CharGPT:
     return model
 
 
-def from_pretrained(directory: str | Path) -> tuple[CharGPT, CharTokenizer]:
-    """Rebuild a model from config.json + model.safetensors (never pickle)."""
+def from_pretrained(directory: str | Path, tokenizer=CharTokenizer) -> tuple[CharGPT, CharTokenizer]:
+    """Rebuild a model from config.json + model.safetensors (never pickle), with its tokenizer.json read
+    by `tokenizer` (characters by default; ABC tokens for a tune model)."""
     directory = Path(directory)
     config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
     model = load_state(CharGPT(config), load_file(directory / WEIGHTS_FILE))
     model.eval()
-    return model, CharTokenizer.load(directory / TOKENIZER_FILE)
+    return model, tokenizer.load(directory / TOKENIZER_FILE)
 
 
 __all__ = ["ChargptConfig", "CharGPT", "KVCache", "save_pretrained", "from_pretrained"]

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from atelier.common.files import atomic_write_json
-from atelier.models.chargpt import CharGPT, ChargptConfig, CONFIG_FILE, load_state
+from atelier.models.chargpt import CONFIG_FILE, CharGPT, ChargptConfig, from_pretrained
 from atelier.music.theory import TheoryError
 from atelier.music.tokens import AbcTokenizer, pitch_range, read_corpus, transpose
 from atelier.training.corpus import Corpus
@@ -78,23 +78,19 @@ def tune_corpus(data: str | Path, *, val_fraction: float = 0.05, val_data: str |
 
 
 def load_tune_model(folder: Path) -> tuple[CharGPT, AbcTokenizer]:
-    from atelier.models.chargpt import config_from_hf
-    from safetensors.torch import load_file
-
-    config = config_from_hf(json.loads((folder / CONFIG_FILE).read_text()))
-    model = load_state(CharGPT(config), load_file(folder / "model.safetensors"))
-    return model.eval(), AbcTokenizer.load(folder / TOKENIZER_FILE)
+    return from_pretrained(folder, tokenizer=AbcTokenizer)
 
 
 def train_tunes(data: str | Path, workdir: str | Path, model_cfg: dict, train_cfg: TrainConfig, *,
                 base: Path | None = None, val_data: str | Path | None = None, augment: bool = True,
                 on_event: Callable[[dict], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> Path:
-    """Train (or resume in workdir) and return the folder of the best weights, ready to register."""
+                should_stop: Callable[[], bool] | None = None, read: tuple[Corpus, dict] | None = None) -> Path:
+    """Train (or resume in workdir) and return the folder of the best weights, ready to register.
+    `read`: tune_corpus(data, …) already read by the caller (reading and transposing takes a while)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_cfg.seed)
-    corpus, facts = tune_corpus(data, val_data=val_data, augment=augment)
+    corpus, facts = read or tune_corpus(data, val_data=val_data, augment=augment)
     if base is not None:
         model, tok = load_tune_model(base)
         model.train()
