@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api import sse
 from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
-from atelier.api.errors import bad_request
+from atelier.api.errors import bad_request, error_body
 from atelier.api.metering import Meter, metered
 from atelier.api.models_lookup import acquire
 from atelier.api.moderation_policy import check_input, policy_for
@@ -71,7 +71,8 @@ class TuneRender(BaseModel):
     accompaniment: str = "piano"
     chords: bool = True
     transpose: int = Field(default=0, ge=-24, le=24)
-    tempo: int | None = Field(default=None, ge=20, le=500, description="quarter notes per minute (else Q: or the meter's)")
+    tempo: int | None = Field(default=None, ge=20, le=500,
+                              description="quarter notes per minute (else Q: or the meter's)")
 
 
 # -- writing tunes ----------------------------------------------------------------------------
@@ -171,11 +172,11 @@ def stream_tunes(request: Request, loaded, manager, body: TuneCreate, tune_req: 
         except Abandoned:
             return  # nothing stored, and the model's lock is free for the next request
         except MusicRequestError as e:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", {"message": str(e), "type": "invalid_request_error",
-                                                                   "param": e.param, "code": "invalid_value"}))
+            loop.call_soon_threadsafe(queue.put_nowait,
+                                      ("error", error_body(str(e), param=e.param, code="invalid_value")))
         except Exception as e:  # noqa: BLE001 — reported on the stream: the status line has gone out
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", {"message": str(e), "type": "server_error",
-                                                                   "param": None, "code": "music_failed"}))
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", error_body(str(e), type="server_error",
+                                                                             code="music_failed")))
 
     async def body_events():
         task = loop.run_in_executor(None, work)
@@ -188,7 +189,7 @@ def stream_tunes(request: Request, loaded, manager, body: TuneCreate, tune_req: 
                     yield sse.event("tune", {"index": i, "model": loaded.ref, **tune})
                 break
             else:
-                yield sse.event("error", {"error": payload})
+                yield sse.event("error", payload)
                 break
             if await request.is_disconnected():
                 return
