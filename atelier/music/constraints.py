@@ -32,6 +32,7 @@ class Vocabulary:
     lengths: dict[int, Fraction]
     pitches: dict[int, tuple[str, str, int]]  # id → (accidental, letter, octave)
     eos_id: int
+    second_ending: int | None  # the id of `[2`; without it no first ending may open
 
     @classmethod
     def of(cls, tokens: list[str], eos_id: int) -> "Vocabulary":
@@ -62,7 +63,7 @@ class Vocabulary:
             else:
                 kind = {">": "broken", "<": "broken", "(3": "triplet", "-": "tie", "~": "roll", " ": "space"}.get(t, "special")
             kinds.append(kind)
-        return cls(kinds, lengths, pitches, eos_id)
+        return cls(kinds, lengths, pitches, eos_id, tokens.index("[2") if "[2" in tokens else None)
 
 
 @dataclass
@@ -232,9 +233,8 @@ class Scanner:
         if self.finished or last == "bar|]":
             return [i == v.eos_id for i in range(len(kinds))]
         just_closed = last.startswith("bar")
-        if just_closed and self.ending == 1 and last == "bar:|" and "[2" in self.tokens:
-            two = self.tokens.index("[2")  # a first ending is followed by the second
-            return [i == two for i in range(len(kinds))]
+        if just_closed and self.ending == 1 and last == "bar:|" and v.second_ending is not None:
+            return [i == v.second_ending for i in range(len(kinds))]  # a first ending is followed by the second
         if just_closed and self._may_end() and (self.wrap_up or self.bars_done >= self._target()):
             return [i == v.eos_id for i in range(len(kinds))]  # the bars asked for are done
         pending = self.pending is not None
@@ -262,7 +262,7 @@ class Scanner:
             elif kind == "ending":
                 t = self.tokens[i]
                 ok = just_closed and self.plan.form != "AABB" and self.owed is None and (
-                    t == "[1" and "[2" in self.tokens and self.ending == 0 and last in ("bar|", "bar||", "bar|:")
+                    t == "[1" and v.second_ending is not None and self.ending == 0 and last in ("bar|", "bar||", "bar|:")
                     and self.bars_done < self._target() - 1)
             elif kind == "chord":
                 ok = (self.plan.chords and note_ok and self.broken_next == 1 and not self._in_triplet()
