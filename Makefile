@@ -6,6 +6,12 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 # The studio's browser tests drive Debian's Chromium (Playwright never downloads a browser here).
 CHROMIUM := /usr/bin/chromium
+# The database tests start their own PostgreSQL cluster from Debian's server binaries (tests/postgres.py).
+POSTGRES := /usr/bin/pg_ctlcluster
+# The API tests that run a second time against a real PostgreSQL (the first pass uses SQLite).
+PG_TESTS := tests/test_api.py tests/test_registry.py tests/test_migrations.py tests/test_tenancy.py \
+	tests/test_quotas.py tests/test_audit_chain.py tests/test_jobs.py tests/test_job_retries.py \
+	tests/test_lifecycle.py tests/test_artifacts.py tests/test_privacy_at_rest.py tests/test_moderation_policy.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The studio's Music tab engraves with abcjs, served by Atelier itself (no CDN at run time): one file
 # from npm's tarball, checked against its sha256, kept out of git (atelier/studio/vendor/ is ignored).
@@ -31,6 +37,9 @@ $(DEV_STAMP): requirements-dev.txt $(STAMP)
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+$(POSTGRES):
+	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+
 # npm pack fetches the tarball without installing anything; the .js is copied last, so a failed
 # check leaves no target behind.
 $(ABCJS):
@@ -45,8 +54,9 @@ $(ABCJS):
 serve: $(STAMP) $(ABCJS)
 	$(BIN)/atelier serve
 
-test: $(DEV_STAMP) $(CHROMIUM) $(ABCJS)
+test: $(DEV_STAMP) $(CHROMIUM) $(POSTGRES) $(ABCJS)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --db postgresql $(PG_TESTS)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/text_decode.py

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     run_worker: bool = Field(default=True, description="start the job worker process with the server")
     max_jobs: int = Field(default=1, ge=1, description="jobs the worker runs at the same time; more wait queued")
     max_job_steps: int = Field(default=20_000, ge=1, description="most optimiser steps a job may ask for")
+    job_lease_s: float = Field(default=30.0, ge=1.0, description="a worker renews its jobs' leases every third of "
+                               "this; a job whose lease ran out (its worker died, on any replica) is queued again")
 
     # Runtime (atelier/runtime/manager.py): what stays loaded, like Ollama's OLLAMA_MAX_LOADED_MODELS / OLLAMA_KEEP_ALIVE
     max_loaded_models: int = Field(default=3, ge=1, description="model versions held loaded at once; the least recently used is unloaded first")

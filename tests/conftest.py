@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -76,9 +77,51 @@ def serve_process(env: dict, port: int, *, ready=lambda readyz: True, output=Non
     raise AssertionError("atelier serve did not start")
 
 
+# -- the database under the tests: SQLite, or with `pytest --db postgresql` a real PostgreSQL --------
+def pytest_addoption(parser):
+    parser.addoption("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                     help="the database every test server uses (make_settings): a fresh SQLite file in its home, "
+                          "or a fresh database on a PostgreSQL cluster started for the session")
+
+
+_backend = {"db": "sqlite", "postgres": None, "databases": 0}
+
+
+def pytest_configure(config):
+    _backend["db"] = config.getoption("--db")
+
+
+def pytest_unconfigure(config):
+    if _backend["postgres"] is not None:
+        _backend["postgres"].close()
+
+
+def shared_postgres():
+    """The session's PostgreSQL cluster, started on first use (tests/postgres.py)."""
+    if _backend["postgres"] is None:
+        from postgres import Postgres
+
+        _backend["postgres"] = Postgres()
+    return _backend["postgres"]
+
+
+def new_postgres_database() -> str:
+    _backend["databases"] += 1
+    return shared_postgres().create_database(f"atelier_test_{os.getpid()}_{_backend['databases']}")
+
+
+def database_url(folder: Path) -> str:
+    """A fresh database for a test that opens one itself: SQLite in `folder`, or one on the PostgreSQL."""
+    if _backend["db"] == "postgresql":
+        return new_postgres_database()
+    return f"sqlite:///{folder / 'a.db'}"
+
+
 def make_settings(home: Path, **overrides) -> Settings:
     values = dict(home=home, port=free_port(), admin_key=ADMIN_KEY, max_body_bytes=20_000, max_tokens_limit=100,
                   max_n=4, max_prompt_chars=150, max_batch=8, threads=None, max_upload_bytes=40_000_000)
+    if _backend["db"] == "postgresql" and "database_url" not in overrides:
+        values["database_url"] = new_postgres_database()
     values.update(overrides)
     return Settings(**values)
 

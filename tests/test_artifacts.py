@@ -8,6 +8,8 @@ import pytest
 
 from atelier.storage.artifacts import (check_signature, create_artifact, get_artifact, list_artifacts, signature,
                                         signed_path, signing_secret)
+from conftest import database_url
+
 from atelier.storage.db import Artifact, make_engine, make_sessionmaker
 from atelier.storage.blobs import BlobStore
 from atelier.storage.registry import NotFound
@@ -15,7 +17,7 @@ from atelier.storage.registry import NotFound
 
 @pytest.fixture()
 def store(tmp_path):
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'a.db'}"))
+    sessions = make_sessionmaker(make_engine(database_url(tmp_path)))
     with sessions() as db:
         yield db, BlobStore(tmp_path / "blobs")
 

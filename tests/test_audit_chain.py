@@ -4,13 +4,14 @@ rebuilt by someone with write access to the database but not the key (issue #10,
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 
 import pytest
+from sqlalchemy import create_engine, select, text
 
 from atelier.safety.audit import chain_digest
+from atelier.storage.db import AuditEntry, engine_url
 from conftest import LiveServer, admin_http, make_settings
 
 
@@ -30,12 +31,14 @@ def verify(settings) -> dict:
 
 
 def db(settings):
-    return sqlite3.connect(settings.home_dir / "atelier.db")
+    """A connection straight to the database (SQLite or PostgreSQL), as someone with write access has."""
+    return create_engine(engine_url(settings.db_url)).begin()
 
 
 def cli_verify(settings) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "atelier.cli", "audit", "verify", "--home", str(settings.home_dir)],
-                          capture_output=True, text=True, timeout=120, env=os.environ | {"ATELIER_ADMIN_KEY": ""})
+                          capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"ATELIER_ADMIN_KEY": "", "ATELIER_DATABASE_URL": settings.db_url})
 
 
 def test_an_untouched_chain_verifies(home_with_log):
@@ -45,7 +48,7 @@ def test_an_untouched_chain_verifies(home_with_log):
 
 def test_an_edited_entry_is_named(home_with_log):
     with db(home_with_log) as c:
-        c.execute("UPDATE audit SET target = 'key_forged' WHERE id = 3")
+        c.execute(text("UPDATE audit SET target = 'key_forged' WHERE id = 3"))
     result = verify(home_with_log)
     assert not result["ok"] and result["first_bad_id"] == 3
     r = cli_verify(home_with_log)
@@ -54,34 +57,32 @@ def test_an_edited_entry_is_named(home_with_log):
 
 def test_a_deleted_middle_entry_is_named(home_with_log):
     with db(home_with_log) as c:
-        c.execute("DELETE FROM audit WHERE id = 2")
+        c.execute(text("DELETE FROM audit WHERE id = 2"))
     result = verify(home_with_log)
     assert not result["ok"] and result["first_bad_id"] == 3
 
 
 def test_truncating_the_end_is_caught_by_the_signed_head(home_with_log):
     with db(home_with_log) as c:
-        last = c.execute("SELECT max(id) FROM audit").fetchone()[0]
-        c.execute("DELETE FROM audit WHERE id = ?", (last,))
+        last = c.execute(text("SELECT max(id) FROM audit")).scalar()
+        c.execute(text("DELETE FROM audit WHERE id = :id"), {"id": last})
     result = verify(home_with_log)
     assert not result["ok"] and "deleted" in result["reason"]
 
 
 def test_a_chain_rebuilt_without_the_key_is_caught(home_with_log):
     """Edit an entry, then recompute every hash after it the way an unkeyed chain would."""
-    from datetime import datetime
-
     with db(home_with_log) as c:
-        rows = c.execute("SELECT id, at, key_id, action, target, detail FROM audit ORDER BY id").fetchall()
+        rows = c.execute(select(AuditEntry.id, AuditEntry.at, AuditEntry.key_id, AuditEntry.action,
+                                AuditEntry.target, AuditEntry.detail).order_by(AuditEntry.id)).all()
         prev = "0" * 64
         for id_, at, key_id, action, target, detail in rows:
-            import json
-
             target = "key_forged" if id_ == 2 else target
-            digest = chain_digest(prev, datetime.fromisoformat(at), key_id, action, target, json.loads(detail))
-            c.execute("UPDATE audit SET target = ?, prev_hash = ?, hash = ? WHERE id = ?", (target, prev, digest, id_))
+            digest = chain_digest(prev, at, key_id, action, target, detail)
+            c.execute(text("UPDATE audit SET target = :t, prev_hash = :p, hash = :h WHERE id = :id"),
+                      {"t": target, "p": prev, "h": digest, "id": id_})
             prev = digest
-        c.execute("UPDATE audit_head SET last_hash = ?", (prev,))
+        c.execute(text("UPDATE audit_head SET last_hash = :h"), {"h": prev})
     result = verify(home_with_log)
     assert not result["ok"]
 

@@ -302,7 +302,8 @@ def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
         while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline, "no checkpoint"
             time.sleep(0.2)
-        worker_pid = int((tmp_path / "worker.pid").read_text())
+        worker_pid = httpx.get(f"http://127.0.0.1:{port}/readyz",
+                               headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["worker"]["pid"]
         server.kill()  # SIGKILL: no shutdown hooks run
         server.wait()
         deadline = time.time() + 60  # the orphaned worker notices and leaves

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import database_url
+
 from atelier.storage.db import make_engine, make_sessionmaker
 from atelier.common.files import atomic_write_bytes
 from atelier.storage.blobs import BlobStore
@@ -14,7 +16,7 @@ from atelier.storage.keys import create_key, find_key, revoke_key
 
 @pytest.fixture()
 def db(tmp_path):
-    return make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'a.db'}"))()
+    return make_sessionmaker(make_engine(database_url(tmp_path)))()
 
 
 def folder(tmp_path, name, weights: bytes):

@@ -18,7 +18,7 @@ from atelier.api.routes import artifacts, audit, completions, files, fine_tuning
 from atelier.api.routes import models, moderations, music, poems, predict, privacy, runtime, styles, usage
 from atelier.config import PACKAGE_DIR, Settings, get_settings
 from atelier.jobs.supervisor import WorkerSupervisor
-from atelier.storage.db import make_engine, make_sessionmaker
+from atelier.storage.db import make_engine, make_sessionmaker, startup_lock
 from atelier.families.shipped import ensure_shipped
 from atelier.safety.crypto import audit_mac_key
 from atelier.storage.usage import InFlight
@@ -51,8 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false
-    # Shown once by `atelier serve` (never logged); only its hash is stored.
-    new_admin_secret = bootstrap(settings, sessions, blobs)
+    # Shown once by `atelier serve` (never logged); only its hash is stored. Replicas starting together
+    # over one PostgreSQL take turns, so there is one admin key and one version of each shipped model.
+    with engine.connect() as conn, startup_lock(conn):
+        conn.commit()
+        new_admin_secret = bootstrap(settings, sessions, blobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -12,6 +12,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atelier.safety.crypto import SealError
@@ -32,6 +34,16 @@ class APIError(Exception):
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# The database went away (restarted, network lost, pool exhausted): the request could not be served
+# now, and the same request a moment later may be. psycopg's and SQLite's errors both arrive as these.
+DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def database_unavailable(exc: Exception) -> APIError:
+    return APIError(503, f"the database is unavailable ({type(exc).__name__}); retry shortly", type="server_error",
+                    code="database_unavailable")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -83,6 +95,14 @@ def install(app: FastAPI) -> None:
         # Not the client's fault, and not to be retried blindly: a blob that fails its check.
         log.error("blob store: %s (%s %s)", exc, request.method, request.url.path)
         return JSONResponse(error_body(str(exc), type="server_error", code="blob_unreadable"), status_code=500)
+
+    async def _database_down(request: Request, exc: Exception):
+        log.error("database unavailable on %s %s: %s", request.method, request.url.path,
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return JSONResponse(database_unavailable(exc).body(), status_code=503, headers={"Retry-After": "1"})
+
+    for kind in DATABASE_DOWN:
+        app.add_exception_handler(kind, _database_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -9,7 +9,7 @@ import json
 from starlette.exceptions import HTTPException
 
 from atelier.api.deps import key_from_header
-from atelier.api.errors import APIError
+from atelier.api.errors import DATABASE_DOWN, APIError, database_unavailable
 
 
 # Routes that take file uploads get ATELIER_MAX_UPLOAD_BYTES instead of ATELIER_MAX_BODY_BYTES.
@@ -107,6 +107,8 @@ def key_gate(app, sessions):
                 key_from_header(db, header)
         except APIError as e:
             return await reply_error(send, e.status, e.body(), close=True)
+        except DATABASE_DOWN as e:
+            return await reply_error(send, 503, database_unavailable(e).body())
         return await app(scope, receive, send)
 
     return asgi

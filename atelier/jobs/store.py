@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import calendar
 import secrets
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from atelier.safety.redact import redact, redact_obj
@@ -37,11 +38,14 @@ def add_event(db: Session, job_id: str, message: str, *, level: str = "info", ty
     return ev
 
 
-def claim_next(db: Session) -> Job | None:
-    """Atomically move the oldest queued job to running (safe with several claimers)."""
+def claim_next(db: Session, *, owner: str, lease_s: float) -> Job | None:
+    """Atomically move the oldest queued job to running, leased to `owner` for lease_s seconds (safe with
+    several claimers: the UPDATE only matches while the job is still queued, so exactly one wins)."""
     for job in db.scalars(select(Job).where(Job.status == "queued").order_by(Job.created_at)):
+        now = utcnow()
         won = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
-                         .values(status="running", started_at=utcnow(), attempts=Job.attempts + 1)).rowcount
+                         .values(status="running", started_at=now, attempts=Job.attempts + 1, lease_owner=owner,
+                                 lease_until=now + timedelta(seconds=lease_s))).rowcount
         db.commit()
         if won:
             db.refresh(job)
@@ -49,35 +53,53 @@ def claim_next(db: Session) -> Job | None:
     return None
 
 
+def renew_leases(db: Session, *, owner: str, lease_s: float) -> int:
+    """Extend the leases of the jobs `owner` runs; returns how many it still holds."""
+    held = db.execute(update(Job).where(Job.lease_owner == owner, Job.status == "running")
+                      .values(lease_until=utcnow() + timedelta(seconds=lease_s))).rowcount
+    db.commit()
+    return held
+
+
 MAX_ATTEMPTS = 3  # a job whose worker dies this many times is failed, not retried for ever
 
 
-def requeue_orphans(db: Session, *, graceful: bool = False) -> list[str]:
-    """Jobs left `running`: queue them again (they resume from checkpoints). After a crash the attempt
-    counts, and a job that has used MAX_ATTEMPTS fails instead; a graceful stop does not count."""
-    jobs = list(db.scalars(select(Job).where(Job.status == "running")))
-    for job in jobs:
+def requeue_orphans(db: Session, *, owner: str | None = None, graceful: bool = False) -> list[str]:
+    """Running jobs whose worker is gone: queue them again (they resume from checkpoints).
+
+    A worker is gone when its lease ran out (it died on any replica, or lost the database), and a
+    worker starting under `owner` knows that jobs leased to `owner` were its dead predecessor's. After a
+    crash the attempt counts, and a job that has used MAX_ATTEMPTS fails instead. `graceful`: `owner`
+    is stopping and hands back its own jobs only; that attempt does not count."""
+    gone = Job.lease_owner == owner if graceful else or_(
+        Job.lease_owner == owner, Job.lease_until.is_(None), Job.lease_until < utcnow())
+    requeued = []
+    for job in db.scalars(select(Job).where(Job.status == "running", gone)).all():
+        # Matched again on the lease: a worker that renewed it meanwhile keeps its job.
+        still = update(Job).where(Job.id == job.id, Job.status == "running", Job.lease_owner == job.lease_owner,
+                                  Job.lease_until == job.lease_until if job.lease_until else Job.lease_until.is_(None))
+        released = dict(lease_owner=None, lease_until=None)
         if graceful:
-            db.execute(update(Job).where(Job.id == job.id).values(status="queued", attempts=Job.attempts - 1))
-            add_event(db, job.id, "worker stopped: job queued again, it resumes from its last checkpoint",
-                      commit=False)
+            change = dict(status="queued", attempts=Job.attempts - 1)
+            event = ("worker stopped: job queued again, it resumes from its last checkpoint", "info")
         elif job.attempts >= MAX_ATTEMPTS:
-            db.execute(update(Job).where(Job.id == job.id).values(
-                status="failed", finished_at=utcnow(),
-                error={"code": "worker_died", "param": None,
-                       "message": f"the worker died {job.attempts} times running this job; it is not retried again"}))
-            add_event(db, job.id, f"job failed: the worker died {job.attempts} times running it", level="error",
-                      commit=False)
+            change = dict(status="failed", finished_at=utcnow(), error={
+                "code": "worker_died", "param": None,
+                "message": f"the worker died {job.attempts} times running this job; it is not retried again"})
+            event = (f"job failed: the worker died {job.attempts} times running it", "error")
         else:
-            db.execute(update(Job).where(Job.id == job.id).values(status="queued"))
-            add_event(db, job.id, "worker restarted: job queued again, it resumes from its last checkpoint",
-                      level="warn", commit=False)
+            change = dict(status="queued")
+            event = ("worker lost: job queued again, it resumes from its last checkpoint", "warn")
+        if db.execute(still.values(**change, **released)).rowcount:
+            add_event(db, job.id, event[0], level=event[1], commit=False)
+            requeued.append(job.id)
     db.commit()
-    return [j.id for j in jobs]
+    return requeued
 
 
 def finish(db: Session, job: Job, status: str, **fields) -> None:
-    db.execute(update(Job).where(Job.id == job.id).values(status=status, finished_at=utcnow(), **fields))
+    db.execute(update(Job).where(Job.id == job.id).values(status=status, finished_at=utcnow(), lease_owner=None,
+                                                          lease_until=None, **fields))
     db.commit()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ class WorkerSupervisor:
         self.settings = settings
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"  # the name its jobs' leases carry
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
@@ -41,7 +43,9 @@ class WorkerSupervisor:
 
     def _spawn(self) -> None:
         self.spawned_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "atelier.jobs.worker"], env=settings_env(self.settings))
+        # One name for every worker this server starts: a restarted one reclaims its predecessor's jobs.
+        env = settings_env(self.settings) | {"ATELIER_WORKER_ID": self.worker_id}
+        self.proc = subprocess.Popen([sys.executable, "-m", "atelier.jobs.worker"], env=env)
 
     def _watch(self) -> None:
         """Restart a worker that died, waiting longer after each quick death (0.5 s, 1 s, 2 s … 60 s), so a
@@ -61,7 +65,8 @@ class WorkerSupervisor:
 
     def status(self) -> dict:
         alive = self.proc is not None and self.proc.poll() is None
-        return {"pid": self.proc.pid if self.proc else None, "alive": alive, "restarts": self.restarts}
+        return {"pid": self.proc.pid if self.proc else None, "id": self.worker_id, "alive": alive,
+                "restarts": self.restarts}
 
     def stop(self) -> None:
         self._stop.set()

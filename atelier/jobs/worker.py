@@ -2,19 +2,22 @@
 
     python -m atelier.jobs.worker        (the server starts and supervises it)
 
-One worker per ATELIER_HOME, enforced by an exclusive lock on `worker.lock` (a new worker
-waits for an old one to let go). On start it queues again any job left `running` by a
-worker that died, and those jobs resume from their last checkpoint. It runs up to
-ATELIER_MAX_JOBS jobs at a time, one thread each, and exits when its parent (the server)
-is gone or on SIGTERM, leaving unfinished jobs queued.
+Every replica's server runs one; they share the queue in the database. A worker claims a job
+with an UPDATE only one claimer can win and holds a lease on it that it renews every third of
+ATELIER_JOB_LEASE_S; a job whose lease runs out (its worker died, on whatever machine) is
+queued again by any worker, and resumes from its last checkpoint. A worker restarted by its
+server takes the same name (ATELIER_WORKER_ID, set by the supervisor), so it reclaims its dead
+predecessor's jobs at once instead of waiting for their leases. It runs up to ATELIER_MAX_JOBS
+jobs at a time, one thread each, and exits when its parent (the server) is gone or on SIGTERM,
+handing its unfinished jobs back to the queue.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -29,17 +32,18 @@ from atelier.storage.blobs import open_blobs
 log = logging.getLogger("atelier.worker")
 
 
+def worker_id() -> str:
+    """This worker's name in job leases: the supervisor's (host:server pid), else host:parent pid."""
+    return os.environ.get("ATELIER_WORKER_ID") or f"{socket.gethostname()}:{os.getppid()}"
+
+
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s worker: %(message)s")
     for handler in logging.getLogger().handlers:  # job errors quote file names: no personal data in the log
         handler.addFilter(RedactingFilter())
-    home = settings.home_dir
-    home.mkdir(parents=True, exist_ok=True)
-    parent = os.getppid()
-    lock = open(home / "worker.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while an older worker still runs
-    (home / "worker.pid").write_text(str(os.getpid()))
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    parent, me, lease_s = os.getppid(), worker_id(), settings.job_lease_s
     sessions = make_sessionmaker(make_engine(settings.db_url), audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)
     if settings.threads:
@@ -49,31 +53,53 @@ def main() -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    with sessions() as db:
-        for job_id in store.requeue_orphans(db):
-            log.warning("job %s was interrupted; queued again", job_id)
     running: dict[str, threading.Thread] = {}
+    renewed = 0.0
     while not stopping.is_set():
         if os.getppid() != parent:  # the server is gone
-            stopping.set()
             break
-        for job_id in [j for j, t in running.items() if not t.is_alive()]:
-            del running[job_id]
-        while len(running) < settings.max_jobs:
-            with sessions() as db:
-                job = store.claim_next(db)
-            if job is None:
-                break
-            log.info("running job %s", job.id)
-            t = threading.Thread(target=run_job, args=(job.id,), name=job.id, daemon=True,
-                                 kwargs=dict(settings=settings, sessions=sessions, blobs=blobs, shutting_down=stopping))
-            running[job.id] = t
-            t.start()
+        try:
+            if time.monotonic() - renewed > lease_s / 3:
+                with sessions() as db:
+                    store.renew_leases(db, owner=me, lease_s=lease_s)
+                    for job_id in store.requeue_orphans(db, owner=None if renewed else me):
+                        log.warning("job %s lost its worker; queued again", job_id)
+                renewed = time.monotonic()
+            for job_id in [j for j, t in running.items() if not t.is_alive()]:
+                del running[job_id]
+            while len(running) < settings.max_jobs:
+                with sessions() as db:
+                    job = store.claim_next(db, owner=me, lease_s=lease_s)
+                    if job is not None:
+                        store.add_event(db, job.id, f"claimed by worker {me} (attempt {job.attempts})",
+                                        data={"worker": me, "attempt": job.attempts})
+                if job is None:
+                    break
+                log.info("running job %s", job.id)
+                t = threading.Thread(target=run_job, args=(job.id,), name=job.id, daemon=True,
+                                     kwargs=dict(settings=settings, sessions=sessions, blobs=blobs,
+                                                 shutting_down=stopping))
+                running[job.id] = t
+                t.start()
+        except Exception:  # noqa: BLE001 — the database went away: keep the jobs, try again shortly
+            log.exception("the job queue is unreachable; retrying")
+            time.sleep(1.0)
         time.sleep(0.2)
-    for t in running.values():
-        t.join(timeout=30)
+    stopping.set()
+    _hand_back(sessions, running, me, lease_s)
+
+
+def _hand_back(sessions, running: dict[str, threading.Thread], me: str, lease_s: float) -> None:
+    """Let running jobs reach a checkpoint (keeping their leases alive meanwhile, so no other worker
+    starts them twice), then queue what is unfinished again."""
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in running.values()) and time.monotonic() < deadline:
+        with sessions() as db:
+            store.renew_leases(db, owner=me, lease_s=lease_s)
+        for t in running.values():
+            t.join(timeout=min(lease_s / 3, 1.0))
     with sessions() as db:
-        store.requeue_orphans(db, graceful=True)
+        store.requeue_orphans(db, owner=me, graceful=True)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,23 @@ The key comes with the session (`make_sessionmaker(engine, audit_key=...)`); ses
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from atelier.safety.audit import GENESIS, chain_digest, head_mac
 from atelier.safety.redact import redact, redact_obj
 from atelier.storage.db import AuditEntry, AuditHead, utcnow
 
+AUDIT_LOCK = 0x61756474  # the PostgreSQL advisory lock that serialises appends to the chain
+
 
 def record(db: Session, *, action: str, target: str = "", key_id: str | None = None,
            detail: dict | None = None, commit: bool = True) -> AuditEntry:
     mac_key = db.info.get("audit_key")
+    if db.get_bind().dialect.name == "postgresql":
+        # Writers on every replica take turns until this transaction ends, so each links to the entry
+        # before it and the chain never forks (the head row's lock alone misses the very first entry).
+        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
     head = db.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update()) if mac_key else None
     last = db.scalar(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1))
     prev = last.hash if last else GENESIS

@@ -1,14 +1,18 @@
-"""SQLAlchemy tables: models, versions, aliases, API keys, audit entries.
+"""SQLAlchemy tables: models, versions, aliases, API keys, audit entries, jobs, files, artifacts.
 
-SQLite (WAL mode) by default; any SQLAlchemy URL (PostgreSQL) through ATELIER_DATABASE_URL.
+SQLite (WAL mode) by default; PostgreSQL (or any SQLAlchemy URL) through ATELIER_DATABASE_URL.
+The schema is changed only by Alembic migrations (atelier/storage/migrations/versions/), which
+`make_engine` applies at every start: a new table or column is a new revision there.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -143,6 +147,10 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     key_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    # The worker running it holds a lease it renews; a lease that runs out means that worker is gone
+    # (on any replica) and another may queue the job again (atelier/jobs/store.py).
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -206,11 +214,14 @@ def safe_url(url: str) -> str:
         return url.split(":", 1)[0] + ":…"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, upgrade: bool = True) -> Engine:
+    """An engine for `url`, its schema migrated to the newest revision unless `upgrade` is False."""
     # Requests hold a connection only while they read or write (generation routes give theirs back
     # before streaming), but a burst of many clients still needs more than the default 5 + 10.
     in_memory = url in ("sqlite://", "sqlite:///:memory:")  # one shared connection: no pool to size
     kwargs = {} if in_memory else {"pool_size": 20, "max_overflow": 80, "pool_timeout": 30}
+    if not url.startswith("sqlite"):  # a connection the database dropped (a restart) is replaced, not used
+        kwargs["pool_pre_ping"] = True
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     try:
@@ -228,27 +239,96 @@ def make_engine(url: str) -> Engine:
     from sqlalchemy.exc import OperationalError
 
     try:
-        Base.metadata.create_all(engine)
-        _add_missing_columns(engine)
+        if upgrade:
+            migrate(engine)
+        else:
+            engine.connect().close()  # reachable at all?
     except OperationalError as e:  # down, refused, wrong password, a folder that does not exist …
-        reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e).splitlines()[0]
+        lines = [line.strip() for line in str(e.orig if e.orig is not None else e).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])
         raise DatabaseUnreachable(f"cannot reach the database {safe_url(url)}: {reason}") from None
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Columns added since a database was created (create_all makes only missing tables). A stopgap
-    until the schema has real migrations: each is nullable, so old rows stay valid."""
-    from sqlalchemy import inspect, text
+MIGRATIONS = Path(__file__).parent / "migrations"
+FIRST_REVISION = "0001"
+# Any constant: the key of the PostgreSQL advisory lock that lets one replica at a time migrate or
+# bootstrap a shared database.
+STARTUP_LOCK = 0x61746C72
 
+
+@contextmanager
+def startup_lock(conn: Connection):
+    """Held while a process migrates or bootstraps: on PostgreSQL an advisory lock, so replicas starting
+    together take turns; SQLite serves one machine, whose writers SQLite itself serialises."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
+    else:
+        yield
+
+
+def alembic_config(conn: Connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+def revision_of(engine: Engine) -> str | None:
+    """The database's schema revision (None: no Atelier schema yet, or one from before migrations)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(None)).get_current_head()
+
+
+def migrate(engine: Engine) -> tuple[str | None, str]:
+    """Bring the schema to the newest revision; return (revision before, revision after).
+
+    A database made before Atelier had migrations (its tables exist, no alembic_version) is first
+    given the columns added since by hand, then stamped as the first revision and upgraded from there."""
+    from alembic import command
+
+    with engine.connect() as conn, startup_lock(conn):
+        conn.commit()  # the advisory lock outlives transactions; Alembic opens its own
+        before = _current(conn)
+        if before is None and inspect(conn).has_table("models"):
+            _add_missing_columns(conn)
+            command.stamp(alembic_config(conn), FIRST_REVISION)
+            conn.commit()
+        command.upgrade(alembic_config(conn), "head")
+        conn.commit()
+        return before, _current(conn)
+
+
+def _current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added to a pre-migrations database by the stopgap that came before Alembic; each is
+    nullable, so old rows stay valid. A database that has them all is left as it is."""
     added = {"api_keys": {"limits": "JSON", "moderation": "VARCHAR(8)"}}
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table, columns in added.items():
-            have = {c["name"] for c in inspector.get_columns(table)}
-            for name, kind in columns.items():
-                if name not in have:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+    for table, columns in added.items():
+        have = {c["name"] for c in inspect(conn).get_columns(table)}
+        for name, kind in columns.items():
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+    conn.commit()
 
 
 def make_sessionmaker(engine: Engine, *, audit_key: bytes | None = None) -> sessionmaker:
