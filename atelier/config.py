@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
+    # Where generation runs (atelier/runtime/ray_serve.py): in this process, or on Ray Serve deployments
+    runtime: Literal["local", "ray"] = Field(default="local", description="local: engines in the server process; ray: text and image models served by Ray Serve deployments (pip install -e .[ray])")
+    ray_address: str | None = Field(default=None, description="a Ray cluster to join (ray://host:10001 or auto); unset: start a local one")
+    ray_max_replicas: int = Field(default=2, ge=1, description="most replicas each Ray Serve deployment autoscales to")
+    ray_replica_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each replica")
+    ray_models_per_replica: int = Field(default=3, ge=1, description="model versions one replica holds at once (Ray Serve multiplexing, least recently used out)")
 
     # Moderation (atelier/api/moderation_policy.py): the word-list moderator on every generation route
     moderation: Literal["off", "flag", "block"] = Field(default="flag", description="off | flag (check, serve, audit) | block (refuse flagged inputs, cut flagged outputs)")

@@ -19,11 +19,11 @@ from conftest import database_url
 
 def test_a_new_database_is_at_the_newest_revision_and_matches_the_tables_in_the_code(tmp_path):
     engine = make_engine(database_url(tmp_path))
-    assert revision_of(engine) == head_revision() == "0002"
+    assert revision_of(engine) == head_revision() == "0003"
     with engine.connect() as conn:
         # Empty: every table, column, type and index the code declares was made by a migration.
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert migrate(engine) == ("0002", "0002")  # a second start changes nothing
+    assert migrate(engine) == ("0003", "0003")  # a second start changes nothing
 
 
 def test_a_database_at_an_older_revision_upgrades_in_place_and_keeps_its_rows(tmp_path):
@@ -37,14 +37,14 @@ def test_a_database_at_an_older_revision_upgrades_in_place_and_keeps_its_rows(tm
             "cancel_requested, attempts, created_at) VALUES ('ftjob-old', 'chargpt', 'chargpt', 'file-1', '{}', 7, "
             "'running', false, 1, '2026-01-01 00:00:00')"))
         conn.commit()
-    assert migrate(engine) == ("0001", "0002")
+    assert migrate(engine) == ("0001", "0003")
     with engine.connect() as conn:
         row = conn.execute(text("SELECT seed, status, lease_owner, lease_until FROM jobs")).one()
     assert tuple(row) == (7, "running", None, None)  # a lease-less running job: any worker may requeue it
 
 
 def test_a_home_from_before_migrations_is_adopted_by_atelier_db_upgrade(tmp_path):
-    """The tables create_all made, without the columns added since: `atelier db upgrade` adds them,
+    """The tables create_all made, without the columns and index added since: `atelier db upgrade` adds them,
     stamps the database and brings it to the newest revision, and the key stored before still opens."""
     home = tmp_path / "home"
     home.mkdir()
@@ -55,6 +55,8 @@ def test_a_home_from_before_migrations_is_adopted_by_atelier_db_upgrade(tmp_path
         for table, column in (("api_keys", "limits"), ("api_keys", "moderation"), ("jobs", "lease_owner"),
                               ("jobs", "lease_until")):
             conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(text("DROP INDEX ix_usage_key_id_at"))  # and the index usage had then
+        conn.execute(text("CREATE INDEX ix_usage_key_id ON usage (key_id)"))
         conn.execute(text("INSERT INTO api_keys (id, name, prefix, hash, scopes, created_at) VALUES "
                           "('key_old', 'old', 'sk-old', :h, '[\"read\"]', '2026-01-01 00:00:00')"), {"h": "a" * 64})
     legacy.dispose()
@@ -63,9 +65,9 @@ def test_a_home_from_before_migrations_is_adopted_by_atelier_db_upgrade(tmp_path
     run = lambda *args: subprocess.run([sys.executable, "-m", "atelier.cli", "db", *args], env=env,  # noqa: E731
                                        capture_output=True, text=True, timeout=120)
     behind = run("current")
-    assert behind.returncode == 1 and "revision none (newest 0002)" in behind.stdout
+    assert behind.returncode == 1 and "revision none (newest 0003)" in behind.stdout
     upgraded = run("upgrade")
-    assert upgraded.returncode == 0 and "upgraded from revision none to 0002" in upgraded.stdout, upgraded.stderr
+    assert upgraded.returncode == 0 and "upgraded from revision none to 0003" in upgraded.stdout, upgraded.stderr
     assert run("current").returncode == 0
     engine = create_engine(engine_url(url))
     columns = {c["name"] for c in inspect(engine).get_columns("api_keys")}

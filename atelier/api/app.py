@@ -43,6 +43,17 @@ def bootstrap(settings: Settings, sessions, blobs: BlobStore) -> str | None:
     return secret
 
 
+def remote_runtime(settings: Settings):
+    """Ray Serve's deployments when ATELIER_RUNTIME=ray (None: engines run in this process)."""
+    if settings.runtime != "ray":
+        return None
+    try:
+        from atelier.runtime.ray_serve import RayRuntime
+    except ImportError as e:
+        raise RuntimeError(f"ATELIER_RUNTIME=ray needs Ray Serve ({e}): pip install -e '.[ray]'") from None
+    return RayRuntime(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.home_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,
                                      max_memory=settings.max_model_memory, keep_alive=settings.keep_alive,
                                      max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
-                                     image_wait_ms=settings.image_batch_wait_ms)
+                                     image_wait_ms=settings.image_batch_wait_ms, remote=remote_runtime(settings))
     app.state.inflight = InFlight()  # requests running per key (max_parallel)
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None

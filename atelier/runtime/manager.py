@@ -67,7 +67,8 @@ class Loaded:
     def public(self) -> dict:
         """One row of GET /api/ps."""
         return {"model": self.ref, "name": self.name, "version": self.number, "family": self.family.name,
-                "task": self.task, "engine": self.family.engine, "size_bytes": self.weight_bytes,
+                "task": self.task, "engine": self.family.engine, "runtime": getattr(self.engine, "runtime", "local"),
+                "size_bytes": self.weight_bytes,
                 "loaded_at": int(self.loaded_at), "last_used": int(self.last_used), "in_use": self.in_use,
                 "expires_at": None if self.expires_at is None else int(self.expires_at)}
 
@@ -75,8 +76,9 @@ class Loaded:
 class ModelManager:
     def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
                  keep_alive: str | float = "5m", max_batch: int = 16, image_max_batch: int = 16,
-                 image_wait_ms: float = 10.0):
+                 image_wait_ms: float = 10.0, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
+        self.remote = remote  # a RayRuntime (runtime/ray_serve.py): text and image engines run on Ray Serve
         self.max_loaded, self.max_memory = max_loaded, max_memory
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
@@ -165,6 +167,8 @@ class ModelManager:
         with self._lock:
             for m in list(self._loaded.values()):
                 self._unload(m, "server stopping")
+        if self.remote is not None:
+            self.remote.close()
         self.blobs.close()
 
     # -- inside ---------------------------------------------------------------------------
@@ -188,7 +192,9 @@ class ModelManager:
         finally:
             with self._lock:
                 self._incoming -= weight
-        if family.engine == "text":
+        if self.remote is not None and family.engine in ("text", "image"):
+            engine = self.remote.engine(family.engine, family.name, servable, folder)
+        elif family.engine == "text":
             engine = TextEngine(servable, self.max_batch)
         elif family.engine == "image":
             engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms)
