@@ -16,6 +16,7 @@ database's ceiling in docs/scaling.md's capacity model; replicas share it.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from atelier.api.deps import key_from_header  # noqa: E402
 from atelier.api.metering import Meter  # noqa: E402
 from atelier.safety.audit import audit_key  # noqa: E402
 from atelier.storage.db import ApiKey, Usage, make_engine, make_sessionmaker  # noqa: E402
+from atelier.storage.audit import record  # noqa: E402
 from atelier.storage.keys import create_key  # noqa: E402
 from atelier.storage.usage import InFlight, verdict  # noqa: E402
 from sqlalchemy import select  # noqa: E402
@@ -55,7 +57,24 @@ def one_request(sessions, header: str, inflight: InFlight) -> None:
     meter.close()  # usage updated, audit entry appended
 
 
-def measure(sessions, header: str, threads: int, seconds: float) -> dict:
+def server_cpu_seconds(uid: int | None) -> float:
+    """CPU time used so far by the processes of user `uid` (the PostgreSQL cluster's): what the database
+    server itself spends, apart from this client's Python."""
+    if uid is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.parent.stat().st_uid != uid:
+                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(sessions, header: str, threads: int, seconds: float, server_uid: int | None) -> dict:
     inflight, stop, latencies, lock = InFlight(), threading.Event(), [], threading.Lock()
 
     def loop():
@@ -68,6 +87,7 @@ def measure(sessions, header: str, threads: int, seconds: float) -> dict:
             latencies.extend(mine)
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
+    cpu = server_cpu_seconds(server_uid)
     start = time.perf_counter()
     for w in workers:
         w.start()
@@ -76,12 +96,13 @@ def measure(sessions, header: str, threads: int, seconds: float) -> dict:
     for w in workers:
         w.join()
     elapsed = time.perf_counter() - start
+    server_ms = 1000 * (server_cpu_seconds(server_uid) - cpu) / max(1, len(latencies))
     latencies.sort()
-    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+    return {"rps": len(latencies) / elapsed, "server_ms": server_ms, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "n": len(latencies)}
 
 
-def bench(name: str, url: str, concurrency: list[int], seconds: float) -> None:
+def bench(name: str, url: str, concurrency: list[int], seconds: float, server_uid: int | None = None) -> None:
     engine = make_engine(url)
     sessions = make_sessionmaker(engine, audit_key=audit_key(b"\x01" * 32))
     with sessions() as db:
@@ -90,10 +111,20 @@ def bench(name: str, url: str, concurrency: list[int], seconds: float) -> None:
     one_request(sessions, header, InFlight())  # warm the pool and the caches
     base = None
     for threads in concurrency:
-        r = measure(sessions, header, threads, seconds)
+        r = measure(sessions, header, threads, seconds, server_uid)
         base = base or r["rps"]
+        server = f"{r['server_ms']:>9.2f}" if server_uid is not None else f"{'-':>9}"
         print(f"{name:<11} {threads:>7} {r['rps']:>10.0f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} "
-              f"{r['rps'] / base:>8.2f}x {r['n']:>8}")
+              f"{r['rps'] / base:>8.2f}x {server} {r['n']:>8}")
+    audit = []
+    for _ in range(200):  # the serialised part: one audit append, lock to commit, nothing else running
+        with sessions() as db:
+            t = time.perf_counter()
+            record(db, action="generate", target="tang-poet@1", key_id="key_bench", detail={"tokens": 64})
+            audit.append(time.perf_counter() - t)
+    hold = statistics.median(audit)
+    print(f"{name:<11} one audit append holds the chain {1000 * hold:.2f} ms: at most {1 / hold:.0f} appends/s "
+          "across every replica")
     engine.dispose()
 
 
@@ -103,7 +134,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--database-url", help="a PostgreSQL database to use instead of a throwaway cluster")
     args = parser.parse_args()
-    print(f"{'database':<11} {'threads':>7} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'vs 1':>9} {'requests':>8}")
+    print(f"{'database':<11} {'threads':>7} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'vs 1':>9} "
+          f"{'server ms':>9} {'requests':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         bench("sqlite", f"sqlite:///{tmp}/bench.db", args.concurrency, args.seconds)
     if args.database_url:
@@ -113,7 +145,7 @@ def main() -> None:
 
     pg = Postgres()
     try:
-        bench("postgresql", pg.create_database("bench"), args.concurrency, args.seconds)
+        bench("postgresql", pg.create_database("bench"), args.concurrency, args.seconds, pg.data.stat().st_uid)
     finally:
         pg.close()
 

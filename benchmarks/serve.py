@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve.py [--model tang-poet] [--concurrency 1 8 32] [--requests 32]
                                          [--max-tokens 64] [--rate R] [--threads N]
+                                         [--database sqlite|postgresql] [--runtime local|ray]
 
 Starts `atelier serve` as its own process on loopback with a fresh home, then for each
 concurrency runs a closed loop (each client sends its next request when the last one ends;
@@ -135,6 +136,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s) instead of a closed loop")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server")
+    ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="the server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)")
+    ap.add_argument("--runtime", choices=("local", "ray"), default="local",
+                    help="where generation runs (ATELIER_RUNTIME): in the server, or on Ray Serve (a local cluster)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -148,7 +153,14 @@ def main() -> None:
                             "ATELIER_LOG_LEVEL": "warning"}
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        proc = serve_process(env, port)
+        env["ATELIER_RUNTIME"] = args.runtime
+        postgres = None
+        if args.database == "postgresql":
+            from postgres import Postgres
+
+            postgres = Postgres()
+            env["ATELIER_DATABASE_URL"] = postgres.create_database("serve_bench")
+        proc = serve_process(env, port, timeout_s=180)
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_load(url, args.model, 1, 2, 8, None))  # load the model, warm up
@@ -157,10 +169,13 @@ def main() -> None:
                     for c in args.concurrency}
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
+            if postgres is not None:
+                postgres.close()
     base = rows[args.concurrency[0]]["tokens/s"]
     mode = f"Poisson {args.rate} req/s" if args.rate else "closed loop"
-    print(f"\n{args.model}, {args.max_tokens} tokens per request, streaming, {mode}, {local['threads']} threads")
+    print(f"\n{args.model}, {args.max_tokens} tokens per request, streaming, {mode}, {local['threads']} threads, "
+          f"{args.database}, runtime {args.runtime}")
     print(f"{'clients':>7} | {'req/s':>6} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
           f"{'TPOT p99':>8} | {'ITL p99':>7} | {'× c=1':>5}")
     print("-" * 92)

@@ -67,3 +67,23 @@ def test_tutorial_runs(tmp_path, page, marker):
                            env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected
+
+
+def test_scaling_tutorial_runs_against_two_replicas(tmp_path):
+    """docs/scaling.md's example against two servers over one PostgreSQL and one home, as the page sets up."""
+    from conftest import LiveServer, make_settings, new_postgres_database
+
+    doc = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- doc-test: replicas -->\s*```python\n(.*?)```", doc, re.S).group(1)
+    expected = re.search(r"It prints:\s*```text\n(.*?)```", doc, re.S).group(1)
+    database = new_postgres_database()
+    first = make_settings(tmp_path / "home", database_url=database, run_worker=False)
+    second = make_settings(tmp_path / "home", database_url=database, run_worker=False)
+    with LiveServer(first) as a, LiveServer(second) as b:
+        script = tmp_path / "tutorial.py"
+        script.write_text(code.replace("http://127.0.0.1:8001", a.url).replace("http://127.0.0.1:8002", b.url),
+                          encoding="utf-8")
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                           env=os.environ | {"ATELIER_API_KEY": ADMIN_KEY, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
