@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(default=8000, ge=0, le=65535, description="HTTP port")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<home>/atelier.db")
+    db_pool_size: int = Field(default=20, ge=1, description="database connections each process keeps open (the server; its worker keeps a quarter)")
+    db_max_overflow: int = Field(default=80, ge=0, description="more connections each process may open under load")
     admin_key: str | None = Field(default=None, description="on first start, use this as the admin key instead of a random one")
     log_level: str = Field(default="info", description="debug | info | warning | error")
 

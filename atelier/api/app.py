@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false
     # Shown once by `atelier serve` (never logged); only its hash is stored. Replicas starting together

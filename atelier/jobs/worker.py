@@ -44,7 +44,10 @@ def main() -> None:
         handler.addFilter(RedactingFilter())
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     parent, me, lease_s = os.getppid(), worker_id(), settings.job_lease_s
-    sessions = make_sessionmaker(make_engine(settings.db_url), audit_key=audit_mac_key(settings))
+    # A worker needs few connections (one per running job, and its loop): a quarter of the server's.
+    engine = make_engine(settings.db_url, pool_size=max(1, settings.db_pool_size // 4),
+                         max_overflow=max(settings.max_jobs + 2, settings.db_max_overflow // 4))
+    sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)
     if settings.threads:
         import torch

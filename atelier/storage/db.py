@@ -216,12 +216,13 @@ def safe_url(url: str) -> str:
         return url.split(":", 1)[0] + ":…"
 
 
-def make_engine(url: str, *, upgrade: bool = True) -> Engine:
-    """An engine for `url`, its schema migrated to the newest revision unless `upgrade` is False."""
+def make_engine(url: str, *, upgrade: bool = True, pool_size: int = 20, max_overflow: int = 80) -> Engine:
+    """An engine for `url`, its schema migrated to the newest revision unless `upgrade` is False; it keeps
+    `pool_size` connections open and opens up to `max_overflow` more under load."""
     # Requests hold a connection only while they read or write (generation routes give theirs back
     # before streaming), but a burst of many clients still needs more than the default 5 + 10.
     in_memory = url in ("sqlite://", "sqlite:///:memory:")  # one shared connection: no pool to size
-    kwargs = {} if in_memory else {"pool_size": 20, "max_overflow": 80, "pool_timeout": 30}
+    kwargs = {} if in_memory else {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
     if not url.startswith("sqlite"):  # a connection the database dropped (a restart) is replaced, not used
         kwargs["pool_pre_ping"] = True
     if url.startswith("sqlite"):
