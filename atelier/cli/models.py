@@ -1,4 +1,5 @@
-"""`atelier models`: list, inspect, promote, roll back, delete, export, import, load and unload models on the server."""
+"""`atelier models`: list, inspect, promote, roll back, quantize, delete, export, import, load and unload models on the
+server."""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ def models_rollback(name: str, alias: Annotated[str, typer.Option()] = "producti
     """Move an alias back to the previous version."""
     out = call("POST", f"/api/models/{name}/rollback", url, api_key, json={"alias": alias}).json()
     console.print(f"{name}:{alias} → {name}@{out['aliases'][alias]}")
+
+
+@app.command("quantize")
+def models_quantize(ref: Annotated[str, typer.Argument(help="NAME@VERSION (or NAME:ALIAS)")],
+                    method: Annotated[str, typer.Option(help="int8: weight-only, one scale per row")] = "int8",
+                    alias: Annotated[str, typer.Option(help="alias the new version gets")] = "int8",
+                    url: UrlOpt = None, api_key: KeyOpt = None):
+    """Make a new version with quantized weights; the source version is left as it is."""
+    out = call("POST", f"/api/models/{ref}/quantize", url, api_key, json={"method": method, "alias": alias}).json()
+    name = out["id"].split("@")[0]
+    console.print(f"{out['id']} ({name}:{out['alias']}): {out['method']} from {out['quantized_from']}, "
+                  f"{_size(out['size_bytes'])} (was {_size(out['source_size_bytes'])})")
 
 
 @app.command("delete")

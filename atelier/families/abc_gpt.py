@@ -38,6 +38,7 @@ class AbcGpt(Family):
     engine = "call"
     train_formats = ("abc",)
     fine_tunable = True
+    quantizable = True
     shipped = ("folk-tunes",)
 
     def describe(self, config: dict, files: dict) -> dict:

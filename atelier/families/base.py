@@ -125,6 +125,7 @@ class Family:
     train_formats: tuple[str, ...] = ()  # upload formats its jobs train from; () = no jobs
     fine_tunable: bool = False  # a job may start from one of its versions
     shipped: tuple[str, ...] = ()  # folders under atelier/assets/models registered on start
+    quantizable: bool = False  # its versions may be quantized to int8 (atelier/training/compress.py)
 
     # -- declared --------------------------------------------------------------------------
     def task_of(self, config: dict) -> str:

@@ -64,6 +64,7 @@ class Chargpt(Family):
     engine = "text"
     train_formats = ("jsonl-text", "jsonl-prompt", "jsonl-chat", "text")
     fine_tunable = True
+    quantizable = True
     shipped = ("tang-poet",)
 
     def describe(self, config: dict, files: dict) -> dict:

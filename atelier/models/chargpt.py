@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,15 +39,20 @@ class ChargptConfig:
     n_head: int = 8
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    n_inner: int | None = None  # the MLP's width; None: GPT-2's 4 × n_embd (a pruned model has fewer)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
     @property
+    def inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
     def n_params(self) -> int:
-        d, L = self.n_embd, self.n_layer
-        per_block = 12 * d * d + 13 * d  # attn 4d² + mlp 8d², biases and two LayerNorms
+        d, L, f = self.n_embd, self.n_layer, self.inner
+        per_block = 4 * d * d + 2 * d * f + f + 9 * d  # attn 4d² + mlp 2df, biases and two LayerNorms
         return self.vocab_size * d + self.n_positions * d + L * per_block + 2 * d
 
 
@@ -108,8 +114,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ChargptConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.inner)
+        self.c_proj = nn.Linear(config.inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -230,7 +236,7 @@ def hf_config(config: ChargptConfig, tokenizer: CharTokenizer | None = None) -> 
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None,
+        "n_inner": config.n_inner,
         "activation_function": "gelu_new",
         "layer_norm_epsilon": config.layer_norm_epsilon,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -264,7 +270,7 @@ def config_from_hf(d: dict) -> ChargptConfig:
     if "atelier_config" in d:
         return ChargptConfig(**{k: v for k, v in d["atelier_config"].items() if k in names})
     return ChargptConfig(vocab_size=d["vocab_size"], n_positions=d["n_positions"], n_embd=d["n_embd"],
-                         n_layer=d["n_layer"], n_head=d["n_head"],
+                         n_layer=d["n_layer"], n_head=d["n_head"], n_inner=d.get("n_inner"),
                          layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
 
 
@@ -284,7 +290,8 @@ def from_pretrained(directory: str | Path, tokenizer=CharTokenizer) -> tuple[Cha
     by `tokenizer` (characters by default; ABC tokens for a tune model)."""
     directory = Path(directory)
     config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
-    model = load_state(CharGPT(config), load_file(directory / WEIGHTS_FILE))
+    # A quantized version (atelier/models/int8.py) stores int8 matrices with their scales: floats again here.
+    model = load_state(CharGPT(config), int8.dequantize(load_file(directory / WEIGHTS_FILE)))
     model.eval()
     return model, tokenizer.load(directory / TOKENIZER_FILE)
 

@@ -1,10 +1,11 @@
-"""Model lifecycle: promote (move an alias), roll back, delete, export and import archives."""
+"""Model lifecycle: promote (move an alias), roll back, quantize, delete, export and import archives."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,19 +13,22 @@ from pathlib import Path
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.api.deps import AdminKey, BlobsDep, SessionDep, SettingsDep, TrainKey
+from atelier.api.deps import AdminKey, BlobsDep, ManagerDep, SessionDep, SettingsDep, TrainKey
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.models_lookup import resolve_version
 from atelier.api.security_headers import content_disposition
 from atelier.api.uploads import read_limited
 from atelier.api.models_public import model_public
-from atelier.families import imports
+from atelier.families import FAMILIES, imports
 from atelier.storage import archives
 from atelier.storage.ownership import can_change_model, can_see_model, owner_for
 from atelier.storage import registry as store
 from atelier.storage import audit
+from atelier.training import compress
 
 router = APIRouter(prefix="/api/models", tags=["lifecycle"])
 
@@ -34,6 +38,13 @@ class AliasMove(BaseModel):
 
     alias: str = Field(min_length=1, max_length=32)
     version: int = Field(ge=1, le=2**63 - 1)
+
+
+class Quantize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["int8"] = "int8"
+    alias: str = Field(default="int8", min_length=1, max_length=32)
 
 
 class Rollback(BaseModel):
@@ -84,6 +95,43 @@ def rollback(name: str, body: Rollback, db: SessionDep, key: TrainKey):
         raise APIError(409, str(e), param="alias", code="nothing_to_roll_back") from None
     audit.record(db, action="model.rollback", target=f"{name}@{number}", key_id=key.id, detail={"alias": body.alias})
     return model_public(_model(db, name, key), key=key)
+
+
+@router.post("/{ref:path}/quantize")
+def quantize(ref: str, body: Quantize, db: SessionDep, blobs: BlobsDep, settings: SettingsDep,
+             manager: ManagerDep, key: TrainKey):
+    """A new version of the model with int8 weights (a quarter of the bytes), under `alias`; the source
+    version is untouched. Only families whose weights are float matrices say yes (chargpt, abc-gpt)."""
+    version = resolve_version(db, ref, key=key)
+    model = _model(db, version.model.name, key)
+    family = FAMILIES[model.family]
+    if not family.quantizable:
+        quantizable = ", ".join(n for n, f in FAMILIES.items() if f.quantizable)
+        raise bad_request(f"model {model.name!r} ({model.family}) cannot be quantized; quantizable families: "
+                          f"{quantizable}", "model", code="model_not_supported")
+    source = f"{model.name}@{version.number}"
+    with tempfile.TemporaryDirectory(dir=settings.home_dir) as tmp:
+        folder = store.version_folder(blobs, version, Path(tmp) / "source")
+        try:
+            entry = compress.quantize_folder(folder, Path(tmp) / "quantized", body.method)
+        except ValueError as e:
+            raise bad_request(str(e), "model", code="already_quantized") from None
+        finally:  # an encrypted store unpacked it in memory: gone once read, unless the runtime holds it
+            if blobs.encrypted and manager.get_loaded(model.name, version.number) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+        new = store.register_version(db, blobs, name=model.name, family=model.family, task=model.task,
+                                     folder=Path(tmp) / "quantized", metrics=dict(version.metrics),
+                                     training={"lineage": {"quantized_from": source, **entry}}, aliases=())
+        try:
+            store.set_alias(db, model=model, alias=body.alias, number=new.number)
+        except ValueError as e:
+            raise bad_request(str(e), "alias") from None
+        db.commit()
+    target = f"{model.name}@{new.number}"
+    audit.record(db, action="model.quantize", target=target, key_id=key.id,
+                 detail={"from": source, "method": body.method, "alias": body.alias})
+    return {"id": target, "object": "model.version", "quantized_from": source, "alias": body.alias,
+            "method": body.method, "size_bytes": new.size_bytes, "source_size_bytes": version.size_bytes}
 
 
 @router.delete("/{ref:path}")
