@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,13 +16,23 @@ from atelier.models import int8
 from atelier.models.chargpt import from_pretrained
 from atelier.training.compress import prune_mlp
 from conftest import ADMIN_KEY, LiveServer, admin_http, make_settings
+from test_jobs import POEMS, all_events
 
 
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory):
     """A server of its own: quantizing adds versions to tang-poet, which other modules count."""
-    with LiveServer(make_settings(tmp_path_factory.mktemp("compress-home"), run_worker=False)) as s:
+    with LiveServer(make_settings(tmp_path_factory.mktemp("compress-home"))) as s:
         yield s
+
+
+def wait_for_http(http, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while (job := http.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] not in ("succeeded", "failed",
+                                                                                      "cancelled"):
+        assert time.time() < deadline, f"{job_id} did not finish"
+        time.sleep(0.3)
+    return job
 
 
 def test_int8_round_trip_is_within_half_a_step_per_row():
@@ -94,3 +105,48 @@ def test_pruning_drops_whole_mlp_channels_and_keeps_the_most_important():
     arbitrary = [loss(prune_mlp(model, 0.5, [], scores=[torch.rand(model.config.inner, generator=g)
                                                          for _ in model.h])) for _ in range(3)]
     assert loss(pruned) < min(arbitrary)  # importance beats any of three arbitrary halves
+
+
+@pytest.mark.parametrize("method, hyper", [
+    ("distill", {"n_embd": 32, "n_layer": 1, "n_head": 2, "max_steps": 12, "eval_every": 6, "batch_size": 4,
+                 "temperature": 2.0, "alpha": 0.8}),
+    ("prune", {"keep": 0.5, "max_steps": 6, "eval_every": 3, "batch_size": 2}),
+])
+def test_distill_and_prune_jobs_make_smaller_models_with_lineage(own_server, method, hyper):
+    with admin_http(own_server) as http:
+        data = "\n\n".join(POEMS * 4).encode()
+        file_id = http.post("/v1/files", files={"file": ("poems.txt", data)}, data={"purpose": "fine-tune"}).json()["id"]
+        r = http.post("/v1/fine_tuning/jobs", json={"model": "tang-poet@1", "training_file": file_id,
+                                                    "suffix": f"poet-{method}",
+                                                    "method": {"type": method, method: {"hyperparameters": hyper}}})
+        assert r.status_code == 200, r.text
+        job = wait_for_http(http, r.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["fine_tuned_model"] == f"poet-{method}@1"
+        events = [e["message"] for e in all_events(http, job["id"])]
+        assert any(m.startswith(f"building the model: {method} tang-poet@1") for m in events), events
+        made = http.get(f"/v1/models/poet-{method}").json()
+        teacher = http.get("/v1/models/tang-poet").json()
+        size = {m["id"]: m["versions"][0]["size_bytes"] for m in (made, teacher)}
+        assert size[f"poet-{method}"] < size["tang-poet"]
+        poem = http.post("/v1/completions", json={"model": f"poet-{method}", "prompt": "春", "max_tokens": 8, "seed": 1})
+        assert poem.status_code == 200 and poem.json()["choices"][0]["text"]
+
+
+def test_compression_jobs_refuse_what_does_not_fit(own_server):
+    with admin_http(own_server) as http:
+        file_id = http.post("/v1/files", files={"file": ("p.txt", "\n\n".join(POEMS).encode())},
+                            data={"purpose": "fine-tune"}).json()["id"]
+        cases = [
+            ({"model": "chargpt", "suffix": "x", "method": {"type": "distill"}}, "model"),  # nothing to distil
+            ({"model": "tang-poet@1", "method": {"type": "prune"}}, "suffix"),  # the new model needs a name
+            ({"model": "tang-poet@1", "suffix": "x", "method": {"type": "quantize"}}, "method.type"),
+            ({"model": "tang-poet@1", "suffix": "x", "method": {"type": "distill", "distill": {
+                "hyperparameters": {"keep": 0.5}}}}, "hyperparameters.keep"),  # keep is prune's
+            ({"model": "tang-poet@1", "suffix": "x", "method": {"type": "prune", "prune": {
+                "hyperparameters": {"keep": 2}}}}, "hyperparameters.keep"),
+        ]
+        for body, param in cases:
+            r = http.post("/v1/fine_tuning/jobs", json={"training_file": file_id, **body})
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["error"]["param"] == param, (body, r.json())

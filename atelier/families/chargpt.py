@@ -13,6 +13,7 @@ import torch
 from atelier.families.base import Family, TrainJob, decoder_context
 from atelier.models import chargpt
 from atelier.training import hyperparameters
+from atelier.training.hyperparameters import TrainError
 
 SCRATCH_DEFAULTS = dict(n_embd=64, n_layer=2, n_head=4, context=64, min_count=1)
 # A chat turn that already ends like a line of verse is continued; anything else is a title.
@@ -74,7 +75,14 @@ class Chargpt(Family):
         return CharLM(*chargpt.from_pretrained(folder))
 
     def check_hyperparameters(self, hyper: dict) -> dict:
-        return hyperparameters.check(hyper)
+        checked = hyperparameters.check(hyper, hyperparameters.WITH_COMPRESSION, family=self.name)
+        method = checked.get("method", "supervised")
+        only = {"keep": ("prune",), "temperature": ("distill", "prune"), "alpha": ("distill", "prune")}
+        for name, methods in only.items():
+            if name in checked and method not in methods:
+                raise TrainError(f"hyperparameters.{name} applies to method {' or '.join(methods)}, not {method}",
+                                 param=f"hyperparameters.{name}")
+        return checked
 
     def train(self, job: TrainJob) -> Path | None:
         from atelier.training.corpus import load_corpus
@@ -82,20 +90,49 @@ class Chargpt(Family):
 
         # 3. build the model
         hyper = dict(job.hyperparameters)
+        method = hyper.get("method", "supervised")
         block = decoder_context(job, SCRATCH_DEFAULTS["context"], "chargpt")
         corpus = load_corpus(job.train_path)
         tokens = sum(len(d) + 2 for d in corpus.train)
-        model_cfg, cfg = hyperparameters.decoder_plan(hyper, block=block, fine_tune=job.base is not None,
-                                                      train_tokens=tokens, seed=job.seed, max_steps_limit=job.max_steps,
-                                                      defaults=SCRATCH_DEFAULTS, stage=job.stage)
+        teacher = start = None
+        defaults = SCRATCH_DEFAULTS
+        if method != "supervised":  # distil or prune the base version: it is the teacher
+            teacher, tok = chargpt.from_pretrained(job.base)
+            t = teacher.config
+            defaults = {"n_embd": t.n_embd // 2, "n_layer": max(1, t.n_layer // 2), "n_head": max(1, t.n_head // 2)}
+        model_cfg, cfg = hyperparameters.decoder_plan(hyper, block=block, fine_tune=method != "distill" and
+                                                      job.base is not None, train_tokens=tokens, seed=job.seed,
+                                                      max_steps_limit=job.max_steps, defaults=defaults, stage=job.stage)
+        if method != "supervised":
+            cfg.distill_temperature = float(hyper.get("temperature", 2.0))
+            cfg.distill_alpha = float(hyper.get("alpha", 0.5))
+            start = (self._student(job, teacher, tok, model_cfg, corpus, float(hyper.get("keep", 0.5)))
+                     if method == "prune" else
+                     (chargpt.CharGPT(chargpt.ChargptConfig(vocab_size=len(tok), **model_cfg)), tok))
+            job.stage(f"building the model: {method} {job.base_ref} ({teacher.config.n_params:,} parameters) "
+                      f"into {start[0].config.n_params:,} parameters")
         # 4. train
         folder = train_chargpt(job.train_path, job.workdir / "train", model_cfg, cfg,
-                               min_count=int(hyper.get("min_count", 1)), on_event=job.on_event, base=job.base,
-                               val_data=job.val_path, should_stop=job.should_stop)
+                               min_count=int(hyper.get("min_count", 1)), on_event=job.on_event,
+                               base=job.base if method == "supervised" else None, val_data=job.val_path,
+                               should_stop=job.should_stop, start=start, teacher=teacher, method=method)
         if job.should_stop():
             return None
         job.trained_tokens = cfg.max_steps * cfg.batch_size * block
         return folder
+
+
+    @staticmethod
+    def _student(job: TrainJob, teacher, tok, model_cfg: dict, corpus, keep: float):
+        """The pruned model a prune job fine-tunes: channel importance measured on the job's first
+        training windows (the same ones on a resume, so the same channels are kept)."""
+        from atelier.training.compress import prune_mlp
+        from atelier.training.trainer import encode_stream
+
+        block = model_cfg["n_positions"]
+        stream = encode_stream(corpus.train, tok)[: 8 * block]
+        windows = [stream[i:i + block][None] for i in range(0, max(1, len(stream) - block + 1), block)]
+        return prune_mlp(teacher, keep, windows), tok
 
 
 family = Chargpt()

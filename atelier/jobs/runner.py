@@ -175,7 +175,8 @@ def _register(job: Job, sessions, blobs: BlobStore, folder: Path) -> None:
     detail = {"job_id": job.id}
     with sessions() as db:
         owner = owner_for(db.get(ApiKey, job.key_id) if job.key_id else None)  # the job's key owns what it made
-        if job.base_model == job.family:  # from scratch: a new model named by the suffix
+        # From scratch, or compressed (distilled, pruned) from a version: a new model named by the suffix.
+        if job.base_model == job.family or job.hyperparameters.get("method") in ("distill", "prune"):
             import json
 
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -25,17 +25,22 @@ RANGES = {
     "max_steps": (1, None), "warmup_steps": (0, 10_000), "eval_every": (1, 100_000),
     "early_stopping_patience": (1, 100), "grad_clip": (0.0, 100.0),
     "n_embd": (8, 1024), "n_layer": (1, 24), "n_head": (1, 32), "context": (8, 1024), "min_count": (1, 1000),
+    # compression jobs (atelier/training/compress.py): the share of MLP channels a pruned model keeps, and
+    # distillation's softening temperature and the weight of its KL term
+    "keep": (0.05, 1.0), "temperature": (0.5, 10.0), "alpha": (0.0, 1.0),
 }
 CHOICES = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear", "constant"),
-           "precision": ("fp32", "bf16")}
-REAL = ("learning_rate_multiplier", "grad_clip")  # the rest are whole numbers
+           "precision": ("fp32", "bf16"), "method": ("supervised", "distill", "prune")}
+REAL = ("learning_rate_multiplier", "grad_clip", "keep", "temperature", "alpha")  # the rest are whole numbers
+COMPRESSION = ("method", "keep", "temperature", "alpha")  # only the families that compress accept these
+WITH_COMPRESSION = tuple(sorted([*RANGES, *CHOICES]))
 # The image families (ddpm, dcgan) keep their architecture: only the optimisation is set.
 IMAGE_ACCEPTED = ("max_steps", "batch_size", "learning_rate_multiplier", "eval_every", "warmup_steps", "grad_clip")
 
 
 def check(hyper: dict, accepted: tuple[str, ...] | None = None, *, family: str = "") -> dict:
     """Validate names, ranges and choices ("auto" leaves a default); `accepted` narrows the names."""
-    allowed = accepted or tuple(sorted([*RANGES, *CHOICES]))
+    allowed = accepted or tuple(sorted(n for n in [*RANGES, *CHOICES] if n not in COMPRESSION))
     out = {}
     for name, value in hyper.items():
         if name not in allowed:

@@ -23,11 +23,15 @@ from atelier.training.trainer import Trainer, TrainConfig, environment
 def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_cfg: TrainConfig,
                   min_count: int = 1, threads: int | None = None,
                   on_event: Callable[[dict], None] | None = None, *, base: Path | None = None,
-                  val_data: str | Path | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
+                  val_data: str | Path | None = None, should_stop: Callable[[], bool] | None = None,
+                  start: tuple[CharGPT, CharTokenizer] | None = None, teacher: CharGPT | None = None,
+                  method: str = "supervised") -> Path:
     """Train (or resume in workdir) and return the folder of the best weights.
 
     From scratch, the tokenizer is built from the corpus and the model from model_cfg;
-    with `base` (a version folder), both come from the base model (fine-tuning).
+    with `base` (a version folder), both come from the base model (fine-tuning); `start` hands
+    over a model and tokenizer built by the caller (a distilled student, a pruned model), and
+    `teacher` makes the loss distil from that model's outputs (atelier/training/compress.py).
     The folder holds config.json, model.safetensors, tokenizer.json and training.json
     (config, data provenance, metrics), ready for `storage.registry.register_trained`.
     """
@@ -41,7 +45,11 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
         held_out = load_corpus(val_data, val_fraction=0.0)
         corpus = Corpus(train=corpus.train + corpus.val, val=held_out.train + held_out.val,
                         sources=corpus.sources + held_out.sources)
-    if base is not None:
+    if start is not None:
+        model, tok = start
+        model.train()
+        config = model.config
+    elif base is not None:
         model, tok = from_pretrained(base)
         model.train()
         config = model.config
@@ -54,7 +62,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
             tok.save(tok_path)
         config = ChargptConfig(vocab_size=len(tok), **model_cfg)
         model = CharGPT(config)
-    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event, should_stop)
+    trainer = Trainer(model, tok, corpus, train_cfg, workdir, on_event, should_stop, teacher=teacher)
     started = time.time()
     state = trainer.fit()
     best = trainer.best_dir
@@ -63,6 +71,7 @@ def train_chargpt(data: str | Path, workdir: str | Path, model_cfg: dict, train_
         "model_config": asdict(config),
         "train_config": asdict(train_cfg),
         "base": str(base) if base is not None else None,
+        "method": method,
         "data": {"source": str(data), "files": corpus.sources, "train_docs": len(corpus.train),
                  "val_docs": len(corpus.val), "chars": corpus.n_chars, "vocab_size": len(tok)},
         "metrics": {"val_loss": state.best_val_loss, "val_ppl": float(torch.tensor(state.best_val_loss).exp()),

@@ -53,6 +53,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     max_minutes: float | None = None  # stop (with a final eval) after this much wall time
+    # Distillation (a Trainer given a teacher): loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE,
+    # both distributions softened by the temperature T (Hinton et al., 2015).
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
@@ -161,8 +165,9 @@ class Trainer:
 
     def __init__(self, model: CharGPT, tokenizer: CharTokenizer, corpus: Corpus, cfg: TrainConfig,
                  workdir: str | Path, on_event: Callable[[dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, teacher: CharGPT | None = None):
         self.model, self.tok, self.corpus, self.cfg = model, tokenizer, corpus, cfg
+        self.teacher = teacher.eval() if teacher is not None else None  # distil from its outputs
         self.workdir = Path(workdir)
         self.on_event = on_event or (lambda e: None)
         self.block = model.config.n_positions
@@ -258,7 +263,7 @@ class Trainer:
                 g["lr"] = lr
             x, y = self._batch(train, step)
             with self._autocast():
-                _, loss = model(x, y)
+                loss = self._loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -285,6 +290,19 @@ class Trainer:
         self.on_event({"type": "done", "step": self.state.step, "best_val_loss": self.state.best_val_loss,
                        "best_step": self.state.best_step, "stopped_early": self.state.stopped_early})
         return self.state
+
+    def _loss(self, x, y) -> torch.Tensor:
+        """Cross-entropy on the next character; with a teacher, mixed with the KL to its softened outputs."""
+        logits, ce = self.model(x, y)
+        if self.teacher is None:
+            return ce
+        with torch.no_grad():
+            taught, _ = self.teacher(x)
+        t, vocab = self.cfg.distill_temperature, logits.shape[-1]
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float().view(-1, vocab) / t, -1),
+                                        torch.log_softmax(taught.float().view(-1, vocab) / t, -1),
+                                        log_target=True, reduction="batchmean") * t * t
+        return self.cfg.distill_alpha * kl + (1 - self.cfg.distill_alpha) * ce
 
     def _eval_and_checkpoint(self, val, opt):
         st = self.state

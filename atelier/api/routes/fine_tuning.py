@@ -31,8 +31,17 @@ class Supervised(BaseModel):
 
 
 class Method(BaseModel):
+    """OpenAI's `method`, with Atelier's compression methods beside `supervised`: `distill` trains a smaller
+    model on the base version's outputs, `prune` drops the base's least important MLP channels and
+    fine-tunes what is left (atelier/training/compress.py). Both make a new model named by the suffix."""
+
     type: str = "supervised"
     supervised: Supervised | None = None
+    distill: Supervised | None = None
+    prune: Supervised | None = None
+
+
+COMPRESSING = ("distill", "prune")
 
 
 class JobCreate(BaseModel):
@@ -58,11 +67,21 @@ def get_job(db, job_id: str, key) -> Job:
 @router.post("")
 def create(body: JobCreate, db: SessionDep, key: TrainKey):
     """Queue a job: fine-tune a model version (chargpt, ddpm, dcgan), or train a family from scratch."""
-    if body.method is not None and body.method.type != "supervised":
-        raise bad_request(f"method.type {body.method.type!r} is not supported; use 'supervised'", "method.type")
+    method = body.method.type if body.method is not None else "supervised"
+    if method not in ("supervised", *COMPRESSING):
+        raise bad_request(f"method.type {method!r} is not supported; use 'supervised', 'distill' or 'prune'",
+                          "method.type")
     hyper = dict(body.hyperparameters)
-    if body.method and body.method.supervised:
-        hyper |= body.method.supervised.hyperparameters
+    given = getattr(body.method, method, None) if body.method is not None else None
+    if given is not None:
+        hyper |= given.hyperparameters
+    if method in COMPRESSING:
+        if body.model in FAMILIES:
+            raise bad_request(f"method {method!r} compresses a model version: give one as model (e.g. tang-poet@1)",
+                              "model")
+        if not body.suffix:
+            raise bad_request(f"a {method} job makes a new model: its name is the suffix", "suffix")
+        hyper["method"] = method
     if body.suffix is not None and not SUFFIX_RE.match(body.suffix):
         raise bad_request(f"suffix {body.suffix!r} must match {SUFFIX_RE.pattern}", "suffix")
     if body.model in FAMILIES:
@@ -79,6 +98,11 @@ def create(body: JobCreate, db: SessionDep, key: TrainKey):
     else:
         version = resolve_version(db, body.model, key=key)
         family = version.model.family
+        if method in COMPRESSING:
+            taken = db.scalar(select(Model).where(Model.name == body.suffix))
+            if taken is not None and (taken.family != family or not can_change_model(key, taken)):
+                raise APIError(409, f"suffix {body.suffix!r} names a model this key cannot add a {family} version "
+                               "to; choose another", param="suffix", code="suffix_taken")
         if not FAMILIES[family].fine_tunable:
             fine_tunable = ", ".join(n for n, f in FAMILIES.items() if f.fine_tunable)
             raise bad_request(f"model {version.model.name!r} ({family}) does not support fine-tuning; "
