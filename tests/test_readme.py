@@ -52,7 +52,7 @@ def test_quick_start_commands_and_ci():
 
 
 @pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo"),
-                                          ("music.md", "music")])
+                                          ("music.md", "music"), ("compression.md", "compression")])
 def test_tutorial_runs(tmp_path, page, marker):
     """A docs/ tutorial's example prints what the page says it prints (each on its own server)."""
     from conftest import LiveServer, make_settings
@@ -60,7 +60,7 @@ def test_tutorial_runs(tmp_path, page, marker):
     doc = (ROOT / "docs" / page).read_text(encoding="utf-8")
     code = re.search(rf"<!-- doc-test: {marker} -->\s*```python\n(.*?)```", doc, re.S).group(1)
     expected = re.search(r"It prints:\s*```text\n(.*?)```", doc, re.S).group(1)
-    with LiveServer(make_settings(tmp_path / "home", run_worker=False)) as server:
+    with LiveServer(make_settings(tmp_path / "home", run_worker=marker == "compression")) as server:
         script = tmp_path / "tutorial.py"
         script.write_text(code.replace("http://127.0.0.1:8000", server.url), encoding="utf-8")
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
