@@ -337,3 +337,46 @@ def test_poems_on_an_imported_lm_with_single_character_tokens(hf_http, tmp_path)
     poem = r.json()["poems"][0]
     assert poem["report"]["compliant"] and len(poem["lines"]) == 4 and all(len(line) == 5 for line in poem["lines"])
     assert r.json()["model"] == "han-qwen2@1"
+
+
+def generate_together(lm, prompts: list[str], max_tokens: int = 12) -> list[str]:
+    """Greedy continuations of prompts submitted at once: the engine admits them in one batched prefill."""
+    import asyncio
+
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Finished, Sequence, TextChunk, TextEngine
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        engine = TextEngine(lm, 8)
+        params = SamplingParams(temperature=0.0, ignore_eos=True)
+        seqs = [Sequence(index=i, prompt_ids=lm.encode(p), params=params, max_tokens=max_tokens, stop=[], seed=1,
+                         loop=loop, events=events) for i, p in enumerate(prompts)]
+        with engine._wake:  # the worker admits nothing until every prompt is queued
+            for s in seqs:
+                engine.submit(s)
+        texts, done = [""] * len(seqs), 0
+        while done < len(seqs):
+            i, event = await events.get()
+            if isinstance(event, TextChunk):
+                texts[i] += event.text
+            elif isinstance(event, Finished):
+                done += 1
+        engine.close()
+        return texts
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["chargpt", "gpt2", "llama"])
+def test_prompts_of_different_lengths_prefilled_together_continue_as_they_do_alone(folders, kind):
+    """Right-padded batched prefill: the padding is written past each prompt and never seen."""
+    from atelier.families import get_family
+    from atelier.families.shipped import SHIPPED_DIR
+
+    lm = get_family("chargpt").load(SHIPPED_DIR / "tang-poet") if kind == "chargpt" else \
+        get_family("hf-causal-lm").load(folders[kind])
+    prompts = ["春", "床前明月光，疑是地上霜。", "白日依山尽，", "the cat sat on"]
+    together = generate_together(lm, prompts)
+    assert together == [generate_together(lm, [p])[0] for p in prompts]
+    assert all(together)

@@ -3,7 +3,8 @@
 One engine per loaded text model, with one worker thread. Requests become *sequences*
 (one per choice of `n`); each active sequence owns a row ("slot") of a shared KV cache.
 Every iteration of the worker:
-  1. admits waiting sequences into free slots, prefilling each prompt into its slot
+  1. admits waiting sequences into free slots, prefilling their prompts into their slots
+     together (right-padded to the longest, in chunks of PREFILL_TOKENS)
   2. decodes one token for every active sequence in a single batched forward, rows of
      different lengths together (the cache masks keys by position)
   3. samples each row with its own parameters and seeded generator, turns tokens into
@@ -30,6 +31,8 @@ from atelier.runtime.errors import EngineClosed
 from atelier.runtime.sampling import Sampled, SamplingParams, sample_rows
 
 log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 4096  # prompt tokens (padding included) prefilled in one forward
 
 
 @dataclass
@@ -176,21 +179,40 @@ class TextEngine:
                         self.slots[i] = None
 
     def _admit(self) -> None:
-        while True:
-            with self._wake:
-                free = next((i for i, s in enumerate(self.slots) if s is None), None)
-                if free is None or not self.waiting:
-                    return
+        """1. Waiting sequences take the free slots, and their prompts are prefilled together: one
+        forward for up to PREFILL_TOKENS prompt tokens (prompts right-padded to the longest), so a
+        burst of requests waits one prefill, not one per request ahead of it."""
+        admitted = []
+        with self._wake:
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            while free and self.waiting:
                 seq = self.waiting.popleft()
-            if seq.cancelled:
-                continue
-            seq.slot = free
-            self.slots[free] = seq
+                if seq.cancelled:
+                    continue
+                seq.slot = free.pop(0)
+                self.slots[seq.slot] = seq
+                admitted.append(seq)
+        chunk: list[Sequence] = []
+        for seq in admitted:
             seq.generator = torch.Generator().manual_seed(seq.seed)
-            # 1. prefill the whole prompt into this slot, sample the first token
-            ids = torch.tensor([seq.prompt_ids])
-            logits = self.lm.forward(ids, self.cache, torch.tensor([free]), torch.arange(len(seq.prompt_ids))[None])
-            self._sample_and_accept([seq], logits[:, -1])
+            longest = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in chunk])
+            if chunk and longest * (len(chunk) + 1) > PREFILL_TOKENS:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            self._prefill(chunk)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Every prompt into its slot, then the first token of each. A padded position is written to
+        the cache past its row's prompt and masked from every real query (keys are masked by position);
+        decoding overwrites it before any query can see it."""
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in seqs])
+        rows = torch.tensor([s.slot for s in seqs])
+        logits = self.lm.forward(ids, self.cache, rows, torch.arange(width).expand(len(seqs), width))
+        self._sample_and_accept(seqs, logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1])
 
     def _decode_step(self) -> None:
         active = [s for s in self.slots if s is not None]
