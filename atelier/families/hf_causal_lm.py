@@ -16,10 +16,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from atelier.families.base import Family, manifest, refuse_pickles
+
+if TYPE_CHECKING:
+    from atelier.families.hf_cache import SlotCache
 
 log = logging.getLogger("atelier.families")
 
@@ -32,77 +36,6 @@ def context_length(config: dict, wanted: int | None = None) -> int:
     never more than MAX_CONTEXT."""
     limit = config.get("max_position_embeddings") or config.get("n_positions") or MAX_CONTEXT
     return int(min(wanted or limit, limit, MAX_CONTEXT))
-
-
-# -- the KV cache: one row per sequence slot, each at its own positions ------------------
-
-try:
-    from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError:  # transformers is a dependency; this keeps `import atelier.families` cheap to reason about
-    Cache = CacheLayerMixin = object
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values: (slots, kv_heads, length, head_dim)."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, cache: "SlotCache"):
-        super().__init__()
-        self.cache = cache
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys = key_states.new_zeros((self.cache.slots, key_states.shape[1], 0, key_states.shape[-1]))
-        self.values = value_states.new_zeros((self.cache.slots, value_states.shape[1], 0, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def _grow(self, needed: int) -> None:
-        """Positions are allocated as sequences reach them (doubling, up to the context), so a model
-        with a long context holds memory for what its sequences use, not for all of it."""
-        size = min(self.cache.length, max(needed, 2 * self.keys.shape[2], 64))
-        extra = size - self.keys.shape[2]
-        pad = lambda t: torch.cat([t, t.new_zeros((*t.shape[:2], extra, t.shape[3]))], dim=2)  # noqa: E731
-        self.keys, self.values = pad(self.keys), pad(self.values)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        rows, pos = self.cache.rows, self.cache.pos  # (B,), (B, T)
-        if self.cache.seen > self.keys.shape[2]:
-            self._grow(self.cache.seen)
-        # 1. states (B, heads, T, dim) go to [row, :, position]
-        self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2)
-        self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
-        # 2. each row's buffer up to the furthest position any row has reached; the mask hides the
-        #    positions after each query's own
-        seen = self.cache.seen
-        return self.keys[:, :, :seen][rows], self.values[:, :, :seen][rows]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.seen, 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return self.cache.length
-
-
-class SlotCache(Cache):
-    def __init__(self, layers: int, slots: int, length: int):
-        self.slots, self.length = slots, length
-        self.rows: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None
-        self.seen = 0  # positions attended to in this forward: 1 + the largest position written
-        super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Rows `dst` take the first `length` positions of rows `src` (a search forking its beams)."""
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys[dst, :, :length] = layer.keys[src, :, :length]
-                layer.values[dst, :, :length] = layer.values[src, :, :length]
 
 
 # -- the servable --------------------------------------------------------------------------
@@ -178,6 +111,8 @@ class HFCausalLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def new_cache(self, rows: int) -> SlotCache:
+        from atelier.families.hf_cache import SlotCache  # transformers is imported only once a model loads
+
         return SlotCache(self.layers, rows, self.context)
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
