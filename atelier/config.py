@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(default=3, ge=1, description="model versions held loaded at once; the least recently used is unloaded first")
     max_model_memory: int | None = Field(default=None, ge=1, description="bytes of weights held loaded at once (unset: no limit besides the count)")
     keep_alive: str = Field(default="5m", description="how long a model stays loaded once idle: seconds or 30s / 5m / 1h; 0 unloads after each request, -1 keeps it")
-    max_batch: int = Field(default=16, ge=1, description="sequences decoded together per text model (continuous batching)")
+    max_batch: int = Field(default=32, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
     # Where generation runs (atelier/runtime/ray_serve.py): in this process, or on Ray Serve deployments

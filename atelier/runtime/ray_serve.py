@@ -200,13 +200,8 @@ class RayTextEngine(_Proxy):
         super().__init__(handle, model, "text")
         self.lm = lm
 
-    @property
-    def context(self) -> int:
-        return self.lm.context
-
     def submit(self, seq: Sequence) -> Sequence:
-        if len(seq.prompt_ids) >= self.context:
-            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
+        # The replica's TextEngine checks the prompt against the context (and the route has, before it).
         payload = {"index": seq.index, "prompt_ids": list(seq.prompt_ids), "params": seq.params,
                    "max_tokens": seq.max_tokens, "stop": list(seq.stop), "seed": seq.seed}
         self._start(seq.loop, payload, lambda event: seq.events.put_nowait((seq.index, event)),
