@@ -23,7 +23,8 @@ def test_compose_every_regulated_form(http, form, lines, length):
 def test_acrostic_rhyme_and_determinism(http):
     body = {"form": "qijue", "acrostic": "春夏秋冬", "rhyme": "一东", "seed": 11, "n": 2}
     a, b = http.post("/api/poems", json=body).json(), http.post("/api/poems", json=body).json()
-    assert a["poems"] == b["poems"]
+    strip = lambda poems: [{k: v for k, v in p.items() if k != "artifact_id"} for p in poems]  # noqa: E731
+    assert strip(a["poems"]) == strip(b["poems"])  # the same poems, stored twice
     for poem in a["poems"]:
         assert [l[0] for l in poem["lines"]] == list("春夏秋冬")
         assert poem["rhyme_group"] == "一东" and poem["report"]["compliant"]
@@ -120,3 +121,56 @@ def test_cli_poem_and_check(server):
     assert r.returncode == 1 and "violation" in r.stdout and "天" in r.stdout
     r = run("--form", "wujue", "--url", "http://127.0.0.1:9")
     assert r.returncode == 1 and "cannot reach the server" in r.stderr
+
+
+def test_next_line_suggestions_each_continue_into_a_compliant_poem(http):
+    r = http.post("/api/poems/suggest", json={"form": "wujue", "lines": ["白日依山尽"], "n": 3, "seed": 1})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    suggestions = out["suggestions"]
+    assert 1 <= len(suggestions) <= 3 and len({s["line"] for s in suggestions}) == len(suggestions)
+    assert [s["logprob"] for s in suggestions] == sorted((s["logprob"] for s in suggestions), reverse=True)
+    for s in suggestions:
+        assert s["index"] == 1 and len(s["line"]) == 5 and HAN(s["line"])
+        assert s["lines"][0] == "白日依山尽" and s["lines"][1] == s["line"]
+        assert [c["char"] for c in s["report"]["chars"]] == list(s["line"])  # tones per character
+        checked = http.post("/api/poems/check", json={"lines": s["lines"], "form": "wujue", "suggestions": False})
+        assert checked.json()["compliant"], checked.json()  # accepting it never leads into a dead end
+    again = http.post("/api/poems/suggest", json={"form": "wujue", "lines": ["白日依山尽"], "n": 3, "seed": 1}).json()
+    assert again["suggestions"] == suggestions
+
+
+def test_a_mask_asks_for_replacements_of_one_character(http):
+    poem = ["白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
+    mask = [[True] * 5, [True] * 5, [True] * 5, [True, True, False, True, True]]
+    out = http.post("/api/poems/suggest", json={"form": "wujue", "lines": poem, "mask": mask, "n": 2, "seed": 3}).json()
+    for s in out["suggestions"]:
+        assert s["index"] == 3 and s["lines"][:3] == poem[:3]
+        assert s["line"][:2] == "更上" and s["line"][3:] == "层楼"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"form": "wujue", "lines": ["白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]}, "lines"),  # complete
+    ({"form": "wujue", "lines": ["白日依山尽尽"]}, "lines"),  # a 6-character line in a 五绝
+    ({"form": "wujue", "lines": ["白日依山尽"] * 4, "mask": [[True] * 5] * 3}, "mask"),
+    ({"form": "wujue", "lines": ["白日依山尽"] * 4, "mask": [[True] * 5] * 4}, "mask"),  # nothing to replace
+    ({"form": "wujue", "lines": [], "n": 99}, "n"),
+    ({"form": "no-such-form", "lines": []}, "form"),
+    ({"form": "wujue", "lines": [], "hint": "x"}, "hint"),
+])
+def test_bad_suggest_requests(http, body, param):
+    assert error_of(http.post("/api/poems/suggest", json=body), 400)["param"] == param
+
+
+def test_poems_go_to_the_gallery_with_their_provenance_unless_store_is_false(http):
+    out = http.post("/api/poems", json={"form": "wujue", "seed": 21, "title": "江雪"}).json()
+    poem = out["poems"][0]
+    art = http.get(f"/api/artifacts/{poem['artifact_id']}").json()
+    assert art["kind"] == "poem" and art["model"] == "tang-poet@1"
+    assert art["params"]["seed"] == 21 and art["params"]["form"] == "wujue" and art["params"]["title"] == "江雪"
+    content = http.get(f"/api/artifacts/{poem['artifact_id']}/content")
+    assert content.text == f"{poem['title']}\n{poem['text']}\n"
+    listed = http.get("/api/artifacts", params={"kind": "poem"}).json()["data"]
+    assert poem["artifact_id"] in [a["id"] for a in listed]
+    unstored = http.post("/api/poems", json={"form": "wujue", "seed": 21, "store": False}).json()["poems"][0]
+    assert "artifact_id" not in unstored

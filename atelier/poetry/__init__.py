@@ -6,9 +6,9 @@
 """
 
 from atelier.poetry.checker import check
-from atelier.poetry.compose import SearchConfig, compose, poem_constraints_from_extra_body, revise
+from atelier.poetry.compose import SearchConfig, compose, poem_constraints_from_extra_body, revise, suggest
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, form_catalog
 
-__all__ = ["compose", "check", "revise", "poem_constraints_from_extra_body", "PoemError", "FORMS", "form_catalog",
+__all__ = ["compose", "check", "revise", "suggest", "poem_constraints_from_extra_body", "PoemError", "FORMS", "form_catalog",
            "SearchConfig"]

@@ -493,6 +493,69 @@ def revise(model, tokenizer, *, lines, keep, form: str | None = None, title: str
     return {"poems": [poem], "seed": seed}
 
 
+PLACEHOLDER = "字"  # stands in for a line still to be written (never kept, so never read)
+
+
+def suggest(model, tokenizer, *, lines, form: str, mask=None, n: int = 3, title: str | None = None, keywords=None,
+            rhyme: str = "auto", rhyme_scheme: str = "pingshui", script: str = "simplified",
+            pattern: str | None = None, seed: int | None = 0, temperature: float = 0.8, max_n: int = MAX_N,
+            search: SearchConfig | None = None) -> dict:
+    """Co-writing: up to `n` different candidates for the next line (the poem so far in `lines`), or,
+    with `mask` (a whole poem's per-character keep mask), for the characters it leaves free.
+
+    Each candidate comes from a whole compliant poem that keeps what the writer wrote, so accepting
+    one never leads into a line that cannot be finished. They are ranked by the mean log-probability
+    per character of that poem; each carries its line's report (tones, rhyme) and the poem.
+    >>> suggest(model, tok, lines=["白日依山尽"], form="wujue", n=3)["suggestions"][0]["line"]
+    """
+    seed = random.randrange(2**31) if seed is None else seed
+    f = _validate(form, n, temperature, script, rhyme_scheme, seed, max_n)
+    shape = list(f.patterns[0].lengths)
+    _, given = parse_poem(lines) if lines else (None, [])
+    given = [convert(c, "t2s") for c in given]
+    if mask is None:
+        if len(given) >= len(shape):
+            raise PoemError(f"the poem already has its {len(shape)} lines; pass mask to ask for replacements",
+                            param="lines")
+        if [len(c) for c in given] != shape[:len(given)]:
+            raise PoemError(f"{f.key} lines have lengths {shape}; got {[len(c) for c in given]}", param="lines")
+        full = given + [PLACEHOLDER * k for k in shape[len(given):]]
+        keep, targets = list(range(len(given))), [len(given)]
+    else:
+        if [len(c) for c in given] != shape:
+            raise PoemError(f"with a mask, give the whole poem: {f.key} lines have lengths {shape}", param="lines")
+        if not (isinstance(mask, list) and len(mask) == len(shape) and
+                all(isinstance(m, list) and len(m) == k for m, k in zip(mask, shape))):
+            raise PoemError(f"mask must be one list of true/false per line, of lengths {shape}", param="mask")
+        full, keep = given, mask
+        targets = [i for i, m in enumerate(mask) if not all(m)]
+        if not targets:
+            raise PoemError("the mask keeps every character: mark the ones to replace false", param="mask")
+    found: dict[tuple, dict] = {}
+    for attempt in range(3 * n):
+        if len(found) == n:
+            break
+        try:
+            poem = revise(model, tokenizer, lines=full, keep=keep, form=f.key, title=title, keywords=keywords,
+                          rhyme=rhyme, rhyme_scheme=rhyme_scheme, script=script, pattern=pattern,
+                          seed=seed + attempt, temperature=temperature, search=search)["poems"][0]
+        except PoemError as e:
+            if e.status == 422:  # this seed's search ran out of budget; the next may not
+                continue
+            raise
+        changed = tuple(poem["lines"][i] for i in targets)
+        if changed not in found:
+            first = targets[0]
+            found[changed] = {"line": poem["lines"][first], "index": first, "report": poem["report"]["lines"][first],
+                              "logprob": poem["mean_logprob"], "seed": seed + attempt, "lines": poem["lines"],
+                              "changed": targets}
+    if not found:
+        raise PoemError(f"no compliant continuation found for this {f.key}; try another seed or fewer constraints",
+                        param="lines", status=422)
+    ranked = sorted(found.values(), key=lambda s: -s["logprob"])
+    return {"suggestions": ranked, "form": f.key, "seed": seed}
+
+
 def poem_constraints_from_extra_body(body: dict) -> dict:
     """The keyword arguments for `compose` from a chat/completions `extra_body["poem"]`.
 

@@ -1,4 +1,4 @@
-"""POST /api/poems, /api/poems/check, /api/poems/revise, and `extra_body={"poem": …}` on the OpenAI routes.
+"""POST /api/poems, /check, /revise, /suggest (co-writing), and `extra_body={"poem": …}` on the OpenAI routes.
 
 Constrained search is CPU work that takes seconds, so it runs in a worker thread; its
 PoemError becomes a 400 (bad request, naming the field) or a 422 (no compliant poem found
@@ -8,14 +8,16 @@ within the search budget).
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from atelier.api.deps import GenerateKey, ManagerDep, ModeratorDep, ReadKey, SessionDep, SessionsDep, SettingsDep
+from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, ReadKey, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input, policy_for
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
+from atelier.storage.artifacts import create_artifact
 
 router = APIRouter(prefix="/api/poems", tags=["poems"])
 
@@ -40,6 +42,17 @@ class PoemCreate(PoemFields):
     form: str
     acrostic: str | None = None
     n: int = Field(default=1, ge=1)
+    store: bool = True  # each poem goes to the gallery (artifact kind "poem") with its provenance
+
+
+class PoemSuggest(PoemFields):
+    """The poem so far and what to suggest: its next line, or (with `mask`, over the whole poem)
+    replacements for the characters marked false."""
+
+    form: str
+    lines: list[str] = Field(default_factory=list, max_length=64)
+    mask: list[list[bool]] | None = None
+    n: int = Field(default=3, ge=1)
 
 
 class PoemCheck(BaseModel):
@@ -67,17 +80,51 @@ def forms(key: ReadKey):
 
 
 @router.post("")
-async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
+async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manager: ManagerDep, blobs: BlobsDep,
                   moderator: ModeratorDep, sessions: SessionsDep, key: GenerateKey,
                   meter: Meter = Depends(metered("poems"))):
     """Write poems that obey a form, each with its compliance report."""
     keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
     check_input(moderator, policy_for(settings, key), [body.title or "", body.acrostic or "", *keywords], param="title",
                 sessions=sessions, key_id=key.id, where="poems")
-    args = body.model_dump(exclude={"model", "keep_alive"})
+    args = body.model_dump(exclude={"model", "keep_alive", "store"})
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
     meter.model, meter.tokens = loaded.ref, sum(len(p["text"]) for p in out["poems"])
+    if body.store:
+        await run_in_threadpool(store_poems, sessions, blobs, out["poems"], model_ref=loaded.ref, key_id=key.id,
+                                params=args | {"seed": out["seed"]})
+    return out | {"model": loaded.ref}
+
+
+def store_poems(sessions, blobs, poems: list[dict], *, model_ref: str, key_id: str, params: dict) -> None:
+    """Each poem as a gallery artifact (kind "poem": its title and text, UTF-8) with every request parameter,
+    its own seed, form pattern and rhyme group; `artifact_id` is added to the poem."""
+    with sessions() as db:
+        for poem in poems:
+            art = create_artifact(db, blobs, kind="poem", data=f"{poem['title']}\n{poem['text']}\n".encode(),
+                                  mime="text/plain; charset=utf-8", model_ref=model_ref, key_id=key_id,
+                                  params=params | {"seed": poem["seed"], "pattern": poem["pattern"],
+                                                   "rhyme_group": poem["rhyme_group"]})
+            poem["artifact_id"] = art.id
+
+
+@router.post("/suggest")
+async def suggest(body: PoemSuggest, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
+                  moderator: ModeratorDep, sessions: SessionsDep, key: GenerateKey,
+                  meter: Meter = Depends(metered("poems"))):
+    """Co-writing: n candidates for the next line (or for the masked characters), ranked, each with its line's
+    report and the whole compliant poem it belongs to."""
+    keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
+    check_input(moderator, policy_for(settings, key), [body.title or "", *keywords, *body.lines], param="lines",
+                sessions=sessions, key_id=key.id, where="poems")
+    if sum(len(line) for line in body.lines) > settings.max_prompt_chars:
+        raise bad_request(f"the poem so far is longer than {settings.max_prompt_chars} characters "
+                          "(ATELIER_MAX_PROMPT_CHARS)", "lines", code="text_too_long")
+    args = body.model_dump(exclude={"model", "keep_alive"})
+    async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
+        out = await run_poetry(poetry.suggest, model, tokenizer, max_n=settings.max_n, **args)
+    meter.model, meter.tokens = loaded.ref, sum(len(s["line"]) for s in out["suggestions"])
     return out | {"model": loaded.ref}
 
 
