@@ -140,6 +140,12 @@ def test_next_line_suggestions_each_continue_into_a_compliant_poem(http):
     assert again["suggestions"] == suggestions
 
 
+def test_a_line_of_an_unfinished_poem_can_be_rewritten(http):
+    out = http.post("/api/poems/suggest", json={"form": "wujue", "lines": ["白日依山尽", "黄河入海流"],
+                                                "mask": [[True] * 5, [False] * 5], "n": 2, "seed": 4}).json()
+    assert out["suggestions"] and all(s["index"] == 1 and s["lines"][0] == "白日依山尽" for s in out["suggestions"])
+
+
 def test_a_mask_asks_for_replacements_of_one_character(http):
     poem = ["白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
     mask = [[True] * 5, [True] * 5, [True] * 5, [True, True, False, True, True]]
@@ -152,7 +158,7 @@ def test_a_mask_asks_for_replacements_of_one_character(http):
 @pytest.mark.parametrize("body, param", [
     ({"form": "wujue", "lines": ["白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]}, "lines"),  # complete
     ({"form": "wujue", "lines": ["白日依山尽尽"]}, "lines"),  # a 6-character line in a 五绝
-    ({"form": "wujue", "lines": ["白日依山尽"] * 4, "mask": [[True] * 5] * 3}, "mask"),
+    ({"form": "wujue", "lines": ["白日依山尽"] * 4, "mask": [[True] * 5] * 3}, "mask"),  # a mask per line written
     ({"form": "wujue", "lines": ["白日依山尽"] * 4, "mask": [[True] * 5] * 4}, "mask"),  # nothing to replace
     ({"form": "wujue", "lines": [], "n": 99}, "n"),
     ({"form": "no-such-form", "lines": []}, "form"),

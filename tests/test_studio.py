@@ -529,3 +529,32 @@ def test_a_bad_import_shows_the_api_error_and_registers_nothing(page, image_serv
         assert http.get("/v1/models/not-a-model").status_code == 404
         assert "not-a-model" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert page.locator(".model[data-model=not-a-model]").count() == 0
+
+
+def test_write_together_shows_tones_as_you_type_then_accepts_a_suggested_line(page):
+    """The co-writing editor: pending positions show the tone they need, a suggested next line is accepted
+    into the poem, and 'Rewrite this line' offers replacements for the line the cursor is on."""
+    connect(page)
+    page.click("button[data-tab=poem]")
+    page.wait_for_selector("#cowrite-form-picker option[value=wujue]", state="attached")
+    page.select_option("#cowrite-form-picker", "wujue")
+    page.fill("#cowrite-lines", "白日依山尽")
+    wait_until(page, "document.querySelectorAll('#cowrite-tones .ch.pending').length === 15")
+    assert page.eval_on_selector_all("#cowrite-tones .ch", "els => els.length") == 20
+    first = page.eval_on_selector_all("#cowrite-tones .pline:first-child .ch b", "els => els.map(e => e.textContent)")
+    assert "".join(first) == "白日依山尽"
+    page.click("#cowrite-next")
+    wait_until(page, "document.querySelector('#cowrite-suggestions .suggestion') || document.querySelector('.banner')")
+    assert not page.query_selector(".banner"), banner(page)
+    line = page.inner_text("#cowrite-suggestions .suggestion:first-child .suggested-line")
+    page.click("#cowrite-suggestions .suggestion:first-child .accept")
+    assert page.input_value("#cowrite-lines") == f"白日依山尽\n{line}"
+    wait_until(page, "document.querySelectorAll('#cowrite-tones .ch.pending').length === 10")
+    assert page.eval_on_selector_all("#cowrite-tones .ch.bad", "els => els.length") == 0
+    # rewrite line 1: the cursor at the start of the text
+    page.focus("#cowrite-lines")
+    page.evaluate("() => document.querySelector('#cowrite-lines').setSelectionRange(0, 0)")
+    page.click("#cowrite-rewrite")
+    wait_until(page, "document.querySelector('#cowrite-suggestions .suggestion') || document.querySelector('.banner')")
+    assert not page.query_selector(".banner"), banner(page)
+    assert "line 1" in page.inner_text("#cowrite-suggestions .suggestion:first-child")

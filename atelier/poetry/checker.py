@@ -275,14 +275,19 @@ def detect_forms(clauses: list[str]) -> list[Form]:
 
 
 def check(text_or_lines, form: str | None = None, rhyme_scheme: str = "pingshui", *, pattern: str | None = None,
-          model=None, tokenizer=None, top_k: int = 5) -> dict:
+          model=None, tokenizer=None, top_k: int = 5, partial: bool = False) -> dict:
     """Check a poem against its form and say where it breaks it.
 
     >>> check("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")["compliant"]
     True
     With `model` and `tokenizer`, each violation gets `suggestions`: the characters the model
     finds most likely there (given the text before it) that would satisfy the position.
+    `partial` checks a poem still being written (lines given so far, the last one unfinished;
+    `form` required): every position of the form is in the report, those not yet written marked
+    `pending` with the tone they will require, and only what is written can break the form.
     """
+    if partial:
+        return check_partial(text_or_lines, form, rhyme_scheme, pattern=pattern)
     if rhyme_scheme not in SCHEMES:
         raise PoemError(f"unknown rhyme_scheme {rhyme_scheme!r}; valid: {', '.join(SCHEMES)}", param="rhyme_scheme")
     if not isinstance(top_k, int) or not 1 <= top_k <= 20:
@@ -328,6 +333,47 @@ def check(text_or_lines, form: str | None = None, rhyme_scheme: str = "pingshui"
         add_suggestions(report, lines, p, rhyme_scheme, model, tokenizer, title=title, top_k=top_k,
                         traditional=traditional)
     return report
+
+
+PENDING = "字"  # stands in for a character not yet written; its tone and rhyme are never judged
+
+
+def check_partial(lines, form: str | None, rhyme_scheme: str = "pingshui", *, pattern: str | None = None) -> dict:
+    """check(…, partial=True): the best pattern for what is written so far, judged on that alone."""
+    if form is None:
+        raise PoemError("checking a poem as it is written needs its form", param="form")
+    if rhyme_scheme not in SCHEMES:
+        raise PoemError(f"unknown rhyme_scheme {rhyme_scheme!r}; valid: {', '.join(SCHEMES)}", param="rhyme_scheme")
+    f = get_form(form)
+    title, written = parse_poem(lines) if lines else (None, [])
+    written = [convert(c, "t2s") for c in written]
+    shape = list(f.patterns[0].lengths)
+    if len(written) > len(shape) or any(len(w) > k for w, k in zip(written, shape)):
+        raise PoemError(f"{f.title} has {len(shape)} lines of lengths {shape}; the poem so far has lines of lengths "
+                        f"{[len(w) for w in written]}", param="lines")
+    typed = [len(w) for w in written] + [0] * (len(shape) - len(written))
+    padded = [(w + PENDING * k)[:k] for w, k in zip(written + [""] * len(shape), shape)]
+
+    def judged(v: dict) -> bool:
+        return v["line"] is not None and v["position"] is not None and v["position"] < typed[v["line"]]
+
+    best = None
+    for p in ([f.pattern(pattern)] if pattern else list(f.patterns)):
+        report = analyse(padded, p, rhyme_scheme)
+        report["violations"] = [v for v in report["violations"] if judged(v)]
+        if best is None or len(report["violations"]) < len(best["violations"]):
+            best = report
+    for i, line in enumerate(best["lines"]):
+        line["text"] = padded[i][:typed[i]]
+        for pos, c in enumerate(line["chars"]):
+            if pos >= typed[i]:
+                c.update(char="", tones=[], ok=True, pending=True)
+        if line.get("rhyme") and typed[i] < len(line["chars"]):
+            line["rhyme"]["ok"] = True
+            line["rhyme"]["pending"] = True
+    best.update(title=title, partial=True, compliant=not best["violations"],
+                complete=typed == shape)
+    return best
 
 
 def add_suggestions(report: dict, lines: list[str], pattern: Pattern, rhyme_scheme: str, model, tokenizer,

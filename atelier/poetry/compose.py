@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atelier.poetry.checker import analyse, convert, detect_forms, fit_lines, parse_poem
+from atelier.poetry.checker import PENDING, analyse, convert, detect_forms, fit_lines, parse_poem
 from atelier.poetry.corpus import CorpusIndex, default_index
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
@@ -493,15 +493,12 @@ def revise(model, tokenizer, *, lines, keep, form: str | None = None, title: str
     return {"poems": [poem], "seed": seed}
 
 
-PLACEHOLDER = "字"  # stands in for a line still to be written (never kept, so never read)
-
-
 def suggest(model, tokenizer, *, lines, form: str, mask=None, n: int = 3, title: str | None = None, keywords=None,
             rhyme: str = "auto", rhyme_scheme: str = "pingshui", script: str = "simplified",
             pattern: str | None = None, seed: int | None = 0, temperature: float = 0.8, max_n: int = MAX_N,
             search: SearchConfig | None = None) -> dict:
     """Co-writing: up to `n` different candidates for the next line (the poem so far in `lines`), or,
-    with `mask` (a whole poem's per-character keep mask), for the characters it leaves free.
+    with `mask` (a keep mask per character of the lines written), for the characters it leaves free.
 
     Each candidate comes from a whole compliant poem that keeps what the writer wrote, so accepting
     one never leads into a line that cannot be finished. They are ranked by the mean log-probability
@@ -513,24 +510,24 @@ def suggest(model, tokenizer, *, lines, form: str, mask=None, n: int = 3, title:
     shape = list(f.patterns[0].lengths)
     _, given = parse_poem(lines) if lines else (None, [])
     given = [convert(c, "t2s") for c in given]
+    if len(given) > len(shape) or [len(c) for c in given] != shape[:len(given)]:
+        raise PoemError(f"{f.key} lines have lengths {shape}; got {[len(c) for c in given]}", param="lines")
+    to_write = [PENDING * k for k in shape[len(given):]]  # lines still to write: never kept, never read
     if mask is None:
-        if len(given) >= len(shape):
+        if not to_write:
             raise PoemError(f"the poem already has its {len(shape)} lines; pass mask to ask for replacements",
                             param="lines")
-        if [len(c) for c in given] != shape[:len(given)]:
-            raise PoemError(f"{f.key} lines have lengths {shape}; got {[len(c) for c in given]}", param="lines")
-        full = given + [PLACEHOLDER * k for k in shape[len(given):]]
         keep, targets = list(range(len(given))), [len(given)]
     else:
-        if [len(c) for c in given] != shape:
-            raise PoemError(f"with a mask, give the whole poem: {f.key} lines have lengths {shape}", param="lines")
-        if not (isinstance(mask, list) and len(mask) == len(shape) and
-                all(isinstance(m, list) and len(m) == k for m, k in zip(mask, shape))):
-            raise PoemError(f"mask must be one list of true/false per line, of lengths {shape}", param="mask")
-        full, keep = given, mask
+        if not (isinstance(mask, list) and len(mask) == len(given) and
+                all(isinstance(m, list) and len(m) == len(c) for m, c in zip(mask, given))):
+            raise PoemError(f"mask must be one list of true/false per line written, of lengths "
+                            f"{[len(c) for c in given]}", param="mask")
         targets = [i for i, m in enumerate(mask) if not all(m)]
         if not targets:
             raise PoemError("the mask keeps every character: mark the ones to replace false", param="mask")
+        keep = list(mask) + [[False] * len(line) for line in to_write]
+    full = given + to_write
     found: dict[tuple, dict] = {}
     for attempt in range(3 * n):
         if len(found) == n:

@@ -4,6 +4,7 @@
 //    violations: [{line, position, char, kind, message, suggestions?}], compliant}
 
 import { api } from "./api.js";
+import * as cowrite from "./cowrite.js";
 import { $, compact, fmtNum, guard, h, num, text } from "./ui.js";
 
 let forms = [];
@@ -14,6 +15,7 @@ export function init(ctx) {
   const picker = $("#poem-form-picker");
 
   ctx.on("connected", () => guard(null, loadForms));
+  cowrite.init();
   picker.addEventListener("change", () => fillPatterns(picker.value));
 
   form.addEventListener("submit", (e) => {
@@ -78,6 +80,7 @@ async function loadForms() {
   const keepCheck = checker.value;
   checker.replaceChildren(h("option", { value: "" }, "detect"), group("近体诗", "shi"), group("词牌", "ci"));
   checker.value = keepCheck;
+  cowrite.setForms([group("近体诗", "shi"), group("词牌", "ci")]);
 }
 
 function fillPatterns(key) {
@@ -105,12 +108,13 @@ export function renderReport(report, title, meta = [], plain = "") {
   const lines = report.lines.map((line, i) => {
     const cells = line.chars.map((c, p) => {
       const rhyming = line.rhyme && p === line.chars.length - 1;
-      const cls = ["ch", c.ok ? "ok" : "bad", rhyming ? "rhyme" : "", c.licensed ? "licensed" : ""].join(" ");
+      const cls = ["ch", c.ok ? "ok" : "bad", rhyming ? "rhyme" : "", c.licensed ? "licensed" : "",
+        c.pending ? "pending" : ""].join(" ");
       const tip = `${c.char}: requires ${c.required} (${TONE_HINT[c.required] ?? ""}); `
         + `is ${c.tones.length ? c.tones.join("/") : "unknown"}`
         + (rhyming ? `; rhyme ${line.rhyme.group}, ${c.char} is in ${line.rhyme.char_groups.join("、") || "no group"}` : "");
       return h("span", { class: cls, title: tip, dataset: { line: i, pos: p, required: c.required } },
-        h("b", {}, c.char), h("i", {}, c.required));
+        h("b", {}, c.char || "·"), h("i", {}, c.required));
     });
     const tag = line.rhyme
       ? h("span", { class: `rhyme-tag ${line.rhyme.ok ? "" : "bad"}` }, `韵 ${line.rhyme.group}`) : null;

@@ -64,6 +64,7 @@ class PoemCheck(BaseModel):
     rhyme_scheme: str = "pingshui"
     pattern: str | None = None
     suggestions: bool = True
+    partial: bool = False  # a poem still being written: pending positions show the tone they will need
     model: str = "tang-poet"
     keep_alive: str | float | None = None
 
@@ -138,6 +139,8 @@ async def check(body: PoemCheck, db: SessionDep, settings: SettingsDep, manager:
         raise bad_request(f"the poem has {len(text)} characters; the limit is {settings.max_prompt_chars} "
                           "(ATELIER_MAX_PROMPT_CHARS)", "text", code="text_too_long")
     poem = body.text if body.text is not None else body.lines
+    if body.partial:
+        return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern, partial=True)
     if not body.suggestions:
         return await run_poetry(poetry.check, poem, body.form, body.rhyme_scheme, pattern=body.pattern)
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (_, model, tokenizer):
