@@ -528,9 +528,11 @@ def suggest(model, tokenizer, *, lines, form: str, mask=None, n: int = 3, title:
             raise PoemError("the mask keeps every character: mark the ones to replace false", param="mask")
         keep = list(mask) + [[False] * len(line) for line in to_write]
     full = given + to_write
-    found: dict[tuple, dict] = {}
+    # A replacement that gives back what the writer already has is no suggestion.
+    found: dict[tuple, dict] = {tuple(full[i] for i in targets): {}} if mask is not None else {}
+    wanted = n + len(found)
     for attempt in range(3 * n):
-        if len(found) == n:
+        if len(found) == wanted:
             break
         try:
             poem = revise(model, tokenizer, lines=full, keep=keep, form=f.key, title=title, keywords=keywords,
@@ -546,10 +548,10 @@ def suggest(model, tokenizer, *, lines, form: str, mask=None, n: int = 3, title:
             found[changed] = {"line": poem["lines"][first], "index": first, "report": poem["report"]["lines"][first],
                               "logprob": poem["mean_logprob"], "seed": seed + attempt, "lines": poem["lines"],
                               "changed": targets}
-    if not found:
+    ranked = sorted((s for s in found.values() if s), key=lambda s: -s["logprob"])
+    if not ranked:
         raise PoemError(f"no compliant continuation found for this {f.key}; try another seed or fewer constraints",
                         param="lines", status=422)
-    ranked = sorted(found.values(), key=lambda s: -s["logprob"])
     return {"suggestions": ranked, "form": f.key, "seed": seed}
 
 
