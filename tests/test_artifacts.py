@@ -73,3 +73,34 @@ def test_signing_secret_and_links(tmp_path):
     assert not check_signature(secret, "art_2", expires=2000, sig=sig, now=1999)  # another artifact
     assert not check_signature(secret, "art_1", expires=3000, sig=sig, now=1999)  # a longer life
     assert not check_signature(b"x" * 32, "art_1", expires=2000, sig=sig, now=1999)  # another install
+
+
+def test_completions_and_chat_answers_go_to_the_gallery_unless_store_is_false(http):
+    """Each choice is an artifact of kind text with the request's parameters and its own seed; streamed answers
+    are stored once the stream has ended; store: false leaves nothing."""
+    import json
+
+    body = {"model": "tang-poet", "prompt": "秋风", "max_tokens": 6, "seed": 9, "n": 2}
+    out = http.post("/v1/completions", json=body).json()
+    for choice in out["choices"]:
+        art = http.get(f"/api/artifacts/{choice['artifact_id']}").json()
+        assert art["kind"] == "text" and art["model"] == "tang-poet@1"
+        assert art["params"]["prompt"] == "秋风" and art["params"]["seed"] == 9 + choice["index"]
+        assert http.get(f"/api/artifacts/{choice['artifact_id']}/content").text == choice["text"]
+    assert "artifact_id" not in http.post("/v1/completions", json=body | {"store": False}).json()["choices"][0]
+
+    before = {a["id"] for a in http.get("/api/artifacts", params={"kind": "text", "limit": 100}).json()["data"]}
+    streamed = ""
+    with http.stream("POST", "/v1/completions", json=body | {"n": 1, "seed": 31, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0]["text"]
+    after = http.get("/api/artifacts", params={"kind": "text", "limit": 100}).json()["data"]
+    new = [a for a in after if a["id"] not in before]
+    assert len(new) == 1 and new[0]["params"]["seed"] == 31
+    assert http.get(f"/api/artifacts/{new[0]['id']}/content").text == streamed
+
+    chat = http.post("/v1/chat/completions", json={"model": "tang-poet", "messages": [{"role": "user", "content": "春江"}],
+                                                   "max_tokens": 8, "seed": 3}).json()
+    art = http.get(f"/api/artifacts/{chat['choices'][0]['artifact_id']}").json()
+    assert art["params"]["messages"] == [{"role": "user", "content": "春江"}]

@@ -37,6 +37,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
+    store: bool = True  # each choice goes to the gallery (artifact kind "text") with its provenance
     # extra_body
     top_k: int = Field(default=0, ge=0, le=100_000)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from atelier.api import sse
-from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
+from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input, policy_for
@@ -24,6 +25,7 @@ from atelier.runtime.errors import EngineClosed
 from atelier.runtime.manager import Loaded, ModelManager
 from atelier.runtime.sampling import SamplingParams
 from atelier.runtime.text_engine import Finished, Sequence, TextChunk
+from atelier.storage.artifacts import create_artifact
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
@@ -149,7 +151,7 @@ def _chat_logprobs(chunks: list, lm) -> dict:
 
 
 def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage: bool, metrics, release,
-            guard: OutputGuard):
+            guard: OutputGuard, on_done=None):
     async def body():
         finished: dict[int, Finished] = {}
         so_far: dict[int, str] = {}
@@ -169,6 +171,9 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
                         yield sse.data(make_chunk(index, None, event.reason))
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
+            if on_done is not None:
+                await run_in_threadpool(on_done, {i: (so_far.get(i, ""), f.reason) for i, f in finished.items()
+                                                  if i not in guard.filtered})
             if final_usage:
                 yield sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
             yield sse.DONE
@@ -230,10 +235,32 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
         raise
 
 
+def gallery(sessions, blobs, *, route: str, plan: Plan, model_ref: str, key_id: str, params: dict):
+    """What stores a request's answers (index -> (text, finish_reason)) in the gallery, one artifact of kind
+    "text" per choice with every request parameter and its own seed; returns {index: artifact id}."""
+    def store(answers: dict[int, tuple[str, str]]) -> dict[int, str]:
+        ids = {}
+        with sessions() as db:
+            for index, (text, reason) in sorted(answers.items()):
+                art = create_artifact(db, blobs, kind="text", data=text.encode(), mime="text/plain; charset=utf-8",
+                                      model_ref=model_ref, key_id=key_id,
+                                      params=params | {"route": route, "index": index, "finish_reason": reason,
+                                                       "seed": (plan.seed + index) % 2**63})
+                ids[index] = art.id
+        return ids
+
+    return store
+
+
+def _params(body: SamplingFields, exclude: set[str]) -> dict:
+    """The request's parameters as given, for an artifact's provenance (personal data is redacted on storing)."""
+    return body.model_dump(exclude=exclude | {"stream", "stream_options", "keep_alive", "store"}, exclude_none=True)
+
+
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
                             manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep, sessions: SessionsDep,
-                            key: GenerateKey, meter: Meter = Depends(metered("completions"))):
+                            blobs: BlobsDep, key: GenerateKey, meter: Meter = Depends(metered("completions"))):
     """Continue a prompt (OpenAI's legacy completions)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_input(moderator, policy_for(settings, key), [t for t in texts if isinstance(t, str)], param="prompt",
@@ -256,6 +283,8 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
     prompt_of = lambda index: texts[index // plan.n]  # noqa: E731
+    store = gallery(sessions, blobs, route="completions", plan=plan, model_ref=loaded.ref, key_id=key.id,
+                    params=_params(body, set()) | {"seed": plan.seed}) if body.store else None
 
     if body.stream:
         echoed: set[int] = set()
@@ -271,24 +300,27 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
             return base | {"choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard, on_done=store)
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
+    stored = await run_in_threadpool(store, answers) if store else {}
     choices = []
     for index in sorted(chunks):
         text, reason = answers[index]
         prefix = prompt_of(index) if body.echo else ""
         lp = _completion_logprobs(chunks[index], lm, len(prefix)) if body.logprobs is not None and \
             reason != CONTENT_FILTER else None
-        choices.append({"text": prefix + text, "index": index, "logprobs": lp, "finish_reason": reason})
+        choices.append({"text": prefix + text, "index": index, "logprobs": lp, "finish_reason": reason}
+                       | ({"artifact_id": stored[index]} if index in stored else {}))
     return base | {"choices": choices, "usage": _usage(finished, plan)}
 
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
                                  manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                 sessions: SessionsDep, key: GenerateKey, meter: Meter = Depends(metered("chat"))):
+                                 sessions: SessionsDep, blobs: BlobsDep, key: GenerateKey,
+                                 meter: Meter = Depends(metered("chat"))):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     check_input(moderator, policy_for(settings, key), [m.text() for m in body.messages], param="messages",
                 sessions=sessions, key_id=key.id, where="chat")
@@ -320,6 +352,9 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
+    store = gallery(sessions, blobs, route="chat", plan=plan, model_ref=loaded.ref, key_id=key.id,
+                    params=_params(body, {"messages"}) | {"messages": messages, "seed": plan.seed}) \
+        if body.store else None
 
     if body.stream:
         started: set[int] = set()
@@ -338,22 +373,24 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
                            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard)
+        return _stream(request, seqs, events, plan, make_chunk, include, metrics, release, guard, on_done=store)
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
+    stored = await run_in_threadpool(store, answers) if store else {}
     choices = [{"index": i,
                 "message": {"role": "assistant", "content": answers[i][0]},
                 "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs and answers[i][1] != CONTENT_FILTER
                 else None,
-                "finish_reason": answers[i][1]} for i in sorted(chunks)]
+                "finish_reason": answers[i][1]} | ({"artifact_id": stored[i]} if i in stored else {})
+               for i in sorted(chunks)]
     return base | {"object": "chat.completion", "choices": choices, "usage": _usage(finished, plan)}
 
 
 @router.post("/engines/{model:path}/completions")
 async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
                                    manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                   sessions: SessionsDep, key: GenerateKey,
+                                   sessions: SessionsDep, blobs: BlobsDep, key: GenerateKey,
                                    meter: Meter = Depends(metered("completions"))):
     """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
     try:
@@ -368,4 +405,5 @@ async def create_engine_completion(model: str, request: Request, db: SessionDep,
         body = CompletionRequest.model_validate(raw | {"model": model})
     except ValidationError as e:
         raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, key, meter)
+    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, blobs, key,
+                                   meter)
