@@ -150,7 +150,8 @@ def test_gallery_filters_and_pages(image_client, image_http, image_server):
     page2 = image_http.get("/api/artifacts", params={"model": "tiny-gan", "limit": 2, "after": page1["last_id"]}).json()
     assert page2["data"] and not {a["id"] for a in page2["data"]} & {a["id"] for a in page1["data"]}
     assert image_http.get("/api/artifacts", params={"model": "tiny-gan@1"}).json()["data"]
-    assert image_http.get("/api/artifacts", params={"kind": "poem"}).json()["data"] == []
+    poems = image_http.get("/api/artifacts", params={"kind": "poem"}).json()["data"]
+    assert all(a["kind"] == "poem" for a in poems)  # the kind filter: no image among them
     # another key sees only its own artifacts
     other = image_http.post("/api/keys", json={"scopes": ["generate"]}).json()["key"]
     h = {"Authorization": f"Bearer {other}"}
@@ -269,3 +270,18 @@ def test_shipped_image_models(image_client):
         r = image_client.images.generate(model=model, prompt="smiling cat face", n=2, size="32x32",
                                          response_format="b64_json", extra_body=extra)
         assert [pixels(p).shape for p in pngs(r)] == [(32, 32, 3)] * 2
+
+
+def test_the_prompt_helper_names_the_words_a_model_ignores_and_what_it_knows_instead(image_http):
+    r = image_http.post("/api/images/prompt", json={"model": "tiny-diffusion", "prompt": "a smiling kat with an aple"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["known"] == ["smiling"] and out["ignored"] == ["kat", "aple"]
+    instead = {w["word"]: w["instead"] for w in out["words"]}
+    assert instead["kat"][0] == "cat" and instead["aple"][0] == "apple" and instead["smiling"] == []
+    gan = image_http.post("/api/images/prompt", json={"model": "tiny-gan", "prompt": "blue car"}).json()
+    assert gan["ignored"] == [] and gan["known"] == ["blue", "car"]
+    for body, param in (({"model": "tiny-diffusion"}, "prompt"), ({"model": "tiny-diffusion", "prompt": "x", "n": 2}, "n"),
+                        ({"model": "tang-poet", "prompt": "cat"}, "model")):
+        bad = image_http.post("/api/images/prompt", json=body)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, bad.text

@@ -558,3 +558,30 @@ def test_write_together_shows_tones_as_you_type_then_accepts_a_suggested_line(pa
     wait_until(page, "document.querySelector('#cowrite-suggestions .suggestion') || document.querySelector('.banner')")
     assert not page.query_selector(".banner"), banner(page)
     assert "line 1" in page.inner_text("#cowrite-suggestions .suggestion:first-child")
+
+
+def test_the_prompt_helper_fixes_an_unknown_word_and_variations_use_the_next_seeds(page):
+    connect(page)
+    page.click("[data-tab=images]")
+    page.select_option("#image-model", "tiny-diffusion")
+    page.wait_for_selector("#image-size option[value='64x64']", state="attached")
+    form = "#image-form"
+    page.fill(f"{form} [name=prompt]", "red aple")
+    page.wait_for_selector("#image-prompt-words .word.ignored")
+    assert page.inner_text("#image-prompt-words .word.known") == "red"
+    page.click("#image-prompt-words .instead")  # → apple
+    assert page.input_value(f"{form} [name=prompt]") == "red apple"
+    wait_until(page, "document.querySelectorAll('#image-prompt-words .word.known').length === 2")
+    assert not page.query_selector("#image-prompt-words .word.ignored")
+    page.select_option("#image-size", "32x32")
+    page.fill(f"{form} [name=steps]", "3")
+    page.fill(f"{form} [name=partial_images]", "0")
+    page.fill(f"{form} [name=n]", "1")
+    page.fill(f"{form} [name=seed]", "40")
+    page.click(f"{form} button[type=submit]")
+    wait_until(page, "document.querySelector('#image-state').dataset.state === 'done' || !!document.querySelector('.banner')")
+    assert not page.query_selector(".banner"), banner(page)
+    page.click("#image-results .result.done .variations")
+    wait_until(page, "document.querySelectorAll('#image-results .result.done').length === 4")
+    seeds = page.eval_on_selector_all("#image-results .result.done", "els => els.map(e => Number(e.dataset.seed))")
+    assert sorted(seeds) == [41, 42, 43, 44]

@@ -114,6 +114,7 @@ class ImageServable(Protocol):
                  negative_prompts: list[str], on_step: Callable[[int, Any], None] | None) -> np.ndarray: ...
     def preview(self, x0) -> np.ndarray: ...  # an intermediate estimate → (B, S, S, 3) uint8
     def enlarge(self, image: np.ndarray, factor: int, method: str | None) -> np.ndarray: ...
+    def prompt_words(self, prompt: str) -> list[dict]: ...  # [{word, known, instead}]: what the prompt helper shows
 
 
 class Family:

@@ -25,6 +25,9 @@ class Gan(Enlarger):
         self.model, self.vocab = dcgan.from_pretrained(folder)
         super().__init__(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
 
+    def prompt_words(self, prompt: str) -> list[dict]:
+        return self.vocab.explain(prompt)
+
     def generate(self, prompts, seeds, *, steps, guidance, negative_prompts, on_step) -> np.ndarray:
         return dcgan.generate(self.model, self.vocab, prompts, seeds).numpy()
 

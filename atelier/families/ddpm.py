@@ -25,6 +25,9 @@ class Diffusion(Enlarger):
         self.model, self.vocab = ddpm.from_pretrained(folder)
         super().__init__(folder, json.loads((folder / ddpm.CONFIG_FILE).read_text(encoding="utf-8")))
 
+    def prompt_words(self, prompt: str) -> list[dict]:
+        return self.vocab.explain(prompt)
+
     def generate(self, prompts, seeds, *, steps, guidance, negative_prompts, on_step) -> np.ndarray:
         return ddpm.generate(self.model, self.vocab, prompts, seeds, steps=steps, guidance=guidance,
                              negative_prompts=negative_prompts, on_step=on_step).numpy()

@@ -118,6 +118,12 @@ class Pipeline:
 
     multi_step = True
 
+    def prompt_words(self, prompt: str) -> list[dict]:
+        """A pipeline's tokenizer splits any word into pieces it has: none is ignored outright."""
+        import re
+
+        return [{"word": w, "known": True, "instead": []} for w in re.findall(r"[\w'-]+", prompt.lower())]
+
     def __init__(self, folder: Path):
         import torch
         from diffusers import DiffusionPipeline

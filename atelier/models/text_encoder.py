@@ -68,6 +68,18 @@ class WordVocab:
     def known(self, text: str) -> list[str]:
         return [w for w in words(text) if self.lookup(w) != self.stoi[UNK]]
 
+    def explain(self, text: str, alternatives: int = 3) -> list[dict]:
+        """Each word of a prompt: whether the model knows it, and for one it ignores the known words
+        spelt most like it (difflib's ratio ≥ 0.6), e.g. "kitten" → ["kite", "mitten"]…"""
+        import difflib
+
+        out = []
+        for w in words(text):
+            known = self.lookup(w) != self.stoi[UNK]
+            out.append({"word": w, "known": known, "instead": [] if known else
+                        difflib.get_close_matches(w, self.itos[2:], n=alternatives, cutoff=0.6)})
+        return out
+
     def batch(self, texts: list[str], max_words: int = 16) -> torch.Tensor:
         """(B, L) int64 ids padded with 0; L is at least 1."""
         rows = [self.encode(t, max_words) for t in texts]

@@ -28,6 +28,12 @@ export function init(context) {
   ctx.on("send-to-images", (params) => fill(params));
   model.addEventListener("change", () => guard(null, () => modelChanged()));
   $("#image-seed-random").addEventListener("click", () => { form.elements.seed.value = ""; });
+  let hint = null;
+  form.elements.prompt.addEventListener("input", () => {
+    clearTimeout(hint);
+    hint = setTimeout(() => guard(null, promptWords), 300);
+  });
+  model.addEventListener("change", () => guard(null, promptWords));
   $("#image-stop").addEventListener("click", () => controller?.abort());
 
   form.addEventListener("submit", (e) => {
@@ -39,6 +45,34 @@ export function init(context) {
 }
 
 export function show() {}
+
+// -- the prompt helper: POST /api/images/prompt says which words the model knows ------------
+
+let helperTicket = 0;
+
+async function promptWords() {
+  const form = $("#image-form");
+  const out = $("#image-prompt-words");
+  if (!form.elements.model.value || !form.elements.prompt.value.trim()) {
+    out.replaceChildren();
+    return;
+  }
+  const ticket = ++helperTicket;
+  const r = await api("/api/images/prompt", { json: { model: form.elements.model.value,
+                                                      prompt: form.elements.prompt.value } });
+  if (ticket !== helperTicket) return; // a later keystroke asked again
+  out.replaceChildren(...r.words.map((w) => w.known
+    ? h("span", { class: "word known", title: "the model knows this word" }, w.word)
+    : h("span", { class: "word ignored", title: "the model ignores this word" }, w.word,
+      ...w.instead.map((alt) => h("button", { type: "button", class: "small-btn instead",
+        title: `use "${alt}" instead`, onclick: () => replaceWord(w.word, alt) }, `→ ${alt}`)))));
+}
+
+function replaceWord(word, instead) {
+  const prompt = $("#image-form").elements.prompt;
+  prompt.value = prompt.value.replace(new RegExp(`\\b${word}\\b`, "i"), instead);
+  guard(null, promptWords);
+}
 
 // -- model, sizes, and parameters sent from the gallery ---------------------------------
 
@@ -167,6 +201,12 @@ function finishCard(card, data, body) {
     h("span", { class: "buttons" },
       h("button", { type: "button", class: "small-btn reuse-seed", title: "put this seed in the form",
                     onclick: () => { form.elements.seed.value = data.seed; form.elements.n.value = 1; } }, "♻ reuse seed"),
+      h("button", { type: "button", class: "small-btn variations", title: "four images from the next seeds, same prompt",
+                    onclick: () => {
+                      form.elements.seed.value = Number(data.seed) + 1;
+                      form.elements.n.value = Math.min(4, Number(form.elements.n.max) || 4);
+                      form.requestSubmit();
+                    } }, "✣ variations"),
       h("button", { type: "button", class: "small-btn", title: "save the PNG (parameters inside)",
                     onclick: () => download(png, `${data.artifact_id ?? `image-${data.seed}`}.png`) }, "⤓")),
     data.artifact_id ? h("a", { href: "#gallery", class: "artifact-link", title: "provenance in the gallery",

@@ -1,4 +1,5 @@
-"""POST /v1/images/generations: text to image, a thin translation onto the image engine.
+"""POST /v1/images/generations: text to image, a thin translation onto the image engine; and
+POST /api/images/prompt, the prompt helper (which words the model knows).
 
 The engine (atelier/runtime/image_engine.py) micro-batches concurrent requests over any
 image family's servable. Every image is a PNG with its parameters inside
@@ -56,6 +57,30 @@ class ImageGenerateRequest(BaseModel):
 
 
 # -- generation -------------------------------------------------------------------------
+
+
+class PromptCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str
+    keep_alive: str | float | None = None
+
+
+@router.post("/api/images/prompt")
+async def prompt_helper(body: PromptCheck, db: SessionDep, settings: SettingsDep, manager: ManagerDep,
+                        key: GenerateKey):
+    """Which words of a prompt the image model knows and which it ignores, with known words spelt like each
+    ignored one (the studio's prompt helper). Nothing is generated."""
+    prompt = check_prompt(body.prompt, settings, allow_empty=True)
+    loaded = await acquire(manager, db, body.model, key=key, tasks=("image-generation",), keep_alive=body.keep_alive)
+    try:
+        explained = loaded.servable.prompt_words(prompt)
+    finally:
+        manager.release(loaded, body.keep_alive)
+    return {"object": "image.prompt", "model": loaded.ref, "words": explained,
+            "known": [w["word"] for w in explained if w["known"]],
+            "ignored": [w["word"] for w in explained if not w["known"]]}
 
 
 @router.post("/v1/images/generations")
