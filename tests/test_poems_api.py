@@ -121,6 +121,8 @@ def test_cli_poem_and_check(server):
     assert r.returncode == 1 and "violation" in r.stdout and "天" in r.stdout
     r = run("--form", "wujue", "--url", "http://127.0.0.1:9")
     assert r.returncode == 1 and "cannot reach the server" in r.stderr
+    r = run("--form", "wujue", "--next", "白日依山尽", "--seed", "1")  # co-writing from the terminal
+    assert r.returncode == 0 and r.stdout.count("line 2 ·") == 3 and "in: 白日依山尽，" in r.stdout, r.stderr
 
 
 def test_next_line_suggestions_each_continue_into_a_compliant_poem(http):

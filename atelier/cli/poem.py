@@ -1,4 +1,4 @@
-"""`atelier poem`: write classical-form poems (or --check one) with a compliance report."""
+"""`atelier poem`: write classical-form poems (or --check one, or co-write: --next) with a compliance report."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def poem(form: Annotated[Optional[str], typer.Option(help="wujue | qijue | wulv 
          seed: Annotated[Optional[int], typer.Option()] = None,
          n: Annotated[int, typer.Option(help="how many poems")] = 1,
          check: Annotated[Optional[str], typer.Option("--check", help="check this poem instead of writing one")] = None,
+         after: Annotated[Optional[str], typer.Option("--next", help="co-write: suggest the line after these "
+                                                       "(lines separated by commas or newlines)")] = None,
          model: Annotated[str, typer.Option()] = "tang-poet",
          url: UrlOpt = None, api_key: KeyOpt = None):
     """Write poems that obey a classical form (or --check one), with a compliance report."""
@@ -31,6 +33,17 @@ def poem(form: Annotated[Optional[str], typer.Option(help="wujue | qijue | wulv 
     if form is None:
         err.print("[red]--form is required to write a poem (wujue, qijue, wulv, qilv, ci:<tune>)[/red]")
         raise typer.Exit(2)
+    if after is not None:
+        import re
+
+        lines = [line for line in re.split(r"[，。,.\n；;！!？?]+", after) if line.strip()]
+        body = {"form": form, "lines": lines, "keywords": keywords, "seed": seed, "n": max(n, 3), "model": model}
+        out = call("POST", "/api/poems/suggest", url, api_key,
+                   json={k: v for k, v in body.items() if v is not None}).json()
+        for s in out["suggestions"]:
+            console.print(f"[bold]{s['line']}[/bold]  line {s['index'] + 1} · log-prob {s['logprob']:.2f} · "
+                          f"seed {s['seed']} · in: {'，'.join(s['lines'])}")
+        return
     body = {"form": form, "acrostic": acrostic, "title": title, "keywords": keywords, "rhyme": rhyme,
             "rhyme_scheme": scheme, "script": script, "seed": seed, "n": n, "model": model}
     out = call("POST", "/api/poems", url, api_key, json={k: v for k, v in body.items() if v is not None}).json()
