@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from atelier.families.shipped import SHIPPED_DIR  # noqa: E402
 from atelier.models.chargpt import CharGPT, ChargptConfig, from_pretrained  # noqa: E402
-from atelier.training.compress import prune_mlp, quantize_folder  # noqa: E402
+from atelier.training.compress import prune_mlp, quantize_folder, sample_windows  # noqa: E402
 from atelier.training.corpus import load_corpus  # noqa: E402
 from atelier.training.run import train_chargpt  # noqa: E402
 from atelier.training.trainer import TrainConfig, encode_stream  # noqa: E402
@@ -75,8 +75,7 @@ def build(args, workdir: Path) -> dict[str, Path]:
     n_embd, n_layer, n_head = args.student
     student = CharGPT(ChargptConfig(vocab_size=len(tok), n_positions=block, n_embd=n_embd, n_layer=n_layer,
                                     n_head=n_head))
-    stream = encode_stream(corpus.train, tok)[: 8 * block]
-    windows = [stream[i:i + block][None] for i in range(0, len(stream) - block + 1, block)]
+    windows = sample_windows(corpus.train, tok, block)
     plans = {"distilled": ((student, tok), False), "pruned": ((prune_mlp(teacher, args.keep, windows), tok), True)}
     for name, (start, fine_tune) in plans.items():
         best = workdir / name / "best"

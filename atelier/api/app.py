@@ -65,7 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Shown once by `atelier serve` (never logged); only its hash is stored. Replicas starting together
     # over one PostgreSQL take turns, so there is one admin key and one version of each shipped model.
     with engine.connect() as conn, startup_lock(conn):
-        conn.commit()
         new_admin_secret = bootstrap(settings, sessions, blobs)
 
     @asynccontextmanager

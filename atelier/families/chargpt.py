@@ -106,7 +106,7 @@ class Chargpt(Family):
         if method != "supervised":
             cfg.distill_temperature = float(hyper.get("temperature", 2.0))
             cfg.distill_alpha = float(hyper.get("alpha", 0.5))
-            start = (self._student(job, teacher, tok, model_cfg, corpus, float(hyper.get("keep", 0.5)))
+            start = (self._pruned(teacher, tok, model_cfg, corpus, float(hyper.get("keep", 0.5)))
                      if method == "prune" else
                      (chargpt.CharGPT(chargpt.ChargptConfig(vocab_size=len(tok), **model_cfg)), tok))
             job.stage(f"building the model: {method} {job.base_ref} ({teacher.config.n_params:,} parameters) "
@@ -121,18 +121,13 @@ class Chargpt(Family):
         job.trained_tokens = cfg.max_steps * cfg.batch_size * block
         return folder
 
-
     @staticmethod
-    def _student(job: TrainJob, teacher, tok, model_cfg: dict, corpus, keep: float):
+    def _pruned(teacher, tok, model_cfg: dict, corpus, keep: float):
         """The pruned model a prune job fine-tunes: channel importance measured on the job's first
         training windows (the same ones on a resume, so the same channels are kept)."""
-        from atelier.training.compress import prune_mlp
-        from atelier.training.trainer import encode_stream
+        from atelier.training.compress import prune_mlp, sample_windows
 
-        block = model_cfg["n_positions"]
-        stream = encode_stream(corpus.train, tok)[: 8 * block]
-        windows = [stream[i:i + block][None] for i in range(0, max(1, len(stream) - block + 1), block)]
-        return prune_mlp(teacher, keep, windows), tok
+        return prune_mlp(teacher, keep, sample_windows(corpus.train, tok, model_cfg["n_positions"])), tok
 
 
 family = Chargpt()

@@ -65,6 +65,7 @@ def main() -> None:
             if time.monotonic() - renewed > lease_s / 3:
                 with sessions() as db:
                     store.renew_leases(db, owner=me, lease_s=lease_s)
+                    # The first pass also takes back the jobs leased to this worker's name: its predecessor's.
                     for job_id in store.requeue_orphans(db, owner=None if renewed else me):
                         log.warning("job %s lost its worker; queued again", job_id)
                 renewed = time.monotonic()

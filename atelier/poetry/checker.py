@@ -286,10 +286,10 @@ def check(text_or_lines, form: str | None = None, rhyme_scheme: str = "pingshui"
     `form` required): every position of the form is in the report, those not yet written marked
     `pending` with the tone they will require, and only what is written can break the form.
     """
-    if partial:
-        return check_partial(text_or_lines, form, rhyme_scheme, pattern=pattern)
     if rhyme_scheme not in SCHEMES:
         raise PoemError(f"unknown rhyme_scheme {rhyme_scheme!r}; valid: {', '.join(SCHEMES)}", param="rhyme_scheme")
+    if partial:
+        return check_partial(text_or_lines, form, rhyme_scheme, pattern=pattern)
     if not isinstance(top_k, int) or not 1 <= top_k <= 20:
         raise PoemError(f"top_k must be an integer from 1 to 20, got {top_k!r}", param="top_k")
     title, clauses = parse_poem(text_or_lines)
@@ -342,8 +342,6 @@ def check_partial(lines, form: str | None, rhyme_scheme: str = "pingshui", *, pa
     """check(…, partial=True): the best pattern for what is written so far, judged on that alone."""
     if form is None:
         raise PoemError("checking a poem as it is written needs its form", param="form")
-    if rhyme_scheme not in SCHEMES:
-        raise PoemError(f"unknown rhyme_scheme {rhyme_scheme!r}; valid: {', '.join(SCHEMES)}", param="rhyme_scheme")
     f = get_form(form)
     title, written = parse_poem(lines) if lines else (None, [])
     written = [convert(c, "t2s") for c in written]

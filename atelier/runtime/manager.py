@@ -193,7 +193,7 @@ class ModelManager:
             with self._lock:
                 self._incoming -= weight
         if self.remote is not None and family.engine in ("text", "image"):
-            engine = self.remote.engine(family.engine, family.name, servable, folder)
+            engine = self.remote.engine(family.engine, family.name, folder)
         elif family.engine == "text":
             engine = TextEngine(servable, self.max_batch)
         elif family.engine == "image":

@@ -38,7 +38,7 @@ from atelier.runtime.text_engine import Finished, Sequence, TextEngine
 log = logging.getLogger("atelier.runtime")
 
 TEXT_APP, IMAGE_APP = "atelier-text", "atelier-image"
-REPLICA_LOST = (RayActorError, RayTaskError, ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+REPLICA_LOST = (RayActorError, RayTaskError)  # RayActorError covers ActorDiedError and ActorUnavailableError
 
 
 def model_id(family: str, folder: Path) -> str:
@@ -151,7 +151,7 @@ class _Proxy:
     runtime = "ray"  # GET /api/ps says where a loaded model runs
 
     def __init__(self, handle, model: str, what: str):
-        self.handle, self.model, self.what = handle, model, what.strip() or "model"
+        self.handle, self.model, self.what = handle, model, what
         self._closed = False
 
     def close(self) -> None:
@@ -196,9 +196,8 @@ class _Proxy:
 class RayTextEngine(_Proxy):
     """TextEngine's `submit`, served by the TextModels deployment."""
 
-    def __init__(self, handle, lm, model: str):
+    def __init__(self, handle, model: str):
         super().__init__(handle, model, "text")
-        self.lm = lm
 
     def submit(self, seq: Sequence) -> Sequence:
         # The replica's TextEngine checks the prompt against the context (and the route has, before it).
@@ -212,9 +211,8 @@ class RayTextEngine(_Proxy):
 class RayImageEngine(_Proxy):
     """ImageEngine's `submit`, served by the ImageModels deployment."""
 
-    def __init__(self, handle, model_servable, model: str):
+    def __init__(self, handle, model: str):
         super().__init__(handle, model, "image")
-        self.model_servable = model_servable
 
     def submit(self, job: ImageJob) -> ImageJob:
         payload = {"prompts": list(job.prompts), "seeds": list(job.seeds), "negative_prompt": job.negative_prompt,
@@ -245,11 +243,11 @@ class RayRuntime:
                                name=IMAGE_APP, route_prefix=None)
         log.info("model runtimes on Ray Serve: %s, %s", TEXT_APP, IMAGE_APP)
 
-    def engine(self, kind: str, family: str, servable, folder: Path):
+    def engine(self, kind: str, family: str, folder: Path):
         """The proxy that stands where the local runtime puts an engine."""
         if kind == "text":
-            return RayTextEngine(self.text, servable, model_id(family, folder))
-        return RayImageEngine(self.image, servable, model_id(family, folder))
+            return RayTextEngine(self.text, model_id(family, folder))
+        return RayImageEngine(self.image, model_id(family, folder))
 
     def close(self) -> None:
         try:

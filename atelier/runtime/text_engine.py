@@ -193,12 +193,13 @@ class TextEngine:
                 self.slots[seq.slot] = seq
                 admitted.append(seq)
         chunk: list[Sequence] = []
+        width = 0  # the longest prompt in the chunk: every row is padded to it
         for seq in admitted:
             seq.generator = torch.Generator().manual_seed(seq.seed)
-            longest = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in chunk])
-            if chunk and longest * (len(chunk) + 1) > PREFILL_TOKENS:
+            width = max(width, len(seq.prompt_ids))
+            if chunk and width * (len(chunk) + 1) > PREFILL_TOKENS:
                 self._prefill(chunk)
-                chunk = []
+                chunk, width = [], len(seq.prompt_ids)
             chunk.append(seq)
         if chunk:
             self._prefill(chunk)

@@ -223,10 +223,10 @@ def make_engine(url: str, *, upgrade: bool = True, pool_size: int = 20, max_over
     # before streaming), but a burst of many clients still needs more than the default 5 + 10.
     in_memory = url in ("sqlite://", "sqlite:///:memory:")  # one shared connection: no pool to size
     kwargs = {} if in_memory else {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
-    if not url.startswith("sqlite"):  # a connection the database dropped (a restart) is replaced, not used
-        kwargs["pool_pre_ping"] = True
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:  # a connection the database dropped (a restart) is replaced, not used
+        kwargs["pool_pre_ping"] = True
     try:
         engine = create_engine(engine_url(url), **kwargs)
     except (ImportError, ValueError) as e:  # an unknown driver, a malformed URL
@@ -263,15 +263,17 @@ STARTUP_LOCK = 0x61746C72
 @contextmanager
 def startup_lock(conn: Connection):
     """Held while a process migrates or bootstraps: on PostgreSQL an advisory lock, so replicas starting
-    together take turns; SQLite serves one machine, whose writers SQLite itself serialises."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK})
-        try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
-    else:
+    together take turns; SQLite serves one machine, whose writers SQLite itself serialises. The caller gets
+    `conn` with no transaction open: the lock outlives transactions, and Alembic opens its own."""
+    if conn.dialect.name != "postgresql":
         yield
+        return
+    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
 
 
 def alembic_config(conn: Connection):
@@ -285,10 +287,8 @@ def alembic_config(conn: Connection):
 
 def revision_of(engine: Engine) -> str | None:
     """The database's schema revision (None: no Atelier schema yet, or one from before migrations)."""
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return _current(conn)
 
 
 def head_revision() -> str:
@@ -305,7 +305,6 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
     from alembic import command
 
     with engine.connect() as conn, startup_lock(conn):
-        conn.commit()  # the advisory lock outlives transactions; Alembic opens its own
         before = _current(conn)
         if before is None and inspect(conn).has_table("models"):
             _add_missing_columns(conn)

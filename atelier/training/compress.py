@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save
 
 from atelier.common.files import atomic_write_bytes, atomic_write_json
 from atelier.models import int8
-from atelier.models.chargpt import CharGPT, ChargptConfig
+from atelier.models.chargpt import CONFIG_FILE, WEIGHTS_FILE, CharGPT, ChargptConfig
+from atelier.training.trainer import encode_stream
 
 METHODS = ("int8",)
-WEIGHTS = "model.safetensors"
 
 
 def quantize_folder(src: Path, dst: Path, method: str = "int8") -> dict:
@@ -35,19 +35,26 @@ def quantize_folder(src: Path, dst: Path, method: str = "int8") -> dict:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not supported; methods: {', '.join(METHODS)}")
     src, dst = Path(src), Path(dst)
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
     if int8.CONFIG_KEY in config:
         raise ValueError(f"this version is already quantized ({config[int8.CONFIG_KEY]['method']})")
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(WEIGHTS, "config.json"))
-    tensors = int8.quantize(load_file(str(src / WEIGHTS)))
-    atomic_write_bytes(dst / WEIGHTS, save(tensors, metadata={"format": "pt", "quantization": method}))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(WEIGHTS_FILE, CONFIG_FILE))
+    tensors = int8.quantize(load_file(str(src / WEIGHTS_FILE)))
+    atomic_write_bytes(dst / WEIGHTS_FILE, save(tensors, metadata={"format": "pt", "quantization": method}))
     entry = {"method": method, "scheme": "weight-only, symmetric, one fp32 scale per row",
              "tensors": int8.quantized_count(tensors)}
-    atomic_write_json(dst / "config.json", config | {int8.CONFIG_KEY: entry})
+    atomic_write_json(dst / CONFIG_FILE, config | {int8.CONFIG_KEY: entry})
     return entry
 
 
 # -- pruning --------------------------------------------------------------------------------------
+def sample_windows(texts: list[str], tokenizer, block: int, windows: int = 8) -> list[torch.Tensor]:
+    """The first `windows` windows of `block` tokens of `texts` (one shorter window for a tiny corpus): what
+    a prune measures channel importance on, the same ones again when a job resumes."""
+    stream = encode_stream(texts, tokenizer)[: windows * block]
+    return [stream[i:i + block][None] for i in range(0, max(1, len(stream) - block + 1), block)]
+
+
 @torch.no_grad()
 def mlp_importance(model: CharGPT, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per block, how much each MLP channel contributes: the mean |activation| after GELU over sample

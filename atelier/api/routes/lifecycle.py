@@ -9,12 +9,11 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import AdminKey, BlobsDep, ManagerDep, SessionDep, SettingsDep, TrainKey

@@ -46,8 +46,8 @@ class PoemCreate(PoemFields):
 
 
 class PoemSuggest(PoemFields):
-    """The poem so far and what to suggest: its next line, or (with `mask`, over the whole poem)
-    replacements for the characters marked false."""
+    """The poem so far and what to suggest: its next line, or (with `mask`, one true/false per character
+    written) replacements for the characters marked false."""
 
     form: str
     lines: list[str] = Field(default_factory=list, max_length=64)
