@@ -122,6 +122,18 @@ def test_revise_keeps_lines(poet):
     assert poem["lines"][0][:2] == "两个" and poem["lines"][3][-1] == "船" and poem["report"]["compliant"]
 
 
+def test_a_kept_rhyme_is_not_taken_by_an_earlier_rhyme_position(poet):
+    """Only the last character is kept: the rhyme positions decoded before it must not use it too
+    (seeds 1, 2 and 5 wrote 天 on line 2 when only already-decoded characters were excluded)."""
+    model, tok = poet
+    lines = ["两个黄鹂鸣翠柳", "一行白鹭上青天", "窗含西岭千秋雪", "门泊东吴万里天"]
+    mask = [[False] * 7, [False] * 7, [False] * 7, [False] * 6 + [True]]
+    for seed in range(6):
+        poem = revise(model, tok, lines=lines, keep=mask, seed=seed)["poems"][0]
+        assert poem["lines"][3][-1] == "天" and poem["report"]["compliant"], (seed, poem["lines"])
+        assert "天" not in [line[-1] for line in poem["lines"][:3]]
+
+
 def test_check_suggestions(poet):
     model, tok = poet
     r = check("白日依山尽，黄河入海流。欲穷千里目，更上一层天。", model=model, tokenizer=tok)

@@ -203,6 +203,13 @@ class _Search:
             if ch in tokenizer.stoi:
                 self.kw[tokenizer.stoi[ch]] = True
         self.prompt = prompt
+        # Rhyme characters the writer fixed anywhere in the poem: no other rhyme position may take
+        # them, even one decoded before them (the checker refuses a rhyme used twice).
+        self.fixed_rhymes = torch.zeros(self.V, dtype=torch.bool)
+        for (i, p), ch in plan.forced.items():
+            spec = plan.pattern.lines[i]
+            if spec.rhyme is not None and p == len(spec) - 1:
+                self.fixed_rhymes[tokenizer.stoi[ch]] = True
         # Absolute token index of (line, position); punctuation follows each line.
         self.at, t = {}, len(prompt)
         for i, line in enumerate(plan.pattern.lines):
@@ -301,7 +308,7 @@ class _Search:
             member = m.ye_member if spec.ye else m.member
             in_group = (groups[spec.rhyme].float() @ member.float()) > 0
             # No rhyme character twice: everything already used is out (rhymes included).
-            return in_group & m.tone(self.plan.pattern.rhyme_tone(i))[None] & ~used
+            return in_group & m.tone(self.plan.pattern.rhyme_tone(i))[None] & ~used & ~self.fixed_rhymes[None]
         return m.tone(spec.tones[p])[None].expand(S, -1).clone()
 
     def _sample(self, logits, allowed, used) -> torch.Tensor:
