@@ -32,6 +32,15 @@ def test_generate_reports_errors_and_missing_key(server):
     assert r.returncode == 2 and "ATELIER_API_KEY" in r.stderr
 
 
+def test_poem_about_a_picture(server, tmp_path):
+    env = {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY}
+    r = run(["poem", "--form", "wujue", "--image", "docs/apple.png", "--seed", "3"], env)
+    assert r.returncode == 0, r.stderr
+    assert "emoji-tagger@1 sees: 果 fruit" in r.stdout and "compliant" in r.stdout
+    r = run(["poem", "--form", "wujue", "--image", str(tmp_path / "missing.png")], env)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
 def test_models_list_shows_versions_aliases_and_sizes(server):
     r = run(["models", "list"], {"ATELIER_URL": server.url, "ATELIER_API_KEY": ADMIN_KEY})
     assert r.returncode == 0, r.stderr

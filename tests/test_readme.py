@@ -53,7 +53,7 @@ def test_quick_start_commands_and_ci():
 
 @pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo"),
                                           ("music.md", "music"), ("compression.md", "compression"),
-                                          ("co-writing.md", "cowrite")])
+                                          ("co-writing.md", "cowrite"), ("image-to-poem.md", "picture")])
 def test_tutorial_runs(tmp_path, page, marker):
     """A docs/ tutorial's example prints what the page says it prints (each on its own server)."""
     from conftest import LiveServer, make_settings

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -529,6 +530,27 @@ def test_a_bad_import_shows_the_api_error_and_registers_nothing(page, image_serv
         assert http.get("/v1/models/not-a-model").status_code == 404
         assert "not-a-model" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert page.locator(".model[data-model=not-a-model]").count() == 0
+
+
+def test_a_dropped_picture_becomes_the_poem_s_keywords(page):
+    """Image → poem in the studio: a picture chosen in the Poem tab's drop zone, its keywords as chips,
+    a poem that holds them; removing the picture composes without it again."""
+    connect(page)
+    page.click("[data-tab=poem]")
+    page.wait_for_selector("#poem-form-picker option[value=wujue]", state="attached")
+    page.select_option("#poem-form-picker", "wujue")
+    page.set_input_files("#poem-picture-file", str(Path(__file__).resolve().parents[1] / "docs" / "apple.png"))
+    page.wait_for_selector("#poem-picture-preview:not([hidden])", state="attached")
+    page.fill("#poem-form [name=seed]", "3")
+    page.click("#poem-form button[type=submit]")
+    page.wait_for_selector("#poem-out .poem .verdict, .banner")
+    assert not page.query_selector(".banner"), banner(page)
+    chips = page.eval_on_selector_all("#poem-picture-keywords .chip", "cs => cs.map(c => c.dataset.keyword)")
+    assert chips[:2] == ["果", "红"]
+    lines = page.eval_on_selector_all("#poem-out .pline", "ls => ls.map(l => [...l.querySelectorAll('.ch b')].map(b => b.textContent).join(''))")
+    assert "果" in "".join(lines) and "红" in "".join(lines)
+    page.click("#poem-picture-clear")
+    assert page.is_hidden("#poem-picture-keywords") and page.is_hidden("#poem-picture-preview")
 
 
 def test_write_together_shows_tones_as_you_type_then_accepts_a_suggested_line(page):

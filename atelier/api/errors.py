@@ -68,8 +68,15 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        # ("body", "max_tokens") → max_tokens; ("query", "limit") → limit
-        loc = [str(p) for p in first.get("loc", ())][1:] if first.get("loc") else []
+        # A field that may take several shapes (a message's content: a string or a list of parts) fails
+        # once per shape; the deepest failure is the one that says what is wrong.
+        same_field = [e for e in errors if e.get("loc", ())[:2] == first.get("loc", ())[:2]]
+        if same_field:
+            first = max(same_field, key=lambda e: len(e.get("loc", ())))
+        others = len(errors) - len(same_field)
+        # ("body", "max_tokens") → max_tokens; ("query", "limit") → limit; pydantic's names of the
+        # shapes tried ("list[tagged-union[…]]") are left out
+        loc = [str(p) for p in first.get("loc", ())[1:] if "[" not in str(p)] if first.get("loc") else []
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
@@ -77,8 +84,8 @@ def install(app: FastAPI) -> None:
         msg = first.get("msg", "invalid request")
         if param:
             msg = f"{param}: {msg}"
-        if len(errors) > 1:
-            msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        if others:
+            msg += f" (and {others} more problem{'s' if others > 1 else ''})"
         return JSONResponse(error_body(msg, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -19,6 +19,7 @@ from atelier import poetry
 from atelier.api import sse
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import acquire
+from atelier.api.picture_poems import decode_picture, picture_keywords
 from atelier.runtime.manager import ModelManager
 
 
@@ -47,13 +48,24 @@ async def poet(manager: ModelManager, db, ref: str, keep_alive=None, *, key):
         manager.release(loaded, keep_alive)
 
 
-async def poem_completion(request: Request, body, manager: ModelManager, db, *, key, chat: bool):
-    """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape."""
+async def poem_completion(request: Request, body, manager: ModelManager, db, *, key, chat: bool,
+                          poem: dict | None = None, picture: tuple[str, str] | None = None):
+    """`extra_body={"poem": {...}}` on completions/chat: constrained poems in OpenAI's shape. `picture`
+    ((param, data URL), from a chat's image_url part) adds the picture's keywords, placed one per line."""
     try:
-        constraints = poetry.poem_constraints_from_extra_body(body.poem)
+        constraints = poetry.poem_constraints_from_extra_body(poem if poem is not None else body.poem)
     except poetry.PoemError as e:
         raise APIError(400, str(e), param=f"poem.{e.param}" if e.param != "poem" else "poem") from None
     settings = request.app.state.settings
+    seen = None
+    if picture is not None:
+        param, url = picture
+        image, _ = decode_picture(url, settings, param)
+        seen = await picture_keywords(manager, db, settings, image, key=key, tagger=None, param=param)
+        given = constraints.get("keywords") or []
+        constraints["keywords"] = ([given] if isinstance(given, str) else list(given)) + \
+            [k["keyword"] for k in seen["keywords"]]
+        constraints.setdefault("place_keywords", True)
     if chat and "title" not in constraints and "keywords" not in constraints:
         users = [m.text().strip() for m in body.messages if m.role == "user"]
         theme = "".join(c for c in (users[-1] if users else "") if "\u4e00" <= c <= "\u9fff")
@@ -68,7 +80,7 @@ async def poem_completion(request: Request, body, manager: ModelManager, db, *, 
     usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}
     usage["total_tokens"] = usage["completion_tokens"]
     base = {"created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}",
-            "poems": out["poems"], "seed": out["seed"]}
+            "poems": out["poems"], "seed": out["seed"]} | ({"picture": seen} if seen else {})
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": p["text"]}, "logprobs": None,
                     "finish_reason": "stop"} for i, p in enumerate(out["poems"])]

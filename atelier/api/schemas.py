@@ -8,7 +8,7 @@ length) are checked in the route, where the settings are.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,9 +64,25 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str  # a data URL (data:image/png;base64,…); remote URLs are refused, never fetched
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image content part. A poet model writes a poem about the picture (image → poem)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[Annotated[ContentPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -74,7 +90,13 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, ContentPart))
+
+    def images(self) -> list[tuple[int, str]]:
+        """(index in content, url) of each image part."""
+        if not isinstance(self.content, list):
+            return []
+        return [(j, p.image_url.url) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
 
 class ChatRequest(SamplingFields):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -21,6 +23,8 @@ def poem(form: Annotated[Optional[str], typer.Option(help="wujue | qijue | wulv 
          check: Annotated[Optional[str], typer.Option("--check", help="check this poem instead of writing one")] = None,
          after: Annotated[Optional[str], typer.Option("--next", help="co-write: suggest the line after these "
                                                        "(lines separated by commas or newlines)")] = None,
+         image: Annotated[Optional[Path], typer.Option("--image", help="write about this picture (PNG, JPEG, "
+                                                       "WebP, GIF): its keywords join --keywords")] = None,
          model: Annotated[str, typer.Option()] = "tang-poet",
          url: UrlOpt = None, api_key: KeyOpt = None):
     """Write poems that obey a classical form (or --check one), with a compliance report."""
@@ -46,7 +50,15 @@ def poem(form: Annotated[Optional[str], typer.Option(help="wujue | qijue | wulv 
         return
     body = {"form": form, "acrostic": acrostic, "title": title, "keywords": keywords, "rhyme": rhyme,
             "rhyme_scheme": scheme, "script": script, "seed": seed, "n": n, "model": model}
+    if image is not None:
+        if not image.is_file():
+            err.print(f"[red]--image {image}: no such file[/red]")
+            raise typer.Exit(2)
+        body["image"] = base64.b64encode(image.read_bytes()).decode()
     out = call("POST", "/api/poems", url, api_key, json={k: v for k, v in body.items() if v is not None}).json()
+    if "picture" in out:
+        seen = "  ".join(f"{k['keyword']} {k['gloss']} ({k['score']:.2f})" for k in out["picture"]["keywords"])
+        console.print(f"{out['picture']['model']} sees: {seen}")
     for p in out["poems"]:
         console.print(f"[bold]{p['title']}[/bold]  ({p['pattern']}, {p['rhyme_group']}, seed {p['seed']})")
         console.print(p["text"])

@@ -7,7 +7,7 @@ contract (atelier/families/base.py) and one line here.
 
 from __future__ import annotations
 
-from atelier.families import abc_gpt, chargpt, dcgan, ddpm, diffusers, hf_causal_lm, onnx, sklearn, style, upscaler
+from atelier.families import abc_gpt, chargpt, dcgan, ddpm, diffusers, hf_causal_lm, onnx, sklearn, style, tagger, upscaler
 from atelier.families.base import Family, TrainError, TrainJob
 
 FAMILIES: dict[str, Family] = {
@@ -21,6 +21,7 @@ FAMILIES: dict[str, Family] = {
     "hf-causal-lm": hf_causal_lm.family,
     "diffusers": diffusers.family,
     "abc-gpt": abc_gpt.family,
+    "image-tagger": tagger.family,
 }
 
 

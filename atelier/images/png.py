@@ -126,7 +126,7 @@ def open_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageInputError(f"the uploaded image decodes to more than {max_pixels} pixels "
-                              "(decompression bomb)", "image_too_large") from None
+                              "(a decompression bomb; ATELIER_MAX_IMAGE_UPLOAD_PIXELS)", "image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"the upload is not a readable image ({type(e).__name__})", "invalid_image") from None
 

@@ -38,7 +38,7 @@ from atelier.poetry.prosody import SCHEMES, is_han, tone_fits
 MAX_N = 8
 SCRIPTS = ("simplified", "traditional")
 REQUEST_FIELDS = ("form", "acrostic", "keywords", "title", "rhyme", "rhyme_scheme", "script", "pattern", "seed",
-                  "n", "temperature")
+                  "n", "temperature", "place_keywords")
 
 
 @dataclass
@@ -376,10 +376,44 @@ def _prompt(tokenizer, form: Form, title: str | None, keywords: str) -> tuple[li
     return ids, shown
 
 
+def _place_keywords(form: Form, chars: str, forced: dict, masks: VocabMasks, tokenizer, rng: random.Random,
+                    pattern: str | None) -> tuple[dict, str | None]:
+    """(`forced` plus each keyword character fixed early in a line of its own, the pattern that placement
+    is for), as Jiuge plans one keyword per line: keyword j of k goes to line ⌊j·L/k⌋, at one of the
+    first three positions (never the rhyme) whose tone fits it. Of the patterns the poem may take, in
+    random order, the first that places the most keywords wins; a character that fits nowhere is
+    left to the search's keyword bonus."""
+    tones_of = masks.tone_table.tones
+    candidates = [p for p in form.patterns if pattern in (None, p.name)]
+    # the fixed characters must fit a candidate (the plan would refuse it otherwise)
+    candidates = [p for p in candidates if all(
+        i < len(p.lines) and q < len(p.lines[i]) and (q == len(p.lines[i]) - 1 or tone_fits(p.lines[i].tones[q], tones_of(ch)))
+        for (i, q), ch in forced.items())]
+    taken = set(forced.values())
+    chars = [c for c in dict.fromkeys(chars) if c not in taken and c in tokenizer.stoi]
+    best, best_pattern = dict(forced), pattern
+    for p in rng.sample(candidates, len(candidates)):
+        keep = chars[:len(p.lines)]
+        out = dict(forced)
+        for j, ch in enumerate(keep):
+            i, line = j * len(p.lines) // len(keep), p.lines[j * len(p.lines) // len(keep)]
+            spots = [q for q in range(len(line) - 1) if (i, q) not in out and q not in dict(line.repeat)
+                     and tone_fits(line.tones[q], tones_of(ch))]
+            if spots:
+                out[(i, rng.choice(spots[:3]))] = ch
+        if len(out) > len(best):
+            best, best_pattern = out, p.name
+    return best, best_pattern
+
+
 def _write(model, tokenizer, form: Form, plan_kw: dict, *, title, keywords, temperature, seed, rhyme_scheme,
-           script, cfg, check_lines, fail_param) -> dict:
+           script, cfg, check_lines, fail_param, place_keywords: bool = False) -> dict:
     masks = vocab_masks(tokenizer, rhyme_scheme, form.kind)
     rng = random.Random(seed)
+    if place_keywords and keywords:
+        forced, pattern = _place_keywords(form, keywords, plan_kw["forced"], masks, tokenizer, rng,
+                                          plan_kw.get("pattern"))
+        plan_kw = plan_kw | {"forced": forced, "pattern": pattern}
     plan = plan_poem(form, tokenizer, masks, rng, **plan_kw)
     prompt, shown_title = _prompt(tokenizer, form, title, keywords)
     gen = torch.Generator().manual_seed(seed)
@@ -417,13 +451,15 @@ def _write(model, tokenizer, form: Form, plan_kw: dict, *, title, keywords, temp
 def compose(model, tokenizer, *, form: str, acrostic: str | None = None, keywords=None, title: str | None = None,
             rhyme: str = "auto", rhyme_scheme: str = "pingshui", script: str = "simplified",
             pattern: str | None = None, seed: int | None = 0, n: int = 1, temperature: float = 0.8,
-            max_n: int = MAX_N, search: SearchConfig | None = None) -> dict:
+            place_keywords: bool = False, max_n: int = MAX_N, search: SearchConfig | None = None) -> dict:
     """Write `n` poems of `form` that obey it, each with its compliance report.
 
     >>> out = compose(model, tok, form="qijue", acrostic="春夏秋冬", seed=1)
     >>> out["poems"][0]["lines"], out["poems"][0]["report"]["compliant"]
     (['春…', '夏…', '秋…', '冬…'], True)
 
+    Keywords are favoured while sampling; with place_keywords=True each keyword character is also
+    fixed early in a line of its own (one per line, spread over the poem), so a rare one is not lost.
     Poem i uses seed + i, so the first poem of n=3 is the poem of n=1; seed=None draws one
     (returned in "seed"). Raises PoemError: status 400 for a bad request (param names the
     field), 422 when the search fails.
@@ -445,7 +481,8 @@ def compose(model, tokenizer, *, form: str, acrostic: str | None = None, keyword
     fail_param = "acrostic" if acrostic else ("rhyme" if rhyme != "auto" else "form")
     poems = [_write(model, tokenizer, f, dict(pattern=pattern, forced=forced, rhyme=rhyme, forced_param="acrostic"),
                     title=title, keywords=kw, temperature=temperature, seed=seed + k, rhyme_scheme=rhyme_scheme,
-                    script=script, cfg=cfg, check_lines=None, fail_param=fail_param)
+                    script=script, cfg=cfg, check_lines=None, fail_param=fail_param,
+                    place_keywords=place_keywords)
              for k in range(n)]
     return {"poems": poems, "seed": seed}
 

@@ -37,7 +37,8 @@ log = logging.getLogger("atelier.runtime")
 
 CANNOT = {"text-generation": "cannot generate text", "image-generation": "cannot generate images",
           "style-transfer": "does not do style transfer; use model='style-transfer'",
-          "classification": "does not predict rows; only classification and regression models do"}
+          "classification": "does not predict rows; only classification and regression models do",
+          "image-tagging": "does not tag images; use model='emoji-tagger'"}
 @dataclass
 class Loaded:
     """One loaded version: its servable (the family's model object) and the engine driving it."""

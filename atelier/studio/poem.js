@@ -16,6 +16,7 @@ export function init(ctx) {
 
   ctx.on("connected", () => guard(null, loadForms));
   cowrite.init();
+  initPicture();
   picker.addEventListener("change", () => fillPatterns(picker.value));
 
   form.addEventListener("submit", (e) => {
@@ -33,12 +34,15 @@ export function init(ctx) {
       seed: num(form, "seed"),
       temperature: num(form, "temperature"),
       n: num(form, "n"),
+      image: picture.dataUrl,
     });
     const out = $("#poem-out");
     guard(e.submitter, async () => {
-      out.replaceChildren(h("p", { class: "muted" }, "searching for lines that obey the form…"));
+      out.replaceChildren(h("p", { class: "muted" }, picture.dataUrl
+        ? "looking at the picture, then writing…" : "searching for lines that obey the form…"));
       try {
         const r = await api("/api/poems", { json: body });
+        showPictureKeywords(r.picture);
         out.replaceChildren(...r.poems.map((p) => renderPoem(p, r.model)));
       } catch (err) {
         out.replaceChildren();
@@ -65,6 +69,59 @@ export function init(ctx) {
 }
 
 export function show() {}
+
+// Image → poem: the picture travels as a data URL in the JSON body; the server's tagger turns it
+// into keywords (shown as chips, with what each means and how sure it is) that the poem is built on.
+const picture = { dataUrl: undefined };
+
+function initPicture() {
+  const zone = $("#poem-picture");
+  const file = $("#poem-picture-file");
+  const take = (f) => {
+    if (!f || !f.type.startsWith("image/")) return;
+    const reader = new FileReader();
+    reader.onload = () => {
+      picture.dataUrl = reader.result;
+      $("#poem-picture-preview").src = reader.result;
+      $("#poem-picture-preview").hidden = false;
+      $("#poem-picture-clear").hidden = false;
+      $("#poem-picture-hint").textContent = f.name;
+      zone.classList.add("has-picture");
+    };
+    reader.readAsDataURL(f);
+  };
+  zone.addEventListener("click", (e) => { if (e.target.id !== "poem-picture-clear") file.click(); });
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); file.click(); } });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    take(e.dataTransfer.files[0]);
+  });
+  file.addEventListener("change", () => take(file.files[0]));
+  $("#poem-picture-clear").addEventListener("click", () => {
+    picture.dataUrl = undefined;
+    file.value = "";
+    $("#poem-picture-preview").hidden = true;
+    $("#poem-picture-clear").hidden = true;
+    $("#poem-picture-hint").textContent = "看图写诗 — drop a picture here (or click) to write about it";
+    zone.classList.remove("has-picture");
+    showPictureKeywords(undefined);
+  });
+}
+
+function showPictureKeywords(seen) {
+  const box = $("#poem-picture-keywords");
+  box.hidden = !seen;
+  if (!seen) return box.replaceChildren();
+  box.replaceChildren(h("span", { class: "small muted" }, `${seen.model} sees:`),
+    ...seen.keywords.map((k) => h("span", {
+      class: `chip ${k.source}`, dataset: { keyword: k.keyword },
+      title: k.source === "colour" ? `its colour (${Math.round(k.score * 100)} % of the picture)`
+        : `${k.gloss}, ${Math.round(k.score * 100)} % sure`,
+    }, `${k.keyword} ${k.gloss}`)));
+}
 
 async function loadForms() {
   forms = (await api("/api/poems/forms")).data;

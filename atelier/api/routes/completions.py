@@ -29,6 +29,8 @@ from atelier.storage.artifacts import create_artifact
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
+MAX_CHAT_PICTURES = 1  # image → poem writes one poem about one picture
+
 @dataclass
 class Plan:
     """What to generate: prompts (as token ids) × n choices, with shared limits."""
@@ -324,6 +326,15 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     check_input(moderator, policy_for(settings, key), [m.text() for m in body.messages], param="messages",
                 sessions=sessions, key_id=key.id, where="chat")
+    pictures = [(f"messages[{i}].content[{j}].image_url.url", url)
+                for i, m in enumerate(body.messages) for j, url in m.images()]
+    if len(pictures) > MAX_CHAT_PICTURES:
+        raise bad_request(f"messages hold {len(pictures)} pictures; a poem is written about one", pictures[1][0],
+                          code="too_many_images")
+    if pictures:  # image → poem: a five-character quatrain unless extra_body's poem says otherwise
+        return await poem_completion(request, body, manager, db, key=key, chat=True,
+                                     poem=body.poem if body.poem is not None else {"form": "wujue"},
+                                     picture=pictures[0])
     if body.poem is not None:
         return await poem_completion(request, body, manager, db, key=key, chat=True)
     users = [m.text() for m in body.messages if m.role == "user"]

@@ -15,6 +15,7 @@ from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, Re
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input, policy_for
+from atelier.api.picture_poems import decode_picture, picture_keywords
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
 from atelier.storage.artifacts import create_artifact
@@ -43,6 +44,11 @@ class PoemCreate(PoemFields):
     acrostic: str | None = None
     n: int = Field(default=1, ge=1)
     store: bool = True  # each poem goes to the gallery (artifact kind "poem") with its provenance
+    # image → poem: a picture (data URL or base64) whose keywords (ATELIER_IMAGE_TAGGER, or `tagger`)
+    # join `keywords`; place_keywords (default: true with a picture) fixes each one early in a line
+    image: str | None = None
+    tagger: str | None = None
+    place_keywords: bool | None = None
 
 
 class PoemSuggest(PoemFields):
@@ -88,14 +94,22 @@ async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manag
     keywords = body.keywords if isinstance(body.keywords, list) else [body.keywords or ""]
     check_input(moderator, policy_for(settings, key), [body.title or "", body.acrostic or "", *keywords], param="title",
                 sessions=sessions, key_id=key.id, where="poems")
-    args = body.model_dump(exclude={"model", "keep_alive", "store"})
+    args = body.model_dump(exclude={"model", "keep_alive", "store", "image", "tagger"})
+    args["place_keywords"] = bool(body.image) if body.place_keywords is None else body.place_keywords
+    picture, stored = None, dict(args)
+    if body.image is not None:
+        image, digest = decode_picture(body.image, settings, "image")
+        picture = await picture_keywords(manager, db, settings, image, key=key, tagger=body.tagger, param="image")
+        args["keywords"] = [k for k in keywords if k] + [k["keyword"] for k in picture["keywords"]]
+        stored |= {"image_sha256": digest, "image_keywords": [k["keyword"] for k in picture["keywords"]],
+                   "tagger": picture["model"]}
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **args)
     meter.model, meter.tokens = loaded.ref, sum(len(p["text"]) for p in out["poems"])
     if body.store:
         await run_in_threadpool(store_poems, sessions, blobs, out["poems"], model_ref=loaded.ref, key_id=key.id,
-                                params=args | {"seed": out["seed"]})
-    return out | {"model": loaded.ref}
+                                params=stored | {"seed": out["seed"]})
+    return out | {"model": loaded.ref} | ({"picture": picture} if picture else {})
 
 
 def store_poems(sessions, blobs, poems: list[dict], *, model_ref: str, key_id: str, params: dict) -> None:

@@ -34,7 +34,7 @@ router = APIRouter(prefix="/api", tags=["predict"])
 MAX_ROWS = 1000
 MAX_INPUT_VALUES = 1_000_000  # numbers (or strings) in all of a request's `inputs` together
 MAX_IMAGES = 64
-TASKS = ("classification", "regression", "inference")
+TASKS = ("classification", "regression", "inference", "image-tagging")
 
 
 class PredictRequest(BaseModel):
