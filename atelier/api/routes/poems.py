@@ -45,10 +45,12 @@ class PoemCreate(PoemFields):
     n: int = Field(default=1, ge=1)
     store: bool = True  # each poem goes to the gallery (artifact kind "poem") with its provenance
     # image → poem: a picture (data URL or base64) whose keywords (ATELIER_IMAGE_TAGGER, or `tagger`)
-    # join `keywords`; place_keywords (default: true with a picture) fixes each one early in a line
+    # join `keywords`
     image: str | None = None
     tagger: str | None = None
-    place_keywords: bool | None = None
+    # each keyword fixed early in a line of its own (the default when there are keywords); false only
+    # favours them while sampling, which loses the rarer ones
+    place_keywords: bool = True
 
 
 class PoemSuggest(PoemFields):
@@ -95,7 +97,6 @@ async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manag
     check_input(moderator, policy_for(settings, key), [body.title or "", body.acrostic or "", *keywords], param="title",
                 sessions=sessions, key_id=key.id, where="poems")
     args = body.model_dump(exclude={"model", "keep_alive", "store", "image", "tagger"})
-    args["place_keywords"] = bool(body.image) if body.place_keywords is None else body.place_keywords
     picture, stored = None, dict(args)
     if body.image is not None:
         image, digest = decode_picture(body.image, settings, "image")
