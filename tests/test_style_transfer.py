@@ -64,6 +64,39 @@ def test_shipped_styles_have_provenance():
         assert max(load_style(name).size) <= 256
 
 
+def nearest_patch_distance(image: np.ndarray, painting: np.ndarray, k: int = 5) -> float:
+    """Mean distance from each k×k patch of `image` to its nearest patch of `painting` (0–1 pixels)."""
+    import torch
+    import torch.nn.functional as F
+
+    unfold = lambda a: F.unfold(torch.from_numpy(np.array(a)).float().permute(2, 0, 1)[None] / 255, k, stride=2)[0].T  # noqa: E731
+    return float(torch.cdist(unfold(image), unfold(painting)).min(1).values.mean())
+
+
+def edge_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    grey = lambda x: x.astype(np.float64).mean(2)  # noqa: E731
+    ea, eb = (np.hypot(*np.gradient(grey(x))).ravel() for x in (a, b))
+    return float(np.corrcoef(ea, eb)[0, 1])
+
+
+def test_patch_transfer_rebuilds_the_photo_from_the_painting_s_own_patches(one_thread):
+    content = Image.open(SHARED_DATA / "styles" / "content" / "chelsea.png").convert("RGB")
+    painting = load_style("vangogh_starry_night")
+    features = RandomFeatures(FeatureConfig(filters=4))
+    r = transfer(content, painting, features, method="patch", strength=0.8, steps=60, max_side=64)
+    assert r.method == "patch" and r.steps == 12 and r.image.shape == (43, 64, 3)  # passes are capped; aspect kept
+    small = np.asarray(painting.resize((64, 51), Image.LANCZOS))
+    photo = np.asarray(content.resize((64, 43), Image.LANCZOS))
+    # its patches are the painting's: far nearer to them than the photo's own patches are
+    assert nearest_patch_distance(r.image, small) < 0.45 * nearest_patch_distance(photo, small)  # colour transfer: 0.6
+    # …while the photo's edges stay where they were, more so at a lower strength
+    kept = edge_correlation(r.image, photo)
+    gentle = transfer(content, painting, features, method="patch", strength=0.2, steps=12, max_side=64)
+    assert 0.4 < kept < edge_correlation(gentle.image, photo)
+    again = transfer(content, painting, features, method="patch", strength=0.8, steps=60, max_side=64)
+    assert np.array_equal(again.image, r.image)  # deterministic
+
+
 def test_images_edit_with_the_sdk(image_client, image_http):
     r = image_client.images.edit(model="style-transfer", image=("cat.png", png_bytes(), "image/png"),
                                  prompt="vangogh_starry_night", response_format="b64_json",
@@ -92,6 +125,7 @@ def test_native_route_with_uploaded_style_and_color(image_http):
     r = image_http.post("/api/style-transfer", files={"content": ("c.png", png_bytes(), "image/png")},
                         data={"style": "Hokusai Great-Wave", "steps": "3", "response_format": "url"})
     assert r.status_code == 200 and r.json()["style"] == "hokusai_great_wave" and "/content?" in r.json()["data"][0]["url"]
+    assert r.json()["method"] == "patch" and r.json()["steps"] == 3  # the default method
     assert [s["id"] for s in image_http.get("/api/styles").json()["data"]][0] == "degas_dance_foyer"
 
 

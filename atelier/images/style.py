@@ -37,7 +37,8 @@ from safetensors.torch import load_file
 from atelier.config import PACKAGE_DIR
 
 STYLES_DIR = PACKAGE_DIR / "assets" / "styles"
-METHODS = ("gram", "color")
+METHODS = ("patch", "gram", "color")
+MAX_PATCH_PASSES = 12  # patch: more passes than this change nothing visible
 
 
 # -- the styles that ship -----------------------------------------------------------------
@@ -190,6 +191,65 @@ def reinhard(content: np.ndarray, style: np.ndarray) -> np.ndarray:
     return np.clip(lab_to_rgb((c - cm) / cs * ss + sm) - 1 / 255, 0, 1)
 
 
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) → (1, 1, H, W), Rec. 601 weights."""
+    return (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def patch_transfer(content: torch.Tensor, style: torch.Tensor, *, strength: float = 0.8, passes: int = 12,
+                   patch: int = 7, levels: int = 3) -> torch.Tensor:
+    """Guided texture optimisation (Kwatra et al. 2005, with Hertzmann et al. 2001's luminance guide):
+    the result is rebuilt from the painting's own patches, so its brushwork is the painting's.
+
+    Coarse to fine over `levels` scales (each twice the last), `passes` in all: every overlapping
+    patch of the result is replaced by the painting patch nearest to it, by colour and by how
+    well the painting patch's luminance matches the content's there, and the overlaps are
+    averaged. The guide's weight falls as `strength` rises, so strength trades the content's
+    structure for the painting's texture. It starts from the content recoloured with the
+    painting's palette (Reinhard). (1, 3, H, W) in [0, 1] → the same shape."""
+    H, W = content.shape[-2:]
+    sh, sw = style.shape[-2:]
+    cn, sn = content[0].permute(1, 2, 0).numpy(), style[0].permute(1, 2, 0).numpy()
+    x = torch.from_numpy(reinhard(cn, sn).astype(np.float32)).permute(2, 0, 1)[None]
+    # The content's luminance, matched to the painting's mean and spread: the guide compares like with like.
+    lc, ls = luminance(content), luminance(style)
+    lc = (lc - lc.mean()) / (lc.std() + 1e-6) * ls.std() + ls.mean()
+    guide = 3.0 + 20.0 * (1 - strength)  # the guide weighs this much more per dimension than colour
+    per_level = [passes // levels + (i < passes % levels) for i in range(levels)]
+    for level in range(levels):
+        f = 2 ** (levels - 1 - level)
+        size = (max(patch, H // f), max(patch, W // f))
+        s_size = (max(patch, sh // f), max(patch, sw // f))
+        xs = _resize(x, size)
+        gs = _resize(lc, size)
+        sty, sguide = _resize(style, s_size), _resize(ls, s_size)
+        # the painting's patches (stride 2 at full size), colour and guide side by side, weighted
+        bank = torch.cat([F.unfold(sty, patch, stride=2 if f == 1 else 1),
+                          guide ** 0.5 * F.unfold(sguide, patch, stride=2 if f == 1 else 1)], 1)[0].T  # (M, D)
+        bank_sq = (bank ** 2).sum(1)
+        colour_dims = 3 * patch * patch
+        stride = max(1, patch // 3)  # much overlap: averaging it hides the patches' seams
+        ones = F.fold(torch.ones(1, patch * patch, F.unfold(gs, patch, stride=stride).shape[-1]), size, patch,
+                      stride=stride)
+        g = guide ** 0.5 * F.unfold(gs, patch, stride=stride)
+        for _ in range(per_level[level]):
+            q = torch.cat([F.unfold(xs, patch, stride=stride), g], 1)[0].T  # (N, D)
+            # ‖q‖² is the same for every candidate; chunks bound the (queries × bank) matrix to ~64 MB
+            chunk = max(1, (1 << 24) // len(bank))
+            nearest = torch.cat([(bank_sq[None] - 2 * q[i:i + chunk] @ bank.T).argmin(1)
+                                 for i in range(0, len(q), chunk)])
+            chosen = bank[nearest, :colour_dims].T[None]  # (1, 3·k², N)
+            # pixels no patch covers (the right/bottom edge when the stride does not divide) keep theirs
+            covered = ones > 0
+            xs = torch.where(covered, F.fold(chosen, size, patch, stride=stride) / ones.clamp(min=1), xs)
+        x = xs
+    return _resize(x, (H, W)).clamp(0, 1) if x.shape[-2:] != (H, W) else x.clamp(0, 1)
+
+
 def transfer(content: Image.Image, style: Image.Image, features: RandomFeatures, *, method: str = "gram",
              strength: float = 0.8, steps: int = 60, max_side: int = 128, lr: float = 0.03,
              should_stop=lambda: False) -> StyleResult:
@@ -209,6 +269,9 @@ def transfer(content: Image.Image, style: Image.Image, features: RandomFeatures,
         out = (1 - strength) * cn + strength * reinhard(cn, sn)
         x = torch.from_numpy(out.astype(np.float32)).permute(2, 0, 1).unsqueeze(0)
         steps = 0
+    elif method == "patch":
+        steps = max(3, min(steps, MAX_PATCH_PASSES))
+        x = patch_transfer(c, s, strength=strength, passes=steps)
     else:
         # 1. start from the content image; 2. Adam on pixels; 3. keep pixels in [0, 1]
         x = c.clone().requires_grad_(True)

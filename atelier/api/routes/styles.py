@@ -39,7 +39,7 @@ async def style_transfer(request: Request, form, settings, manager, sessions, bl
     model_ref = str(form.get("model") or default_model)
     keep_alive = form.get("keep_alive") if isinstance(form.get("keep_alive"), str) else None
     check_keep_alive(keep_alive)
-    method = str(form.get("method") or "gram")
+    method = str(form.get("method") or METHODS[0])
     if method not in METHODS:
         raise bad_request(f"method={method!r} is not one of {', '.join(METHODS)}", "method")
     n = form_number(form, "n", int, 1, 1, 1)
@@ -94,8 +94,9 @@ async def style_transfer(request: Request, form, settings, manager, sessions, bl
         raise APIError(499, "client closed the request", code="client_closed")
     h, w = result.image.shape[:2]
     losses = {"style_before": result.style_loss_before, "style": result.style_loss, "content": result.content_loss}
-    sampler = {"gram": "Gram (random features)", "color": "Reinhard colour transfer"}[method]
-    text = a1111_parameters(prompt=style_label, steps=result.steps if method == "gram" else None, sampler=sampler,
+    sampler = {"patch": "Guided patch synthesis", "gram": "Gram (random features)",
+               "color": "Reinhard colour transfer"}[method]
+    text = a1111_parameters(prompt=style_label, steps=result.steps or None, sampler=sampler,
                             size=f"{w}x{h}", model=ref, Strength=f"{strength:g}")
     meta = {"model": ref, "style": style_label, "method": method, "strength": strength, "steps": result.steps,
             "size": f"{w}x{h}", "content_sha256": content_sha, "style_sha256": style_sha}
