@@ -3,6 +3,8 @@
 import pytest
 
 from atelier.poetry import PoemError, check
+from atelier.poetry import readings
+from atelier.poetry.prosody import pingshui
 
 # 王之涣《登鹳雀楼》: 五绝仄起首句不入韵, rhymes 流/楼 in 十一尤 (更 is 平/仄, 一 at a free position).
 DENG_GUAN_QUE_LOU = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
@@ -40,7 +42,28 @@ def test_report_per_character():
     rhyme = r["lines"][1]["rhyme"]
     assert rhyme["group"] == "十一尤" and rhyme["ok"] and "十一尤" in rhyme["char_groups"]
     gengs = r["lines"][3]["chars"][0]
-    assert gengs["char"] == "更" and set(gengs["tones"]) == {"平", "仄"}  # 多音字: either tone
+    # 多音字: read as its context makes it, by how Tang poets used it (更上 gèng 仄; 三更 gēng 平)
+    assert gengs["char"] == "更" and gengs["tones"] == ["仄"] and gengs["reading"] == {"tone": "仄", "by": "更上"}
+
+
+def test_polyphones_count_under_the_reading_their_context_gives():
+    # 相思 is 平 (to long for): at a 仄 position of 王维's 相思 it would break the form; here it is 平, as written
+    r = check("红豆生南国，春来发几枝。愿君多采撷，此物最相思。")
+    assert r["compliant"] and r["lines"][3]["chars"][4]["reading"] == {"tone": "平", "by": "相思"}
+    # 秋思 is 仄 (autumn thoughts): the same character where a 平 is required is flagged, naming the reading
+    r = check("白日依山尽，黄河入海流。秋思千里目，更上一层楼。", form="wujue")
+    [v] = [v for v in r["violations"] if v["char"] == "思"]
+    assert "思 reads 仄 in 秋思" in v["message"] and v["kind"] == "tone"
+    # free polyphones (one meaning, either reading) fit either tone
+    assert "看" in readings.table()["free"] and readings.reading_of("看山", 0) is None
+
+
+def test_rhymes_count_only_in_the_groups_tang_poets_rhymed_them_in():
+    assert [pingshui().groups[g].name for g in readings.rhyme_groups("逢")] == ["二冬"]
+    assert [pingshui().groups[g].name for g in readings.rhyme_groups("居")] == ["六鱼"]
+    # 中 (一东) with 逢 (二冬): neighbouring groups, which 近体 does not mix
+    r = check("白日依山尽，黄河入海中。欲穷千里目，更上一层逢。", form="wujue")
+    assert not r["compliant"] and [v["char"] for v in r["violations"] if v["kind"] == "rhyme"] == ["逢"]
 
 
 def test_broken_rhyme_names_position():

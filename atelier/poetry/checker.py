@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from atelier.poetry import readings
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
 from atelier.poetry.prosody import PING, SCHEMES, ZE, is_han, tables, tone_fits
@@ -87,7 +88,9 @@ def resolve_rhymes(lines: list[str], pattern: Pattern, rhyme_scheme: str,
 
 def _in_group(ch: str, g: int, ye: bool, rhymes) -> bool:
     if not ye:
-        return g in rhymes.groups_of(ch)
+        # in 近体 (pingshui), a character in several groups rhymes in those Tang poets rhymed it in
+        usage = readings.rhyme_groups(ch) if rhymes.scheme == "pingshui" else None
+        return g in rhymes.groups_of(ch) and (usage is None or g in usage)
     group = rhymes.groups[g]
     return any(rhymes.groups[h].part == group.part and rhymes.groups[h].tone != group.tone
                for h in rhymes.groups_of(ch))
@@ -115,6 +118,10 @@ def analyse(lines: list[str], pattern: Pattern, rhyme_scheme: str = "pingshui",
             if rhyming:
                 required = pattern.rhyme_tone(i) or required
             tones = tones_t.tones(ch)
+            reading = None
+            if tones_t.scheme == "pingshui" and len(tones) == 2 and (tone := readings.reading_of(line, p)):
+                # a polyphone counts under the reading its context gives it (相思 平, 秋思 仄)
+                tones, reading = frozenset({tone}), {"tone": tone, "by": readings.context_of(line, p)}
             ok = tone_fits(required, tones)
             if p in repeats:
                 si, sp = repeats[p]
@@ -126,9 +133,12 @@ def analyse(lines: list[str], pattern: Pattern, rhyme_scheme: str = "pingshui",
                 kind = "unknown" if not tones else "tone"
                 msg = (f"{_where(i, p)}: {shown} is not in the {tones_t.scheme} table, so its tone is unknown; "
                        f"{required} is required" if not tones else
+                       f"{_where(i, p)}: {shown} reads {reading['tone']} in {reading['by']} (as Tang poets read it), "
+                       f"{required} is required" if reading else
                        f"{_where(i, p)}: {shown} is {'/'.join(sorted(tones))}, {required} is required")
                 violations.append(_v(i, p, shown, kind, msg))
-            chars.append({"char": shown, "required": required, "tones": sorted(tones), "ok": ok})
+            chars.append({"char": shown, "required": required, "tones": sorted(tones), "ok": ok}
+                         | ({"reading": reading} if reading else {}))
         rhyme = None
         if spec.rhyme is not None:
             p, ch = len(line) - 1, line[-1]

@@ -308,8 +308,47 @@ class _Search:
             member = m.ye_member if spec.ye else m.member
             in_group = (groups[spec.rhyme].float() @ member.float()) > 0
             # No rhyme character twice: everything already used is out (rhymes included).
-            return in_group & m.tone(self.plan.pattern.rhyme_tone(i))[None] & ~used & ~self.fixed_rhymes[None]
-        return m.tone(spec.tones[p])[None].expand(S, -1).clone()
+            allowed = in_group & m.tone(self.plan.pattern.rhyme_tone(i))[None] & ~used & ~self.fixed_rhymes[None]
+            return self._in_context(allowed, i, p, spec, tokens, self.plan.pattern.rhyme_tone(i), rhyme=True)
+        allowed = m.tone(spec.tones[p])[None].expand(S, -1).clone()
+        return self._in_context(allowed, i, p, spec, tokens, spec.tones[p], rhyme=False)
+
+    def _in_context(self, allowed, i, p, spec, tokens, required, *, rhyme: bool) -> torch.Tensor:
+        """Polyphones read as their neighbours make them (atelier/poetry/readings.py), as the checker reads
+        them: a candidate whose character before it decides its tone (相思 → 平) fits only where that
+        tone does; a candidate that would decide the tone of the character before it (思归) is out
+        when that tone does not fit there (unless the character before that already decided it); and
+        before a fixed character, a candidate that would give it, or take from it, a tone that does
+        not fit is out."""
+        m = self.masks
+        if not (m.left or m.right):
+            return allowed
+        fits = lambda tone, req: tone_fits(req, frozenset({tone}))  # noqa: E731
+        S = allowed.shape[0]
+        prev = tokens[:, -1].tolist() if p > 0 else [None] * S
+        before = tokens[:, -2].tolist() if p > 1 else [None] * S
+        for row, (a, z) in enumerate(zip(prev, before)):
+            if a is None:
+                break
+            for c, tone in m.left.get(a, {}).items():
+                allowed[row, c] = (allowed[row, c] & fits(tone, required)) if rhyme else fits(tone, required)
+            if a in m.right and not (z is not None and a in m.left.get(z, {})):
+                for n, tone in m.right[a].items():
+                    if not fits(tone, spec.tones[p - 1]):
+                        allowed[row, n] = False
+        nxt = self.plan.forced.get((i, p + 1)) if p + 1 < len(spec) else None
+        if nxt is not None and self.tok.stoi.get(nxt) is not None:
+            f = self.tok.stoi[nxt]
+            f_required = self.plan.pattern.rhyme_tone(i) if spec.rhyme is not None and p + 1 == len(spec) - 1 \
+                else spec.tones[p + 1]
+            for c, by_next in m.right.items():  # (c, f) would decide c's tone
+                if f in by_next and not fits(by_next[f], required):
+                    decided_by_left = [a is not None and c in m.left.get(a, {}) for a in prev]
+                    allowed[[r for r in range(S) if not decided_by_left[r]], c] = False
+            for c, by_prev in m.left.items():  # (c, f) would decide f's tone
+                if f in by_prev and not fits(by_prev[f], f_required):
+                    allowed[:, c] = False
+        return allowed
 
     def _sample(self, logits, allowed, used) -> torch.Tensor:
         cfg = self.cfg
