@@ -285,7 +285,8 @@ def main():
         print(f"  {k:3d}  {cause}")
     print("Notes: the checker licenses 特拗, 孤平自救, 对句救 and 平平平仄平 (atelier/poetry/checker.py); other 拗句\n"
           "count as breaks;\n"
-          "a 多音字 counts as either tone, so it can hide a break but never cause one; 首句 may borrow a\n"
+          "a 多音字 is read as Tang poets read it in that context (atelier/poetry/readings.py), so a\n"
+          "reading the corpus rarely shows counts as a break; 首句 may borrow a\n"
           "neighbouring rhyme group (邻韵) in practice; several 五言/七言 quatrains in the anthology are 古绝\n"
           "(仄韵, no tonal pattern) and some 律诗-shaped poems are 古体 labelled by shape only.")
 

@@ -134,6 +134,22 @@ def test_a_kept_rhyme_is_not_taken_by_an_earlier_rhyme_position(poet):
         assert "天" not in [line[-1] for line in poem["lines"][:3]]
 
 
+def test_no_line_opens_with_a_tune_name_or_a_title_count(poet):
+    """Untitled, seeds 0, 4 and 8 used to open with 水调歌辞五, 贺新郎会见 and 临江仙树近: the model
+    continuing a title. Tune-name openings (readings.json's debris, from the ci corpus) are refused."""
+    from atelier.poetry import readings
+
+    model, tok = poet
+    debris = set(readings.table()["debris"])
+    assert {"水调", "贺新", "临江", "浣溪"} <= debris and "白日" not in debris  # 渔家 opens many Tang lines: kept
+    for seed in (0, 4, 8):
+        lines = compose(model, tok, form="wujue", seed=seed)["poems"][0]["lines"]
+        assert not any(line[:2] in debris or "首" in line for line in lines), (seed, lines)
+    # what the writer fixed is theirs: an acrostic may open with a tune's name
+    poem = compose(model, tok, form="wujue", acrostic="临江仙子", seed=1)["poems"][0]
+    assert poem["lines"][0][0] == "临" and poem["report"]["compliant"]
+
+
 def test_check_suggestions(poet):
     model, tok = poet
     r = check("白日依山尽，黄河入海流。欲穷千里目，更上一层天。", model=model, tokenizer=tok)

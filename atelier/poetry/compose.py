@@ -30,12 +30,14 @@ import torch.nn.functional as F
 
 from atelier.poetry.checker import PENDING, analyse, convert, detect_forms, fit_lines, parse_poem
 from atelier.poetry.corpus import CorpusIndex, default_index
+from atelier.poetry import readings
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
 from atelier.poetry.masks import VocabMasks, vocab_masks
 from atelier.poetry.prosody import SCHEMES, is_han, tone_fits
 
 MAX_N = 8
+NUMERALS = frozenset("一二三四五六七八九十百")
 SCRIPTS = ("simplified", "traditional")
 REQUEST_FIELDS = ("form", "acrostic", "keywords", "title", "rhyme", "rhyme_scheme", "script", "pattern", "seed",
                   "n", "temperature", "place_keywords")
@@ -151,8 +153,9 @@ def _conflicts(pattern: Pattern, forced: dict, masks: VocabMasks, tokenizer, rhy
             seen[ch] = i
         else:
             required = spec.tones[p]
-            if not tone_fits(required, tones_t.tones(ch)):
-                has = "/".join(sorted(tones_t.tones(ch))) or "of unknown tone"
+            tones = masks.tones_in_context(ch, forced.get((i, p - 1)), forced.get((i, p + 1)))
+            if not tone_fits(required, tones):
+                has = "/".join(sorted(tones)) or "of unknown tone"
                 problems.append(f"{where}: {ch} is {has}, {required} is required")
     return problems, forced, groups
 
@@ -195,6 +198,7 @@ class _Search:
         self.model, self.tok, self.masks, self.plan, self.cfg = model, tokenizer, masks, plan, cfg
         self.temperature, self.gen, self.corpus = temperature, generator, corpus
         self.check_corpus = check_corpus  # lines that must not be in the corpus (not the kept ones)
+        self.debris = frozenset(readings.table().get("debris", ()))
         self.B, self.S = cfg.beam, cfg.beam * cfg.samples  # beam rows, sample rows
         self.cache = model.new_cache(self.B + self.S)
         self.V = len(tokenizer)
@@ -387,6 +391,8 @@ class _Search:
                        for j in range(i)]
             if i in self.check_corpus and line in self.corpus:
                 continue
+            if self._debris(i, line):
+                continue
             if n >= 2 and line in earlier and not self.plan.pattern.lines[i].repeat:
                 continue
             seen.add(toks)
@@ -394,6 +400,14 @@ class _Search:
             if len(order) == self.B:
                 break
         return torch.tensor(order) if order else None
+
+
+    def _debris(self, i: int, line: str) -> bool:
+        """A line that opens with a ci tune's name (渔家, 水调 …) or carries a title's count (二首): the
+        model continuing a title it saw in training, not verse. What the writer fixed is theirs to keep."""
+        if (i, 0) in self.plan.forced and (i, 1) in self.plan.forced:
+            return False
+        return line[:2] in self.debris or any(line[k] in NUMERALS and line[k + 1] == "首" for k in range(len(line) - 1))
 
 
 class _SearchFailed(Exception):
@@ -422,7 +436,7 @@ def _place_keywords(form: Form, chars: str, forced: dict, masks: VocabMasks, tok
     first three positions (never the rhyme) whose tone fits it. Of the patterns the poem may take, in
     random order, the first that places the most keywords wins; a character that fits nowhere is
     left to the search's keyword bonus."""
-    tones_of = masks.tone_table.tones
+    tones_of = masks.char_tones
     candidates = [p for p in form.patterns if pattern in (None, p.name)]
     # the fixed characters must fit a candidate (the plan would refuse it otherwise)
     candidates = [p for p in candidates if all(

@@ -35,6 +35,7 @@ class VocabMasks:
         readings_apply = tone_table.scheme == "pingshui"
         rhymes_by_usage = rhyme_table.scheme == "pingshui"
         usual = readings.table()["tones"] if readings_apply else {}
+        self._usual = usual
         self.left, self.right = self._contexts(tokenizer) if readings_apply else ({}, {})
         self.han = torch.zeros(V, dtype=torch.bool)
         self.ping = torch.zeros(V, dtype=torch.bool)
@@ -72,6 +73,20 @@ class VocabMasks:
             if pair[0] in stoi and pair[1] in stoi:
                 right.setdefault(stoi[pair[0]], {})[stoi[pair[1]]] = tone
         return left, right
+
+    def char_tones(self, ch: str) -> frozenset[str]:
+        """The tones the masks give a character: a polyphone's usual reading where Tang poets had one."""
+        return frozenset({self._usual[ch]}) if ch in self._usual else self.tone_table.tones(ch)
+
+    def tones_in_context(self, ch: str, before: str | None, after: str | None) -> frozenset[str]:
+        """char_tones, unless a known neighbour decides the reading (the checker's order: before, then after)."""
+        if self.left or self.right:
+            t = readings.table()
+            if before and (r := t["left"].get(before + ch)):
+                return frozenset({r})
+            if after and (r := t["right"].get(ch + after)):
+                return frozenset({r})
+        return self.char_tones(ch)
 
     def tone(self, required: str) -> torch.Tensor:
         """(V,) the characters that may stand where `required` (平/仄/中) is asked for."""

@@ -18,7 +18,8 @@ learns from the 近体 poems of the Tang corpus which reading each polyphone tak
    all; a rare reading counts where poets used it.
 
 The derived table ships as data/readings.json (the server runs without the corpus); rebuild
-it with `python -m atelier.poetry.readings ../shared/data/poetry/tang.jsonl`.
+it with `python -m atelier.poetry.readings ../shared/data/poetry/tang.jsonl ../shared/data/poetry/songci.jsonl`
+(the ci corpus adds the tune names a line must not open with: 渔家, 水调 …).
 
     >>> reading_of("相思", 1), reading_of("秋思", 1)
     ('平', '仄')
@@ -72,8 +73,24 @@ def _regulated(lines: list[str], tones_t) -> tuple[object, list[str]] | None:
     return (best[1], best[2]) if best and best[0] <= 1 else None
 
 
-def derive(corpus: Path) -> dict:
-    """The readings table from a chinese-poetry JSONL file (traditional script is converted)."""
+def title_debris(corpus: Path, songci: Path, min_tune_poems: int = 5) -> list[str]:
+    """Line openings that are a ci tune's name rather than verse (渔家 of 渔家傲, 水调 of 水调歌头): the first
+    two characters of every tune with `min_tune_poems` ci, unless Tang poets often open a line with them."""
+    from collections import Counter as _Counter
+
+    from atelier.poetry.checker import convert
+    from atelier.poetry.corpus import clauses
+
+    tunes = _Counter(json.loads(raw).get("rhythmic", "") for raw in songci.read_text(encoding="utf-8").splitlines())
+    prefixes = {name[:2] for name, k in tunes.items() if k >= min_tune_poems and len(name) >= 3}
+    openings = _Counter(line[:2] for raw in corpus.read_text(encoding="utf-8").splitlines()
+                        for line in clauses(convert("".join(json.loads(raw).get("paragraphs", [])), "t2s")))
+    return sorted(p for p in prefixes if openings[p] < 20)
+
+
+def derive(corpus: Path, songci: Path | None = None) -> dict:
+    """The readings table from a chinese-poetry JSONL file (traditional script is converted); with the
+    ci corpus, also the tune-name openings the composer must not start a line with."""
     from atelier.poetry.checker import convert
     from atelier.poetry.corpus import clauses
 
@@ -131,7 +148,8 @@ def derive(corpus: Path) -> dict:
             total = sum(c.values())
             rhymes[ch] = sorted(g for g, k in c.items() if k >= MIN_RHYMES and k >= MIN_RHYME_SHARE * total) \
                 or [c.most_common(1)[0][0]]
-    return {"source": str(corpus), "poems": poems, "regulated": regulated, "min_votes": MIN_VOTES,
+    debris = title_debris(corpus, songci) if songci else []
+    return {"source": str(corpus), "poems": poems, "regulated": regulated, "min_votes": MIN_VOTES, "debris": debris,
             "min_share": MIN_SHARE, "tones": tones, "left": {k: v for k, v in contexts.items() if k in left},
             "right": {k: v for k, v in contexts.items() if k in right and k not in left}, "rhymes": rhymes,
             "free": sorted(ch for ch, c in alone.items() if ch not in tones and sum(c.values()) >= MIN_VOTES)}
@@ -143,7 +161,7 @@ def derive(corpus: Path) -> dict:
 @lru_cache(maxsize=1)
 def table() -> dict:
     if not READINGS_FILE.exists():
-        return {"tones": {}, "left": {}, "right": {}, "rhymes": {}}
+        return {"tones": {}, "left": {}, "right": {}, "rhymes": {}, "debris": []}
     return json.loads(READINGS_FILE.read_text(encoding="utf-8"))
 
 
@@ -186,10 +204,10 @@ def rhyme_groups(ch: str) -> set[int] | None:
 if __name__ == "__main__":
     from atelier.common.files import atomic_write_json
 
-    out = derive(Path(sys.argv[1]))
+    out = derive(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
     atomic_write_json(READINGS_FILE, out)
     print(f"{out['regulated']} of {out['poems']} poems regulated; {len(out['tones'])} polyphones decided alone, "
           f"{len(out['free'])} free, {len(out['left']) + len(out['right'])} contexts, "
-          f"{len(out['rhymes'])} rhyme characters restricted → {READINGS_FILE}")
+          f"{len(out['rhymes'])} rhyme characters restricted, {len(out['debris'])} tune-name openings → {READINGS_FILE}")
 
 __all__ = ["context_of", "derive", "reading_of", "rhyme_groups", "table"]
