@@ -110,7 +110,7 @@ def _keywords(keywords) -> str:
 
 def _conflicts(pattern: Pattern, forced: dict, masks: VocabMasks, tokenizer, rhyme_group: int | None):
     """(problems, forced characters with 叠 sources filled in, rhyme key → (G,) candidate groups)."""
-    tones_t, rhymes_t = masks.tone_table, masks.rhyme_table
+    rhymes_t = masks.rhyme_table
     forced = dict(forced)
     problems = []
     # A fixed character at a 叠 position fixes the character it repeats (and the other way round).

@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from atelier.poetry.prosody import EITHER, PACKAGE_DATA, PING, ZE, is_han, pingshui, tone_fits
+from atelier.poetry.prosody import EITHER, PACKAGE_DATA, is_han, pingshui, tone_fits
 
 READINGS_FILE = PACKAGE_DATA / "readings.json"
 MIN_VOTES = 4  # votes a reading needs to decide (alone or in a context)

@@ -169,6 +169,7 @@ export function renderReport(report, title, meta = [], plain = "") {
         c.pending ? "pending" : ""].join(" ");
       const tip = `${c.char}: requires ${c.required} (${TONE_HINT[c.required] ?? ""}); `
         + `is ${c.tones.length ? c.tones.join("/") : "unknown"}`
+        + (c.reading ? ` (a polyphone, read ${c.reading.tone} in ${c.reading.by} as Tang poets read it)` : "")
         + (rhyming ? `; rhyme ${line.rhyme.group}, ${c.char} is in ${line.rhyme.char_groups.join("、") || "no group"}` : "");
       return h("span", { class: cls, title: tip, dataset: { line: i, pos: p, required: c.required } },
         h("b", {}, c.char || "·"), h("i", {}, c.required));
