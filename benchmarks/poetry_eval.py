@@ -15,6 +15,8 @@ gives, side by side:
 - logp/char: mean log-likelihood per character under the model: composed and corpus
   poems scored given only `<bos>` (corpus poems were seen in training, so theirs is
   optimistic), sampled ones as they were sampled;
+- seasons: share of poems with words of two seasons or more (春 and 秋 …; composed poems keep one
+  unless the request names several, as the acrostics here sometimes do);
 - s/poem: wall time of one compose call.
 Then, per form, the share of poems that hold all four requested keywords, with the search's
 keyword bonus alone and with place_keywords (each keyword fixed early in a line of its own).
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from atelier.models.chargpt import KVCache, from_pretrained
 from atelier.poetry import FORMS, PoemError, check, compose
 from atelier.poetry.checker import convert, detect_forms, parse_poem
+from atelier.poetry.compose import SEASON_OF
 from atelier.poetry.corpus import MIN_LEN, clauses, corpus_dir, default_index
 from atelier.poetry.prosody import is_han
 
@@ -164,6 +167,12 @@ def compliance(form: str, poems: list) -> dict:
     return {"compliant": ok / n, "rhyme": rhyme / n, "tone": tone / n}
 
 
+def mixed_seasons(poems: list) -> float:
+    """Share of poems with season words of two seasons or more (compose.SEASONS)."""
+    kept = [p for p in poems if p is not None]
+    return sum(len({SEASON_OF[c] for c in "".join(p) if c in SEASON_OF}) > 1 for p in kept) / max(1, len(kept))
+
+
 def copied(poems: list) -> float:
     index = default_index()
     lines = [l for p in poems if p for l in p if len(l) >= MIN_LEN]
@@ -254,7 +263,7 @@ def main():
     print(f"model: {model_dir}  n={args.n} per form and source\n")
     rng = random.Random(0)
     header = (f"{'form':6} {'source':9} {'compliant':>9} {'rhyme':>6} {'tone':>6} {'copied':>7} "
-              f"{'dist-1':>7} {'dist-2':>7} {'logp/char':>9} {'s/poem':>7}")
+              f"{'dist-1':>7} {'dist-2':>7} {'logp/char':>9} {'seasons':>7} {'s/poem':>7}")
     print(header)
     print("-" * len(header))
     for form in args.forms:
@@ -268,7 +277,7 @@ def main():
             cells = (f"{c['compliant']:9.1%} {c['rhyme']:6.1%} {c['tone']:6.1%} {copied(poems):7.1%}" if c else
                      f"{'':9} {'':6} {'':6} {'':7}")
             print(f"{FORMS[form].title:6} {name:9} {cells} {d1:7.3f} {d2:7.3f} "
-                  f"{logp:9.3f} {sec and f'{sec:7.2f}' or '':>7}")
+                  f"{logp:9.3f} {mixed_seasons(poems):7.1%} {sec and f'{sec:7.2f}' or '':>7}")
         failed = sum(p is None for p in ours)
         print(f"{'':6} ({failed} failed searches; {redraws} random acrostics redrawn because no pattern fits them)")
 

@@ -156,6 +156,17 @@ def client(server):
 # -- images: a server with tiny random image models registered (fast, deterministic) -------
 
 
+def audit_entries(http) -> list[dict]:
+    """Every audit entry, page by page (the session's server has audited other tests' work too)."""
+    entries, after = [], 0
+    while True:
+        page = http.get("/api/audit", params={"limit": 500, "after": after}).json()
+        entries += page["data"]
+        if not page["has_more"]:
+            return entries
+        after = page["data"][-1]["id"]
+
+
 def make_tiny_image_models(root: Path) -> dict[str, Path]:
     """Folders of a tiny ddpm (with a tiny ×2 upscaler) and a tiny dcgan (seeded random weights, perturbed so
     every layer matters)."""

@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY
+from conftest import ADMIN_KEY, audit_entries
 
 
 def test_models_list_and_retrieve(client):
@@ -118,7 +118,7 @@ def test_keys_scopes_and_audit(http, server):
     assert http.delete(f"/api/keys/{made['id']}").json()["deleted"] is True
     with pytest.raises(openai.AuthenticationError):
         reader.models.list()
-    actions = [e["action"] for e in http.get("/api/audit", params={"limit": 500}).json()["data"]]
+    actions = [e["action"] for e in audit_entries(http)]
     assert "key.create" in actions and "key.revoke" in actions
     assert http.get("/api/audit/verify").json()["ok"] is True
     # Admin routes need the admin scope.

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, select, text
 
 from atelier.safety.audit import chain_digest
 from atelier.storage.db import AuditEntry, engine_url
-from conftest import LiveServer, admin_http, make_settings
+from conftest import LiveServer, admin_http, audit_entries, make_settings
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_key_use_leaves_a_trace_and_links_die_with_their_key(server, http):
     link = image["url"]
     assert httpx.get(link).status_code == 200
     http.get("/api/models/tang-poet@1/export")
-    entries = http.get("/api/audit", params={"limit": 500}).json()["data"]
+    entries = audit_entries(http)
     mine = [e for e in entries if e["key_id"] == made["id"]]
     generation = next(e for e in mine if e["action"] == "generate" and e["detail"]["route"] == "completions")
     assert generation["target"] == "tang-poet@1"

@@ -150,6 +150,20 @@ def test_no_line_opens_with_a_tune_name_or_a_title_count(poet):
     assert poem["lines"][0][0] == "临" and poem["report"]["compliant"]
 
 
+def test_one_season_per_poem_unless_asked(poet):
+    from atelier.poetry.compose import SEASON_OF
+
+    model, tok = poet
+    seasons = lambda text: {SEASON_OF[c] for c in text if c in SEASON_OF}  # noqa: E731
+    for seed in range(8):  # 6 of 30 untitled poems mixed seasons before the rule
+        assert len(seasons(compose(model, tok, form="qilv", seed=seed)["poems"][0]["text"])) <= 1
+    # a season asked for holds from the first line: no other season's word
+    assert seasons(compose(model, tok, form="wujue", title="秋夜", seed=3)["poems"][0]["text"]) <= {"秋"}
+    # asking for two lifts the rule
+    poem = compose(model, tok, form="qijue", acrostic="春夏秋冬", seed=1)["poems"][0]
+    assert seasons(poem["text"]) == {"春", "夏", "秋", "冬"} and poem["report"]["compliant"]
+
+
 def test_check_suggestions(poet):
     model, tok = poet
     r = check("白日依山尽，黄河入海流。欲穷千里目，更上一层天。", model=model, tokenizer=tok)

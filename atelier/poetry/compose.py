@@ -38,6 +38,10 @@ from atelier.poetry.prosody import SCHEMES, is_han, tone_fits
 
 MAX_N = 8
 NUMERALS = frozenset("一二三四五六七八九十百")
+# Words that set a poem's season (the explicit ones and their surest signs); mixing them is what a
+# reader notices: 20 % of composed poems did (6 of 30), against 6 % of Tang poems.
+SEASONS = {"春": "春桃杏莺", "夏": "夏蝉暑炎荷", "秋": "秋菊雁枫", "冬": "冬雪冰腊"}
+SEASON_OF = {ch: season for season, chars in SEASONS.items() for ch in chars}
 SCRIPTS = ("simplified", "traditional")
 REQUEST_FIELDS = ("form", "acrostic", "keywords", "title", "rhyme", "rhyme_scheme", "script", "pattern", "seed",
                   "n", "temperature", "place_keywords")
@@ -202,6 +206,18 @@ class _Search:
         self.B, self.S = cfg.beam, cfg.beam * cfg.samples  # beam rows, sample rows
         self.cache = model.new_cache(self.B + self.S)
         self.V = len(tokenizer)
+        # One season per poem unless asked: the season word a row writes first rules out the others'
+        # (SEASONS); a season the request names (title, keywords, fixed characters) holds from the start,
+        # and a request naming two lifts the rule.
+        self.season_of = torch.full((self.V,), -1, dtype=torch.long)
+        for k, chars in enumerate(SEASONS.values()):
+            for ch in chars:
+                if ch in tokenizer.stoi:
+                    self.season_of[tokenizer.stoi[ch]] = k
+        asked = sorted({SEASON_OF[ch] for ch in keywords + tokenizer.decode(prompt) + "".join(plan.forced.values())
+                        if ch in SEASON_OF})
+        self.one_season = len(asked) <= 1
+        self.asked_season = list(SEASONS).index(asked[0]) if len(asked) == 1 else None
         self.kw = torch.zeros(self.V, dtype=torch.bool)
         for ch in keywords:
             if ch in tokenizer.stoi:
@@ -313,9 +329,24 @@ class _Search:
             in_group = (groups[spec.rhyme].float() @ member.float()) > 0
             # No rhyme character twice: everything already used is out (rhymes included).
             allowed = in_group & m.tone(self.plan.pattern.rhyme_tone(i))[None] & ~used & ~self.fixed_rhymes[None]
-            return self._in_context(allowed, i, p, spec, tokens, self.plan.pattern.rhyme_tone(i), rhyme=True)
-        allowed = m.tone(spec.tones[p])[None].expand(S, -1).clone()
-        return self._in_context(allowed, i, p, spec, tokens, spec.tones[p], rhyme=False)
+            allowed = self._in_context(allowed, i, p, spec, tokens, self.plan.pattern.rhyme_tone(i), rhyme=True)
+        else:
+            allowed = m.tone(spec.tones[p])[None].expand(S, -1).clone()
+            allowed = self._in_context(allowed, i, p, spec, tokens, spec.tones[p], rhyme=False)
+        return allowed & self._in_season(tokens)
+
+    def _in_season(self, tokens) -> torch.Tensor:
+        """(S, V): no season word of another season than the one the row (or the request) has set."""
+        S = tokens.shape[0]
+        if not self.one_season:
+            return torch.ones(S, self.V, dtype=torch.bool)
+        ids = self.season_of[tokens[:, len(self.prompt):]] + 1  # 0: no season
+        present = torch.zeros(S, len(SEASONS) + 1, dtype=torch.bool).scatter_(1, ids, True)[:, 1:]
+        if self.asked_season is not None:
+            present[:, self.asked_season] = True
+        word = self.season_of >= 0
+        same = present.gather(1, self.season_of.clamp(min=0)[None].expand(S, -1))
+        return ~word[None] | same | (present.sum(1) != 1)[:, None]
 
     def _in_context(self, allowed, i, p, spec, tokens, required, *, rhyme: bool) -> torch.Tensor:
         """Polyphones read as their neighbours make them (atelier/poetry/readings.py), as the checker reads
