@@ -17,6 +17,8 @@ gives, side by side:
   optimistic), sampled ones as they were sampled;
 - seasons: share of poems with words of two seasons or more (春 and 秋 …; composed poems keep one
   unless the request names several, as the acrostics here sometimes do);
+- 对仗: for 律诗, the share of middle couplets that are parallel (known parallels at 40 % of the
+  positions, no character in both lines; 77 % of held-out Tang middle couplets are);
 - s/poem: wall time of one compose call.
 Then, per form, the share of poems that hold all four requested keywords, with the search's
 keyword bonus alone and with place_keywords (each keyword fixed early in a line of its own).
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from atelier.models.chargpt import KVCache, from_pretrained
 from atelier.poetry import FORMS, PoemError, check, compose
 from atelier.poetry.checker import convert, detect_forms, parse_poem
+from atelier.poetry import parallel
 from atelier.poetry.compose import SEASON_OF
 from atelier.poetry.corpus import MIN_LEN, clauses, corpus_dir, default_index
 from atelier.poetry.prosody import is_han
@@ -167,6 +170,15 @@ def compliance(form: str, poems: list) -> dict:
     return {"compliant": ok / n, "rhyme": rhyme / n, "tone": tone / n}
 
 
+def parallel_share(poems: list) -> str:
+    """Share of a 律诗's middle couplets (颔联, 颈联) that are parallel (atelier/poetry/parallel.py); '' otherwise."""
+    kept = [p for p in poems if p is not None and len(p) == 8]
+    if not kept:
+        return ""
+    verdicts = [parallel.couplet(p[a], p[a + 1])["parallel"] for p in kept for a in (2, 4)]
+    return f"{sum(verdicts) / len(verdicts):.1%}"
+
+
 def mixed_seasons(poems: list) -> float:
     """Share of poems with season words of two seasons or more (compose.SEASONS)."""
     kept = [p for p in poems if p is not None]
@@ -263,7 +275,7 @@ def main():
     print(f"model: {model_dir}  n={args.n} per form and source\n")
     rng = random.Random(0)
     header = (f"{'form':6} {'source':9} {'compliant':>9} {'rhyme':>6} {'tone':>6} {'copied':>7} "
-              f"{'dist-1':>7} {'dist-2':>7} {'logp/char':>9} {'seasons':>7} {'s/poem':>7}")
+              f"{'dist-1':>7} {'dist-2':>7} {'logp/char':>9} {'seasons':>7} {'对仗':>5} {'s/poem':>7}")
     print(header)
     print("-" * len(header))
     for form in args.forms:
@@ -277,7 +289,8 @@ def main():
             cells = (f"{c['compliant']:9.1%} {c['rhyme']:6.1%} {c['tone']:6.1%} {copied(poems):7.1%}" if c else
                      f"{'':9} {'':6} {'':6} {'':7}")
             print(f"{FORMS[form].title:6} {name:9} {cells} {d1:7.3f} {d2:7.3f} "
-                  f"{logp:9.3f} {mixed_seasons(poems):7.1%} {sec and f'{sec:7.2f}' or '':>7}")
+                  f"{logp:9.3f} {mixed_seasons(poems):7.1%} {parallel_share(poems):>7} "
+                  f"{sec and f'{sec:7.2f}' or '':>7}")
         failed = sum(p is None for p in ours)
         print(f"{'':6} ({failed} failed searches; {redraws} random acrostics redrawn because no pattern fits them)")
 

@@ -168,3 +168,15 @@ def test_aojiu_the_licensed_departures_are_accepted_and_named():
     # 拗 with no rescue in the next line stays a violation.
     unrescued = check("向晚意不适，驱车入古原。夕阳无限好，只是近黄昏。", form="wujue", pattern="五绝仄起首句不入韵")
     assert not unrescued["compliant"] and (0, 2) in {(v["line"], v["position"]) for v in unrescued["violations"]}
+
+
+def test_a_lushi_reports_whether_its_middle_couplets_are_parallel():
+    chunwang = "国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"
+    r = check(chunwang)
+    assert [c["name"] for c in r["couplets"]] == ["颔联", "颈联"]
+    assert all(c["parallel"] and not c["shared"] for c in r["couplets"]), r["couplets"]
+    # the same middle couplet as 低头 / 举头: a character in both lines is never 对仗
+    broken = chunwang.replace("感时花溅泪，恨别鸟惊心", "举头望明月，低头思故乡")
+    first = check(broken, form="wulv")["couplets"][0]
+    assert not first["parallel"] and first["shared"] == ["头"]
+    assert check("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")["couplets"] == []  # a 绝句 has none

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from atelier.poetry import readings
+from atelier.poetry import parallel, readings
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
 from atelier.poetry.prosody import PING, SCHEMES, ZE, is_han, tables, tone_fits
@@ -161,9 +161,12 @@ def analyse(lines: list[str], pattern: Pattern, rhyme_scheme: str = "pingshui",
         out_lines.append({"text": display[i], "chars": chars, "rhyme": rhyme})
     notes = forgive_aojiu(lines, pattern, tones_t, violations, out_lines) if pattern.kind == "shi" else []
     names = {k: rhymes_t.groups[g].name for k, g in groups.items()}
+    # 对仗 of a 律诗's 颔联 and 颈联 (reported beside the form, not counted against it)
+    couplets = [{"name": name, "lines": [a, a + 1]} | parallel.couplet(lines[a], lines[a + 1])
+                for name, a in (("颔联", 2), ("颈联", 4))] if pattern.kind == "shi" and len(lines) == 8 else []
     return {"form": pattern.form, "pattern": pattern.name, "rhyme_scheme": rhyme_scheme,
             "rhyme_group": names.get("A"), "rhyme_groups": names, "lines": out_lines,
-            "violations": violations, "compliant": not violations, "notes": notes}
+            "violations": violations, "compliant": not violations, "notes": notes, "couplets": couplets}
 
 
 # -- 拗救: the licensed departures of 近体 -------------------------------------------------

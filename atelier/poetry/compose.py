@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from atelier.poetry.checker import PENDING, analyse, convert, detect_forms, fit_lines, parse_poem
 from atelier.poetry.corpus import CorpusIndex, default_index
-from atelier.poetry import readings
+from atelier.poetry import parallel, readings
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
 from atelier.poetry.masks import VocabMasks, vocab_masks
@@ -55,6 +55,10 @@ class SearchConfig:
     repeat_penalty: float = 1.5  # logit penalty on characters the poem already has
     keyword_bonus: float = 2.0  # logit bonus for keyword characters not yet used
     keyword_weight: float = 2.0  # ranking bonus per distinct keyword character used
+    # 对仗 in a 律诗's middle couplets (atelier/poetry/parallel.py): a logit bonus for a known parallel of
+    # the character above, and a ranking bonus per position that pairs one
+    parallel_bonus: float = 3.0
+    parallel_weight: float = 1.5
     # Survivors are ranked by log-likelihood plus Gumbel noise of this scale: 0 keeps the
     # most likely lines (bland), larger values keep more of the sampled variety.
     rank_noise: float = 0.0
@@ -203,6 +207,9 @@ class _Search:
         self.temperature, self.gen, self.corpus = temperature, generator, corpus
         self.check_corpus = check_corpus  # lines that must not be in the corpus (not the kept ones)
         self.debris = frozenset(readings.table().get("debris", ()))
+        lines = plan.pattern.lines
+        # a 律诗's 颔联 and 颈联: lines 4 and 6 answer lines 3 and 5 (indices 3 and 5)
+        self.couplet_lines = {3, 5} if plan.pattern.kind == "shi" and len(lines) == 8 else set()
         self.B, self.S = cfg.beam, cfg.beam * cfg.samples  # beam rows, sample rows
         self.cache = model.new_cache(self.B + self.S)
         self.V = len(tokenizer)
@@ -298,7 +305,7 @@ class _Search:
                 allowed = self._allowed(i, p, spec, tokens, groups, used, last)
                 alive &= allowed.any(1)
                 allowed[~alive, self.tok.stoi[spec.end]] = True  # dead rows emit anything; they are dropped
-                choice = self._sample(logits, allowed, used)
+                choice = self._sample(logits, allowed, used, self._parallels(i, p, tokens))
                 if spec.rhyme is not None and p == last:
                     member = m.ye_member if spec.ye else m.member
                     groups[spec.rhyme] &= member[:, choice].T
@@ -333,7 +340,7 @@ class _Search:
         else:
             allowed = m.tone(spec.tones[p])[None].expand(S, -1).clone()
             allowed = self._in_context(allowed, i, p, spec, tokens, spec.tones[p], rhyme=False)
-        return allowed & self._in_season(tokens)
+        return allowed & self._in_season(tokens) & self._unshared(i, tokens)
 
     def _in_season(self, tokens) -> torch.Tensor:
         """(S, V): no season word of another season than the one the row (or the request) has set."""
@@ -385,9 +392,31 @@ class _Search:
                     allowed[:, c] = False
         return allowed
 
-    def _sample(self, logits, allowed, used) -> torch.Tensor:
+    def _parallels(self, i, p, tokens) -> torch.Tensor | None:
+        """(S, V) the known parallels of the character above, on the second line of a middle couplet."""
+        if i not in self.couplet_lines:
+            return None
+        above = tokens[:, self.at[(i - 1, p)]].tolist()
+        mask = torch.zeros(tokens.shape[0], self.V, dtype=torch.bool)
+        for row, a in enumerate(above):
+            ids = self.masks.counterparts.get(a)
+            if ids is not None:
+                mask[row, ids] = True
+        return mask
+
+    def _unshared(self, i, tokens) -> torch.Tensor | bool:
+        """(S, V): on the second line of a middle couplet, no character of the line above (对仗)."""
+        if i not in self.couplet_lines:
+            return True
+        start = self.at[(i - 1, 0)]
+        above = tokens[:, start:start + len(self.plan.pattern.lines[i - 1])]
+        return ~torch.zeros(tokens.shape[0], self.V, dtype=torch.bool).scatter_(1, above, True)
+
+    def _sample(self, logits, allowed, used, parallels=None) -> torch.Tensor:
         cfg = self.cfg
         x = logits.float() - cfg.repeat_penalty * used.float() + cfg.keyword_bonus * (self.kw[None] & ~used).float()
+        if parallels is not None:
+            x = x + cfg.parallel_bonus * parallels.float()
         x = x.masked_fill(~allowed, float("-inf"))
         if self.temperature == 0:
             return x.argmax(-1)
@@ -408,6 +437,13 @@ class _Search:
         if len(kw_ids):
             body = rows["tokens"][:, P:]
             score += self.cfg.keyword_weight * (body[:, :, None] == kw_ids).any(1).sum(1)
+        if i in self.couplet_lines:
+            above, n_above = self.at[(i - 1, 0)], len(self.plan.pattern.lines[i - 1])
+            for r in range(len(score)):
+                toks = rows["tokens"][r].tolist()
+                matched = parallel.couplet(self.tok.decode(toks[above:above + n_above]),
+                                           self.tok.decode(toks[start:start + n]))["matched"]
+                score[r] += self.cfg.parallel_weight * matched
         if self.cfg.rank_noise > 0:
             u = torch.rand(score.shape, generator=self.gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
             score = score - self.cfg.rank_noise * torch.log(-torch.log(u))

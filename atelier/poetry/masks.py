@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from atelier.poetry import readings
+from atelier.poetry import parallel, readings
 from atelier.poetry.prosody import EITHER, PING, ZE, RhymeTable, is_han, tables
 
 COMMON_IDS = 2500  # CharTokenizer ids are in order of corpus frequency: the 2,500 most common characters
@@ -37,6 +37,10 @@ class VocabMasks:
         usual = readings.table()["tones"] if readings_apply else {}
         self._usual = usual
         self.left, self.right = self._contexts(tokenizer) if readings_apply else ({}, {})
+        # 对仗: each character's known parallels (atelier/poetry/parallel.py) as token ids
+        stoi = tokenizer.stoi
+        self.counterparts = {stoi[x]: torch.tensor([stoi[y] for y in ys if y in stoi], dtype=torch.long)
+                             for x, ys in parallel.lexicon().items() if x in stoi}
         self.han = torch.zeros(V, dtype=torch.bool)
         self.ping = torch.zeros(V, dtype=torch.bool)
         self.ze = torch.zeros(V, dtype=torch.bool)
