@@ -532,6 +532,19 @@ def test_a_bad_import_shows_the_api_error_and_registers_nothing(page, image_serv
     assert page.locator(".model[data-model=not-a-model]").count() == 0
 
 
+def test_a_lushi_shows_its_couplets_parallel(page):
+    connect(page)
+    page.click("[data-tab=poem]")
+    page.wait_for_selector("#poem-form-picker option[value=wulv]", state="attached")
+    page.select_option("#poem-form-picker", "wulv")
+    page.fill("#poem-form [name=seed]", "0")
+    page.click("#poem-form button[type=submit]")
+    page.wait_for_selector("#poem-out .poem .verdict, .banner")
+    assert not page.query_selector(".banner"), banner(page)
+    couplets = page.eval_on_selector_all("#poem-out .couplet", "cs => cs.map(c => [c.textContent, c.dataset.parallel])")
+    assert couplets == [["颔联 对仗 ✓ ", "true"], ["颈联 对仗 ✓ ", "true"]]
+
+
 def test_a_dropped_picture_becomes_the_poem_s_keywords(page):
     """Image → poem in the studio: a picture chosen in the Poem tab's drop zone, its keywords as chips,
     a poem that holds them; removing the picture composes without it again."""

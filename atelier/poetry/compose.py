@@ -526,19 +526,31 @@ def _place_keywords(form: Form, chars: str, forced: dict, masks: VocabMasks, tok
     return best, best_pattern
 
 
+FUNCTION_CHARS = frozenset("之其与和及而以于乎也者矣焉兮的了")
+
+
+def title_words(title: str) -> str:
+    """The characters of a title that say what the poem is about: not function words, not a title's count
+    (二首, 其一)."""
+    return "".join(dict.fromkeys(c for c in title if is_han(c) and c not in FUNCTION_CHARS
+                                 and c not in NUMERALS and c != "首"))
+
+
 def _write(model, tokenizer, form: Form, plan_kw: dict, *, title, keywords, temperature, seed, rhyme_scheme,
            script, cfg, check_lines, fail_param, place_keywords: bool = False) -> dict:
     masks = vocab_masks(tokenizer, rhyme_scheme, form.kind)
     rng = random.Random(seed)
-    if place_keywords and keywords:
-        forced, pattern = _place_keywords(form, keywords, plan_kw["forced"], masks, tokenizer, rng,
+    # What the poem is about: the keywords, or else the title's words (江雪 must have its snow)
+    theme = keywords or (title_words(title) if place_keywords and title and form.kind == "shi" else "")
+    if place_keywords and theme:
+        forced, pattern = _place_keywords(form, theme, plan_kw["forced"], masks, tokenizer, rng,
                                           plan_kw.get("pattern"))
         plan_kw = plan_kw | {"forced": forced, "pattern": pattern}
     plan = plan_poem(form, tokenizer, masks, rng, **plan_kw)
     prompt, shown_title = _prompt(tokenizer, form, title, keywords)
     gen = torch.Generator().manual_seed(seed)
     check_corpus = set(range(len(plan.pattern.lines))) if check_lines is None else check_lines
-    search = _Search(model, tokenizer, masks, plan, prompt, keywords=keywords, temperature=temperature,
+    search = _Search(model, tokenizer, masks, plan, prompt, keywords=theme, temperature=temperature,
                      generator=gen, corpus=default_index(), cfg=cfg, check_corpus=check_corpus)
     try:
         found = search.run()
@@ -579,7 +591,8 @@ def compose(model, tokenizer, *, form: str, acrostic: str | None = None, keyword
     (['春…', '夏…', '秋…', '冬…'], True)
 
     Keywords are favoured while sampling; with place_keywords=True each keyword character is also
-    fixed early in a line of its own (one per line, spread over the poem), so a rare one is not lost.
+    fixed early in a line of its own (one per line, spread over the poem), so a rare one is not lost,
+    and without keywords a 诗's title words are placed the same way (江雪: 江 and 雪).
     Poem i uses seed + i, so the first poem of n=3 is the poem of n=1; seed=None draws one
     (returned in "seed"). Raises PoemError: status 400 for a bad request (param names the
     field), 422 when the search fails.

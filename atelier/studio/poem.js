@@ -189,5 +189,10 @@ export function renderReport(report, title, meta = [], plain = "") {
     plain ? h("pre", { class: "poem-text" }, plain) : null,
     violations.length ? h("ul", { class: "violations" }, violations) : null,
     report.notes?.length ? h("ul", { class: "notes" }, report.notes.map((note) => h("li", {},
-      h("span", { class: "badge" }, note.kind), " ", note.message))) : null);
+      h("span", { class: "badge" }, note.kind), " ", note.message))) : null,
+    report.couplets?.length ? h("div", { class: "couplets small muted" }, ...report.couplets.map((c) =>
+      h("span", { class: `couplet ${c.parallel ? "ok" : "bad"}`, dataset: { parallel: c.parallel },
+        title: `${c.matched} of ${c.positions} positions pair characters Tang poets set against each other`
+          + (c.shared.length ? `; ${c.shared.join("")} is in both lines` : "") },
+      `${c.name} ${c.parallel ? "对仗 ✓" : "not parallel"} `))) : null);
 }
