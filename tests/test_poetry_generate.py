@@ -173,6 +173,19 @@ def test_lushi_middle_couplets_are_parallel(poet):
         assert all(c["parallel"] for c in couplets), couplets
 
 
+def test_a_title_is_planned_into_one_keyword_per_line(poet):
+    """江雪 had no snow: now the title's words, and associates of them from the corpus for the other
+    lines, are placed one per line, and the poem's plan says which."""
+    from atelier.poetry.compose import SEASON_OF
+
+    model, tok = poet
+    poem = compose(model, tok, form="wulv", title="江雪", seed=0, place_keywords=True)["poems"][0]
+    assert poem["plan"].startswith("江雪") and len(poem["plan"]) == 8 and poem["report"]["compliant"]
+    assert all(any(ch in line for line in poem["lines"]) for ch in poem["plan"])
+    assert {SEASON_OF[c] for c in poem["text"] if c in SEASON_OF} <= {"冬"}  # no associate of another season
+    assert "plan" not in compose(model, tok, form="wulv", title="江雪", seed=0)["poems"][0]  # placement off
+
+
 def test_check_suggestions(poet):
     model, tok = poet
     r = check("白日依山尽，黄河入海流。欲穷千里目，更上一层天。", model=model, tokenizer=tok)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from atelier.poetry.checker import PENDING, analyse, convert, detect_forms, fit_lines, parse_poem
 from atelier.poetry.corpus import CorpusIndex, default_index
-from atelier.poetry import parallel, readings
+from atelier.poetry import parallel, readings, themes
 from atelier.poetry.errors import PoemError
 from atelier.poetry.forms import FORMS, Form, Pattern, get_form
 from atelier.poetry.masks import VocabMasks, vocab_masks
@@ -542,8 +542,15 @@ def _write(model, tokenizer, form: Form, plan_kw: dict, *, title, keywords, temp
     rng = random.Random(seed)
     # What the poem is about: the keywords, or else the title's words (江雪 must have its snow)
     theme = keywords or (title_words(title) if place_keywords and title and form.kind == "shi" else "")
+    planned = ""
     if place_keywords and theme:
-        forced, pattern = _place_keywords(form, theme, plan_kw["forced"], masks, tokenizer, rng,
+        planned = theme
+        if form.kind == "shi":  # one keyword per line: the theme's associates in the corpus fill the rest
+            seasons = {SEASON_OF[c] for c in theme if c in SEASON_OF}
+            other_seasons = {c for c, season in SEASON_OF.items() if season not in seasons}
+            exclude = other_seasons | set(plan_kw["forced"].values()) | set(readings.table().get("debris", ()))
+            planned += themes.expand(theme, len(form.patterns[0].lines) - len(set(theme)), rng, exclude)
+        forced, pattern = _place_keywords(form, planned, plan_kw["forced"], masks, tokenizer, rng,
                                           plan_kw.get("pattern"))
         plan_kw = plan_kw | {"forced": forced, "pattern": pattern}
     plan = plan_poem(form, tokenizer, masks, rng, **plan_kw)
@@ -577,7 +584,7 @@ def _write(model, tokenizer, form: Form, plan_kw: dict, *, title, keywords, temp
     return {"title": shown_title, "lines": shown, "text": body.strip(), "form": form.key,
             "pattern": plan.pattern.name, "rhyme_group": report["rhyme_group"], "rhyme_groups": report["rhyme_groups"],
             "mean_logprob": found["score"] / (plan.pattern.n_chars + len(plan.pattern.lines)),
-            "seed": seed, "report": report}
+            "seed": seed, "report": report} | ({"plan": planned} if planned else {})
 
 
 def compose(model, tokenizer, *, form: str, acrostic: str | None = None, keywords=None, title: str | None = None,
@@ -592,7 +599,9 @@ def compose(model, tokenizer, *, form: str, acrostic: str | None = None, keyword
 
     Keywords are favoured while sampling; with place_keywords=True each keyword character is also
     fixed early in a line of its own (one per line, spread over the poem), so a rare one is not lost,
-    and without keywords a 诗's title words are placed the same way (江雪: 江 and 雪).
+    and without keywords a 诗's title words are placed the same way (江雪: 江 and 雪); a 诗's lines left
+    without one get an associate of the theme from the corpus (atelier/poetry/themes.py), as Jiuge
+    plans, and the poem's "plan" lists them.
     Poem i uses seed + i, so the first poem of n=3 is the poem of n=1; seed=None draws one
     (returned in "seed"). Raises PoemError: status 400 for a bad request (param names the
     field), 422 when the search fails.
