@@ -73,6 +73,26 @@ def test_email_and_ip_addresses():
     assert redact("[::ffff:192.0.2.128]:8080").text == "[[IP]]:8080"
 
 
+def test_log_records_are_redacted_and_keep_the_shape_their_formatter_needs():
+    """uvicorn's access formatter unpacks five arguments; a filter that collapsed them made every request
+    on loopback print a logging traceback (and cost milliseconds)."""
+    import logging
+
+    from uvicorn.logging import AccessFormatter
+
+    from atelier.safety.redact import RedactingFilter
+
+    access = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("203.0.113.7:54321", "POST", "/v1/completions?email=a@b.cn", "1.1", 200), None)
+    assert RedactingFilter().filter(access)
+    line = AccessFormatter("%(client_addr)s - \"%(request_line)s\" %(status_code)s", use_colors=False).format(access)
+    assert "203.0.113.7" not in line and "a@b.cn" not in line and "POST /v1/completions" in line and "200" in line
+    # an argument that is not text still cannot carry personal data into the line
+    plain = logging.LogRecord("atelier", logging.INFO, __file__, 1, "call %s", (13800138000,), None)
+    RedactingFilter().filter(plain)
+    assert "13800138000" not in plain.getMessage()
+
+
 def test_ordinary_numbers_are_kept():
     kept = ["version 1.2.3 of atelier, python 3.11.4", "256.1.1.1 is not an address, nor is 1.2.3.4.5",
             "In 2024 the price was ¥1,299.00 for 3 cats and 12 dogs", "床前明月光，疑是地上霜。举头望明月，低头思故乡。",

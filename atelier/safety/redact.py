@@ -183,6 +183,14 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         redacted = redact(message).text
-        if redacted != message:
-            record.msg, record.args = redacted, ()
+        if redacted == message:
+            return True
+        # Redact the arguments one by one, keeping their shape: formatters such as uvicorn's access
+        # log unpack them (client address, method, path, version, status) and fail on an empty tuple.
+        if isinstance(record.args, tuple) and isinstance(record.msg, str):
+            record.args = tuple(redact(a).text if isinstance(a, str) else a for a in record.args)
+            record.msg = redact(record.msg).text
+            if redact(record.getMessage()).text == record.getMessage():
+                return True
+        record.msg, record.args = redacted, ()  # personal data the arguments alone do not carry
         return True
