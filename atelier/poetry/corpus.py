@@ -50,6 +50,16 @@ def clauses(text: str) -> list[str]:
     return [c for c in _CLAUSE_SPLIT.split(text) if c]
 
 
+def corpus_poems(path: Path):
+    """Each poem of a chinese-poetry JSONL file as its clauses, in simplified script (the tables' script):
+    what the tables derived from the corpus (readings, parallels, themes) read."""
+    from atelier.poetry.checker import convert  # the checker imports this module's neighbours
+
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            yield clauses(convert("".join(json.loads(raw).get("paragraphs", [])), "t2s"))
+
+
 def corpus_lines(data_dir: Path) -> set[str]:
     """Every clause of at least MIN_LEN characters in tang.jsonl (to simplified) and songci.jsonl."""
     import opencc

@@ -37,12 +37,10 @@ PARALLEL_SHARE = 0.4
 
 def middle_couplets(corpus: Path) -> list[tuple[str, str]]:
     """(line 3, line 4) and (line 5, line 6) of every eight-line poem of five or seven characters a line."""
-    from atelier.poetry.checker import convert
-    from atelier.poetry.corpus import clauses
+    from atelier.poetry.corpus import corpus_poems
 
     out = []
-    for raw in corpus.read_text(encoding="utf-8").splitlines():
-        lines = clauses(convert("".join(json.loads(raw).get("paragraphs", [])), "t2s"))
+    for lines in corpus_poems(corpus):
         if len(lines) == 8 and len({len(l) for l in lines}) == 1 and len(lines[0]) in (5, 7) \
                 and all(is_han(c) for l in lines for c in l):
             out += [(lines[2], lines[3]), (lines[4], lines[5])]

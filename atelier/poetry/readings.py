@@ -76,23 +76,18 @@ def _regulated(lines: list[str], tones_t) -> tuple[object, list[str]] | None:
 def title_debris(corpus: Path, songci: Path, min_tune_poems: int = 5) -> list[str]:
     """Line openings that are a ci tune's name rather than verse (渔家 of 渔家傲, 水调 of 水调歌头): the first
     two characters of every tune with `min_tune_poems` ci, unless Tang poets often open a line with them."""
-    from collections import Counter as _Counter
+    from atelier.poetry.corpus import corpus_poems
 
-    from atelier.poetry.checker import convert
-    from atelier.poetry.corpus import clauses
-
-    tunes = _Counter(json.loads(raw).get("rhythmic", "") for raw in songci.read_text(encoding="utf-8").splitlines())
+    tunes = Counter(json.loads(raw).get("rhythmic", "") for raw in songci.read_text(encoding="utf-8").splitlines())
     prefixes = {name[:2] for name, k in tunes.items() if k >= min_tune_poems and len(name) >= 3}
-    openings = _Counter(line[:2] for raw in corpus.read_text(encoding="utf-8").splitlines()
-                        for line in clauses(convert("".join(json.loads(raw).get("paragraphs", [])), "t2s")))
+    openings = Counter(line[:2] for lines in corpus_poems(corpus) for line in lines)
     return sorted(p for p in prefixes if openings[p] < 20)
 
 
 def derive(corpus: Path, songci: Path | None = None) -> dict:
     """The readings table from a chinese-poetry JSONL file (traditional script is converted); with the
     ci corpus, also the tune-name openings the composer must not start a line with."""
-    from atelier.poetry.checker import convert
-    from atelier.poetry.corpus import clauses
+    from atelier.poetry.corpus import corpus_poems
 
     tones_t = pingshui()
     alone: dict[str, Counter] = defaultdict(Counter)
@@ -100,9 +95,7 @@ def derive(corpus: Path, songci: Path | None = None) -> dict:
     right: dict[str, Counter] = defaultdict(Counter)  # "思归" → votes for 思
     rhymed: dict[str, Counter] = defaultdict(Counter)
     poems = regulated = 0
-    for raw in corpus.read_text(encoding="utf-8").splitlines():
-        poem = json.loads(raw)
-        lines = clauses(convert("".join(poem.get("paragraphs", [])), "t2s"))
+    for lines in corpus_poems(corpus):
         if not lines or not all(all(is_han(c) for c in l) for l in lines):
             continue
         poems += 1

@@ -29,12 +29,10 @@ KNOWN, PROPOSED, KEPT = 3000, 900, 12  # characters with associates, characters 
 
 
 def derive(corpus: Path) -> dict[str, str]:
-    from atelier.poetry.checker import convert
-    from atelier.poetry.corpus import clauses
+    from atelier.poetry.corpus import corpus_poems
 
     docs, pairs, n = Counter(), Counter(), 0
-    for raw in corpus.read_text(encoding="utf-8").splitlines():
-        lines = clauses(convert("".join(json.loads(raw).get("paragraphs", [])), "t2s"))
+    for lines in corpus_poems(corpus):
         chars = sorted({c for line in lines for c in line if is_han(c)})
         if not lines or len(lines) > 8:
             continue
