@@ -55,7 +55,7 @@ def test_polyphones_count_under_the_reading_their_context_gives():
     [v] = [v for v in r["violations"] if v["char"] == "思"]
     assert "思 reads 仄 in 秋思" in v["message"] and v["kind"] == "tone"
     # free polyphones (one meaning, either reading) fit either tone
-    assert "看" in readings.table()["free"] and readings.reading_of("看山", 0) is None
+    assert "看" in readings.table()["free"] and readings.reading("看山", 0) is None
 
 
 def test_rhymes_count_only_in_the_groups_tang_poets_rhymed_them_in():

@@ -119,9 +119,9 @@ def analyse(lines: list[str], pattern: Pattern, rhyme_scheme: str = "pingshui",
                 required = pattern.rhyme_tone(i) or required
             tones = tones_t.tones(ch)
             reading = None
-            if tones_t.scheme == "pingshui" and len(tones) == 2 and (tone := readings.reading_of(line, p)):
+            if tones_t.scheme == "pingshui" and len(tones) == 2 and (read := readings.reading(line, p)):
                 # a polyphone counts under the reading its context gives it (相思 平, 秋思 仄)
-                tones, reading = frozenset({tone}), {"tone": tone, "by": readings.context_of(line, p)}
+                tones, reading = frozenset({read[0]}), {"tone": read[0], "by": read[1]}
             ok = tone_fits(required, tones)
             if p in repeats:
                 si, sp = repeats[p]

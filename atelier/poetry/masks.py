@@ -83,13 +83,11 @@ class VocabMasks:
         return frozenset({self._usual[ch]}) if ch in self._usual else self.tone_table.tones(ch)
 
     def tones_in_context(self, ch: str, before: str | None, after: str | None) -> frozenset[str]:
-        """char_tones, unless a known neighbour decides the reading (the checker's order: before, then after)."""
+        """char_tones, unless a known neighbour decides the reading, as the checker reads it."""
         if self.left or self.right:
-            t = readings.table()
-            if before and (r := t["left"].get(before + ch)):
-                return frozenset({r})
-            if after and (r := t["right"].get(ch + after)):
-                return frozenset({r})
+            read = readings.reading((before or "") + ch + (after or ""), len(before or ""))
+            if read:
+                return frozenset({read[0]})
         return self.char_tones(ch)
 
     def tone(self, required: str) -> torch.Tensor:

@@ -21,8 +21,8 @@ The derived table ships as data/readings.json (the server runs without the corpu
 it with `python -m atelier.poetry.readings ../shared/data/poetry/tang.jsonl ../shared/data/poetry/songci.jsonl`
 (the ci corpus adds the tune names a line must not open with: 渔家, 水调 …).
 
-    >>> reading_of("相思", 1), reading_of("秋思", 1)
-    ('平', '仄')
+    >>> reading("相思", 1), reading("秋思", 1)
+    (('平', '相思'), ('仄', '秋思'))
 """
 
 from __future__ import annotations
@@ -158,25 +158,16 @@ def table() -> dict:
     return json.loads(READINGS_FILE.read_text(encoding="utf-8"))
 
 
-def reading_of(line: str, p: int) -> str | None:
-    """The tone (平/仄) the corpus gives the polyphone at line[p] in its context, or None when it is
-    free (or not a polyphone the corpus decided): the context before it, then after it, then alone."""
+def reading(line: str, p: int) -> tuple[str, str] | None:
+    """(tone, what decided it) for the polyphone at line[p], or None when it is free (or not a polyphone
+    the corpus decided): the pair with the character before it (相思), then after it (思归), then the
+    character alone."""
     t, ch = table(), line[p]
     if p > 0 and (r := t["left"].get(line[p - 1] + ch)):
-        return r
+        return r, line[p - 1] + ch
     if p + 1 < len(line) and (r := t["right"].get(ch + line[p + 1])):
-        return r
-    return t["tones"].get(ch)
-
-
-def context_of(line: str, p: int) -> str | None:
-    """What decided reading_of: the pair (相思) or the character alone, for the report."""
-    t, ch = table(), line[p]
-    if p > 0 and line[p - 1] + ch in t["left"]:
-        return line[p - 1] + ch
-    if p + 1 < len(line) and ch + line[p + 1] in t["right"]:
-        return ch + line[p + 1]
-    return ch if ch in t["tones"] else None
+        return r, ch + line[p + 1]
+    return (t["tones"][ch], ch) if ch in t["tones"] else None
 
 
 def rhyme_groups(ch: str) -> set[int] | None:
@@ -203,4 +194,4 @@ if __name__ == "__main__":
           f"{len(out['free'])} free, {len(out['left']) + len(out['right'])} contexts, "
           f"{len(out['rhymes'])} rhyme characters restricted, {len(out['debris'])} tune-name openings → {READINGS_FILE}")
 
-__all__ = ["context_of", "derive", "reading_of", "rhyme_groups", "table"]
+__all__ = ["derive", "reading", "rhyme_groups", "table"]
