@@ -103,9 +103,9 @@ def from_pretrained(folder: Path) -> Tagger:
     raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     raw.pop("family", None)
     model = Tagger(TaggerConfig(**raw))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=False)
-    missing = set(model.state_dict()) - set(load_file(folder / WEIGHTS_FILE)) - {
-        k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    # batch norm's step counters are not saved (they play no part in inference)
+    loaded = model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=False)
+    missing = [k for k in loaded.missing_keys if not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(f"{WEIGHTS_FILE} lacks {', '.join(sorted(missing)[:3])}")
     return model.eval()
