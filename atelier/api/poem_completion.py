@@ -19,7 +19,7 @@ from atelier import poetry
 from atelier.api import sse
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import acquire
-from atelier.api.picture_poems import decode_picture, picture_keywords
+from atelier.api.picture_poems import see_picture
 from atelier.runtime.manager import ModelManager
 
 
@@ -60,8 +60,7 @@ async def poem_completion(request: Request, body, manager: ModelManager, db, *, 
     seen = None
     if picture is not None:
         param, url = picture
-        image, _ = decode_picture(url, settings, param)
-        seen = await picture_keywords(manager, db, settings, image, key=key, tagger=None, param=param)
+        seen, _ = await see_picture(manager, db, settings, url, key=key, tagger=None, param=param)
         given = constraints.get("keywords") or []
         constraints["keywords"] = ([given] if isinstance(given, str) else list(given)) + \
             [k["keyword"] for k in seen["keywords"]]

@@ -15,7 +15,7 @@ from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, ModeratorDep, Re
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input, policy_for
-from atelier.api.picture_poems import decode_picture, picture_keywords
+from atelier.api.picture_poems import see_picture
 from atelier.api.poem_completion import poet, run_poetry
 from atelier import poetry
 from atelier.storage.artifacts import create_artifact
@@ -99,8 +99,8 @@ async def compose(body: PoemCreate, db: SessionDep, settings: SettingsDep, manag
     args = body.model_dump(exclude={"model", "keep_alive", "store", "image", "tagger"})
     picture, stored = None, dict(args)
     if body.image is not None:
-        image, digest = decode_picture(body.image, settings, "image")
-        picture = await picture_keywords(manager, db, settings, image, key=key, tagger=body.tagger, param="image")
+        picture, digest = await see_picture(manager, db, settings, body.image, key=key, tagger=body.tagger,
+                                            param="image")
         args["keywords"] = [k for k in keywords if k] + [k["keyword"] for k in picture["keywords"]]
         stored |= {"image_sha256": digest, "image_keywords": [k["keyword"] for k in picture["keywords"]],
                    "tagger": picture["model"]}

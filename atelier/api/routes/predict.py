@@ -15,8 +15,6 @@ What the route asks of a "call" servable (the family's model object), by duck ty
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -27,7 +25,7 @@ from atelier.api.deps import GenerateKey, ManagerDep, SessionDep, SettingsDep
 from atelier.api.errors import bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.models_lookup import acquire
-from atelier.images.png import ImageInputError, open_upload
+from atelier.api.uploads import open_base64_image
 
 router = APIRouter(prefix="/api", tags=["predict"])
 
@@ -83,14 +81,7 @@ def check_request(body: PredictRequest, settings) -> list | None:
 
 def decode_image(data: str, index: int, settings):
     """One base64 picture → an RGB image, within the upload limits (decompression bombs refused)."""
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"images[{index}] is not base64", "images") from None
-    try:
-        return open_upload(raw, max_bytes=settings.max_image_upload_bytes, max_pixels=settings.max_image_upload_pixels)
-    except ImageInputError as e:
-        raise bad_request(f"images[{index}]: {e}", "images", code=e.code) from None
+    return open_base64_image(data, settings, param="images", label=f"images[{index}]")[0]
 
 
 def _predict(loaded, body: PredictRequest, images: list | None) -> dict:
