@@ -532,15 +532,24 @@ def test_a_bad_import_shows_the_api_error_and_registers_nothing(page, image_serv
     assert page.locator(".model[data-model=not-a-model]").count() == 0
 
 
-def test_a_lushi_shows_its_couplets_parallel(page):
+def open_poem_form(page, form: str) -> None:
+    """Connected, on the Poem tab, with `form` picked in the Compose card."""
     connect(page)
     page.click("[data-tab=poem]")
-    page.wait_for_selector("#poem-form-picker option[value=wulv]", state="attached")
-    page.select_option("#poem-form-picker", "wulv")
-    page.fill("#poem-form [name=seed]", "0")
+    page.wait_for_selector(f"#poem-form-picker option[value={form}]", state="attached")
+    page.select_option("#poem-form-picker", form)
+
+
+def compose_with_seed(page, seed: int) -> None:
+    page.fill("#poem-form [name=seed]", str(seed))
     page.click("#poem-form button[type=submit]")
     page.wait_for_selector("#poem-out .poem .verdict, .banner")
     assert not page.query_selector(".banner"), banner(page)
+
+
+def test_a_lushi_shows_its_couplets_parallel(page):
+    open_poem_form(page, "wulv")
+    compose_with_seed(page, 0)
     couplets = page.eval_on_selector_all("#poem-out .couplet", "cs => cs.map(c => [c.textContent, c.dataset.parallel])")
     assert couplets == [["颔联 对仗 ✓ ", "true"], ["颈联 对仗 ✓ ", "true"]]
 
@@ -548,16 +557,10 @@ def test_a_lushi_shows_its_couplets_parallel(page):
 def test_a_dropped_picture_becomes_the_poem_s_keywords(page):
     """Image → poem in the studio: a picture chosen in the Poem tab's drop zone, its keywords as chips,
     a poem that holds them; removing the picture composes without it again."""
-    connect(page)
-    page.click("[data-tab=poem]")
-    page.wait_for_selector("#poem-form-picker option[value=wujue]", state="attached")
-    page.select_option("#poem-form-picker", "wujue")
+    open_poem_form(page, "wujue")
     page.set_input_files("#poem-picture-file", str(Path(__file__).resolve().parents[1] / "docs" / "apple.png"))
     page.wait_for_selector("#poem-picture-preview:not([hidden])", state="attached")
-    page.fill("#poem-form [name=seed]", "3")
-    page.click("#poem-form button[type=submit]")
-    page.wait_for_selector("#poem-out .poem .verdict, .banner")
-    assert not page.query_selector(".banner"), banner(page)
+    compose_with_seed(page, 3)
     chips = page.eval_on_selector_all("#poem-picture-keywords .chip", "cs => cs.map(c => c.dataset.keyword)")
     assert chips[:2] == ["果", "红"]
     lines = page.eval_on_selector_all("#poem-out .pline", "ls => ls.map(l => [...l.querySelectorAll('.ch b')].map(b => b.textContent).join(''))")
