@@ -468,7 +468,6 @@ class _Search:
                 break
         return torch.tensor(order) if order else None
 
-
     def _debris(self, i: int, line: str) -> bool:
         """A line that opens with a ci tune's name (渔家, 水调 …) or carries a title's count (二首): the
         model continuing a title it saw in training, not verse. What the writer fixed is theirs to keep."""
