@@ -86,3 +86,36 @@ def test_shipped_tang_poet_exports_to_transformers():
     x = torch.tensor([[tok.bos_id] + tok.encode("床前明月光，疑是地上霜。")])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_one_token_decoder_matches_the_module_path(tiny):
+    """Serving decodes one token per row with chargpt.Decoder (under no_grad): the same logits as the
+    module path, whether the rows are a run of slots (a view of the cache) or scattered (a gather), at
+    one position or at several (masked)."""
+    model, tok = tiny
+    prompts = [tok.encode(POEM[:n]) for n in (3, 7, 5, 9)]
+    for rows in ([1, 2, 3, 4], [4, 0, 2, 1]):
+        caches = [KVCache(model.config, batch=5) for _ in range(2)]
+        for cache in caches:
+            for r, p in zip(rows, prompts):
+                model(torch.tensor([p]), cache=cache, rows=torch.tensor([r]), pos=torch.arange(len(p))[None])
+        for same_position in (False, True):
+            pos = torch.tensor([[8]] * 4 if same_position else [[len(p)] for p in prompts])
+            nxt = torch.tensor([[tok.encode(c)[0]] for c in "处风花夜"])
+            expected, _ = model(nxt, cache=caches[0], rows=torch.tensor(rows), pos=pos)  # grad on: modules
+            with torch.no_grad():
+                got, _ = model(nxt, cache=caches[1], rows=torch.tensor(rows), pos=pos)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(caches[1].kv, caches[0].kv, atol=1e-6, rtol=1e-6)
+
+
+def test_the_decoder_follows_weights_changed_in_place(tiny):
+    model, tok = tiny
+    x = torch.tensor([[tok.encode("春")[0]]])
+    with torch.no_grad():
+        before, _ = model(x, cache=KVCache(model.config, 1), rows=torch.tensor([0]), pos=torch.tensor([[0]]))
+        model.h[0].mlp.c_fc.weight.mul_(3)
+        after, _ = model(x, cache=KVCache(model.config, 1), rows=torch.tensor([0]), pos=torch.tensor([[0]]))
+    expected, _ = model(x, cache=KVCache(model.config, 1), rows=torch.tensor([0]), pos=torch.tensor([[0]]))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)

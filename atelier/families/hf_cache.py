@@ -45,7 +45,10 @@ class SlotLayer(CacheLayerMixin):
         self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
         # 2. each row's buffer up to the furthest position any row has reached; the mask hides the
         #    positions after each query's own
-        seen = self.cache.seen
+        #    (a view when the rows are a run of consecutive slots, as the text engine keeps them)
+        seen, run = self.cache.seen, self.cache.run
+        if run is not None:
+            return self.keys[run, :, :seen], self.values[run, :, :seen]
         return self.keys[:, :, :seen][rows], self.values[:, :, :seen][rows]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -64,6 +67,7 @@ class SlotCache(Cache):
         self.rows: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.seen = 0  # positions attended to in this forward: 1 + the largest position written
+        self.run: slice | None = None  # the rows as a slice, when they are consecutive slots
         super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:

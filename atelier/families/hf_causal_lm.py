@@ -117,6 +117,9 @@ class HFCausalLM:
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
+        slots = rows.tolist()
+        cache.run = slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) \
+            else None
         visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)
         mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)

@@ -1,7 +1,8 @@
 """chargpt: a GPT-2-style decoder over characters.
 
 Read top to bottom: config → attention (with a key/value cache) → MLP → block → model →
-saving and loading in Hugging Face GPT-2 layout → a plain sampling loop for offline use.
+the one-token decoder that serving uses → saving and loading in Hugging Face GPT-2 layout →
+a plain sampling loop for offline use.
 
 The weights are saved exactly as `transformers.GPT2LMHeadModel` names and shapes them
 (`transformer.h.0.attn.c_attn.weight` is (n_embd, 3 * n_embd), a "Conv1D", i.e. the
@@ -61,12 +62,14 @@ class KVCache:
 
     Shapes: k, v are (n_layer, batch, n_head, n_positions, head_dim). A sequence's token
     at position p is stored at index p of its row, so attention masks keys by position.
+    Both are views of one buffer `kv` (n_layer, 2, …), so that the decoder writes a token's
+    keys and values with one operation.
     """
 
     def __init__(self, config: ChargptConfig, batch: int, dtype=torch.float32):
-        shape = (config.n_layer, batch, config.n_head, config.n_positions, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        shape = (config.n_layer, 2, batch, config.n_head, config.n_positions, config.n_embd // config.n_head)
+        self.kv = torch.zeros(shape, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
     @property
     def batch(self) -> int:
@@ -155,6 +158,10 @@ class CharGPT(nn.Module):
         """A KV cache with `batch` rows for this model (the poetry search forks rows of it)."""
         return KVCache(self.config, batch)
 
+    def train(self, mode: bool = True):
+        self._decoder = None  # weights about to change: the decoder's copies would go stale
+        return super().train(mode)
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -170,6 +177,8 @@ class CharGPT(nn.Module):
         rows of different lengths decode together (continuous batching).
         """
         B, T = idx.shape
+        if T == 1 and cache is not None and targets is None and not torch.is_grad_enabled():
+            return self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])[:, None], None
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         if int(pos.max()) >= self.config.n_positions:
@@ -183,6 +192,13 @@ class CharGPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def decoder(self) -> Decoder:
+        """The one-token decoder over the current weights (rebuilt when they change in place)."""
+        decoder = getattr(self, "_decoder", None)
+        if decoder is None or decoder.version != decoder.weights_version():
+            decoder = self._decoder = Decoder(self)
+        return decoder
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -209,6 +225,69 @@ class CharGPT(nn.Module):
             if step + 1 < n:
                 logits, _ = self(nxt, cache=cache, rows=rows, pos=torch.tensor([[T + step]]))
         return out
+
+
+# -- the one-token decoder ------------------------------------------------------------------
+
+
+class Decoder:
+    """One new token for each of B rows: CharGPT.forward with a cache and T = 1, in fewer operations.
+
+    Decoding a model this small on a CPU is bound by the cost of each tensor operation and by
+    reading the weights, not by arithmetic (benchmarks/text_decode.py). So the decoder
+      - keeps each matrix as the (in, out) copy that addmm reads fastest (one more copy of the
+        weights: 16 MB for tang-poet) and adds every bias inside its matmul,
+      - walks a flat list of tensors instead of the module tree,
+      - writes a token's keys and values into the cache with one index_put per layer,
+      - attends over a view of the cache when the rows are a run of consecutive slots (the text
+        engine keeps its active sequences so), gathering a copy only otherwise, and
+      - masks keys only when the rows are at different positions.
+    The arithmetic is the module path's: the two agree to float rounding (tests/test_engine.py).
+    """
+
+    def __init__(self, model: CharGPT):
+        c = model.config
+        self.n_head, self.eps = c.n_head, c.layer_norm_epsilon
+        self.n_positions = c.n_positions
+        self.params = list(model.parameters())
+        self.version = self.weights_version()
+        with torch.no_grad():
+            t = lambda w: w.detach().T.contiguous()  # noqa: E731 — (out, in) → (in, out)
+            self.layers = [(b.ln_1.weight, b.ln_1.bias, t(b.attn.c_attn.weight), b.attn.c_attn.bias,
+                            t(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                            t(b.mlp.c_fc.weight), b.mlp.c_fc.bias, t(b.mlp.c_proj.weight), b.mlp.c_proj.bias)
+                           for b in model.h]
+            self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
+            self.ln_f = (model.ln_f.weight, model.ln_f.bias)
+            self.head = t(model.wte.weight)  # tied to the token embedding
+
+    def weights_version(self) -> int:
+        """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
+        return sum(p._version for p in self.params)
+
+    def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,)."""
+        B, nh = ids.shape[0], self.n_head
+        at = pos.tolist()
+        span = max(at) + 1
+        if span > self.n_positions:
+            raise ValueError(f"position {span - 1} is past the context of {self.n_positions}")
+        slots = rows.tolist()
+        run = slots == list(range(slots[0], slots[0] + B))
+        mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
+        x = self.wte[ids] + self.wpe[pos]  # (B, C)
+        C = x.shape[1]
+        for layer, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), w1, b1, self.eps)
+            qkv = torch.addmm(bqkv, h, wqkv).view(B, 3, nh, C // nh)
+            kv = cache.kv[layer]  # (2, slots, nh, positions, hs)
+            kv[:, rows, :, pos] = qkv[:, 1:]
+            kv = kv[:, slots[0]:slots[0] + B, :, :span] if run else kv[:, rows, :, :span]
+            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)
+            x = torch.addmm(torch.add(x, bo), y.view(B, C), wo)
+            h = F.gelu(torch.addmm(bfc, F.layer_norm(x, (C,), w2, b2, self.eps), wfc), approximate="tanh")
+            x = torch.addmm(torch.add(x, bp), h, wp)
+        return F.layer_norm(x, (C,), *self.ln_f, self.eps) @ self.head
 
 
 # -- saving and loading in Hugging Face GPT-2 layout ------------------------------------

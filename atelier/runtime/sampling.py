@@ -46,9 +46,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], *, banned: l
     """Pick the next token for each row of logits (B, vocab)."""
     logits = logits.float().clone()
     B = logits.shape[0]
-    # 1. banned tokens
-    for i in range(B):
-        logits[i, banned[i]] = -float("inf")
+    # 1. banned tokens: one write per distinct list (rows usually share theirs)
+    rows_of: dict[tuple[int, ...], list[int]] = {}
+    for i, ids in enumerate(banned):
+        rows_of.setdefault(tuple(ids), []).append(i)
+    for ids, rows in rows_of.items():
+        if ids:
+            logits[rows[0] if len(rows) == 1 else torch.tensor(rows)[:, None], list(ids)] = -float("inf")
     want_logprobs = [i for i in range(B) if params[i].logprobs is not None]
     model_logprobs = F.log_softmax(logits, dim=-1) if want_logprobs else None
     for i, p in enumerate(params):
@@ -66,27 +70,30 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], *, banned: l
         if p.temperature > 0 and 0 < p.top_k < logits.shape[1]:
             kth = torch.topk(logits[i], p.top_k).values[-1]
             logits[i, logits[i] < kth] = -float("inf")
-    # 4. temperature, top_p, min_p on the whole batch
-    temps = torch.tensor([p.temperature for p in params])
-    greedy = temps == 0
-    probs = F.softmax(logits / torch.where(greedy, 1.0, temps)[:, None], dim=-1)
-    top_p = torch.tensor([p.top_p for p in params])
-    if (top_p < 1).any():
+    # 4. temperature, top_p, min_p on the whole batch (each only when some row asks for it)
+    temps = [p.temperature for p in params]
+    if any(t not in (0.0, 1.0) for t in temps):
+        logits_t = logits / torch.tensor([t or 1.0 for t in temps])[:, None]
+    else:
+        logits_t = logits
+    probs = F.softmax(logits_t, dim=-1)
+    if any(p.top_p < 1 for p in params):
+        top_p = torch.tensor([p.top_p for p in params])
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    min_p = torch.tensor([p.min_p for p in params])
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params])
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     # 5. inverse-CDF draw: the first token whose cumulative mass exceeds u * total
     cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g) for g in generators])
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    tokens = torch.where(greedy, logits.argmax(-1), drawn.clamp(max=logits.shape[1] - 1))
+    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    if 0.0 in temps:
+        tokens = torch.where(torch.tensor(temps) == 0, logits.argmax(-1), tokens)
     out = []
-    for i in range(B):
-        t = int(tokens[i])
+    for i, t in enumerate(tokens.tolist()):
         lp, top = 0.0, []
         if model_logprobs is not None and params[i].logprobs is not None:
             lp = float(model_logprobs[i, t])

@@ -12,7 +12,10 @@ Every iteration of the worker:
      which waits for the token that completes it), applies stop sequences, and hands text
      to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
-one takes it at the next iteration, so short and long requests share the batch. When the
+one takes a slot at the next iteration, so short and long requests share the batch. The
+active sequences always hold slots 0…n-1 (the last one moves into a slot that frees, cache
+rows and all), so a decoding step reads the cache as one run of rows instead of gathering
+them. When the
 engine closes (its model is unloaded), every waiting and running sequence gets an
 EngineClosed event instead of hanging.
 """
@@ -216,12 +219,10 @@ class TextEngine:
         self._sample_and_accept(seqs, logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1])
 
     def _decode_step(self) -> None:
-        active = [s for s in self.slots if s is not None]
-        for s in active:
-            if s.cancelled:
-                self.cancelled += 1
-                self._release(s)
-        active = [s for s in active if not s.cancelled]
+        for s in [s for s in self.slots if s is not None and s.cancelled]:
+            self.cancelled += 1
+            self._release(s)
+        active = [s for s in self.slots if s is not None]  # slots 0…len(active)-1
         if not active:
             return
         # 2. one token for every active row, each at its own position
@@ -287,5 +288,14 @@ class TextEngine:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
-            self.slots[seq.slot] = None
+        """Free seq's slot; the active sequence in the highest slot moves into it."""
+        slot = seq.slot
+        if not (0 <= slot < len(self.slots) and self.slots[slot] is seq):
+            return
+        self.slots[slot] = None
+        last = max((i for i, s in enumerate(self.slots) if s is not None), default=-1)
+        if last > slot:
+            moving = self.slots[last]
+            written = min(self.context, len(moving.prompt_ids) + len(moving.generated))
+            self.cache.copy_rows(torch.tensor([last]), torch.tensor([slot]), written)
+            self.slots[slot], self.slots[last], moving.slot = moving, None, slot
