@@ -277,17 +277,18 @@ class Decoder:
         mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
         x = self.wte[ids] + self.wpe[pos]  # (B, C)
         C = x.shape[1]
+        # torch.layer_norm and torch._C._nn.gelu: F.*'s wrappers cost as much as the operations here
+        norm, gelu, eps, shape, hs = torch.layer_norm, torch._C._nn.gelu, self.eps, (C,), C // nh
         for layer, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(self.layers):
-            h = F.layer_norm(x, (C,), w1, b1, self.eps)
-            qkv = torch.addmm(bqkv, h, wqkv).view(B, 3, nh, C // nh)
+            qkv = torch.addmm(bqkv, norm(x, shape, w1, b1, eps), wqkv).view(B, 3, nh, hs)
             kv = cache.kv[layer]  # (2, slots, nh, positions, hs)
             kv[:, rows, :, pos] = qkv[:, 1:]
             kv = kv[:, slots[0]:slots[0] + B, :, :span] if run else kv[:, rows, :, :span]
             y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)
-            x = torch.addmm(torch.add(x, bo), y.view(B, C), wo)
-            h = F.gelu(torch.addmm(bfc, F.layer_norm(x, (C,), w2, b2, self.eps), wfc), approximate="tanh")
-            x = torch.addmm(torch.add(x, bp), h, wp)
-        return F.layer_norm(x, (C,), *self.ln_f, self.eps) @ self.head
+            x = torch.addmm(x + bo, y.view(B, C), wo)
+            h = gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate="tanh")
+            x = torch.addmm(x + bp, h, wp)
+        return norm(x, shape, *self.ln_f, eps) @ self.head
 
 
 # -- saving and loading in Hugging Face GPT-2 layout ------------------------------------
