@@ -42,21 +42,32 @@ def response(body: AsyncIterator[str], on_close: Callable[[], None] | None = Non
     return StreamingResponse(guarded(), media_type="text/event-stream", headers=HEADERS)
 
 
-async def watch(request: Request, queue: asyncio.Queue, remaining: int, is_last: Callable[[object], bool]):
-    """Yield an engine's events until `remaining` of them were last ones (`is_last`); return early,
-    quietly, if the client disconnects (the caller's `finally` cancels the work)."""
+async def batches(request: Request, queue: asyncio.Queue, remaining: int, is_last: Callable[[object], bool]):
+    """Yield an engine's events, as lists of every event waiting at once, until `remaining` of them were
+    last ones (`is_last`); return early, quietly, if the client disconnects (the caller's `finally`
+    cancels the work). A stream that falls behind its engine so catches up in fewer, larger writes."""
     checked = time.monotonic()
     while remaining:
-        try:
-            item = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
-        except asyncio.TimeoutError:
-            item = None
+        if queue.empty():
+            try:
+                batch = [await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)]
+            except asyncio.TimeoutError:
+                batch = []
+        else:
+            batch = []
+        while not queue.empty():
+            batch.append(queue.get_nowait())
         if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # events may keep coming: check on a clock
             checked = time.monotonic()
             if await request.is_disconnected():
                 return
-        if item is None:
-            continue
-        if is_last(item):
-            remaining -= 1
-        yield item
+        if batch:
+            remaining -= sum(1 for item in batch if is_last(item))
+            yield batch
+
+
+async def watch(request: Request, queue: asyncio.Queue, remaining: int, is_last: Callable[[object], bool]):
+    """`batches`, one event at a time."""
+    async for batch in batches(request, queue, remaining, is_last):
+        for item in batch:
+            yield item

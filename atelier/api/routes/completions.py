@@ -107,19 +107,31 @@ def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
 
 
 async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue, metrics):
-    """Yield (index, event) until every choice has finished; cancel all if the client leaves. Tokens are
+    """Yield (index, event) until every choice has finished; cancel all if the client leaves. Text that
+    arrived together for one choice comes as one chunk (one SSE event, one moderation check). Tokens are
     counted here as they come, for /metrics and for the request's meter (api/metering.py)."""
     meter = request.state.meter
     try:
-        async for index, event in sse.watch(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
-            if isinstance(event, EngineClosed):
-                raise unloaded(event)
-            if isinstance(event, Exception):
-                raise APIError(500, "generation failed", type="server_error", code="generation_failed")
-            if isinstance(event, TextChunk):
-                meter.tokens += len(event.tokens)
-                metrics.tokens(len(event.tokens))
-            yield index, event
+        async for batch in sse.batches(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
+            merged: list[tuple[int, object]] = []
+            text_at: dict[int, int] = {}  # choice → where its text chunk is in `merged`
+            for index, event in batch:
+                if isinstance(event, EngineClosed):
+                    raise unloaded(event)
+                if isinstance(event, Exception):
+                    raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+                if isinstance(event, TextChunk):
+                    meter.tokens += len(event.tokens)
+                    metrics.tokens(len(event.tokens))
+                    if index in text_at:
+                        earlier = merged[text_at[index]][1]
+                        merged[text_at[index]] = (index, TextChunk(earlier.text + event.text,
+                                                                   earlier.tokens + event.tokens))
+                        continue
+                    text_at[index] = len(merged)
+                merged.append((index, event))
+            for item in merged:
+                yield item
     finally:
         for s in seqs:
             s.cancel()
