@@ -7,6 +7,8 @@ The README's settings table lists every field.
 
 from __future__ import annotations
 
+import os
+
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -61,7 +63,7 @@ class Settings(BaseSettings):
     max_model_memory: int | None = Field(default=None, ge=1, description="bytes of weights held loaded at once (unset: no limit besides the count)")
     keep_alive: str = Field(default="5m", description="how long a model stays loaded once idle: seconds or 30s / 5m / 1h; 0 unloads after each request, -1 keeps it")
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together per text model (continuous batching)")
-    threads: int | None = Field(default=None, ge=1, description="torch threads; default: torch's own choice")
+    threads: int | None = Field(default=None, ge=1, description="torch threads for inference; unset: half the cores, at least 1 (see inference_threads)")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
     # Where generation runs (atelier/runtime/ray_serve.py): in this process, or on Ray Serve deployments
     runtime: Literal["local", "ray"] = Field(default="local", description="local: engines in the server process; ray: text and image models served by Ray Serve deployments (pip install -e .[ray])")
@@ -107,3 +109,15 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def inference_threads(settings: Settings) -> int:
+    """Torch threads for the serving process: ATELIER_THREADS, or half the cores (at least 1).
+
+    Engines run in threads of their own, and there an OpenMP team is costly: on a 2-core box
+    tang-poet decodes a token in 1.1 ms with 1 torch thread and 3.4 ms with 2, and one
+    emoji-diffusion image takes 0.25 s against 0.5 s (benchmarks/text_decode.py,
+    benchmarks/image_throughput.py). The other half of the cores serve HTTP, the database and
+    the other engines.
+    """
+    return settings.threads or max(1, (os.cpu_count() or 2) // 2)

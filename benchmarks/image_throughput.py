@@ -1,6 +1,6 @@
 """Image throughput through the real server: 1 vs 16 concurrent requests, micro-batching on and off.
 
-    .venv/bin/python benchmarks/image_throughput.py [--model emoji-diffusion] [--steps 20] [--requests 16] [--threads 2]
+    .venv/bin/python benchmarks/image_throughput.py [--model emoji-diffusion] [--steps 20] [--requests 16] [--threads N]
 
 Starts Atelier on loopback with a fresh home (the shipped models), then sends `--requests`
 requests of n=1 through the openai SDK:
@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import ADMIN_KEY, LiveServer, make_settings  # noqa: E402
+
+from atelier.config import inference_threads  # noqa: E402
 
 
 def run(server, model: str, steps: int, seeds: list[int], concurrent: bool) -> tuple[float, list[bytes]]:
@@ -54,7 +56,7 @@ def main() -> None:
     ap.add_argument("--model", default="emoji-diffusion")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="the server's ATELIER_THREADS (default: half the cores)")
     args = ap.parse_args()
     seeds = list(range(100, 100 + args.requests))
     results = {}
@@ -68,7 +70,8 @@ def main() -> None:
             sizes = engine.batch_sizes[-8:]
         with LiveServer(make_settings(Path(home) / "b", image_max_batch=1, **common)) as server:
             results["concurrent, batching off"], off = run(server, args.model, args.steps, seeds, concurrent=True)
-    print(f"{args.model}, {args.requests} requests of n=1, {args.steps} steps, {args.threads} threads")
+    print(f"{args.model}, {args.requests} requests of n=1, {args.steps} steps, "
+          f"{inference_threads(make_settings(Path('.'), threads=args.threads))} threads")
     for k, v in results.items():
         print(f"  {k:26s} {v:7.2f} images/s")
     print(f"  ratio concurrent / sequential          {results['concurrent'] / results['sequential']:.2f}x")

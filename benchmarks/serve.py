@@ -135,16 +135,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 × it)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s) instead of a closed loop")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server (default: the server's own, half the cores)")
     ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
                     help="the server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)")
     ap.add_argument("--runtime", choices=("local", "ray"), default="local",
                     help="where generation runs (ATELIER_RUNTIME): in the server, or on Ray Serve (a local cluster)")
     args = ap.parse_args()
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from atelier.config import Settings, inference_threads
+
+    torch.set_num_threads(args.threads or inference_threads(Settings()))  # as the server sets its own
     local = in_process(args.model, args.max_tokens)
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
@@ -152,7 +153,7 @@ def main() -> None:
                             "ATELIER_RUN_WORKER": "false", "ATELIER_MAX_TOKENS_LIMIT": str(max(512, args.max_tokens)),
                             "ATELIER_LOG_LEVEL": "warning"}
         if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
+            env["ATELIER_THREADS"] = str(args.threads)
         env["ATELIER_RUNTIME"] = args.runtime
         postgres = None
         if args.database == "postgresql":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from atelier.config import Settings, inference_threads
 from atelier.families import get_family
 from atelier.families.shipped import SHIPPED_DIR
 from atelier.runtime.sampling import SamplingParams
@@ -62,10 +63,10 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=SHIPPED_DIR / "tang-poet")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as the server, "
+                                                               "half the cores)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or inference_threads(Settings()))
 
     from transformers import AutoModelForCausalLM
 
