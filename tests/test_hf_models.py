@@ -380,3 +380,41 @@ def test_prompts_of_different_lengths_prefilled_together_continue_as_they_do_alo
     together = generate_together(lm, prompts)
     assert together == [generate_together(lm, [p])[0] for p in prompts]
     assert all(together)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, tmp_path):
+    """GPT-2 and Llama-family imports decode one token per row without transformers' modules
+    (families/hf_decoders.py): the same logits and cache contents as the modules, for rows that are a
+    run of slots or scattered, at one position or at several; prefill still runs the modules."""
+    from transformers import AutoModelForCausalLM
+
+    from atelier.families.hf_causal_lm import HFCausalLM
+
+    # Larger weights than the random init's, so that a wrong step would show in the logits.
+    model = AutoModelForCausalLM.from_pretrained(folders[kind])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folders[kind] / name).read_bytes())
+    lm = HFCausalLM(tmp_path)
+    assert lm.decoder is not None
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20] * 9]
+    for rows in ([1, 2, 3, 4], [4, 0, 2, 1]):
+        modules, decoder = lm.new_cache(5), lm.new_cache(5)
+        with torch.no_grad():
+            for cache in (modules, decoder):
+                for r, p in zip(rows, prompts):
+                    lm.forward(torch.tensor([p]), cache, torch.tensor([r]), torch.arange(len(p))[None])
+        for same_position in (False, True):
+            pos = torch.tensor([[9]] * 4 if same_position else [[len(p)] for p in prompts])
+            nxt = torch.tensor([[30], [31], [32], [33]])
+            expected = lm.forward(nxt, modules, torch.tensor(rows), pos)  # grad on: the modules
+            with torch.no_grad():
+                got = lm.forward(nxt, decoder, torch.tensor(rows), pos)
+            assert expected.abs().max() > 1
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            for a, b in zip(decoder.layers, modules.layers):
+                torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)

@@ -82,6 +82,9 @@ class HFCausalLM:
             self.tokenizer.chat_template = self.manifest["chat_template"]
         self.system_prompt = self.manifest.get("system_prompt")
         self._poet = None  # the poetry view, built on first use
+        from atelier.families.hf_decoders import decoder_for
+
+        self.decoder = decoder_for(self.model, self.context)  # one-token steps without the modules (or None)
 
     def _eos_ids(self, folder: Path, GenerationConfig) -> list[int]:
         ids: list[int] = []
@@ -116,6 +119,8 @@ class HFCausalLM:
         return SlotCache(self.layers, rows, self.context)
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] == 1 and self.decoder is not None and not torch.is_grad_enabled() and self.decoder.ready(cache):
+            return self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])[:, None]
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
         slots = rows.tolist()
         cache.run = slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) \

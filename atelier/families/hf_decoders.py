@@ -1,0 +1,165 @@
+"""One-token decoders for imported transformers models whose architecture Atelier knows.
+
+Serving decodes one token per sequence per step. Through transformers' modules that step
+costs a few hundred tensor operations and Python calls whatever the model's size, which
+for a small model is most of the time (benchmarks/text_decode.py --family hf-causal-lm).
+A decoder here does the same arithmetic on the model's own weights in few operations, as
+chargpt.Decoder does for our own models:
+  - the projections that read the same input become one matmul: q, k and v; gate and up.
+    Their weights are joined once into an (in, out) matrix that addmm reads fastest, and
+    the modules' own weights become views of it, so memory is not doubled and the modules
+    (prefill, poems) compute exactly as before
+  - keys and values go straight into the engine's SlotCache rows (families/hf_cache.py),
+    which are read as a view when the rows are consecutive slots
+Architectures: GPT-2, and the Llama family (Llama, Qwen2, Mistral: RMSNorm, rotary
+positions through the model's own rotary module, grouped-query attention, SiLU-gated MLP).
+Anything unusual in a config (another activation, sliding windows shorter than the
+context, tensor-parallel slices) gets no decoder: the model then decodes through its
+modules, as every other architecture does. Prefill always goes through the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atelier.families.hf_cache import SlotCache
+
+
+def decoder_for(model, context: int):
+    """A decoder for this transformers model, or None when its architecture or config is not one we know."""
+    config = model.config
+    kind = getattr(config, "model_type", "")
+    if kind == "gpt2":
+        plain = (not getattr(config, "scale_attn_by_inverse_layer_idx", False)
+                 and not getattr(config, "reorder_and_upcast_attn", False)
+                 and not getattr(config, "add_cross_attention", False)
+                 and config.activation_function in GPT2_ACTIVATIONS)
+        return Gpt2Decoder(model) if plain else None
+    if kind in ("llama", "qwen2", "mistral"):
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        plain = (getattr(config, "hidden_act", "") == "silu" and getattr(config, "pretraining_tp", 1) == 1
+                 and (window is None or window >= context) and len({type(layer) for layer in model.model.layers}) == 1)
+        return LlamaDecoder(model) if plain else None
+    return None
+
+
+def _join(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (in, out) weight for linears that read the same input, and their joined bias (None if none
+    has one). Each module's weight becomes a view of the joined matrix."""
+    with torch.no_grad():
+        joined = torch.cat([m.weight.detach() for m in linears], 0).T.contiguous()  # (in, Σ out)
+        start = 0
+        for m in linears:
+            out = m.weight.shape[0]
+            m.weight = nn.Parameter(joined[:, start:start + out].T, requires_grad=False)
+            start += out
+        biases = [m.bias for m in linears]
+        if all(b is None for b in biases):
+            return joined, None
+        bias = torch.cat([b.detach() if b is not None else torch.zeros(m.weight.shape[0])
+                          for b, m in zip(biases, linears)])
+    return joined, bias
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+class _Decoder:
+    """What both architectures share: the cache bookkeeping of one step."""
+
+    def _begin(self, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor):
+        at, slots = pos.tolist(), rows.tolist()
+        span = max(at) + 1
+        B = len(slots)
+        run = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else None
+        mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
+        cache.rows, cache.pos, cache.seen, cache.run = rows, pos[:, None], span, run
+        return span, run, mask
+
+    @staticmethod
+    def _attend(layer, rows, pos, span, run, mask, q, k, v, scale, gqa):
+        """Write k, v (B, kv_heads, head_dim) at each row's position; attend q (B, heads, head_dim) over the row."""
+        if span > layer.keys.shape[2]:
+            layer._grow(span)
+        layer.keys[rows, :, pos] = k
+        layer.values[rows, :, pos] = v
+        keys = layer.keys[run, :, :span] if run is not None else layer.keys[rows, :, :span]
+        values = layer.values[run, :, :span] if run is not None else layer.values[rows, :, :span]
+        y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return y.reshape(q.shape[0], -1)
+
+    def ready(self, cache: SlotCache) -> bool:
+        """A cache the modules have prefilled (its buffers exist)."""
+        return all(layer.is_initialized for layer in cache.layers)
+
+
+GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+class Gpt2Decoder(_Decoder):
+    def __init__(self, model):
+        config, t = model.config, model.transformer
+        self.heads, self.dim = config.n_head, config.n_embd
+        self.scale = None if config.scale_attn_weights else 1.0  # None: SDPA's 1/sqrt(head_dim)
+        self.gelu = GPT2_ACTIVATIONS[config.activation_function]
+        self.eps = config.layer_norm_epsilon
+        self.wte, self.wpe = t.wte.weight.detach(), t.wpe.weight.detach()
+        # Conv1D keeps its weight as (in, out) already: addmm reads it as it is.
+        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                        b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                        b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
+        self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        self.head = (model.lm_head.weight, model.lm_head.bias)
+
+    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) for ids (B,) in cache rows `rows` at positions `pos` (B,)."""
+        span, run, mask = self._begin(cache, rows, pos)
+        B, C, nh = ids.shape[0], self.dim, self.heads
+        norm, shape, eps = torch.layer_norm, (C,), self.eps
+        x = self.wte[ids] + self.wpe[pos]
+        for layer, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in zip(cache.layers, self.layers):
+            qkv = torch.addmm(bqkv, norm(x, shape, w1, b1, eps), wqkv).view(B, 3, nh, C // nh)
+            y = self._attend(layer, rows, pos, span, run, mask, qkv[:, 0], qkv[:, 1], qkv[:, 2], self.scale, False)
+            x = torch.addmm(x + bo, y, wo)
+            h = torch._C._nn.gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate=self.gelu)
+            x = torch.addmm(x + bp, h, wp)
+        return F.linear(norm(x, shape, *self.ln_f, eps), *self.head)
+
+
+class LlamaDecoder(_Decoder):
+    def __init__(self, model):
+        config, inner = model.config, model.model
+        attn = inner.layers[0].self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.embed = inner.embed_tokens.weight.detach()
+        self.rotary = inner.rotary_emb
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                                *_join([a.q_proj, a.k_proj, a.v_proj]), *_join([a.o_proj]),
+                                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                                *_join([m.gate_proj, m.up_proj]), *_join([m.down_proj])))
+        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.head = (model.lm_head.weight, model.lm_head.bias)
+
+    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        span, run, mask = self._begin(cache, rows, pos)
+        B, nh, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        x = self.embed[ids]
+        cos, sin = self.rotary(x, pos[:, None])  # (B, 1, head_dim): one position per row
+        rope = lambda t: t * cos + torch.cat((-t[..., hd // 2:], t[..., :hd // 2]), -1) * sin  # noqa: E731
+        for layer, (w1, e1, wqkv, bqkv, wo, bo, w2, e2, wgu, bgu, wd, bd) in zip(cache.layers, self.layers):
+            qkv = _project(torch.rms_norm(x, (x.shape[1],), w1, e1), wqkv, bqkv)
+            q = rope(qkv[:, :nh * hd].view(B, nh, hd))
+            k = rope(qkv[:, nh * hd:(nh + nkv) * hd].view(B, nkv, hd))
+            v = qkv[:, (nh + nkv) * hd:].view(B, nkv, hd)
+            y = self._attend(layer, rows, pos, span, run, mask, q, k, v, self.scale, nkv != nh)
+            x = x + _project(y, wo, bo)
+            gate, up = _project(torch.rms_norm(x, (x.shape[1],), w2, e2), wgu, bgu).chunk(2, dim=-1)
+            x = x + _project(F.silu(gate) * up, wd, bd)
+        return F.linear(torch.rms_norm(x, (x.shape[1],), *self.norm), *self.head)
