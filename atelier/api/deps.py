@@ -93,7 +93,9 @@ def key_from_header(db: Session, header: str) -> ApiKey:
 
 
 def current_key(request: Request, db: SessionDep) -> ApiKey:
-    key = key_from_header(db, request.headers.get("authorization", ""))
+    gate_key = getattr(request.state, "gate_key", None)  # read by limits.key_gate for this same request
+    key = db.merge(gate_key, load=False) if gate_key is not None else \
+        key_from_header(db, request.headers.get("authorization", ""))
     request.state.key_id = key.id
     return key
 

@@ -104,7 +104,8 @@ def key_gate(app, sessions):
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
         try:
             with sessions() as db:
-                key_from_header(db, header)
+                # The route's own key check (deps.current_key) takes this one instead of reading it again.
+                scope.setdefault("state", {})["gate_key"] = key_from_header(db, header)
         except APIError as e:
             return await reply_error(send, e.status, e.body(), close=True)
         except DATABASE_DOWN as e:

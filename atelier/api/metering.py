@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from atelier.api.deps import current_key
 from atelier.api.errors import APIError
@@ -23,8 +23,9 @@ from atelier.storage.usage import InFlight, verdict
 
 
 class Meter:
-    def __init__(self, sessions, key_id: str, usage_id: int, inflight: InFlight):
+    def __init__(self, sessions, key_id: str, usage_id: int, inflight: InFlight, route: str):
         self.sessions, self.key_id, self.usage_id, self.inflight = sessions, key_id, usage_id, inflight
+        self.route = route
         self.tokens = self.images = 0
         self.model = ""
         self.prompt = ""  # hashed into the audit entry, never stored
@@ -37,12 +38,12 @@ class Meter:
         self._closed = True
         self.inflight.leave(self.key_id)
         with self.sessions() as db:
-            row = db.get(Usage, self.usage_id)
-            row.tokens, row.images, row.model = self.tokens, self.images, self.model[:200]
+            db.execute(update(Usage).where(Usage.id == self.usage_id)
+                       .values(tokens=self.tokens, images=self.images, model=self.model[:200]))
             # Every generation leaves a trace: who, which model@version, how much, and the prompt's hash.
             # (audit.record commits the usage row and the audit entry together.)
-            audit.record(db, action="generate", target=self.model or row.route, key_id=self.key_id,
-                         detail={"route": row.route, "tokens": self.tokens, "images": self.images,
+            audit.record(db, action="generate", target=self.model or self.route, key_id=self.key_id,
+                         detail={"route": self.route, "tokens": self.tokens, "images": self.images,
                                  "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()})
 
 
@@ -71,7 +72,7 @@ def metered(route: str, *, images_param: str | None = None):
             db.add(row)
             db.commit()
         state.inflight.enter(key.id)
-        meter = Meter(state.sessions, key.id, row.id, state.inflight)
+        meter = Meter(state.sessions, key.id, row.id, state.inflight, route)
         request.state.meter = meter
         return meter
 

@@ -50,7 +50,8 @@ async def acquire(manager: ModelManager, db: Session, ref: str, *, key, tasks: t
     check_keep_alive(keep_alive)
     version = resolve_version(db, ref, param, key=key)
     try:
-        return await run_in_threadpool(manager.acquire, version, tasks=tasks)
+        return manager.acquire_loaded(version, tasks=tasks) or await run_in_threadpool(manager.acquire, version,
+                                                                                       tasks=tasks)
     except WrongTask as e:
         raise bad_request(f"{e}; GET /v1/models lists each model's task", param, code="model_not_supported") from None
     except ModelTooLarge as e:

@@ -100,21 +100,12 @@ class ModelManager:
         does something else; OSError/ValueError if its files cannot be loaded; ModelTooLarge if its
         weights exceed the memory budget on their own.
         """
-        family = FAMILIES.get(version.model.family)
-        if family is None or family.engine is None:
-            raise WrongTask(f"model {version.model.name!r} is a {version.model.family} model; it is not served "
-                            "on its own")
-        if tasks is not None and version.model.task not in tasks:
-            can_not = CANNOT.get(tasks[0], f"cannot do {' or '.join(tasks)}")
-            raise WrongTask(f"model {version.model.name!r} (a {family.name} model, {version.model.task}) {can_not}")
+        family = self._family(version, tasks)
         key = (version.model.name, version.number)
         while True:
             with self._lock:
-                loaded = self._loaded.get(key)
+                loaded = self._hold(key)
                 if loaded is not None:
-                    self._loaded.move_to_end(key)
-                    loaded.in_use += 1
-                    loaded.last_used = time.time()
                     return loaded
                 loading = self._loading.get(key)
                 if loading is None:  # this request loads it; others for the same version wait for it
@@ -127,6 +118,35 @@ class ModelManager:
             with self._lock:
                 del self._loading[key]
             loading.set()
+
+    def acquire_loaded(self, version: Version, *, tasks: tuple[str, ...] | None = None) -> Loaded | None:
+        """`acquire` when the version is loaded already (it never waits: the event loop may call it);
+        None when it is not, and then `acquire` loads it."""
+        self._family(version, tasks)
+        if not self._lock.acquire(blocking=False):  # held by an unload or a load's bookkeeping: take the slow way
+            return None
+        try:
+            return self._hold((version.model.name, version.number))
+        finally:
+            self._lock.release()
+
+    def _family(self, version: Version, tasks: tuple[str, ...] | None) -> Family:
+        family = FAMILIES.get(version.model.family)
+        if family is None or family.engine is None:
+            raise WrongTask(f"model {version.model.name!r} is a {version.model.family} model; it is not served "
+                            "on its own")
+        if tasks is not None and version.model.task not in tasks:
+            can_not = CANNOT.get(tasks[0], f"cannot do {' or '.join(tasks)}")
+            raise WrongTask(f"model {version.model.name!r} (a {family.name} model, {version.model.task}) {can_not}")
+        return family
+
+    def _hold(self, key: tuple[str, int]) -> Loaded | None:
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            self._loaded.move_to_end(key)
+            loaded.in_use += 1
+            loaded.last_used = time.time()
+        return loaded
 
     def release(self, loaded: Loaded, keep_alive=None) -> None:
         """The request is done with it: start its keep-alive clock (unload now if it is 0)."""

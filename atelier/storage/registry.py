@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from atelier.storage import audit
 from atelier.storage.blobs import BlobStore
@@ -75,23 +75,29 @@ def get_model(db: Session, *, name: str) -> Model:
 
 
 def resolve(db: Session, *, ref: str) -> Version:
-    """The version a reference points at (a plain name means the `latest` alias)."""
+    """The version a reference points at (a plain name means the `latest` alias), with its model.
+
+    Every generation resolves its `model` field, so the common case is one query; the model's
+    aliases and versions are read only to say what exists when the reference names nothing.
+    """
     r = parse_ref(ref)
-    model = get_model(db, name=r.name)
+    query = select(Version).join(Version.model).options(contains_eager(Version.model)).where(Model.name == r.name)
     if r.version is not None:
-        number = r.version
+        version = db.scalar(query.where(Version.number == r.version))
     else:
         alias = r.alias or "latest"
-        hit = next((a for a in model.aliases if a.name == alias), None)
-        if hit is None:
-            raise NotFound(f"model {r.name!r} has no alias {alias!r}; aliases: "
-                           f"{', '.join(sorted(a.name for a in model.aliases)) or 'none'}")
-        number = hit.version_number
-    version = next((v for v in model.versions if v.number == number), None)
-    if version is None:
-        raise NotFound(f"model {r.name!r} has no version {number}; versions: "
-                       f"{', '.join(str(v.number) for v in model.versions) or 'none'}")
-    return version
+        version = db.scalar(query.join(Alias, (Alias.model_id == Model.id) & (Alias.version_number == Version.number))
+                            .where(Alias.name == alias))
+    if version is not None:
+        return version
+    model = get_model(db, name=r.name)  # NotFound when the model itself does not exist
+    if r.version is None and not any(a.name == (r.alias or "latest") for a in model.aliases):
+        raise NotFound(f"model {r.name!r} has no alias {r.alias or 'latest'!r}; aliases: "
+                       f"{', '.join(sorted(a.name for a in model.aliases)) or 'none'}")
+    number = r.version if r.version is not None else next(a.version_number for a in model.aliases
+                                                          if a.name == (r.alias or "latest"))
+    raise NotFound(f"model {r.name!r} has no version {number}; versions: "
+                   f"{', '.join(str(v.number) for v in model.versions) or 'none'}")
 
 
 def list_models(db: Session) -> list[Model]:
