@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -44,17 +45,20 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def one(client: httpx.AsyncClient, model: str, max_tokens: int, seed: int) -> dict:
-    """One streamed completion: when each token arrived."""
+    """One streamed completion: when each chunk of text arrived, and how many tokens it held in all (the
+    server sends what it has at once, so a chunk may carry several tokens when its client falls behind)."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed,
-            "temperature": 1.0, "ignore_eos": True}
+            "temperature": 1.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals = []
+    arrivals, tokens = [], 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"text": ""' not in line:
+            if line.startswith('data: {"') and '"text": ""' not in line and '"choices": []' not in line:
                 arrivals.append(time.perf_counter() - start)
-    return {"arrivals": arrivals, "latency": time.perf_counter() - start}
+            elif '"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return {"arrivals": arrivals, "tokens": tokens, "latency": time.perf_counter() - start}
 
 
 async def run_load(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
@@ -79,9 +83,9 @@ async def run_load(url: str, model: str, concurrency: int, requests: int, max_to
                 await asyncio.sleep(rng.expovariate(rate))
             results = list(await asyncio.gather(*tasks))
         wall = time.perf_counter() - started
-    tokens = sum(len(r["arrivals"]) for r in results)
+    tokens = sum(r["tokens"] for r in results)
     ttft = [r["arrivals"][0] for r in results if r["arrivals"]]
-    tpot = [(r["latency"] - r["arrivals"][0]) / (len(r["arrivals"]) - 1) for r in results if len(r["arrivals"]) > 1]
+    tpot = [(r["latency"] - r["arrivals"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     return {"requests/s": len(results) / wall, "tokens/s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99),
