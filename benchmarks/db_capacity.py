@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/db_capacity.py [--seconds 5] [--concurrency 1 4 16] [--database-url URL]
 
 Every generation request does the same database work whatever its model, on every replica:
-the key looked up twice (the gate before the body, the route's dependency), the rate-limit
+the key looked up once (by the gate before the body; the route's dependency takes it), the rate-limit
 verdict under a lock on the key's row and its usage row written (api/metering.py), then at the
 end the usage updated and one audit entry appended to the chain (storage/audit.py) — the one
 write every replica serialises on. This runs exactly that code, from `concurrency` threads
@@ -41,9 +41,9 @@ from sqlalchemy import select  # noqa: E402
 def one_request(sessions, header: str, inflight: InFlight) -> None:
     """The database side of one metered generation, as the server does it."""
     with sessions() as db:  # the key gate (api/limits.py)
-        key_from_header(db, header)
-    with sessions() as db:  # the route's dependency, then metered() (api/metering.py)
-        key = key_from_header(db, header)
+        gate_key = key_from_header(db, header)
+    with sessions() as db:  # the route's dependency takes the gate's key, then metered() (api/metering.py)
+        key = db.merge(gate_key, load=False)
         db.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
         v = verdict(db, key.id, key.limits, parallel=inflight.count(key.id))
         assert v.allowed, v.message
@@ -52,7 +52,7 @@ def one_request(sessions, header: str, inflight: InFlight) -> None:
         db.commit()
         key_id, usage_id = key.id, row.id
     inflight.enter(key_id)
-    meter = Meter(sessions, key_id, usage_id, inflight)
+    meter = Meter(sessions, key_id, usage_id, inflight, "completions")
     meter.model, meter.tokens, meter.prompt = "tang-poet@1", 64, "春眠不觉晓"
     meter.close()  # usage updated, audit entry appended
 
