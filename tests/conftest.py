@@ -167,6 +167,41 @@ def audit_entries(http) -> list[dict]:
         after = page["data"][-1]["id"]
 
 
+def engine_texts(lm, requests: list[tuple[str, int, int]], *, max_batch: int = 8,
+                 temperature: float = 1.0) -> list[str]:
+    """The texts a TextEngine writes for (prompt, max_tokens, seed) requests submitted at once (admitted
+    together, then as slots free), in order; each ends after exactly max_tokens (ignore_eos)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Finished, Sequence, TextChunk, TextEngine
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        engine = TextEngine(lm, max_batch)
+        params = SamplingParams(temperature=temperature, ignore_eos=True)
+        with engine._wake:  # the worker admits nothing until every request is queued
+            for i, (prompt, n, seed) in enumerate(requests):
+                engine.submit(Sequence(index=i, prompt_ids=lm.encode(prompt), params=params, max_tokens=n, stop=[],
+                                       seed=seed, loop=loop, events=events))
+        texts, done = [""] * len(requests), 0
+        while done < len(requests):
+            i, event = await events.get()
+            if isinstance(event, TextChunk):
+                texts[i] += event.text
+            elif isinstance(event, Finished):
+                assert event.completion_tokens == requests[i][1]
+                done += 1
+        engine.close()
+        assert all(s is None for s in engine.slots)
+        return texts
+
+    # A loop of its own in a thread of its own: the studio tests' browser keeps one running in this thread.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
 def make_tiny_image_models(root: Path) -> dict[str, Path]:
     """Folders of a tiny ddpm (with a tiny ×2 upscaler) and a tiny dcgan (seeded random weights, perturbed so
     every layer matters)."""

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, make_settings
+from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, engine_texts, make_settings
 
 # Varied text so that frequent Han characters become single tokens and rare ones stay bytes.
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。",
@@ -341,31 +341,7 @@ def test_poems_on_an_imported_lm_with_single_character_tokens(hf_http, tmp_path)
 
 def generate_together(lm, prompts: list[str], max_tokens: int = 12) -> list[str]:
     """Greedy continuations of prompts submitted at once: the engine admits them in one batched prefill."""
-    import asyncio
-
-    from atelier.runtime.sampling import SamplingParams
-    from atelier.runtime.text_engine import Finished, Sequence, TextChunk, TextEngine
-
-    async def run():
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        engine = TextEngine(lm, 8)
-        params = SamplingParams(temperature=0.0, ignore_eos=True)
-        seqs = [Sequence(index=i, prompt_ids=lm.encode(p), params=params, max_tokens=max_tokens, stop=[], seed=1,
-                         loop=loop, events=events) for i, p in enumerate(prompts)]
-        with engine._wake:  # the worker admits nothing until every prompt is queued
-            for s in seqs:
-                engine.submit(s)
-        texts, done = [""] * len(seqs), 0
-        while done < len(seqs):
-            i, event = await events.get()
-            if isinstance(event, TextChunk):
-                texts[i] += event.text
-            elif isinstance(event, Finished):
-                done += 1
-        engine.close()
-        return texts
-
-    return asyncio.run(run())
+    return engine_texts(lm, [(p, max_tokens, 1) for p in prompts], temperature=0.0)
 
 
 @pytest.mark.parametrize("kind", ["chargpt", "gpt2", "llama"])
