@@ -24,20 +24,22 @@ def record(db: Session, *, action: str, target: str = "", key_id: str | None = N
         # before it and the chain never forks (the head row's lock alone misses the very first entry).
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
     head = db.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update()) if mac_key else None
-    last = db.scalar(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1))
-    prev = last.hash if last else GENESIS
+    # The signed head names the last entry's hash; without one (an unkeyed chain, or its first keyed
+    # entry) the last entry itself does. Linking to the head's hash keeps a deleted tail detectable:
+    # the new entry's link then names an entry that is not before it.
+    prev = head.last_hash if head is not None else \
+        db.scalar(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS
     at = utcnow()
     detail, target = redact_obj(detail or {}), redact(target).text  # no personal data in the log
     keyed = mac_key
     entry = AuditEntry(at=at, key_id=key_id, action=action, target=target, detail=detail, prev_hash=prev,
-                       hash="")
+                       hash=chain_digest(prev, at, key_id, action, target, detail, keyed))
     db.add(entry)
     db.flush()  # the entry's id
     if keyed is not None and head is None:  # the first keyed entry: earlier ones stay as they were
         count = db.scalar(select(func.count(AuditEntry.id)))
         head = AuditHead(id=1, last_id=entry.id, last_hash="", entries=count - 1, keyed_from=entry.id, mac="")
         db.add(head)
-    entry.hash = chain_digest(prev, at, key_id, action, target, detail, keyed)
     if head is not None:
         head.last_id, head.last_hash, head.entries = entry.id, entry.hash, head.entries + 1
         head.mac = head_mac(mac_key, head.last_id, head.last_hash, head.entries, head.keyed_from)
