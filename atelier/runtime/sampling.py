@@ -42,9 +42,10 @@ class Sampled:
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], *, banned: list[list[int]],
                 prompt_ids: list[list[int]], generated: list[list[int]],
-                generators: list[torch.Generator]) -> list[Sampled]:
-    """Pick the next token for each row of logits (B, vocab)."""
-    logits = logits.float().clone()
+                generators: list[torch.Generator], scratch: bool = False) -> list[Sampled]:
+    """Pick the next token for each row of logits (B, vocab). With scratch=True the caller gives the
+    logits away and they are edited in place (the text engine: a copy of 32 rows costs 0.14 ms)."""
+    logits = logits.float() if scratch else logits.float().clone()
     B = logits.shape[0]
     # 1. banned tokens: one write per distinct list (rows usually share theirs)
     rows_of: dict[tuple[int, ...], list[int]] = {}

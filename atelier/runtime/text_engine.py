@@ -237,7 +237,7 @@ class TextEngine:
         sampled = sample_rows(logits, [s.params for s in seqs],
                               banned=[banned + eos if s.params.ignore_eos else banned for s in seqs],
                               prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
-                              generators=[s.generator for s in seqs])
+                              generators=[s.generator for s in seqs], scratch=True)
         for seq, one in zip(seqs, sampled):
             self._accept(seq, one)
 
