@@ -15,9 +15,8 @@ A sequence leaves its slot when it finishes or is cancelled (client gone), and a
 one takes a slot at the next iteration, so short and long requests share the batch. The
 active sequences always hold slots 0…n-1 (the last one moves into a slot that frees, cache
 rows and all), so a decoding step reads the cache as one run of rows instead of gathering
-them. When the
-engine closes (its model is unloaded), every waiting and running sequence gets an
-EngineClosed event instead of hanging.
+them. When the engine closes (its model is unloaded), every waiting and running sequence
+gets an EngineClosed event instead of hanging.
 """
 
 from __future__ import annotations
