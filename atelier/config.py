@@ -8,7 +8,6 @@ The README's settings table lists every field.
 from __future__ import annotations
 
 import os
-
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
