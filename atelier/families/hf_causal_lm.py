@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atelier.common.slots import as_run
 from atelier.families.base import Family, manifest, refuse_pickles
 
 if TYPE_CHECKING:
@@ -122,9 +123,7 @@ class HFCausalLM:
         if ids.shape[1] == 1 and self.decoder is not None and not torch.is_grad_enabled() and self.decoder.ready(cache):
             return self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])[:, None]
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
-        slots = rows.tolist()
-        cache.run = slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) \
-            else None
+        cache.run = as_run(rows.tolist())
         visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)
         mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atelier.common.slots import one_token_step
 from atelier.families.hf_cache import SlotCache
 
 
@@ -71,11 +72,7 @@ class _Decoder:
     """What both architectures share: the cache bookkeeping of one step."""
 
     def _begin(self, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor):
-        at, slots = pos.tolist(), rows.tolist()
-        span = max(at) + 1
-        B = len(slots)
-        run = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else None
-        mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
+        span, run, mask = one_token_step(rows, pos)
         cache.rows, cache.pos, cache.seen, cache.run = rows, pos[:, None], span, run
         return span, run, mask
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from atelier.common.slots import one_token_step
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
 
@@ -236,13 +237,13 @@ class Decoder:
     Decoding a model this small on a CPU is bound by the cost of each tensor operation and by
     reading the weights, not by arithmetic (benchmarks/text_decode.py). So the decoder
       - keeps each matrix as the (in, out) copy that addmm reads fastest (one more copy of the
-        weights: 16 MB for tang-poet) and adds every bias inside its matmul,
+        weights: 16 MB for tang-poet), adding the biases inside addmm,
       - walks a flat list of tensors instead of the module tree,
       - writes a token's keys and values into the cache with one index_put per layer,
       - attends over a view of the cache when the rows are a run of consecutive slots (the text
         engine keeps its active sequences so), gathering a copy only otherwise, and
       - masks keys only when the rows are at different positions.
-    The arithmetic is the module path's: the two agree to float rounding (tests/test_engine.py).
+    The arithmetic is the module path's: the two agree to float rounding (tests/test_model.py).
     """
 
     def __init__(self, model: CharGPT):
@@ -268,13 +269,9 @@ class Decoder:
     def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,)."""
         B, nh = ids.shape[0], self.n_head
-        at = pos.tolist()
-        span = max(at) + 1
+        span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:
             raise ValueError(f"position {span - 1} is past the context of {self.n_positions}")
-        slots = rows.tolist()
-        run = slots == list(range(slots[0], slots[0] + B))
-        mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
         x = self.wte[ids] + self.wpe[pos]  # (B, C)
         C = x.shape[1]
         # torch.layer_norm and torch._C._nn.gelu: F.*'s wrappers cost as much as the operations here
@@ -283,7 +280,7 @@ class Decoder:
             qkv = torch.addmm(bqkv, norm(x, shape, w1, b1, eps), wqkv).view(B, 3, nh, hs)
             kv = cache.kv[layer]  # (2, slots, nh, positions, hs)
             kv[:, rows, :, pos] = qkv[:, 1:]
-            kv = kv[:, slots[0]:slots[0] + B, :, :span] if run else kv[:, rows, :, :span]
+            kv = kv[:, run, :, :span] if run is not None else kv[:, rows, :, :span]
             y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)
             x = torch.addmm(x + bo, y.view(B, C), wo)
             h = gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate="tanh")

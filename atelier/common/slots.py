@@ -1,0 +1,24 @@
+"""What one decoding step touches in a KV cache: which rows, how many positions, which keys each
+row may see. Shared by the one-token decoders (models/chargpt.py, families/hf_decoders.py) and the
+transformers cache Atelier gives imported models (families/hf_causal_lm.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_run(rows: list[int]) -> slice | None:
+    """The rows as a slice when they are consecutive slots (the text engine keeps its active sequences
+    so), for a view of the cache instead of a gathered copy; None otherwise."""
+    run = slice(rows[0], rows[0] + len(rows))
+    return run if rows == list(range(run.start, run.stop)) else None
+
+
+def one_token_step(rows: torch.Tensor, pos: torch.Tensor) -> tuple[int, slice | None, torch.Tensor | None]:
+    """(span, run, mask) for one new token per row at positions `pos` (B,): the keys to attend (up to
+    span), the rows as a run (as_run), and a (B, 1, 1, span) mask of the keys each row may see, None when
+    every row is at the same position (then all of them see every key up to span)."""
+    at = pos.tolist()
+    span = max(at) + 1
+    mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
+    return span, as_run(rows.tolist()), mask
