@@ -18,6 +18,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ABCJS_VERSION := 6.7.2
 ABCJS_SHA256 := 3290ef44c918d5e882029d3a47ad3dd63c16c8819da5abe921f3d1e642b4f4f0
 ABCJS := atelier/studio/vendor/abcjs/abcjs-basic-min.js
+# The native decoding kernels (atelier/common/native/kernels.cpp), compiled for this machine with g++.
+NATIVE := atelier/common/native/build/.built
 
 .PHONY: serve test bench clean
 
@@ -51,15 +53,20 @@ $(ABCJS):
 	mkdir -p $(@D) && cp "$$tmp/package/LICENSE.md" "$$tmp/package/dist/abcjs-basic-min.js.LICENSE" $(@D)/ && \
 	cp "$$tmp/package/dist/abcjs-basic-min.js" $@
 
-serve: $(STAMP) $(ABCJS)
+# A failed build prints why and leaves the Python paths in charge (the stamp still records the attempt).
+$(NATIVE): atelier/common/native/kernels.cpp $(STAMP)
+	$(BIN)/python -m atelier.common.native
+	touch $@
+
+serve: $(STAMP) $(ABCJS) $(NATIVE)
 	$(BIN)/atelier serve
 
-test: $(DEV_STAMP) $(CHROMIUM) $(POSTGRES) $(ABCJS)
+test: $(DEV_STAMP) $(CHROMIUM) $(POSTGRES) $(ABCJS) $(NATIVE)
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q --db postgresql $(PG_TESTS)
 
-bench: $(DEV_STAMP)
+bench: $(DEV_STAMP) $(NATIVE)
 	$(BIN)/python benchmarks/text_decode.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache atelier/common/native/build

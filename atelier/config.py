@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     keep_alive: str = Field(default="5m", description="how long a model stays loaded once idle: seconds or 30s / 5m / 1h; 0 unloads after each request, -1 keeps it")
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads for inference; unset: half the cores, at least 1 (see inference_threads)")
+    native: bool = Field(default=True, description="decode with the compiled kernels (atelier/common/native/, built by make); off: the Python paths, same results, slower")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
     # Where generation runs (atelier/runtime/ray_serve.py): in this process, or on Ray Serve deployments
     runtime: Literal["local", "ray"] = Field(default="local", description="local: engines in the server process; ray: text and image models served by Ray Serve deployments (pip install -e .[ray])")

@@ -3,6 +3,7 @@
 import torch
 import pytest
 
+from atelier.common import native
 from atelier.models.chargpt import CharGPT, ChargptConfig, KVCache, from_pretrained, save_pretrained
 from atelier.models.tokenizer import CharTokenizer
 
@@ -88,10 +89,13 @@ def test_shipped_tang_poet_exports_to_transformers():
         torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_the_one_token_decoder_matches_the_module_path(tiny):
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_the_one_token_decoder_matches_the_module_path(tiny, native_kernels, request):
     """Serving decodes one token per row with chargpt.Decoder (under no_grad): the same logits as the
     module path, whether the rows are a run of slots (a view of the cache) or scattered (a gather), at
-    one position or at several (masked)."""
+    one position or at several (masked); in C++ (atelier/common/native/) or in Python."""
+    native.use(native_kernels)
+    request.addfinalizer(lambda: native.use(True))
     model, tok = tiny
     prompts = [tok.encode(POEM[:n]) for n in (3, 7, 5, 9)]
     for rows in ([1, 2, 3, 4], [4, 0, 2, 1]):

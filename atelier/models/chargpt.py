@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from atelier.common.native import kernels
 from atelier.common.slots import one_token_step
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
@@ -235,7 +236,9 @@ class Decoder:
     """One new token for each of B rows: CharGPT.forward with a cache and T = 1, in fewer operations.
 
     Decoding a model this small on a CPU is bound by the cost of each tensor operation and by
-    reading the weights, not by arithmetic (benchmarks/text_decode.py). So the decoder
+    reading the weights, not by arithmetic (benchmarks/text_decode.py). Where the native kernels are
+    built (atelier/common/native/), the whole step is one call to their `gpt2_step`, which runs the
+    loop below in C++ without the GIL and attends in place over the cache. Otherwise the decoder
       - keeps each matrix as the (in, out) copy that addmm reads fastest (one more copy of the
         weights: 16 MB for tang-poet), adding the biases inside addmm,
       - walks a flat list of tensors instead of the module tree,
@@ -261,6 +264,7 @@ class Decoder:
             self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
             self.ln_f = (model.ln_f.weight, model.ln_f.bias)
             self.head = t(model.wte.weight)  # tied to the token embedding
+        self.flat = [w for layer in self.layers for w in layer]  # the native step's argument
 
     def weights_version(self) -> int:
         """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
@@ -268,6 +272,10 @@ class Decoder:
 
     def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,)."""
+        native = kernels()
+        if native is not None and cache.kv.dtype == torch.float32:
+            return native.gpt2_step(ids, pos, rows, cache.kv, self.wte, self.wpe, self.flat, *self.ln_f, self.head,
+                                    self.n_head, self.eps)
         B, nh = ids.shape[0], self.n_head
         span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:

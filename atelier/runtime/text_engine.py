@@ -12,7 +12,10 @@ Every iteration of the worker:
      which waits for the token that completes it), applies stop sequences, and hands text
      to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
-one takes a slot at the next iteration, so short and long requests share the batch. The
+one takes a slot at the next iteration, so short and long requests share the batch. A step's text
+goes out just before the next forward starts (or before the worker waits for work): the native
+forward holds no GIL, so the event loops turn tokens into SSE chunks while it runs, instead of
+taking the GIL from the worker in the middle of its Python. The
 active sequences always hold slots 0…n-1 (the last one moves into a slot that frees, cache
 rows and all), so a decoding step reads the cache as one run of rows instead of gathering
 them. When the engine closes (its model is unloaded), every waiting and running sequence
@@ -22,6 +25,7 @@ gets an EngineClosed event instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 from collections import deque
@@ -64,17 +68,28 @@ class Outbox:
         self._pending: dict[asyncio.AbstractEventLoop, list] = {}
 
     def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+        if self.post_all([(loop, queue, item)]):
+            raise RuntimeError("Event loop is closed")
+
+    def post_all(self, events: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> set:
+        """Post a step's events at once, so that each loop wakes once with all of its events ready;
+        the loops that have closed (nobody is left to read their events)."""
+        wake = []
         with self._lock:
-            waiting = self._pending.setdefault(loop, [])
-            waiting.append((queue, item))
-            wake = len(waiting) == 1
-        if wake:
+            for loop, queue, item in events:
+                waiting = self._pending.setdefault(loop, [])
+                if not waiting:
+                    wake.append(loop)
+                waiting.append((queue, item))
+        closed = set()
+        for loop in wake:
             try:
                 loop.call_soon_threadsafe(self._drain, loop)
-            except RuntimeError:  # the loop has closed: nobody is left to read its events
+            except RuntimeError:
                 with self._lock:
                     self._pending.pop(loop, None)
-                raise
+                closed.add(loop)
+        return closed
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -132,6 +147,7 @@ class TextEngine:
         self._wake = threading.Condition()
         self._closed = False
         self.cancelled = 0  # sequences dropped because their client left
+        self._outgoing: list[tuple[Sequence, object]] = []  # events of the worker's last step, not yet sent
         self._thread = threading.Thread(target=self._run, name="text-engine", daemon=True)
         self._thread.start()
 
@@ -166,8 +182,10 @@ class TextEngine:
         while True:
             with self._wake:
                 while not self._closed and not self.waiting and not any(self.slots):
+                    self._send()
                     self._wake.wait()
                 if self._closed:
+                    self._send()
                     return
             try:
                 with torch.inference_mode():
@@ -177,8 +195,20 @@ class TextEngine:
                 log.exception("text engine step failed")
                 for i, s in enumerate(self.slots):
                     if s is not None:
-                        s._emit(RuntimeError("generation failed"))
+                        self._post(s, RuntimeError("generation failed"))
                         self.slots[i] = None
+
+    def _post(self, seq: Sequence, event) -> None:
+        self._outgoing.append((seq, event))
+
+    def _send(self) -> None:
+        """Hand the events posted since the last send to their event loops."""
+        outgoing, self._outgoing = self._outgoing, []
+        if outgoing:
+            closed = OUTBOX.post_all([(seq.loop, seq.events, (seq.index, event)) for seq, event in outgoing])
+            for seq, _ in outgoing:
+                if seq.loop in closed:  # nobody is left to read: stop writing
+                    seq.cancel()
 
     def _admit(self) -> None:
         """1. Waiting sequences take the free slots, and their prompts are prefilled together: one
@@ -214,6 +244,7 @@ class TextEngine:
         width = max(lengths)
         ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in seqs])
         rows = torch.tensor([s.slot for s in seqs])
+        self._send()
         logits = self.lm.forward(ids, self.cache, rows, torch.arange(width).expand(len(seqs), width))
         self._sample_and_accept(seqs, logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1])
 
@@ -228,6 +259,7 @@ class TextEngine:
         last = torch.tensor([[s.generated[-1]] for s in active])
         pos = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in active])
         rows = torch.tensor([s.slot for s in active])
+        self._send()
         logits = self.lm.forward(last, self.cache, rows, pos)
         self._sample_and_accept(active, logits[:, -1])
 
@@ -276,14 +308,14 @@ class TextEngine:
 
     def _flush(self, seq: Sequence, upto: int, final: bool = False) -> None:
         if upto > seq.emitted or (final and seq.tokens_emitted < len(seq.sampled)):
-            n = len(seq.sampled) if final else sum(1 for end in seq.token_ends if end <= upto)
-            seq._emit(TextChunk(seq.text[seq.emitted:upto], seq.sampled[seq.tokens_emitted:n]))
+            n = len(seq.sampled) if final else bisect.bisect_right(seq.token_ends, upto)
+            self._post(seq, TextChunk(seq.text[seq.emitted:upto], seq.sampled[seq.tokens_emitted:n]))
             seq.emitted, seq.tokens_emitted = upto, max(seq.tokens_emitted, n)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._flush(seq, len(seq.text), final=True)
         completion = len(seq.generated)
-        seq._emit(Finished(reason, len(seq.prompt_ids), completion))
+        self._post(seq, Finished(reason, len(seq.prompt_ids), completion))
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:

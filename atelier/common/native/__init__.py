@@ -1,0 +1,71 @@
+"""Atelier's native kernels (kernels.cpp): the decoding step and the plain sampling draw in C++.
+
+`make` compiles them once on the machine that runs them (`python -m atelier.common.native`, about
+20 s: torch's extension builder, g++ and ninja) into build/ beside this file, under a name that carries
+the source's hash, so an edited kernels.cpp is never loaded stale. At run time `kernels()` only loads
+what was built: where nothing was (no compiler, a read-only install), or ATELIER_NATIVE=0, the callers
+run their Python paths, which compute the same thing (tests/test_native.py holds the two together).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import sys
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+BUILD_DIR = Path(__file__).with_name("build")
+# -march=native: built where it runs. The reassociation flags let g++ vectorise the attention's dot
+# products and sums; no -ffast-math, whose finite-math assumption would not hold for masked logits.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+
+_enabled = True
+
+
+def module_name() -> str:
+    return "atelier_kernels_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile kernels.cpp into BUILD_DIR (nothing to do when this source is built already)."""
+    from torch.utils.cpp_extension import load
+
+    BUILD_DIR.mkdir(exist_ok=True)
+    for old in BUILD_DIR.glob("atelier_kernels_*.so"):  # builds of earlier sources
+        if old.stem != module_name():
+            old.unlink()
+    return load(module_name(), [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(BUILD_DIR), verbose=verbose)
+
+
+def use(enabled: bool) -> None:
+    """Turn the native paths on or off for this process (ATELIER_NATIVE; benchmarks compare both)."""
+    global _enabled
+    _enabled = enabled
+
+
+def kernels() -> ModuleType | None:
+    """The compiled module, or None: disabled, or not built for this source."""
+    return _load() if _enabled else None
+
+
+@cache
+def _load() -> ModuleType | None:
+    name = module_name()
+    path = BUILD_DIR / f"{name}.so"
+    if not path.exists():
+        log.warning("native kernels not built (%s missing): decoding runs its Python path; run `make` or "
+                    "`python -m atelier.common.native`", path)
+        return None
+    import torch  # noqa: F401 — the module links against libtorch, which must be loaded first
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

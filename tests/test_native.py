@@ -1,0 +1,81 @@
+"""The native kernels (atelier/common/native/): built by make, and the same results as the Python paths."""
+
+import pytest
+import torch
+from conftest import engine_texts
+from test_text_engine import tiny_lm
+
+from atelier.common import native
+from atelier.models.chargpt import CharGPT, ChargptConfig, KVCache
+from atelier.runtime.sampling import SamplingParams, sample_rows
+
+
+@pytest.fixture()
+def python_paths():
+    """The Python paths for the duration of a test (ATELIER_NATIVE=0)."""
+    native.use(False)
+    yield
+    native.use(True)
+
+
+def test_make_built_the_kernels_for_this_source():
+    assert native.kernels() is not None, "run `make` (or python -m atelier.common.native)"
+    assert native.kernels().__name__ == native.module_name()  # named after kernels.cpp's hash: never stale
+
+
+def test_they_can_be_turned_off(python_paths):
+    assert native.kernels() is None
+
+
+def _draw(logits, params, banned, seed):
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(params))]
+    return [s.token for s in sample_rows(logits.clone(), params, banned=banned, prompt_ids=[[1]] * len(params),
+                                         generated=[[]] * len(params), generators=generators, scratch=True)]
+
+
+@pytest.mark.parametrize("temps", [[1.0], [1.0] * 6, [0.7, 1.3, 0.0, 1.0, 2.0, 0.0], [0.0] * 3])
+def test_native_sampling_draws_the_tokens_the_python_path_draws(temps):
+    torch.manual_seed(0)
+    params = [SamplingParams(temperature=t) for t in temps]
+    banned = [[0, 1, 2] if i % 2 else [0, 1, 2, 7] for i in range(len(temps))]
+    for trial in range(25):
+        logits = torch.randn(len(temps), 300) * 4
+        logits[:, 7] = 50.0  # the most likely token, banned from every other row
+        got = _draw(logits, params, banned, seed=trial * 10)
+        native.use(False)
+        try:
+            expected = _draw(logits, params, banned, seed=trial * 10)
+        finally:
+            native.use(True)
+        assert got == expected
+        assert all(token not in ban for token, ban in zip(got, banned))
+        assert all(token == int(logits[i].argmax()) for i, token in enumerate(got) if temps[i] == 0 and i % 2)
+
+
+def test_rows_that_ask_for_more_than_a_temperature_take_the_python_path():
+    """top_k, penalties and log-probabilities are the Python path's: the native draw is skipped, and the
+    answer carries what was asked for."""
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(logprobs=2), SamplingParams(top_k=3)]
+    out = sample_rows(logits, params, banned=[[], []], prompt_ids=[[1], [1]], generated=[[], []],
+                      generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert len(out[0].top) == 2 and out[0].logprob < 0
+    assert out[1].token in torch.topk(logits[1], 3).indices.tolist()
+
+
+def test_the_native_step_refuses_a_position_past_the_context():
+    model = CharGPT(ChargptConfig(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="past the context of 8"):
+        model(torch.tensor([[3]]), cache=KVCache(model.config, 1), rows=torch.tensor([0]), pos=torch.tensor([[8]]))
+
+
+def test_the_engine_writes_the_same_text_either_way():
+    lm = tiny_lm()
+    requests = [("春眠", 12, 1), ("夜来风雨", 9, 2), ("花", 15, 3)]
+    fast = engine_texts(lm, requests, max_batch=2, temperature=0.9)
+    native.use(False)
+    try:
+        slow = engine_texts(lm, requests, max_batch=2, temperature=0.9)
+    finally:
+        native.use(True)
+    assert fast == slow and all(fast)
