@@ -359,13 +359,19 @@ def test_prompts_of_different_lengths_prefilled_together_continue_as_they_do_alo
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
-def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, tmp_path):
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_kernels, tmp_path, request):
     """GPT-2 and Llama-family imports decode one token per row without transformers' modules
     (families/hf_decoders.py): the same logits and cache contents as the modules, for rows that are a
-    run of slots or scattered, at one position or at several; prefill still runs the modules."""
+    run of slots or scattered, at one position or at several; prefill still runs the modules. In C++
+    (atelier/common/native/) or in Python."""
     from transformers import AutoModelForCausalLM
 
+    from atelier.common import native
     from atelier.families.hf_causal_lm import HFCausalLM
+
+    native.use(native_kernels)
+    request.addfinalizer(lambda: native.use(True))
 
     # Larger weights than the random init's, so that a wrong step would show in the logits.
     model = AutoModelForCausalLM.from_pretrained(folders[kind])

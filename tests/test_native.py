@@ -79,3 +79,22 @@ def test_the_engine_writes_the_same_text_either_way():
     finally:
         native.use(True)
     assert fast == slow and all(fast)
+
+
+def test_a_native_prefill_matches_the_module_path():
+    """Prompts prefilled in one native call (rows of different lengths, right-padded as the engine pads them)
+    leave the logits and the cache the module path leaves."""
+    torch.manual_seed(0)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    rows, pos = torch.tensor([3, 1]), torch.arange(6).expand(2, 6)
+    caches = [KVCache(model.config, batch=4) for _ in range(2)]
+    expected, _ = model(ids, cache=caches[0], rows=rows, pos=pos)  # grad on: the modules
+    with torch.no_grad():
+        got, _ = model(ids, cache=caches[1], rows=rows, pos=pos)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[1].kv, caches[0].kv, atol=1e-6, rtol=1e-6)
+        nxt = torch.tensor([[5], [9]])
+        a, _ = model(nxt, cache=caches[1], rows=rows, pos=torch.tensor([[6], [6]]))
+    b, _ = model(nxt, cache=caches[0], rows=rows, pos=torch.tensor([[6], [6]]))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

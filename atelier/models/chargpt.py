@@ -72,6 +72,7 @@ class KVCache:
         shape = (config.n_layer, 2, batch, config.n_head, config.n_positions, config.n_embd // config.n_head)
         self.kv = torch.zeros(shape, dtype=dtype)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
+        self.layer_keys, self.layer_values = list(self.k), list(self.v)  # per layer, for the native step
 
     @property
     def batch(self) -> int:
@@ -179,8 +180,12 @@ class CharGPT(nn.Module):
         rows of different lengths decode together (continuous batching).
         """
         B, T = idx.shape
-        if T == 1 and cache is not None and targets is None and not torch.is_grad_enabled():
-            return self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])[:, None], None
+        if cache is not None and targets is None and not torch.is_grad_enabled():
+            if T == 1:
+                return self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])[:, None], None
+            if kernels() is not None and pos is not None and cache.kv.dtype == torch.float32:  # a prefill, in C++
+                steps = self.decoder().step(idx.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1))
+                return steps.view(B, T, -1), None
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         if int(pos.max()) >= self.config.n_positions:
@@ -271,11 +276,12 @@ class Decoder:
         return sum(p._version for p in self.params)
 
     def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,)."""
+        """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,): one token
+        per row, or (the native step only) a prefill's tokens, each row's in order."""
         native = kernels()
         if native is not None and cache.kv.dtype == torch.float32:
-            return native.gpt2_step(ids, pos, rows, cache.kv, self.wte, self.wpe, self.flat, *self.ln_f, self.head,
-                                    self.n_head, self.eps)
+            return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values, self.wte, self.wpe,
+                                    self.flat, *self.ln_f, self.head, None, False, self.n_head, self.eps, 0.0, "tanh")
         B, nh = ids.shape[0], self.n_head
         span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:

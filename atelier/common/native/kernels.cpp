@@ -1,15 +1,17 @@
-// Atelier's native kernels: the two things a decoding step does once per token, each one call from
-// Python that holds no GIL while it runs.
+// Atelier's native kernels: what a decoding step does for every token, each one call from Python that holds
+// no GIL while it runs.
 //
-//   gpt2_step   one new token for each of B rows through a GPT-2 block stack (atelier/models/chargpt.py's
-//               Decoder.step), writing keys and values into the KV cache and attending over it
+//   gpt2_step     tokens through a GPT-2 block stack (chargpt.Decoder, and hf_decoders.Gpt2Decoder for an
+//                 imported GPT-2): one new token per row, or whole prompts
+//   llama_step    the same for the Llama family (Llama, Qwen2, Mistral: RMSNorm, rotary positions,
+//                 grouped-query attention, SiLU-gated MLP; hf_decoders.LlamaDecoder)
 //   sample_plain  the inverse-CDF draw of atelier/runtime/sampling.py for rows that ask for nothing but a
-//               temperature, with the same ATen operations in the same order (so the same tokens)
+//                 temperature, with the same ATen operations in the same order (so the same tokens)
 //
-// Why C++: at batch 1 a tang-poet step reads 16 MB of weights in about 0.6 ms, and the hundred or so
-// tensor operations around those reads cost as much again when each crosses from Python (and takes the
-// GIL back from the event loop). Here the matrix products are still MKL's sgemm, called directly, and
-// the glue (embedding, LayerNorm, biases, residuals, attention over the cache) is plain loops.
+// Why C++: at batch 1 a tang-poet step reads 16 MB of weights in about 0.6 ms, and the hundred or so tensor
+// operations around those reads cost as much again when each crosses from Python (and takes the GIL back
+// from the event loop). Here the matrix products are MKL's sgemm, called directly, and the glue (embedding,
+// norms, biases, residuals, rotary positions, attention in place over the KV cache) is plain loops.
 // Built on the machine that runs it by `make` (python -m atelier.common.native), with -march=native.
 
 #include <torch/extension.h>
@@ -18,6 +20,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace py = pybind11;
@@ -30,77 +34,58 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-constexpr int kLayerTensors = 12;  // ln_1 w, b; c_attn w, b; c_proj w, b; ln_2 w, b; c_fc w, b; mlp.c_proj w, b
-
-// One new token per row: write its key and value at position pos[b] of cache row rows[b], then attend
-// over that row's positions 0…pos[b] (the same keys the module path's mask lets it see).
-// qkv (B, 3C) holds each row's query, key and value; y (B, C) receives the attention output;
-// kv points at this layer's (2, slots, n_head, positions, head_dim) block.
-void attend(const float* qkv, float* y, float* kv, const int64_t* rows, const int64_t* pos, int64_t B,
-            int64_t C, int64_t n_head, int64_t slots, int64_t positions, int64_t hs) {
-  const int64_t head_stride = positions * hs, slot_stride = n_head * head_stride, kv_stride = slots * slot_stride;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(positions);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_head, h = task % n_head, p = pos[b];
-      const float* row = qkv + b * 3 * C;
-      const float* q = row + h * hs;
-      float* k = kv + rows[b] * slot_stride + h * head_stride;
-      float* v = k + kv_stride;
-      std::memcpy(k + p * hs, row + C + h * hs, hs * sizeof(float));
-      std::memcpy(v + p * hs, row + 2 * C + h * hs, hs * sizeof(float));
-      float top = 0.f;
-      for (int64_t j = 0; j <= p; ++j) {
-        const float* kj = k + j * hs;
-        float s = 0.f;
-        for (int64_t d = 0; d < hs; ++d) s += q[d] * kj[d];
-        weights[j] = s * scale;
-        top = (j == 0 || weights[j] > top) ? weights[j] : top;
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j <= p; ++j) {
-        weights[j] = std::exp(weights[j] - top);
-        total += weights[j];
-      }
-      float* out = y + b * C + h * hs;
-      std::fill(out, out + hs, 0.f);
-      for (int64_t j = 0; j <= p; ++j) {
-        const float* vj = v + j * hs;
-        const float w = weights[j] / total;
-        for (int64_t d = 0; d < hs; ++d) out[d] += w * vj[d];
-      }
-    }
-  });
+void check_float(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
+              " must be a contiguous float32 CPU tensor");
 }
 
-// out (B, N) = x (B, K) · w (K, N) + bias (N), added to what out holds when `accumulate` (a residual).
-// MKL's sgemm, as ATen's addmm calls it, without a tensor or a dispatch around each product.
-void linear(const float* x, const float* w, const float* bias, float* out, int64_t B, int64_t K, int64_t N,
-            bool accumulate) {
+// A weight matrix as the decoders keep it: (in, out), which addmm reads as it is, or (out, in), an
+// nn.Linear's own (a language model's head, tied to the embedding).
+struct Matrix {
+  const float* data;
+  int64_t in, out;
+  bool out_in;
+
+  Matrix(const Tensor& w, bool out_in_layout) : data(w.data_ptr<float>()), out_in(out_in_layout) {
+    check_float(w, "a weight");
+    in = out_in ? w.size(1) : w.size(0);
+    out = out_in ? w.size(0) : w.size(1);
+  }
+};
+
+const float* data_or_null(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return nullptr;
+  check_float(*t, "a bias");
+  return t->data_ptr<float>();
+}
+
+// y (N, out) = x (N, in) · w + bias, added to what y holds when `accumulate` (a residual).
+void linear(const float* x, const Matrix& w, const float* bias, float* y, int64_t N, bool accumulate) {
+  const int64_t out = w.out;
   if (bias != nullptr) {
-    for (int64_t b = 0; b < B; ++b) {
-      float* o = out + b * N;
+    for (int64_t i = 0; i < N; ++i) {
+      float* row = y + i * out;
       if (accumulate) {
-        for (int64_t n = 0; n < N; ++n) o[n] += bias[n];
+        for (int64_t n = 0; n < out; ++n) row[n] += bias[n];
       } else {
-        std::memcpy(o, bias, N * sizeof(float));
+        std::memcpy(row, bias, out * sizeof(float));
       }
     }
   }
-  // Column-major BLAS sees the row-major (K, N) weight as its transpose: outᵀ = wᵀ · xᵀ.
-  const char no = 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(B), k = static_cast<int>(K);
+  // Column-major BLAS sees a row-major (in, out) matrix as its transpose: yᵀ = wᵀ · xᵀ; an (out, in) one
+  // is read transposed.
+  const char trans = w.out_in ? 'T' : 'N', no = 'N';
+  const int m = static_cast<int>(out), n = static_cast<int>(N), k = static_cast<int>(w.in);
+  const int lda = w.out_in ? k : m;
   const float one = 1.f, beta = (accumulate || bias != nullptr) ? 1.f : 0.f;
-  sgemm_(&no, &no, &m, &n, &k, &one, w, &m, x, &k, &beta, out, &m);
+  sgemm_(&trans, &no, &m, &n, &k, &one, w.data, &lda, x, &k, &beta, y, &m);
 }
 
-// LayerNorm over the last dimension (C) of x (B, C), as torch.layer_norm: biased variance, eps inside the root.
-void layer_norm(const float* x, float* out, const float* weight, const float* bias, int64_t B, int64_t C,
-                float eps) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = x + b * C;
-    float* o = out + b * C;
+// LayerNorm over rows of C, as torch.layer_norm: biased variance, eps inside the root.
+void layer_norm(const float* x, float* y, const float* weight, const float* bias, int64_t N, int64_t C, float eps) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float* row = x + i * C;
+    float* o = y + i * C;
     float sum = 0.f;
     for (int64_t c = 0; c < C; ++c) sum += row[c];
     const float mean = sum / C;
@@ -111,63 +96,246 @@ void layer_norm(const float* x, float* out, const float* weight, const float* bi
   }
 }
 
-void check_float(const Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
-              " must be a contiguous float32 CPU tensor");
+// RMSNorm over rows of C, as torch.rms_norm: x / sqrt(mean(x²) + eps) · weight.
+void rms_norm(const float* x, float* y, const float* weight, int64_t N, int64_t C, float eps) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float* row = x + i * C;
+    float* o = y + i * C;
+    float sq = 0.f;
+    for (int64_t c = 0; c < C; ++c) sq += row[c] * row[c];
+    const float inv = 1.f / std::sqrt(sq / C + eps);
+    for (int64_t c = 0; c < C; ++c) o[c] = row[c] * inv * weight[c];
+  }
+}
+
+// One layer's KV cache: keys and values (slots, kv_heads, capacity, head_dim), each contiguous.
+struct LayerCache {
+  float* keys;
+  float* values;
+  int64_t slots, kv_heads, capacity, head_dim;
+
+  LayerCache(Tensor& k, Tensor& v) {
+    check_float(k, "cached keys");
+    check_float(v, "cached values");
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "keys and values: (slots, kv_heads, capacity, head_dim)");
+    keys = k.data_ptr<float>();
+    values = v.data_ptr<float>();
+    slots = k.size(0), kv_heads = k.size(1), capacity = k.size(2), head_dim = k.size(3);
+  }
+
+  int64_t offset(int64_t slot, int64_t head, int64_t position) const {
+    return ((slot * kv_heads + head) * capacity + position) * head_dim;
+  }
+};
+
+// Attention for N tokens, token i of cache row rows[i] at position pos[i]. First every token's key and value
+// go to their places in the cache, then each token attends over its row's positions 0…pos[i] (the keys the
+// module path's mask lets it see), so a prompt's tokens can come in one call: a later token's key is in the
+// cache, unseen, while an earlier one attends. Query head h reads key/value head h / (heads / kv_heads).
+// q, k, v: token i's at q + i * q_stride (heads × head_dim) and k/v + i * kv_stride (kv_heads × head_dim).
+void attend(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, float* y,
+            const LayerCache& cache, const int64_t* rows, const int64_t* pos, int64_t N, int64_t heads,
+            float scale) {
+  const int64_t hd = cache.head_dim, group = heads / cache.kv_heads, bytes = hd * sizeof(float);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t h = 0; h < cache.kv_heads; ++h) {
+      const int64_t at = cache.offset(rows[i], h, pos[i]);
+      std::memcpy(cache.keys + at, k + i * kv_stride + h * hd, bytes);
+      std::memcpy(cache.values + at, v + i * kv_stride + h * hd, bytes);
+    }
+  at::parallel_for(0, N * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(cache.capacity);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / heads, h = task % heads, p = pos[i];
+      const float* qh = q + i * q_stride + h * hd;
+      const float* keys = cache.keys + cache.offset(rows[i], h / group, 0);
+      const float* values = cache.values + cache.offset(rows[i], h / group, 0);
+      float top = 0.f;
+      for (int64_t j = 0; j <= p; ++j) {
+        const float* kj = keys + j * hd;
+        float s = 0.f;
+        for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
+        weights[j] = s * scale;
+        top = (j == 0 || weights[j] > top) ? weights[j] : top;
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j <= p; ++j) {
+        weights[j] = std::exp(weights[j] - top);
+        total += weights[j];
+      }
+      float* out = y + i * heads * hd + h * hd;
+      std::fill(out, out + hd, 0.f);
+      for (int64_t j = 0; j <= p; ++j) {
+        const float* vj = values + j * hd;
+        const float w = weights[j] / total;
+        for (int64_t d = 0; d < hd; ++d) out[d] += w * vj[d];
+      }
+    }
+  });
+}
+
+// Rotary positions, as transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin, where
+// rotate_half(x) = (-x[half:], x[:half]); cos and sin (N, head_dim) are the token's own.
+void rotate(float* x, int64_t N, int64_t heads, int64_t hd, int64_t stride, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  std::vector<float> t(hd);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* a = x + i * stride + h * hd;
+      const float* c = cos + i * hd;
+      const float* s = sin + i * hd;
+      for (int64_t d = 0; d < half; ++d) t[d] = a[d] * c[d] - a[d + half] * s[d];
+      for (int64_t d = half; d < hd; ++d) t[d] = a[d] * c[d] + a[d - half] * s[d];
+      std::memcpy(a, t.data(), hd * sizeof(float));
+    }
+}
+
+// The tokens' cache rows and positions, checked while the GIL is held (a bad position is the caller's
+// ValueError, as on the module path).
+struct Tokens {
+  Tensor ids, pos, rows;
+  int64_t N;
+
+  Tokens(const Tensor& ids_, const Tensor& pos_, const Tensor& rows_, int64_t vocab, int64_t slots,
+         int64_t positions)
+      : ids(ids_.contiguous()), pos(pos_.contiguous()), rows(rows_.contiguous()), N(ids_.size(0)) {
+    TORCH_CHECK(ids.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && rows.scalar_type() == at::kLong &&
+                    pos.size(0) == N && rows.size(0) == N,
+                "ids, pos and rows: one int64 per token");
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t p = pos.data_ptr<int64_t>()[i], r = rows.data_ptr<int64_t>()[i], t = ids.data_ptr<int64_t>()[i];
+      if (p < 0 || p >= positions)
+        throw py::value_error("position " + std::to_string(p) + " is past the context of " + std::to_string(positions));
+      TORCH_CHECK(r >= 0 && r < slots, "cache row ", r, " out of range");
+      TORCH_CHECK(t >= 0 && t < vocab, "token ", t, " out of range");
+    }
+  }
+};
+
+std::vector<LayerCache> layer_caches(std::vector<Tensor>& keys, std::vector<Tensor>& values, int64_t n_layer,
+                                     const Tokens& tokens) {
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == n_layer && values.size() == keys.size(), "one cache per layer");
+  std::vector<LayerCache> caches;
+  for (int64_t l = 0; l < n_layer; ++l) {
+    caches.emplace_back(keys[l], values[l]);
+    for (int64_t i = 0; i < tokens.N; ++i)
+      TORCH_CHECK(tokens.pos.data_ptr<int64_t>()[i] < caches.back().capacity &&
+                      tokens.rows.data_ptr<int64_t>()[i] < caches.back().slots,
+                  "the cache of layer ", l, " is too small");
+  }
+  return caches;
 }
 
 }  // namespace
 
-// Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,).
-// kv: (n_layer, 2, slots, n_head, positions, head_dim); layers: 12 tensors per block, matrices as (in, out).
-Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, Tensor kv, const Tensor& wte,
-                 const Tensor& wpe, const std::vector<Tensor>& layers, const Tensor& ln_f_weight,
-                 const Tensor& ln_f_bias, const Tensor& head, int64_t n_head, double eps) {
-  const int64_t B = ids.size(0), C = wte.size(1), vocab = head.size(1), n_layer = kv.size(0),
-                slots = kv.size(2), positions = kv.size(4), hs = C / n_head;
-  check_float(kv, "the KV cache");
-  TORCH_CHECK(kv.dim() == 6 && kv.size(1) == 2 && kv.size(3) == n_head && kv.size(5) == hs, "KV cache shape");
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kLayerTensors, "12 tensors per layer");
+// Logits (N, vocab) for tokens ids (N,) of cache rows `rows` at positions `pos`: one new token per row when
+// decoding, or every token of the prompts when prefilling (a row's tokens in order). keys/values: one
+// (slots, heads, capacity, head_dim) tensor per layer; layers: 12 tensors per block (ln_1 w, b; c_attn w, b;
+// attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b), matrices (in, out); the head (out, in) when
+// head_out_in. scale ≤ 0: 1/sqrt(head_dim). gelu: "tanh" or "none", as torch's gelu.
+Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
+                 std::vector<Tensor> values, const Tensor& wte, const Tensor& wpe, const std::vector<Tensor>& layers,
+                 const Tensor& ln_f_weight, const Tensor& ln_f_bias, const Tensor& head,
+                 const std::optional<Tensor>& head_bias, bool head_out_in, int64_t n_head, double eps, double scale,
+                 const std::string& gelu) {
+  constexpr int kPerLayer = 12;
+  const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = wte.size(1);
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "12 tensors per layer");
+  for (const Tensor* t : {&wte, &wpe, &ln_f_weight, &ln_f_bias}) check_float(*t, "a weight");
   for (const Tensor& t : layers) check_float(t, "a weight");
-  for (const Tensor* t : {&wte, &wpe, &ln_f_weight, &ln_f_bias, &head}) check_float(*t, "a weight");
-  const Tensor ids_ = ids.contiguous(), pos_ = pos.contiguous(), rows_ = rows.contiguous();
-  TORCH_CHECK(ids_.scalar_type() == at::kLong && pos_.scalar_type() == at::kLong && rows_.scalar_type() == at::kLong &&
-              pos_.size(0) == B && rows_.size(0) == B, "ids, pos and rows: one int64 per row");
-  const int64_t* tok = ids_.data_ptr<int64_t>();
-  const int64_t* p = pos_.data_ptr<int64_t>();
-  const int64_t* r = rows_.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    if (p[b] < 0 || p[b] >= positions) throw py::value_error("position " + std::to_string(p[b]) +
-                                                             " is past the context of " + std::to_string(positions));
-    TORCH_CHECK(r[b] >= 0 && r[b] < slots, "cache row ", r[b], " out of range");
-    TORCH_CHECK(tok[b] >= 0 && tok[b] < wte.size(0), "token ", tok[b], " out of range");
-  }
-  const int64_t inner = layers[8].size(1);
-  Tensor logits = at::empty({B, vocab}, wte.options());
+  Tokens tokens(ids, pos, rows, wte.size(0), keys.empty() ? 0 : keys[0].size(0), wpe.size(0));
+  std::vector<LayerCache> caches = layer_caches(keys, values, n_layer, tokens);
+  const Matrix lm_head(head, head_out_in);
+  const float* lm_bias = data_or_null(head_bias);
+  const int64_t N = tokens.N, hd = C / n_head, inner = layers[8].size(1);
+  const float attn_scale = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(hd));
+  const float e = static_cast<float>(eps);
+  const int64_t* tok = tokens.ids.data_ptr<int64_t>();
+  const int64_t* p = tokens.pos.data_ptr<int64_t>();
+  const int64_t* r = tokens.rows.data_ptr<int64_t>();
+  Tensor logits = at::empty({N, lm_head.out}, wte.options());
   py::gil_scoped_release no_gil;
-  std::vector<float> x(B * C), normed(B * C), qkv(B * 3 * C), y(B * C), hidden(B * inner);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* e = wte.data_ptr<float>() + tok[b] * C;
-    const float* q = wpe.data_ptr<float>() + p[b] * C;
-    for (int64_t c = 0; c < C; ++c) x[b * C + c] = e[c] + q[c];
+  std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner);
+  Tensor hidden_view = at::from_blob(hidden.data(), {N, inner}, wte.options());
+  for (int64_t i = 0; i < N; ++i) {
+    const float* a = wte.data_ptr<float>() + tok[i] * C;
+    const float* b = wpe.data_ptr<float>() + p[i] * C;
+    for (int64_t c = 0; c < C; ++c) x[i * C + c] = a[c] + b[c];
   }
-  Tensor hidden_view = at::from_blob(hidden.data(), {B, inner}, wte.options());
-  float* cache = kv.data_ptr<float>();
   for (int64_t l = 0; l < n_layer; ++l) {
-    const Tensor* w = &layers[l * kLayerTensors];
-    auto f = [&](int i) { return w[i].data_ptr<float>(); };
-    layer_norm(x.data(), normed.data(), f(0), f(1), B, C, static_cast<float>(eps));
-    linear(normed.data(), f(2), f(3), qkv.data(), B, C, 3 * C, false);
-    attend(qkv.data(), y.data(), cache + l * kv.stride(0), r, p, B, C, n_head, slots, positions, hs);
-    linear(y.data(), f(4), f(5), x.data(), B, C, C, true);
-    layer_norm(x.data(), normed.data(), f(6), f(7), B, C, static_cast<float>(eps));
-    linear(normed.data(), f(8), f(9), hidden.data(), B, C, inner, false);
-    at::gelu_(hidden_view, "tanh");
-    linear(hidden.data(), f(10), f(11), x.data(), B, inner, C, true);
+    const Tensor* w = &layers[l * kPerLayer];
+    auto f = [&](int k) { return w[k].data_ptr<float>(); };
+    layer_norm(x.data(), normed.data(), f(0), f(1), N, C, e);
+    linear(normed.data(), Matrix(w[2], false), f(3), qkv.data(), N, false);
+    attend(qkv.data(), 3 * C, qkv.data() + C, qkv.data() + 2 * C, 3 * C, y.data(), caches[l], r, p, N, n_head,
+           attn_scale);
+    linear(y.data(), Matrix(w[4], false), f(5), x.data(), N, true);
+    layer_norm(x.data(), normed.data(), f(6), f(7), N, C, e);
+    linear(normed.data(), Matrix(w[8], false), f(9), hidden.data(), N, false);
+    at::gelu_(hidden_view, gelu);
+    linear(hidden.data(), Matrix(w[10], false), f(11), x.data(), N, true);
   }
-  layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), B, C,
-             static_cast<float>(eps));
-  linear(normed.data(), head.data_ptr<float>(), nullptr, logits.data_ptr<float>(), B, C, vocab, false);
+  layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), N, C, e);
+  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), N, false);
+  return logits;
+}
+
+// Logits (N, vocab) for tokens of the Llama family, as gpt2_step. cos, sin: (N, head_dim), each token's
+// rotary angles from the model's own rotary module. layers: 10 per block (input_layernorm w; q|k|v joined
+// (in, out) and its bias or None; o_proj and bias; post_attention_layernorm w; gate|up joined and bias;
+// down_proj and bias); eps: the two norms' epsilons per layer, then the final norm's; the head as in gpt2_step.
+Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
+                  std::vector<Tensor> values, const Tensor& embed, const Tensor& cos, const Tensor& sin,
+                  const std::vector<std::optional<Tensor>>& layers, const std::vector<double>& eps,
+                  const Tensor& norm_weight, const Tensor& head, const std::optional<Tensor>& head_bias,
+                  bool head_out_in, int64_t n_head, int64_t n_kv, int64_t head_dim, double scale) {
+  constexpr int kPerLayer = 10;
+  const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = embed.size(1);
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "10 entries per layer");
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * n_layer + 1, "two epsilons per layer and the final one");
+  TORCH_CHECK(n_kv > 0 && n_head % n_kv == 0 && head_dim % 2 == 0, "heads in groups, an even head_dim");
+  for (const Tensor* t : {&embed, &cos, &sin, &norm_weight}) check_float(*t, "a weight");
+  for (int k : {0, 1, 3, 5, 6, 8})
+    for (int64_t l = 0; l < n_layer; ++l) TORCH_CHECK(layers[l * kPerLayer + k].has_value(), "a missing weight");
+  // The cache's length is the model's context; the rotary angles come for each token.
+  Tokens tokens(ids, pos, rows, embed.size(0), keys.empty() ? 0 : keys[0].size(0), INT64_MAX);
+  TORCH_CHECK(cos.size(0) == tokens.N && cos.size(1) == head_dim && sin.sizes() == cos.sizes(), "cos, sin: (N, head_dim)");
+  std::vector<LayerCache> caches = layer_caches(keys, values, n_layer, tokens);
+  const Matrix lm_head(head, head_out_in);
+  const float* lm_bias = data_or_null(head_bias);
+  const int64_t N = tokens.N, q_width = n_head * head_dim, kv_width = n_kv * head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width, inner = layers[6]->size(1) / 2;
+  const int64_t* tok = tokens.ids.data_ptr<int64_t>();
+  const int64_t* p = tokens.pos.data_ptr<int64_t>();
+  const int64_t* r = tokens.rows.data_ptr<int64_t>();
+  std::vector<const float*> biases;
+  for (const auto& t : layers) biases.push_back(t.has_value() ? data_or_null(t) : nullptr);
+  Tensor logits = at::empty({N, lm_head.out}, embed.options());
+  py::gil_scoped_release no_gil;
+  std::vector<float> x(N * C), normed(N * C), qkv(N * qkv_width), y(N * q_width), gate_up(N * 2 * inner),
+      act(N * inner);
+  for (int64_t i = 0; i < N; ++i) std::memcpy(&x[i * C], embed.data_ptr<float>() + tok[i] * C, C * sizeof(float));
+  for (int64_t l = 0; l < n_layer; ++l) {
+    const std::optional<Tensor>* w = &layers[l * kPerLayer];
+    const float* const* b = &biases[l * kPerLayer];
+    rms_norm(x.data(), normed.data(), w[0]->data_ptr<float>(), N, C, static_cast<float>(eps[2 * l]));
+    linear(normed.data(), Matrix(*w[1], false), b[2], qkv.data(), N, false);
+    rotate(qkv.data(), N, n_head, head_dim, qkv_width, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate(qkv.data() + q_width, N, n_kv, head_dim, qkv_width, cos.data_ptr<float>(), sin.data_ptr<float>());
+    attend(qkv.data(), qkv_width, qkv.data() + q_width, qkv.data() + q_width + kv_width, qkv_width, y.data(),
+           caches[l], r, p, N, n_head, static_cast<float>(scale));
+    linear(y.data(), Matrix(*w[3], false), b[4], x.data(), N, true);
+    rms_norm(x.data(), normed.data(), w[5]->data_ptr<float>(), N, C, static_cast<float>(eps[2 * l + 1]));
+    linear(normed.data(), Matrix(*w[6], false), b[7], gate_up.data(), N, false);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < inner; ++j) {
+        const float g = gate_up[i * 2 * inner + j], u = gate_up[i * 2 * inner + inner + j];
+        act[i * inner + j] = g / (1.f + std::exp(-g)) * u;  // SiLU(gate) · up
+      }
+    linear(act.data(), Matrix(*w[8], false), b[9], x.data(), N, true);
+  }
+  rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), N, C, static_cast<float>(eps[2 * n_layer]));
+  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), N, false);
   return logits;
 }
 
@@ -179,7 +347,8 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   check_float(logits, "logits");
   const int64_t B = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(static_cast<int64_t>(banned.size()) == B && static_cast<int64_t>(temps.size()) == B &&
-              static_cast<int64_t>(generators.size()) == B, "one banned list, temperature and generator per row");
+                  static_cast<int64_t>(generators.size()) == B,
+              "one banned list, temperature and generator per row");
   for (int64_t i = 0; i < B; ++i)
     for (int64_t id : banned[i]) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
   py::gil_scoped_release no_gil;
@@ -203,7 +372,9 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   for (auto& g : generators) draws.push_back(at::rand({1}, g));
   Tensor u = at::cat(draws);
   Tensor tokens = at::searchsorted(cdf, (u * cdf.select(1, vocab - 1)).unsqueeze(1), /*out_int32=*/false,
-                                   /*right=*/true).squeeze(1).clamp_(c10::nullopt, vocab - 1);
+                                   /*right=*/true)
+                      .squeeze(1)
+                      .clamp_(c10::nullopt, vocab - 1);
   std::vector<int64_t> out(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + B);
   if (greedy) {
     Tensor best = logits.argmax(-1);
@@ -215,5 +386,6 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gpt2_step", &gpt2_step);
+  m.def("llama_step", &llama_step);
   m.def("sample_plain", &sample_plain);
 }
