@@ -98,3 +98,22 @@ def test_a_native_prefill_matches_the_module_path():
         a, _ = model(nxt, cache=caches[1], rows=rows, pos=torch.tensor([[6], [6]]))
     b, _ = model(nxt, cache=caches[0], rows=rows, pos=torch.tensor([[6], [6]]))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_server_says_how_it_decodes_and_native_off_writes_the_same_completion(tmp_path):
+    """GET /api/ps names each text model's decoding ("native" here, where make built the kernels);
+    ATELIER_NATIVE=false serves the Python paths, and the same seeded completion."""
+    from conftest import LiveServer, admin_http, admin_openai, make_settings
+
+    texts = {}
+    try:
+        for native_on in (True, False):
+            with LiveServer(make_settings(tmp_path / f"home-{native_on}", native=native_on)) as server:
+                out = admin_openai(server).completions.create(model="tang-poet", prompt="春眠不觉晓，", max_tokens=24,
+                                                              seed=11, extra_body={"ignore_eos": True})
+                texts[native_on] = out.choices[0].text
+                ps = admin_http(server).get("/api/ps").json()["data"]
+                assert [m["decoding"] for m in ps] == ["native" if native_on else "python"]
+    finally:
+        native.use(True)  # the server in this process turned them off for everyone
+    assert len(texts[True]) == 24 and texts[True] == texts[False]

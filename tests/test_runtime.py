@@ -61,6 +61,7 @@ def test_ps_load_unload_and_lru_eviction(rt, small_runtime):
     row = r.json()
     assert row["model"] == "tang-poet@1" and row["family"] == "chargpt" and row["engine"] == "text"
     assert row["size_bytes"] > 10_000_000 and row["expires_at"] is None
+    assert row["decoding"] == "native"  # the kernels make built (atelier/common/native/)
     assert loaded(rt) == ["tang-poet@1"]
     # A request for another model evicts the least recently used one (the limit is 1).
     client = admin_openai(small_runtime)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from atelier.common.native import kernels
 from atelier.families.base import Family, TrainJob, decoder_context
 from atelier.models import chargpt
 from atelier.training import hyperparameters
@@ -47,6 +48,11 @@ class CharLM:
     def poet(self):
         """(model, tokenizer) for the poetry engine."""
         return self.model, self.tokenizer
+
+    @property
+    def decoding(self) -> str:
+        """How a decoding step runs (GET /api/ps): "native" (atelier/common/native/) or "python"."""
+        return "native" if kernels() is not None else "python"
 
     def new_cache(self, rows: int) -> chargpt.KVCache:
         return chargpt.KVCache(self.model.config, rows)

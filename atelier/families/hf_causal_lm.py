@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atelier.common.native import kernels
 from atelier.common.slots import as_run
 from atelier.families.base import Family, manifest, refuse_pickles
 
@@ -113,6 +114,14 @@ class HFCausalLM:
             # No template: a plain transcript the model can continue.
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def decoding(self) -> str:
+        """How a decoding step runs (GET /api/ps): "native" (atelier/common/native/), "python" (the decoder
+        in Python: kernels off or not built, or weights not float32), or "modules" (transformers' own)."""
+        if self.decoder is None:
+            return "modules"
+        return "native" if kernels() is not None and self.decoder.float32 else "python"
 
     def new_cache(self, rows: int) -> SlotCache:
         from atelier.families.hf_cache import SlotCache  # transformers is imported only once a model loads

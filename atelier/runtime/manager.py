@@ -71,7 +71,8 @@ class Loaded:
                 "task": self.task, "engine": self.family.engine, "runtime": getattr(self.engine, "runtime", "local"),
                 "size_bytes": self.weight_bytes,
                 "loaded_at": int(self.loaded_at), "last_used": int(self.last_used), "in_use": self.in_use,
-                "expires_at": None if self.expires_at is None else int(self.expires_at)}
+                "expires_at": None if self.expires_at is None else int(self.expires_at)} \
+            | ({"decoding": self.servable.decoding} if hasattr(self.servable, "decoding") else {})
 
 
 class ModelManager:

@@ -16,8 +16,6 @@
 
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -143,9 +141,11 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
       std::memcpy(cache.keys + at, k + i * kv_stride + h * hd, bytes);
       std::memcpy(cache.values + at, v + i * kv_stride + h * hd, bytes);
     }
-  at::parallel_for(0, N * heads, 1, [&](int64_t begin, int64_t end) {
+  // One thread: the engines run one torch thread each (config.inference_threads), and an OpenMP team here
+  // would cost more than the attention of a few rows.
+  {
     std::vector<float> weights(cache.capacity);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = 0; task < N * heads; ++task) {
       const int64_t i = task / heads, h = task % heads, p = pos[i];
       const float* qh = q + i * q_stride + h * hd;
       const float* keys = cache.keys + cache.offset(rows[i], h / group, 0);
@@ -171,7 +171,7 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
         for (int64_t d = 0; d < hd; ++d) out[d] += w * vj[d];
       }
     }
-  });
+  }
 }
 
 // Rotary positions, as transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin, where
