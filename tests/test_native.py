@@ -117,3 +117,37 @@ def test_the_server_says_how_it_decodes_and_native_off_writes_the_same_completio
     finally:
         native.use(True)  # the server in this process turned them off for everyone
     assert len(texts[True]) == 24 and texts[True] == texts[False]
+
+
+def test_an_int8_version_decodes_a_few_rows_with_its_int8_matrices(tmp_path):
+    """A quantized version (atelier/models/int8.py) steps up to INT8_ROWS rows with the int8 matrices
+    themselves and more rows with the dequantized copies; both give the Python path's logits on the
+    dequantized weights. Once its weights change in place the int8 matrices are stale and unused."""
+    from atelier.models.chargpt import INT8_ROWS, from_pretrained, save_pretrained
+    from atelier.models.tokenizer import CharTokenizer
+    from atelier.training.compress import quantize_folder
+
+    torch.manual_seed(0)
+    tok = CharTokenizer.train(["春眠不觉晓，处处闻啼鸟。"])
+    # vocab 100 × 64: the embedding (and tied head) is int8 too; the position table is too small to be
+    model = CharGPT(ChargptConfig(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4)).eval()
+    save_pretrained(model, tok, tmp_path / "fp32")
+    quantize_folder(tmp_path / "fp32", tmp_path / "int8")
+    q, _ = from_pretrained(tmp_path / "int8")
+    assert q.decoder().native_int8_args is not None
+    for B in (1, INT8_ROWS, INT8_ROWS + 2):
+        caches = [KVCache(q.config, 8) for _ in range(2)]
+        rows = torch.arange(B)
+        with torch.no_grad():
+            for p in range(6):
+                ids = torch.randint(0, 100, (B, 1))
+                got, _ = q(ids, cache=caches[0], rows=rows, pos=torch.full((B, 1), p))
+                native.use(False)
+                try:
+                    expected, _ = q(ids, cache=caches[1], rows=rows, pos=torch.full((B, 1), p))
+                finally:
+                    native.use(True)
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        q.h[0].mlp.c_fc.weight.mul_(2)
+    assert q.decoder().native_int8_args is None

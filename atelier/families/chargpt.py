@@ -51,8 +51,11 @@ class CharLM:
 
     @property
     def decoding(self) -> str:
-        """How a decoding step runs (GET /api/ps): "native" (atelier/common/native/) or "python"."""
-        return "native" if kernels() is not None else "python"
+        """How a decoding step runs (GET /api/ps): "native" (atelier/common/native/), "native-int8" (a quantized
+        version: its int8 matrices for a few rows at a time), or "python"."""
+        if kernels() is None:
+            return "python"
+        return "native-int8" if self.model.decoder().native_int8_args is not None else "native"
 
     def new_cache(self, rows: int) -> chargpt.KVCache:
         return chargpt.KVCache(self.model.config, rows)

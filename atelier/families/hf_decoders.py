@@ -147,10 +147,10 @@ class Gpt2Decoder(_Decoder):
         native = self._native(cache, pos)
         if native is not None:
             return native.gpt2_step(ids, pos, rows, [layer.keys for layer in cache.layers],
-                                    [layer.values for layer in cache.layers], self.wte, self.wpe, self.flat,
-                                    self.ln_f[0].detach(), self.ln_f[1].detach(), self.native_head[0],
-                                    None if self.head[1] is None else self.head[1].detach(), self.native_head[1],
-                                    self.heads, self.eps, self.scale or 0.0, self.gelu)
+                                    [layer.values for layer in cache.layers], self.wte, None, self.wpe, None,
+                                    self.flat, [], self.ln_f[0].detach(), self.ln_f[1].detach(), self.native_head[0],
+                                    None, None if self.head[1] is None else self.head[1].detach(),
+                                    self.native_head[1], self.heads, self.eps, self.scale or 0.0, self.gelu)
         span, run, mask = self._begin(cache, rows, pos)
         B, C, nh = ids.shape[0], self.dim, self.heads
         norm, shape, eps = torch.layer_norm, (C,), self.eps

@@ -243,7 +243,8 @@ class Decoder:
     Decoding a model this small on a CPU is bound by the cost of each tensor operation and by
     reading the weights, not by arithmetic (benchmarks/text_decode.py). Where the native kernels are
     built (atelier/common/native/), the whole step is one call to their `gpt2_step`, which runs the
-    loop below in C++ without the GIL and attends in place over the cache. Otherwise the decoder
+    loop below in C++ without the GIL and attends in place over the cache; a version loaded from int8
+    (models/int8.py) gives it the int8 matrices for steps of up to INT8_ROWS rows. Otherwise the decoder
       - keeps each matrix as the (in, out) copy that addmm reads fastest (one more copy of the
         weights: 16 MB for tang-poet), adding the biases inside addmm,
       - walks a flat list of tensors instead of the module tree,
@@ -269,7 +270,28 @@ class Decoder:
             self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
             self.ln_f = (model.ln_f.weight, model.ln_f.bias)
             self.head = t(model.wte.weight)  # tied to the token embedding
-        self.flat = [w for layer in self.layers for w in layer]  # the native step's argument
+        flat = [w for layer in self.layers for w in layer]
+        self.native_args = (self.wte, None, self.wpe, None, flat, [], *self.ln_f, self.head, None, None, False)
+        self.native_int8_args = self._int8_args(model, flat)
+
+    def _int8_args(self, model: CharGPT, flat: list[torch.Tensor]) -> tuple | None:
+        """For a quantized version (loaded from int8, weights not changed since), the native step's weights
+        as its int8 matrices with their per-row scales; None otherwise."""
+        tensors = getattr(model, "int8_tensors", None) if getattr(model, "int8_version", -1) == self.version else None
+        if tensors is None:
+            return None
+
+        def q8(name: str, dense: torch.Tensor) -> tuple:
+            return (tensors[name], tensors[name + int8.SCALE]) if name + int8.SCALE in tensors else (dense, None)
+
+        weights, scales = [], []
+        for i, w in enumerate(flat):
+            w, scale = q8(f"transformer.h.{i // 12}.{_MATRICES[i % 12]}", w) if i % 12 in _MATRICES else (w, None)
+            weights.append(w)
+            scales.append(scale)
+        wte, wpe = q8("transformer.wte.weight", self.wte), q8("transformer.wpe.weight", self.wpe)
+        head = wte if wte[1] is not None else (self.head, None)  # the head is tied to the token embedding
+        return (*wte, *wpe, weights, scales, *self.ln_f, *head, None, head[1] is not None)
 
     def weights_version(self) -> int:
         """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
@@ -280,8 +302,10 @@ class Decoder:
         per row, or (the native step only) a prefill's tokens, each row's in order."""
         native = kernels()
         if native is not None and cache.kv.dtype == torch.float32:
-            return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values, self.wte, self.wpe,
-                                    self.flat, *self.ln_f, self.head, None, False, self.n_head, self.eps, 0.0, "tanh")
+            few = self.native_int8_args is not None and ids.shape[0] <= INT8_ROWS
+            return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values,
+                                    *(self.native_int8_args if few else self.native_args), self.n_head, self.eps, 0.0,
+                                    "tanh")
         B, nh = ids.shape[0], self.n_head
         span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:
@@ -300,6 +324,14 @@ class Decoder:
             h = gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate="tanh")
             x = torch.addmm(x + bp, h, wp)
         return norm(x, shape, *self.ln_f, eps) @ self.head
+
+
+# A quantized version decodes up to this many tokens a step with its int8 matrices: a quarter of the bytes
+# to read, 1.9× faster at 1 row; from 8 rows MKL's fp32 GEMM on the dequantized copies is faster than the
+# native int8 loops (benchmarks/compress_eval.py).
+INT8_ROWS = 4
+# The matrices of a block's 12 decoder tensors, under their Hugging Face names (for the int8 ones).
+_MATRICES = {2: "attn.c_attn.weight", 4: "attn.c_proj.weight", 8: "mlp.c_fc.weight", 10: "mlp.c_proj.weight"}
 
 
 # -- saving and loading in Hugging Face GPT-2 layout ------------------------------------
@@ -382,8 +414,11 @@ def from_pretrained(directory: str | Path, tokenizer=CharTokenizer) -> tuple[Cha
     directory = Path(directory)
     config = config_from_hf(json.loads((directory / CONFIG_FILE).read_text()))
     # A quantized version (atelier/models/int8.py) stores int8 matrices with their scales: floats again here.
-    model = load_state(CharGPT(config), int8.dequantize(load_file(directory / WEIGHTS_FILE)))
+    tensors = load_file(directory / WEIGHTS_FILE)
+    model = load_state(CharGPT(config), int8.dequantize(tensors))
     model.eval()
+    if int8.quantized_count(tensors):  # the native step reads the int8 matrices themselves
+        model.int8_tensors, model.int8_version = tensors, sum(p._version for p in model.parameters())
     return model, tokenizer.load(directory / TOKENIZER_FILE)
 
 

@@ -2,10 +2,11 @@
 
 Every float matrix with at least MIN_ELEMENTS elements is stored as int8 with one fp32 scale per
 row (symmetric: q = round(w / s), s = max|row| / 127), beside it under `<name>.int8_scale`; small
-tensors (biases, LayerNorms) stay as they were. A model loads by dequantizing (w ≈ q · s), so it
-runs the fp32 code it always ran: on this CPU int8 matmul kernels were no faster for models this
-small (benchmarks/compress_eval.py measures it), and the saving is on disk and in transfers.
-"""
+tensors (biases, LayerNorms) stay as they were. A model loads by dequantizing (w ≈ q · s), so every
+path that runs fp32 (training, prefill through the modules, the Python decoder) runs as before. The
+native decoding step (atelier/common/native/) also reads the int8 matrices themselves for steps of a
+few rows, a quarter of the bytes: 1.9× faster for a single stream of tang-poet on this CPU, where
+torchao's and aten's int8 kernels were no faster than fp32 (benchmarks/compress_eval.py)."""
 
 from __future__ import annotations
 

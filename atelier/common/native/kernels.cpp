@@ -2,7 +2,8 @@
 // no GIL while it runs.
 //
 //   gpt2_step     tokens through a GPT-2 block stack (chargpt.Decoder, and hf_decoders.Gpt2Decoder for an
-//                 imported GPT-2): one new token per row, or whole prompts
+//                 imported GPT-2): one new token per row, or whole prompts; fp32 weights, or a quantized
+//                 version's int8 matrices (atelier/models/int8.py) read as they are stored
 //   llama_step    the same for the Llama family (Llama, Qwen2, Mistral: RMSNorm, rotary positions,
 //                 grouped-query attention, SiLU-gated MLP; hf_decoders.LlamaDecoder)
 //   sample_plain  the inverse-CDF draw of atelier/runtime/sampling.py for rows that ask for nothing but a
@@ -15,6 +16,8 @@
 // Built on the machine that runs it by `make` (python -m atelier.common.native), with -march=native.
 
 #include <torch/extension.h>
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
@@ -37,17 +40,44 @@ void check_float(const Tensor& t, const char* what) {
               " must be a contiguous float32 CPU tensor");
 }
 
-// A weight matrix as the decoders keep it: (in, out), which addmm reads as it is, or (out, in), an
-// nn.Linear's own (a language model's head, tied to the embedding).
+// A weight matrix as the decoders keep it: (in, out), which sgemm reads fastest, or (out, in), an
+// nn.Linear's own (a language model's head, tied to the embedding). Either may be int8 with one float
+// scale per stored row (atelier/models/int8.py: w ≈ q · s): per input for (in, out), per output for
+// (out, in). An int8 matrix is a quarter of the bytes to read, and reading is what a step of few rows
+// waits for; its products are the loops below instead of MKL's.
 struct Matrix {
-  const float* data;
+  const float* data = nullptr;
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
   int64_t in, out;
   bool out_in;
 
-  Matrix(const Tensor& w, bool out_in_layout) : data(w.data_ptr<float>()), out_in(out_in_layout) {
-    check_float(w, "a weight");
+  Matrix(const Tensor& w, bool out_in_layout, const std::optional<Tensor>& scales = std::nullopt)
+      : out_in(out_in_layout) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "a weight must be a contiguous matrix");
     in = out_in ? w.size(1) : w.size(0);
     out = out_in ? w.size(0) : w.size(1);
+    if (scales.has_value()) {
+      TORCH_CHECK(w.scalar_type() == at::kChar, "a weight with scales must be int8");
+      check_float(*scales, "scales");
+      TORCH_CHECK(scales->numel() == w.size(0), "one scale per stored row");
+      q = w.data_ptr<int8_t>();
+      scale = scales->data_ptr<float>();
+    } else {
+      check_float(w, "a weight");
+      data = w.data_ptr<float>();
+    }
+  }
+
+  // Row r of the stored matrix, as floats (an embedding lookup).
+  void row(int64_t r, float* dst) const {
+    const int64_t width = out_in ? in : out;
+    if (q == nullptr) {
+      std::memcpy(dst, data + r * width, width * sizeof(float));
+      return;
+    }
+    const int8_t* src = q + r * width;
+    for (int64_t c = 0; c < width; ++c) dst[c] = src[c] * scale[r];
   }
 };
 
@@ -55,6 +85,54 @@ const float* data_or_null(const std::optional<Tensor>& t) {
   if (!t.has_value()) return nullptr;
   check_float(*t, "a bias");
   return t->data_ptr<float>();
+}
+
+// int8 products with GCC's vector types: 16 floats to a register, the int8 weights widened as they are
+// loaded, sums kept in registers. (Plain loops left the sums in memory: no faster than fp32.)
+typedef float f16 __attribute__((vector_size(64)));
+typedef int8_t i16 __attribute__((vector_size(16)));
+
+inline f16 widen(const int8_t* q) {
+#if defined(__AVX512F__)
+  // vpmovsxbd + vcvtdq2ps: g++ 12 turns __builtin_convertvector of int8 lanes into scalar shifts
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  f16 out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+#else
+  f16 out;
+  for (int j = 0; j < 16; ++j) out[j] = q[j];
+  return out;
+#endif
+}
+
+inline float total(f16 v) {
+  float sum = 0.f;
+  for (int j = 0; j < 16; ++j) sum += v[j];
+  return sum;
+}
+
+// Rows × 64 outputs of an int8 (in, out) product, columns n0…n0+63: y[r][n] (+)= Σ_k xs[r][k] · q[k][n], where
+// xs is x already multiplied by the per-input scales.
+template <int Rows>
+void q8_block(const float* xs, int64_t K, const int8_t* q, int64_t N, int64_t n0, float* y, bool add) {
+  f16 acc[Rows][4] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* wk = q + k * N + n0;
+    const f16 w0 = widen(wk), w1 = widen(wk + 16), w2 = widen(wk + 32), w3 = widen(wk + 48);
+    for (int r = 0; r < Rows; ++r) {
+      const float xk = xs[r * K + k];
+      acc[r][0] += xk * w0;
+      acc[r][1] += xk * w1;
+      acc[r][2] += xk * w2;
+      acc[r][3] += xk * w3;
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < 4; ++c) {
+      float* out = y + r * N + n0 + 16 * c;
+      for (int j = 0; j < 16; ++j) out[j] = (add ? out[j] : 0.f) + acc[r][c][j];
+    }
 }
 
 // y (N, out) = x (N, in) · w + bias, added to what y holds when `accumulate` (a residual).
@@ -70,12 +148,51 @@ void linear(const float* x, const Matrix& w, const float* bias, float* y, int64_
       }
     }
   }
+  const bool add = accumulate || bias != nullptr;
+  if (w.q != nullptr && !w.out_in) {  // int8 (in, out): scale the inputs, then sum int8 rows
+    const int64_t K = w.in;
+    std::vector<float> xs(N * K);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < K; ++k) xs[i * K + k] = x[i * K + k] * w.scale[k];
+    const int64_t blocked = out - out % 64;
+    for (int64_t n0 = 0; n0 < blocked; n0 += 64) {
+      int64_t i = 0;
+      for (; i + 4 <= N; i += 4) q8_block<4>(&xs[i * K], K, w.q, out, n0, y + i * out, add);
+      for (; i < N; ++i) q8_block<1>(&xs[i * K], K, w.q, out, n0, y + i * out, add);
+    }
+    for (int64_t i = 0; i < N; ++i)  // the last columns, fewer than 64
+      for (int64_t n = blocked; n < out; ++n) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < K; ++k) sum += xs[i * K + k] * w.q[k * out + n];
+        y[i * out + n] = (add ? y[i * out + n] : 0.f) + sum;
+      }
+    return;
+  }
+  if (w.q != nullptr) {  // int8 (out, in): one dot product per output, scaled by its row's scale
+    const int64_t K = w.in, vectors = K / 16;
+    for (int64_t n = 0; n < out; ++n) {
+      const int8_t* wn = w.q + n * K;
+      for (int64_t i = 0; i < N; ++i) {
+        const float* xi = x + i * K;
+        f16 acc = {};
+        for (int64_t v = 0; v < vectors; ++v) {
+          f16 xv;
+          std::memcpy(&xv, xi + 16 * v, sizeof xv);
+          acc += xv * widen(wn + 16 * v);
+        }
+        float sum = total(acc);
+        for (int64_t k = 16 * vectors; k < K; ++k) sum += xi[k] * wn[k];
+        y[i * out + n] = (add ? y[i * out + n] : 0.f) + sum * w.scale[n];
+      }
+    }
+    return;
+  }
   // Column-major BLAS sees a row-major (in, out) matrix as its transpose: yᵀ = wᵀ · xᵀ; an (out, in) one
   // is read transposed.
   const char trans = w.out_in ? 'T' : 'N', no = 'N';
   const int m = static_cast<int>(out), n = static_cast<int>(N), k = static_cast<int>(w.in);
   const int lda = w.out_in ? k : m;
-  const float one = 1.f, beta = (accumulate || bias != nullptr) ? 1.f : 0.f;
+  const float one = 1.f, beta = add ? 1.f : 0.f;
   sgemm_(&trans, &no, &m, &n, &k, &one, w.data, &lda, x, &k, &beta, y, &m);
 }
 
@@ -232,48 +349,64 @@ std::vector<LayerCache> layer_caches(std::vector<Tensor>& keys, std::vector<Tens
 // decoding, or every token of the prompts when prefilling (a row's tokens in order). keys/values: one
 // (slots, heads, capacity, head_dim) tensor per layer; layers: 12 tensors per block (ln_1 w, b; c_attn w, b;
 // attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b), matrices (in, out); the head (out, in) when
-// head_out_in. scale ≤ 0: 1/sqrt(head_dim). gelu: "tanh" or "none", as torch's gelu.
+// head_out_in. scales: empty, or one entry per tensor of `layers` — the int8 matrices' per-row scales, None
+// for the rest; wte_scale, wpe_scale, head_scale likewise. scale ≤ 0: 1/sqrt(head_dim). gelu: "tanh" or
+// "none", as torch's gelu.
 Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
-                 std::vector<Tensor> values, const Tensor& wte, const Tensor& wpe, const std::vector<Tensor>& layers,
-                 const Tensor& ln_f_weight, const Tensor& ln_f_bias, const Tensor& head,
+                 std::vector<Tensor> values, const Tensor& wte, const std::optional<Tensor>& wte_scale,
+                 const Tensor& wpe, const std::optional<Tensor>& wpe_scale, const std::vector<Tensor>& layers,
+                 const std::vector<std::optional<Tensor>>& scales, const Tensor& ln_f_weight,
+                 const Tensor& ln_f_bias, const Tensor& head, const std::optional<Tensor>& head_scale,
                  const std::optional<Tensor>& head_bias, bool head_out_in, int64_t n_head, double eps, double scale,
                  const std::string& gelu) {
   constexpr int kPerLayer = 12;
   const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = wte.size(1);
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "12 tensors per layer");
-  for (const Tensor* t : {&wte, &wpe, &ln_f_weight, &ln_f_bias}) check_float(*t, "a weight");
-  for (const Tensor& t : layers) check_float(t, "a weight");
+  TORCH_CHECK(scales.empty() || scales.size() == layers.size(), "scales: none, or one entry per layer tensor");
+  const Matrix embed(wte, true, wte_scale), positions(wpe, true, wpe_scale);
+  std::vector<Matrix> matrices;
+  for (int64_t l = 0; l < n_layer; ++l)
+    for (int k = 0; k < kPerLayer; ++k) {
+      const size_t at = l * kPerLayer + k;
+      if (k == 2 || k == 4 || k == 8 || k == 10) {
+        matrices.emplace_back(layers[at], false, scales.empty() ? std::nullopt : scales[at]);
+      } else {
+        check_float(layers[at], "a bias or norm weight");
+      }
+    }
+  for (const Tensor* t : {&ln_f_weight, &ln_f_bias}) check_float(*t, "a norm weight");
   Tokens tokens(ids, pos, rows, wte.size(0), keys.empty() ? 0 : keys[0].size(0), wpe.size(0));
   std::vector<LayerCache> caches = layer_caches(keys, values, n_layer, tokens);
-  const Matrix lm_head(head, head_out_in);
+  const Matrix lm_head(head, head_out_in, head_scale);
   const float* lm_bias = data_or_null(head_bias);
-  const int64_t N = tokens.N, hd = C / n_head, inner = layers[8].size(1);
+  const int64_t N = tokens.N, hd = C / n_head, inner = matrices[2].out;
   const float attn_scale = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(hd));
   const float e = static_cast<float>(eps);
   const int64_t* tok = tokens.ids.data_ptr<int64_t>();
   const int64_t* p = tokens.pos.data_ptr<int64_t>();
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
-  Tensor logits = at::empty({N, lm_head.out}, wte.options());
+  Tensor logits = at::empty({N, lm_head.out}, ln_f_weight.options());
   py::gil_scoped_release no_gil;
-  std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner);
-  Tensor hidden_view = at::from_blob(hidden.data(), {N, inner}, wte.options());
+  std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner), where(C);
+  Tensor hidden_view = at::from_blob(hidden.data(), {N, inner}, ln_f_weight.options());
   for (int64_t i = 0; i < N; ++i) {
-    const float* a = wte.data_ptr<float>() + tok[i] * C;
-    const float* b = wpe.data_ptr<float>() + p[i] * C;
-    for (int64_t c = 0; c < C; ++c) x[i * C + c] = a[c] + b[c];
+    embed.row(tok[i], &x[i * C]);
+    positions.row(p[i], where.data());
+    for (int64_t c = 0; c < C; ++c) x[i * C + c] += where[c];
   }
   for (int64_t l = 0; l < n_layer; ++l) {
     const Tensor* w = &layers[l * kPerLayer];
+    const Matrix* m = &matrices[l * 4];
     auto f = [&](int k) { return w[k].data_ptr<float>(); };
     layer_norm(x.data(), normed.data(), f(0), f(1), N, C, e);
-    linear(normed.data(), Matrix(w[2], false), f(3), qkv.data(), N, false);
+    linear(normed.data(), m[0], f(3), qkv.data(), N, false);
     attend(qkv.data(), 3 * C, qkv.data() + C, qkv.data() + 2 * C, 3 * C, y.data(), caches[l], r, p, N, n_head,
            attn_scale);
-    linear(y.data(), Matrix(w[4], false), f(5), x.data(), N, true);
+    linear(y.data(), m[1], f(5), x.data(), N, true);
     layer_norm(x.data(), normed.data(), f(6), f(7), N, C, e);
-    linear(normed.data(), Matrix(w[8], false), f(9), hidden.data(), N, false);
+    linear(normed.data(), m[2], f(9), hidden.data(), N, false);
     at::gelu_(hidden_view, gelu);
-    linear(hidden.data(), Matrix(w[10], false), f(11), x.data(), N, true);
+    linear(hidden.data(), m[3], f(11), x.data(), N, true);
   }
   layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), N, C, e);
   linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), N, false);
