@@ -151,3 +151,23 @@ def test_an_int8_version_decodes_a_few_rows_with_its_int8_matrices(tmp_path):
     with torch.no_grad():
         q.h[0].mlp.c_fc.weight.mul_(2)
     assert q.decoder().native_int8_args is None
+
+
+def test_without_a_build_the_python_paths_run_and_the_log_says_why(tmp_path, monkeypatch, caplog):
+    """No compiler, or a read-only install: nothing under build/ for this source. kernels() is None (the
+    decoders and the sampler take their Python paths) and the log names the missing file and the fix."""
+    monkeypatch.setattr(native, "BUILD_DIR", tmp_path)
+    native._load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="atelier.common.native"):
+            assert native.kernels() is None
+        assert "not built" in caplog.text and str(tmp_path) in caplog.text and "make" in caplog.text
+        model = CharGPT(ChargptConfig(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([[3]]), cache=KVCache(model.config, 1), rows=torch.tensor([0]),
+                              pos=torch.tensor([[0]]))
+        assert logits.shape == (1, 1, 20)
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    assert native.kernels() is not None
