@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -37,6 +38,8 @@ def build(verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     BUILD_DIR.mkdir(exist_ok=True)
+    # torch runs `ninja` from PATH: the one pip put beside this interpreter, when the venv is not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for old in BUILD_DIR.glob("atelier_kernels_*.so"):  # builds of earlier sources
         if old.stem != module_name():
             old.unlink()
