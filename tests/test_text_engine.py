@@ -5,6 +5,7 @@ engine moves the sequence in the highest slot into the freed one (so the active 
 of slots), and waiting sequences are admitted. None of it may change what a sequence writes.
 """
 
+import pytest
 import torch
 from conftest import engine_texts
 
@@ -31,3 +32,30 @@ def test_finishing_moving_and_admitting_sequences_leave_each_text_as_alone():
     together = engine_texts(lm, requests, max_batch=4)
     assert together == [engine_texts(lm, [r], max_batch=1)[0] for r in requests]
     assert [len(t) for t in together] == [n for _, n, _ in requests]
+
+
+def test_the_outbox_wakes_a_listening_loop_through_its_pipe_and_refuses_a_closed_one():
+    """Events posted from another thread reach a loop that listens (woken by a byte on its pipe, as the
+    native step writes it) and one that does not (call_soon_threadsafe); a closed loop is refused."""
+    import asyncio
+    import threading
+
+    from atelier.runtime.text_engine import Outbox
+
+    outbox = Outbox()
+
+    async def receive(listen: bool) -> list:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if listen:
+            outbox.listen(loop)
+            assert loop in outbox._pipes
+        threading.Thread(target=lambda: [outbox.post(loop, queue, i) for i in range(3)]).start()
+        return [await asyncio.wait_for(queue.get(), 5) for _ in range(3)]
+
+    assert asyncio.run(receive(True)) == [0, 1, 2]
+    assert asyncio.run(receive(False)) == [0, 1, 2]
+    loop = asyncio.new_event_loop()
+    outbox.listen(loop)
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        outbox.post(loop, asyncio.Queue(), "late")

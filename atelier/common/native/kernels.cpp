@@ -13,11 +13,14 @@
 // operations around those reads cost as much again when each crosses from Python (and takes the GIL back
 // from the event loop). Here the matrix products are MKL's sgemm, called directly, and the glue (embedding,
 // norms, biases, residuals, rotary positions, attention in place over the KV cache) is plain loops.
+// A step also writes the wake-up bytes the text engine armed (arm_wake) once it has let go of the GIL, so
+// that the event loops stream the last step's tokens while this one computes.
 // Built on the machine that runs it by `make` (python -m atelier.common.native), with -march=native.
 
 #include <torch/extension.h>
 
 #include <immintrin.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -34,6 +37,16 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc);
 
 namespace {
+
+// Pipes to write one byte to once the next step has let go of the GIL (arm_wake): the text engine's
+// event loops, woken to stream the last step's tokens while this one computes.
+thread_local std::vector<int> armed;
+
+void wake_armed() {
+  const char byte = 0;
+  for (int fd : armed) [[maybe_unused]] auto written = ::write(fd, &byte, 1);  // a full pipe is awake already
+  armed.clear();
+}
 
 void check_float(const Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
@@ -387,6 +400,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   Tensor logits = at::empty({N, lm_head.out}, ln_f_weight.options());
   py::gil_scoped_release no_gil;
+  wake_armed();
   std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner), where(C);
   Tensor hidden_view = at::from_blob(hidden.data(), {N, inner}, ln_f_weight.options());
   for (int64_t i = 0; i < N; ++i) {
@@ -445,6 +459,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   for (const auto& t : layers) biases.push_back(t.has_value() ? data_or_null(t) : nullptr);
   Tensor logits = at::empty({N, lm_head.out}, embed.options());
   py::gil_scoped_release no_gil;
+  wake_armed();
   std::vector<float> x(N * C), normed(N * C), qkv(N * qkv_width), y(N * q_width), gate_up(N * 2 * inner),
       act(N * inner);
   for (int64_t i = 0; i < N; ++i) std::memcpy(&x[i * C], embed.data_ptr<float>() + tok[i] * C, C * sizeof(float));
@@ -517,7 +532,19 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   return out;
 }
 
+// The pipes the next gpt2_step or llama_step on this thread writes to, and those it has not written to
+// (the step did not run: the caller wakes them itself).
+void arm_wake(std::vector<int> fds) { armed = std::move(fds); }
+
+std::vector<int> disarm() {
+  std::vector<int> left;
+  left.swap(armed);
+  return left;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("arm_wake", &arm_wake);
+  m.def("disarm", &disarm);
   m.def("gpt2_step", &gpt2_step);
   m.def("llama_step", &llama_step);
   m.def("sample_plain", &sample_plain);
