@@ -477,6 +477,7 @@ def test_models_tab_loads_and_unloads_a_model(page, image_server):
     cells = row.eval_on_selector_all("td", "tds => tds.map(t => t.textContent)")
     assert cells[:3] == ["tiny-gan@1", "dcgan", "image-generation"]
     assert re.fullmatch(r"[\d.]+ [kM]?B", cells[3]) and cells[4] == "0" and cells[5] == "unloads in 30 min"
+    assert cells[6] == ""  # decoding: said of text models only
     assert page.inner_text("#ps-summary").startswith("1 of ")
     with admin_http(image_server) as http:
         loaded = http.get("/api/ps").json()["data"]
@@ -490,6 +491,12 @@ def test_models_tab_loads_and_unloads_a_model(page, image_server):
     page.click("#ps-table tr[data-model='tiny-gan@1'] .unload")
     page.wait_for_selector("#ps-table tr.empty")
     assert page.inner_text("#ps-summary").startswith("0 of ")
+
+    page.click(".model[data-model=tang-poet] .load")  # a text model says how it decodes
+    row = page.wait_for_selector("#ps-table tr[data-model='tang-poet@1']")
+    assert row.eval_on_selector_all("td", "tds => tds.map(t => t.textContent)")[6] == "native"
+    page.click("#ps-table tr[data-model='tang-poet@1'] .unload")
+    page.wait_for_selector("#ps-table tr.empty")
     assert page.locator(".banner").count() == 0
     with admin_http(image_server) as http:
         assert http.get("/api/ps").json()["data"] == []

@@ -49,11 +49,13 @@ async function refreshLoaded() {
     h("td", { class: "num" }, fmtBytes(m.size_bytes)),
     h("td", { class: "num" }, String(m.in_use)),
     h("td", { class: "muted small" }, expiry(m.expires_at)),
+    h("td", { class: "small", title: "how a text model's tokens are computed (native: the compiled kernels)" },
+      m.decoding || ""),
     h("td", {}, manage ? h("button", { type: "button", class: "small-btn unload", title: `unload ${m.model} now`,
                                        onclick: (e) => guard(e.currentTarget, () => unload(m.model)) }, "Unload")
       : null)));
   if (!rows.length) {
-    rows.push(h("tr", { class: "empty" }, h("td", { colspan: 7, class: "muted" },
+    rows.push(h("tr", { class: "empty" }, h("td", { colspan: 8, class: "muted" },
       "Nothing is loaded: a model loads on its first request, or with Load below.")));
   }
   $("#ps-table tbody").replaceChildren(...rows);
