@@ -238,7 +238,8 @@ class CharGPT(nn.Module):
 
 
 class Decoder:
-    """One new token for each of B rows: CharGPT.forward with a cache and T = 1, in fewer operations.
+    """CharGPT.forward with a cache, without gradients, in fewer operations: one new token for each of B rows
+    (and, with the native kernels, whole prompts).
 
     Decoding a model this small on a CPU is bound by the cost of each tensor operation and by
     reading the weights, not by arithmetic (benchmarks/text_decode.py). Where the native kernels are
@@ -336,7 +337,7 @@ _MATRICES = {2: "attn.c_attn.weight", 4: "attn.c_proj.weight", 8: "mlp.c_fc.weig
 
 # -- saving and loading in Hugging Face GPT-2 layout ------------------------------------
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_CONV1D = tuple(_MATRICES.values())
 
 
 def hf_state_dict(model: CharGPT) -> dict[str, torch.Tensor]:
