@@ -13,9 +13,9 @@ Every iteration of the worker:
      to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
 one takes a slot at the next iteration, so short and long requests share the batch. A step's text
-goes out just before the next forward starts (or before the worker waits for work): the native
-forward holds no GIL, so the event loops turn tokens into SSE chunks while it runs, instead of
-taking the GIL from the worker in the middle of its Python. The
+goes out just before the next forward starts (or before the worker waits for work), and a native
+forward wakes the event loops itself once it has let go of the GIL, so they turn tokens into SSE
+chunks while it runs instead of taking the GIL from the worker in the middle of its Python. The
 active sequences always hold slots 0…n-1 (the last one moves into a slot that frees, cache
 rows and all), so a decoding step reads the cache as one run of rows instead of gathering
 them. When the engine closes (its model is unloaded), every waiting and running sequence
@@ -66,8 +66,8 @@ class Outbox:
     first event arrives; the events that follow before it drains ride along.
 
     A loop that `listen`s (the text engine's callers do) is woken through a pipe of its own
-    instead, a byte written to `wake_fd(loop)`, so that an engine can leave the write to its
-    native decoding step: written there, without the GIL, the loop turns the events into chunks
+    instead: `post_all` returns the pipes to write a byte to, so that an engine can leave the
+    write to its native decoding step: written there, without the GIL, the loop turns the events into chunks
     while the step computes, instead of the engine waiting for the loop to give the GIL back
     (about 0.1 ms a token at batch 1, a tenth of it).
     """
