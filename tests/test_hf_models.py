@@ -363,8 +363,8 @@ def test_prompts_of_different_lengths_prefilled_together_continue_as_they_do_alo
 def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_kernels, tmp_path, request):
     """GPT-2 and Llama-family imports decode one token per row without transformers' modules
     (families/hf_decoders.py): the same logits and cache contents as the modules, for rows that are a
-    run of slots or scattered, at one position or at several; prefill still runs the modules. In C++
-    (atelier/common/native/) or in Python."""
+    run of slots or scattered, at one position or at several. In C++ (atelier/common/native/), which
+    prefills too, or in Python, where prefill runs the modules."""
     from transformers import AutoModelForCausalLM
 
     from atelier.common import native
@@ -386,10 +386,12 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20] * 9]
     for rows in ([1, 2, 3, 4], [4, 0, 2, 1]):
         modules, decoder = lm.new_cache(5), lm.new_cache(5)
-        with torch.no_grad():
-            for cache in (modules, decoder):
-                for r, p in zip(rows, prompts):
-                    lm.forward(torch.tensor([p]), cache, torch.tensor([r]), torch.arange(len(p))[None])
+        for r, p in zip(rows, prompts):
+            prompt = (torch.tensor([p]), torch.tensor([r]), torch.arange(len(p))[None])
+            expected = lm.forward(prompt[0], modules, *prompt[1:])  # grad on: the modules
+            with torch.no_grad():  # the native prefill when the kernels are on
+                got = lm.forward(prompt[0], decoder, *prompt[1:])
+            torch.testing.assert_close(got, expected.detach(), atol=1e-4, rtol=1e-4)
         for same_position in (False, True):
             pos = torch.tensor([[9]] * 4 if same_position else [[len(p)] for p in prompts])
             nxt = torch.tensor([[30], [31], [32], [33]])

@@ -129,8 +129,13 @@ class HFCausalLM:
         return SlotCache(self.layers, rows, self.context)
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] == 1 and self.decoder is not None and not torch.is_grad_enabled() and self.decoder.ready(cache):
-            return self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])[:, None]
+        if self.decoder is not None and not torch.is_grad_enabled():
+            if ids.shape[1] == 1 and self.decoder.ready(cache):
+                return self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])[:, None]
+            if ids.shape[1] > 1 and self.decoder.native_ready(cache):  # a prefill, in C++
+                B, T = ids.shape
+                logits = self.decoder.step(ids.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1))
+                return logits.view(B, T, -1)
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
         cache.run = as_run(rows.tolist())
         visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)

@@ -15,9 +15,10 @@ Architectures: GPT-2, and the Llama family (Llama, Qwen2, Mistral: RMSNorm, rota
 positions through the model's own rotary module, grouped-query attention, SiLU-gated MLP).
 Anything unusual in a config (another activation, sliding windows shorter than the
 context, tensor-parallel slices) gets no decoder: the model then decodes through its
-modules, as every other architecture does. Prefill always goes through the modules.
-Where the native kernels are built (atelier/common/native/) and the weights are float32,
-a step is one call to their gpt2_step or llama_step, on the same weights and cache.
+modules, as every other architecture does. Where the native kernels are built
+(atelier/common/native/) and the weights are float32, a step is one call to their gpt2_step
+or llama_step, on the same weights and cache, and so is a prefill (its tokens flattened, each
+with its row and position); otherwise prefill goes through the modules.
 """
 
 from __future__ import annotations
@@ -108,12 +109,23 @@ class _Decoder:
         """A cache the modules have prefilled (its buffers exist)."""
         return all(layer.is_initialized for layer in cache.layers)
 
+    def native_ready(self, cache: SlotCache) -> bool:
+        """Whether the native kernels can run on this cache (float32 weights and buffers), creating its
+        buffers as the modules would on their first update: a prefill can then run natively too."""
+        if kernels() is None or not self.float32:
+            return False
+        for layer in cache.layers:
+            if not layer.is_initialized:
+                like = torch.zeros(1, self.cache_heads, 1, self.cache_head_dim)
+                layer.lazy_initialization(like, like)
+        return all(layer.keys.dtype == torch.float32 for layer in cache.layers)
+
     def _native(self, cache: SlotCache, pos: torch.Tensor):
-        """The native kernels when they can take this step (float32 weights and cache), with every layer's
-        buffers grown to the furthest position; None otherwise."""
-        native = kernels()
-        if native is None or not self.float32 or cache.layers[0].keys.dtype != torch.float32:
+        """The native kernels when they can take this step, with every layer's buffers grown to the furthest
+        position; None otherwise."""
+        if not self.native_ready(cache):
             return None
+        native = kernels()
         span = int(pos.max()) + 1
         for layer in cache.layers:
             if span > layer.keys.shape[2]:
@@ -128,6 +140,7 @@ class Gpt2Decoder(_Decoder):
     def __init__(self, model):
         config, t = model.config, model.transformer
         self.heads, self.dim = config.n_head, config.n_embd
+        self.cache_heads, self.cache_head_dim = self.heads, self.dim // self.heads
         self.scale = None if config.scale_attn_weights else 1.0  # None: SDPA's 1/sqrt(head_dim)
         self.gelu = GPT2_ACTIVATIONS[config.activation_function]
         self.eps = config.layer_norm_epsilon
@@ -170,6 +183,7 @@ class LlamaDecoder(_Decoder):
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.cache_heads, self.cache_head_dim = self.kv_heads, self.head_dim
         self.embed = inner.embed_tokens.weight.detach()
         self.rotary = inner.rotary_emb
         self.layers = []
