@@ -81,6 +81,10 @@ def _native_head(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return weight, True
 
 
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
@@ -151,19 +155,20 @@ class Gpt2Decoder(_Decoder):
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         self.head = (model.lm_head.weight, model.lm_head.bias)
-        self.flat = [w.detach() for layer in self.layers for w in layer]
-        self.native_head = _native_head(self.head[0])
-        self.float32 = all(w.dtype == torch.float32 for w in (*self.flat, self.wte, self.wpe, self.head[0]))
+        flat = [w.detach() for layer in self.layers for w in layer]
+        self.float32 = all(w.dtype == torch.float32 for w in (*flat, self.wte, self.wpe, self.head[0]))
+        head, out_in = _native_head(self.head[0])
+        # gpt2_step's weights, from the token embedding to the head's layout (no int8 scales here)
+        self.native_args = (self.wte, None, self.wpe, None, flat, [], self.ln_f[0].detach(), self.ln_f[1].detach(),
+                            head, None, _detached(self.head[1]), out_in)
 
     def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) for ids (B,) in cache rows `rows` at positions `pos` (B,)."""
         native = self._native(cache, pos)
         if native is not None:
             return native.gpt2_step(ids, pos, rows, [layer.keys for layer in cache.layers],
-                                    [layer.values for layer in cache.layers], self.wte, None, self.wpe, None,
-                                    self.flat, [], self.ln_f[0].detach(), self.ln_f[1].detach(), self.native_head[0],
-                                    None, None if self.head[1] is None else self.head[1].detach(),
-                                    self.native_head[1], self.heads, self.eps, self.scale or 0.0, self.gelu)
+                                    [layer.values for layer in cache.layers], *self.native_args, self.heads,
+                                    self.eps, self.scale or 0.0, self.gelu)
         span, run, mask = self._begin(cache, rows, pos)
         B, C, nh = ids.shape[0], self.dim, self.heads
         norm, shape, eps = torch.layer_norm, (C,), self.eps
@@ -195,12 +200,15 @@ class LlamaDecoder(_Decoder):
                                 *_join([m.gate_proj, m.up_proj]), *_join([m.down_proj])))
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.head = (model.lm_head.weight, model.lm_head.bias)
-        # The native step's arguments: the tensors without their epsilons, then the epsilons.
-        self.flat = [None if w is None else w.detach() for (w1, e1, *attn, w2, e2, g, bg, d, bd) in self.layers
-                     for w in (w1, *attn, w2, g, bg, d, bd)]
-        self.eps = [float(e) for layer in self.layers for e in (layer[1], layer[7])] + [float(self.norm[1])]
-        self.native_head = _native_head(self.head[0])
-        self.float32 = all(w.dtype == torch.float32 for w in (*(w for w in self.flat if w is not None), self.embed, self.head[0]))
+        # llama_step's weights after the rotary angles: the tensors without their epsilons, the epsilons, then
+        # the final norm and the head
+        flat = [_detached(w) for (w1, e1, *attn, w2, e2, g, bg, d, bd) in self.layers
+                for w in (w1, *attn, w2, g, bg, d, bd)]
+        eps = [float(e) for layer in self.layers for e in (layer[1], layer[7])] + [float(self.norm[1])]
+        weights = [w for w in flat if w is not None] + [self.embed, self.head[0]]
+        self.float32 = all(w.dtype == torch.float32 for w in weights)
+        head, out_in = _native_head(self.head[0])
+        self.native_args = (flat, eps, self.norm[0].detach(), head, _detached(self.head[1]), out_in)
 
     def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         native = self._native(cache, pos)
@@ -210,10 +218,7 @@ class LlamaDecoder(_Decoder):
             return native.llama_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                      [layer.values for layer in cache.layers], self.embed,
                                      cos.reshape(-1, hd).float().contiguous(), sin.reshape(-1, hd).float().contiguous(),
-                                     self.flat, self.eps, self.norm[0].detach(), self.native_head[0],
-                                     None if self.head[1] is None else self.head[1].detach(), self.native_head[1],
-                                     self.heads,
-                                     self.kv_heads, hd, float(self.scale))
+                                     *self.native_args, self.heads, self.kv_heads, hd, float(self.scale))
         span, run, mask = self._begin(cache, rows, pos)
         B, nh, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids]

@@ -183,7 +183,7 @@ class CharGPT(nn.Module):
         if cache is not None and targets is None and not torch.is_grad_enabled():
             if T == 1:
                 return self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])[:, None], None
-            if kernels() is not None and pos is not None and cache.kv.dtype == torch.float32:  # a prefill, in C++
+            if pos is not None and Decoder.native(cache) is not None:  # a prefill, in C++
                 steps = self.decoder().step(idx.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1))
                 return steps.view(B, T, -1), None
         if pos is None:
@@ -294,6 +294,13 @@ class Decoder:
         head = wte if wte[1] is not None else (self.head, None)  # the head is tied to the token embedding
         return (*wte, *wpe, weights, scales, *self.ln_f, *head, None, head[1] is not None)
 
+    @staticmethod
+    def native(cache: KVCache):
+        """The native kernels when they can step on this cache (built, on, and a float32 cache); None otherwise.
+        Only they take a prefill's many tokens per row: the Python path below takes one."""
+        native = kernels()
+        return native if native is not None and cache.kv.dtype == torch.float32 else None
+
     def weights_version(self) -> int:
         """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
         return sum(p._version for p in self.params)
@@ -301,8 +308,8 @@ class Decoder:
     def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,): one token
         per row, or (the native step only) a prefill's tokens, each row's in order."""
-        native = kernels()
-        if native is not None and cache.kv.dtype == torch.float32:
+        native = self.native(cache)
+        if native is not None:
             few = self.native_int8_args is not None and ids.shape[0] <= INT8_ROWS
             return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values,
                                     *(self.native_int8_args if few else self.native_args), self.n_head, self.eps, 0.0,

@@ -456,7 +456,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   const int64_t* p = tokens.pos.data_ptr<int64_t>();
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   std::vector<const float*> biases;
-  for (const auto& t : layers) biases.push_back(t.has_value() ? data_or_null(t) : nullptr);
+  for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
   Tensor logits = at::empty({N, lm_head.out}, embed.options());
   py::gil_scoped_release no_gil;
   wake_armed();
