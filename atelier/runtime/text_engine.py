@@ -67,9 +67,9 @@ class Outbox:
 
     A loop that `listen`s (the text engine's callers do) is woken through a pipe of its own
     instead: `post_all` returns the pipes to write a byte to, so that an engine can leave the
-    write to its native decoding step: written there, without the GIL, the loop turns the events into chunks
-    while the step computes, instead of the engine waiting for the loop to give the GIL back
-    (about 0.1 ms a token at batch 1, a tenth of it).
+    write to its native decoding step. Written there, without the GIL, the loop turns the events
+    into chunks while the step computes, instead of the engine waiting for the loop to give the
+    GIL back (about 0.1 ms a token at batch 1, a tenth of it).
     """
 
     def __init__(self):

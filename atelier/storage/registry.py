@@ -82,20 +82,20 @@ def resolve(db: Session, *, ref: str) -> Version:
     """
     r = parse_ref(ref)
     query = select(Version).join(Version.model).options(contains_eager(Version.model)).where(Model.name == r.name)
+    alias = r.alias or "latest"
     if r.version is not None:
         version = db.scalar(query.where(Version.number == r.version))
     else:
-        alias = r.alias or "latest"
         version = db.scalar(query.join(Alias, (Alias.model_id == Model.id) & (Alias.version_number == Version.number))
                             .where(Alias.name == alias))
     if version is not None:
         return version
     model = get_model(db, name=r.name)  # NotFound when the model itself does not exist
-    if r.version is None and not any(a.name == (r.alias or "latest") for a in model.aliases):
-        raise NotFound(f"model {r.name!r} has no alias {r.alias or 'latest'!r}; aliases: "
+    number = r.version if r.version is not None else next((a.version_number for a in model.aliases
+                                                           if a.name == alias), None)
+    if number is None:
+        raise NotFound(f"model {r.name!r} has no alias {alias!r}; aliases: "
                        f"{', '.join(sorted(a.name for a in model.aliases)) or 'none'}")
-    number = r.version if r.version is not None else next(a.version_number for a in model.aliases
-                                                          if a.name == (r.alias or "latest"))
     raise NotFound(f"model {r.name!r} has no version {number}; versions: "
                    f"{', '.join(str(v.number) for v in model.versions) or 'none'}")
 
