@@ -23,6 +23,7 @@ from atelier.storage.db import make_engine, make_sessionmaker, startup_lock
 from atelier.families.shipped import ensure_shipped
 from atelier.safety.crypto import audit_mac_key
 from atelier.storage.usage import InFlight
+from atelier.storage.usage_writer import UsageWriter
 from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
 from atelier.storage import audit as audit_log
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.worker is not None:
             app.state.worker.stop()
         app.state.manager.close()
+        app.state.usage_writer.close()
         engine.dispose()
 
     app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -90,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
                                      image_wait_ms=settings.image_batch_wait_ms, remote=remote_runtime(settings))
     app.state.inflight = InFlight()  # requests running per key (max_parallel)
+    app.state.usage_writer = UsageWriter(sessions)  # what finished requests served, written behind them
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None
     errors.install(app)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from atelier.api.errors import APIError
@@ -20,36 +21,44 @@ from atelier.safety.keys import has_scope
 from atelier.storage.keys import find_key
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
     with request.app.state.sessions() as db:
         yield db
 
 
-def get_sessions(request: Request) -> sessionmaker:
+async def get_written_db(request: Request) -> AsyncIterator[Session]:
+    """A session for reading usage or the audit log: first, what finished requests served is written
+    (atelier/storage/usage_writer.py), so every request that has ended is there."""
+    await run_in_threadpool(request.app.state.usage_writer.flush)
+    with request.app.state.sessions() as db:
+        yield db
+
+
+async def get_sessions(request: Request) -> sessionmaker:
     """The session factory, for work that outlives the request's own session (threads, streams)."""
     return request.app.state.sessions
 
 
-def get_blobs(request: Request) -> BlobStore:
+async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
-def get_manager(request: Request) -> ModelManager:
+async def get_manager(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 _build_lock = threading.Lock()  # one moderator per app, built once
 
 
-def get_moderator(request: Request) -> Moderator:
+async def get_moderator(request: Request) -> Moderator:
     """The app's moderator, built on first use from the shipped lists and ATELIER_HOME/moderation/
     (edits to the lists take effect at the next start)."""
     state = request.app.state
@@ -69,6 +78,7 @@ def get_moderator(request: Request) -> Moderator:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
+WrittenSessionDep = Annotated[Session, Depends(get_written_db)]
 SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
@@ -92,16 +102,21 @@ def key_from_header(db: Session, header: str) -> ApiKey:
     return key
 
 
-def current_key(request: Request, db: SessionDep) -> ApiKey:
-    gate_key = getattr(request.state, "gate_key", None)  # read by limits.key_gate for this same request
+def request_key(request: Request, db: Session) -> ApiKey:
+    """The caller's key: the one limits.key_gate already read for this request, else the header's."""
+    gate_key = getattr(request.state, "gate_key", None)
     key = db.merge(gate_key, load=False) if gate_key is not None else \
         key_from_header(db, request.headers.get("authorization", ""))
     request.state.key_id = key.id
     return key
 
 
+async def current_key(request: Request, db: SessionDep) -> ApiKey:
+    return request_key(request, db)
+
+
 def require(scope: str):
-    def check(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+    async def check(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
         if not has_scope(key, scope):
             raise APIError(403, f"this key's scopes ({', '.join(key.scopes)}) do not allow this route; "
                                 f"it needs '{scope}'", type="permission_error", code="insufficient_scope")

@@ -4,27 +4,26 @@
      OpenAI's shape (`rate_limit_exceeded` or `insufficient_quota`, with Retry-After) when over
      one — and records the request at once, so concurrent requests count each other
   2. the route adds what it served to `meter` (tokens, images, the model)
-  3. `usage_middleware` writes that down when the response is over (streams included) and puts
-     OpenAI's x-ratelimit-* headers on every metered response
+  3. `usage_middleware` hands that to the usage writer when the response is over (streams included;
+     atelier/storage/usage_writer.py writes it behind the response) and puts OpenAI's x-ratelimit-*
+     headers on every metered response
 """
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import Depends, Request
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from atelier.api.deps import current_key
 from atelier.api.errors import APIError
-from atelier.storage import audit
 from atelier.storage.db import ApiKey, Usage
 from atelier.storage.usage import InFlight, verdict
+from atelier.storage.usage_writer import Finished, UsageWriter
 
 
 class Meter:
-    def __init__(self, sessions, key_id: str, usage_id: int, inflight: InFlight, route: str):
-        self.sessions, self.key_id, self.usage_id, self.inflight = sessions, key_id, usage_id, inflight
+    def __init__(self, writer: UsageWriter, key_id: str, usage_id: int, inflight: InFlight, route: str):
+        self.writer, self.key_id, self.usage_id, self.inflight = writer, key_id, usage_id, inflight
         self.route = route
         self.tokens = self.images = 0
         self.model = ""
@@ -32,19 +31,14 @@ class Meter:
         self._closed = False
 
     def close(self) -> None:
-        """3. The request is over: write what it served, leave the key's running count (once)."""
+        """3. The request is over: leave the key's running count and hand what it served to the usage
+        writer, which writes it and the audit entry behind the response (once)."""
         if self._closed:
             return
         self._closed = True
         self.inflight.leave(self.key_id)
-        with self.sessions() as db:
-            db.execute(update(Usage).where(Usage.id == self.usage_id)
-                       .values(tokens=self.tokens, images=self.images, model=self.model[:200]))
-            # Every generation leaves a trace: who, which model@version, how much, and the prompt's hash.
-            # (audit.record commits the usage row and the audit entry together.)
-            audit.record(db, action="generate", target=self.model or self.route, key_id=self.key_id,
-                         detail={"route": self.route, "tokens": self.tokens, "images": self.images,
-                                 "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()})
+        self.writer.submit(Finished(self.usage_id, self.key_id, self.route, self.model, self.tokens, self.images,
+                                    self.prompt))
 
 
 def metered(route: str, *, images_param: str | None = None):
@@ -62,7 +56,8 @@ def metered(route: str, *, images_param: str | None = None):
         # across replicas the key's row is locked until the request is recorded (PostgreSQL).
         with state.sessions() as db:
             db.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
-            v = verdict(db, key.id, key.limits, images=images, parallel=state.inflight.count(key.id))
+            v = verdict(db, key.id, key.limits, images=images, parallel=state.inflight.count(key.id),
+                        unwritten=state.usage_writer.pending(key.id))
             request.state.ratelimit_headers = v.headers or {}
             if not v.allowed:
                 request.state.ratelimit_headers["retry-after"] = str(v.retry_after)
@@ -72,7 +67,7 @@ def metered(route: str, *, images_param: str | None = None):
             db.add(row)
             db.commit()
         state.inflight.enter(key.id)
-        meter = Meter(state.sessions, key.id, row.id, state.inflight, route)
+        meter = Meter(state.usage_writer, key.id, row.id, state.inflight, route)
         request.state.meter = meter
         return meter
 

@@ -54,13 +54,16 @@ def _since(db: Session, key_id: str, start: datetime):
 
 
 def verdict(db: Session, key_id: str, limits: dict | None, *, images: int = 0, parallel: int = 0,
-            now: datetime | None = None) -> Verdict:
+            unwritten: tuple[int, int] = (0, 0), now: datetime | None = None) -> Verdict:
+    """`unwritten`: (tokens, images) of the key's finished requests not yet in the database
+    (atelier/storage/usage_writer.py), counted as if they were."""
     limits = limits or {}
     if not limits:  # nothing to count against: no need to sum the key's recent usage (a hot key has a lot)
         return Verdict(True, headers={})
     now = now or utcnow()
     minute = now - timedelta(seconds=60)
     requests, tokens, _, oldest = _since(db, key_id, minute)
+    tokens += unwritten[0]
     reset = max(1, int(60 - (now - oldest).total_seconds()) + 1) if oldest else 1
     headers = {}
     if "rpm" in limits:
@@ -82,14 +85,14 @@ def verdict(db: Session, key_id: str, limits: dict | None, *, images: int = 0, p
                        f"limit is {limits['tpm']} per minute", reset, headers)
     if "images_per_day" in limits and images:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        used = _since(db, key_id, day)[2]
+        used = _since(db, key_id, day)[2] + unwritten[1]
         if used + images > limits["images_per_day"]:
             tomorrow = int((day + timedelta(days=1) - now).total_seconds()) + 1
             return Verdict(False, "insufficient_quota", f"this key made {used} images today; its quota is "
                            f"{limits['images_per_day']} a day", tomorrow, headers)
     if "tokens_per_month" in limits:
         month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        used = _since(db, key_id, month)[1]
+        used = _since(db, key_id, month)[1] + unwritten[0]
         if used >= limits["tokens_per_month"]:
             return Verdict(False, "insufficient_quota", f"this key used {used} tokens this month; its quota is "
                            f"{limits['tokens_per_month']} a month", 3600, headers)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from atelier.storage import audit
-from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, current_key
+from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, request_key
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.security_headers import content_disposition
 from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
@@ -83,7 +83,7 @@ async def content(artifact_id: str, request: Request, db: SessionDep, settings: 
             raise APIError(403, "this link was made for a key that has been revoked", type="permission_error",
                            param="sig", code="key_revoked")
     else:
-        key = current_key(request, db)
+        key = request_key(request, db)
         if not has_scope(key, "read"):
             raise APIError(403, "this key cannot read artifacts", type="permission_error", code="insufficient_scope")
         art = _visible(db, artifact_id, key)

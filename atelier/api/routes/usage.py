@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Query
 
-from atelier.api.deps import ReadKey, SessionDep
+from atelier.api.deps import ReadKey, WrittenSessionDep
 from atelier.api.errors import APIError
 from atelier.storage.db import utcnow
 from atelier.storage.ownership import is_admin
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/usage", tags=["usage"])
 
 
 @router.get("")
-def usage(db: SessionDep, key: ReadKey, days: int = Query(30, ge=1, le=366), key_id: str | None = None):
+def usage(db: WrittenSessionDep, key: ReadKey, days: int = Query(30, ge=1, le=366), key_id: str | None = None):
     """Usage over the last `days` days; `key_id` (admins) picks another key, `all` every key."""
     if key_id not in (None, key.id) and not is_admin(key):
         raise APIError(403, "only an admin key reads another key's usage", type="permission_error",
