@@ -157,6 +157,28 @@ def test_chinese_hits_as_substrings(moderator):
     assert flagged(moderator.check("出售枪支，办假证")) == {"illicit", "illicit/violent"}
 
 
+GROWING = ["You absolute IDIOTS. Watch  your\nback.", "I will hurt your feelings, sorry", "I will hurt you",
+           "他说：你这个白痴，你给我等着！", "ＷＡＴＣＨ ＹＯＵＲ ＢＡＣＫ", "a skilled gunsmith;  the  oxymoron",
+           "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "I am going to   kill myself", "出售枪支，办假证"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_growing_text_is_flagged_when_a_whole_check_of_it_would_be(moderator, seed):
+    """Checking each part as it arrives (a stream) flags a text at the same part as checking all of it
+    each time, and a text given whole has the same hits as `check`."""
+    import random
+
+    rng = random.Random(seed)
+    for text in GROWING:
+        growing, cuts = moderator.growing(), sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 9))))
+        seen_whole = seen_growing = False
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            seen_growing |= growing.extend(text[a:b]).flagged
+            seen_whole |= moderator.check(text[:b]).flagged
+            assert seen_growing == seen_whole, (text, text[:b])
+        assert moderator.growing().extend(text).matches == moderator.check(text).matches
+
+
 @pytest.mark.parametrize("text", ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Shall I compare thee to a summer's day?",
                                   "The skilled gardener pruned the roses.", "", "   ", "我想吃火锅"])
 def test_clean_texts(moderator, text):

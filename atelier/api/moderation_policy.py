@@ -14,7 +14,7 @@ The checker is the word-list moderator (atelier/safety/moderation.py): read what
 from __future__ import annotations
 
 from atelier.api.errors import APIError
-from atelier.safety.moderation import Moderator, Result
+from atelier.safety.moderation import Growing, Moderator, Result
 from atelier.storage import audit
 
 CONTENT_FILTER = "content_filter"
@@ -53,26 +53,29 @@ def check_input(moderator: Moderator, policy: str, texts: list[str], *, param: s
 
 
 class OutputGuard:
-    """Checks each choice's text as it grows; `allow(index, text_so_far)` says whether to serve it."""
+    """Checks each choice's text as it grows; `allow(index, text_so_far)` says whether to serve it. Only
+    the part added since the last call is checked (Moderator.growing), so a long stream costs no more
+    per token than a short one."""
 
     def __init__(self, moderator: Moderator, policy: str, *, sessions, key_id: str | None, where: str):
         self.moderator, self.policy = moderator, policy
         self.sessions, self.key_id, self.where = sessions, key_id, where
         self.filtered: set[int] = set()  # choices cut off (block)
         self.flagged: set[int] = set()  # choices audited as flagged (flag or block)
+        self._texts: dict[int, Growing] = {}
 
     def allow(self, index: int, text: str) -> bool:
         if index in self.filtered:
             return False
-        if self.policy == "off":
+        if self.policy == "off" or index in self.flagged:  # flagged under `flag`: audited once, served
             return True
-        result = self.moderator.check(text)
+        growing = self._texts.setdefault(index, self.moderator.growing())
+        result = growing.extend(text[growing.length:])
         if not result.flagged:
             return True
         blocked = self.policy == "block"
-        if index not in self.flagged:
-            self.flagged.add(index)
-            record(self.sessions, self.key_id, where=f"{self.where}.output", result=result, blocked=blocked)
+        self.flagged.add(index)
+        record(self.sessions, self.key_id, where=f"{self.where}.output", result=result, blocked=blocked)
         if blocked:
             self.filtered.add(index)
         return not blocked

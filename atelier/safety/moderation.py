@@ -106,10 +106,16 @@ def _is_word(ch: str) -> bool:
 def normalise(text: str) -> tuple[str, list[int]]:
     """NFKC + casefold + plain apostrophes per character, whitespace runs → " ". Returns (normalised, origin) where
     origin[i] is the index in `text` of the character normalised character i came from."""
+    out, origin, _ = _normalise_from(text, 0, False)
+    return "".join(out), origin
+
+
+def _normalise_from(text: str, offset: int, space: bool) -> tuple[list[str], list[int], bool]:
+    """`normalise` of a text that continues one already normalised: origins start at `offset`, and `space`
+    says whether that one ended in a whitespace run. Returns the characters, origins and the new `space`."""
     out: list[str] = []
     origin: list[int] = []
-    space = False
-    for i, ch in enumerate(text):
+    for i, ch in enumerate(text, offset):
         folded = " " if ch.isspace() else _fold(ch)
         for c in folded:
             if c.isspace():
@@ -120,7 +126,7 @@ def normalise(text: str) -> tuple[str, list[int]]:
                 space = False
             out.append(c)
             origin.append(i)
-    return "".join(out), origin
+    return out, origin, space
 
 
 # -- lists ----------------------------------------------------------------------------------------
@@ -205,6 +211,7 @@ class Moderator:
                 where = raw.where if isinstance(raw, _Entry) else f"{category} list"
                 self._add(category, entry, where)
         self._tree.finalize()
+        self._longest = max(map(len, self._terms), default=1)  # normalised characters
         self.size = sum(len(v) for v in self._terms.values()) + len(self._patterns)
 
     @classmethod
@@ -233,22 +240,33 @@ class Moderator:
 
     def check(self, text: str) -> Result:
         """Every lexicon hit in `text`; see the module docstring for what is and is not caught."""
-        # 1. normalise, remembering where each character came from
-        norm, origin = normalise(text)
+        norm, origin = normalise(text)  # 1. normalise, remembering where each character came from
+        return self._hits(norm, origin, 0)
+
+    def growing(self) -> Growing:
+        """A checker for a text that grows (a streamed answer): each part is normalised and searched once."""
+        return Growing(self)
+
+    def _hits(self, norm: str, origin: list[int], new_from: int) -> Result:
+        """The hits in `norm` that end after its character `new_from` (0: all of them)."""
         matches: list[Match] = []
         # 2–3. terms, at word boundaries where the term has Latin letters or digits at its ends
-        for term, pos in self._tree.search_all(norm):
+        window = max(0, new_from - self._longest + 1)
+        for term, pos in self._tree.search_all(norm[window:]):
+            pos += window
             end = pos + len(term)
+            if end <= new_from:
+                continue
             for t in self._terms[term]:
                 if t.check_start and pos > 0 and _is_word(norm[pos - 1]):
                     continue
                 if t.check_end and end < len(norm) and _is_word(norm[end]):
                     continue
                 matches.append(Match(t.category, t.entry, origin[pos], origin[end - 1] + 1))
-        # 4. regular expressions
+        # 4. regular expressions (over the whole text: a pattern's match may be any length)
         for category, entry, pattern in self._patterns:
             for m in pattern.finditer(norm):
-                if m.end() > m.start():
+                if m.end() > max(m.start(), new_from):
                     matches.append(Match(category, entry, origin[m.start()], origin[m.end() - 1] + 1))
         matches.sort(key=lambda m: (m.start, m.end, m.category))
         # 5. a sub-category's hit flags its parent
@@ -256,3 +274,29 @@ class Moderator:
         hit |= {c.split("/")[0] for c in hit}
         return Result(flagged=bool(hit), categories={c: c in hit for c in CATEGORIES},
                       category_scores={c: 1.0 if c in hit else 0.0 for c in CATEGORIES}, matches=matches)
+
+
+class Growing:
+    """A text checked as it grows, without going over what was checked before (a stream of 2,000 tokens
+    would otherwise normalise and search its whole text 2,000 times).
+
+    `extend(more)` returns the hits that end in `more`, or that `more` completes. That is every hit a
+    check of the whole text would add: a term that ended earlier was found when its end arrived, and
+    later text cannot make a boundary that was refused then pass (only the end of the text passes
+    without a following character, and that was the case when the term was found).
+    """
+
+    def __init__(self, moderator: Moderator):
+        self.moderator = moderator
+        self.length = 0  # characters of the original text so far
+        self._norm: list[str] = []
+        self._origin: list[int] = []
+        self._space = False
+
+    def extend(self, more: str) -> Result:
+        before = len(self._norm)
+        chars, origin, self._space = _normalise_from(more, self.length, self._space)
+        self._norm += chars
+        self._origin += origin
+        self.length += len(more)
+        return self.moderator._hits("".join(self._norm), self._origin, before)
