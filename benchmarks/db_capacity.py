@@ -4,13 +4,15 @@
 
 Every generation request does the same database work whatever its model, on every replica:
 the key looked up once (by the gate before the body; the route's dependency takes it), the rate-limit
-verdict under a lock on the key's row and its usage row written (api/metering.py), then at the
-end the usage updated and one audit entry appended to the chain (storage/audit.py) — the one
-write every replica serialises on. This runs exactly that code, from `concurrency` threads
-(one connection each), against a fresh SQLite file and a fresh PostgreSQL database (a
-throwaway cluster from tests/postgres.py unless --database-url names one), and prints
-requests/s, the latency of one request's database work, and the ratio to one thread. It is the
-database's ceiling in docs/scaling.md's capacity model; replicas share it.
+verdict under a lock on the key's row and its usage row written (storage/usage.py `admit`), then at
+the end the usage updated and one audit entry appended to the chain, which the usage writer does
+behind the response, many requests to a transaction (storage/usage_writer.py); the chain is the
+one write every replica serialises on. This runs exactly that code, from `concurrency` threads
+(one connection each) and one writer, against a fresh SQLite file and a fresh PostgreSQL database
+(a throwaway cluster from tests/postgres.py unless --database-url names one), and prints
+requests/s (everything written), the latency of a request's own database work before its
+response, and the ratio to one thread. It is the database's ceiling in docs/scaling.md's capacity
+model; replicas share it.
 """
 
 from __future__ import annotations
@@ -29,32 +31,27 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from atelier.api.deps import key_from_header  # noqa: E402
-from atelier.api.metering import Meter  # noqa: E402
 from atelier.safety.audit import audit_key  # noqa: E402
-from atelier.storage.db import ApiKey, Usage, make_engine, make_sessionmaker  # noqa: E402
+from atelier.storage.db import make_engine, make_sessionmaker  # noqa: E402
 from atelier.storage.audit import record  # noqa: E402
 from atelier.storage.keys import create_key  # noqa: E402
-from atelier.storage.usage import InFlight, verdict  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+from atelier.storage.usage import InFlight, admit  # noqa: E402
+from atelier.storage.usage_writer import Finished, UsageWriter, write  # noqa: E402
 
 
-def one_request(sessions, header: str, inflight: InFlight) -> None:
+def one_request(sessions, header: str, inflight: InFlight, writer: UsageWriter) -> None:
     """The database side of one metered generation, as the server does it."""
     with sessions() as db:  # the key gate (api/limits.py)
         gate_key = key_from_header(db, header)
     with sessions() as db:  # the route's dependency takes the gate's key, then metered() (api/metering.py)
         key = db.merge(gate_key, load=False)
-        db.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
-        v = verdict(db, key.id, key.limits, parallel=inflight.count(key.id))
+        v, usage_id = admit(db, key.id, key.limits, "completions", parallel=inflight.count(key.id),
+                            unwritten=writer.pending(key.id))
         assert v.allowed, v.message
-        row = Usage(key_id=key.id, route="completions")
-        db.add(row)
-        db.commit()
-        key_id, usage_id = key.id, row.id
+        key_id = key.id
     inflight.enter(key_id)
-    meter = Meter(sessions, key_id, usage_id, inflight, "completions")
-    meter.model, meter.tokens, meter.prompt = "tang-poet@1", 64, "春眠不觉晓"
-    meter.close()  # usage updated, audit entry appended
+    inflight.leave(key_id)  # the meter's close: the rest is the writer's
+    writer.submit(Finished(usage_id, key_id, "completions", "tang-poet@1", 64, 0, "春眠不觉晓"))
 
 
 def server_cpu_seconds(uid: int | None) -> float:
@@ -76,12 +73,13 @@ def server_cpu_seconds(uid: int | None) -> float:
 
 def measure(sessions, header: str, threads: int, seconds: float, server_uid: int | None) -> dict:
     inflight, stop, latencies, lock = InFlight(), threading.Event(), [], threading.Lock()
+    writer = UsageWriter(sessions)
 
     def loop():
         mine = []
         while not stop.is_set():
             t = time.perf_counter()
-            one_request(sessions, header, inflight)
+            one_request(sessions, header, inflight, writer)
             mine.append(time.perf_counter() - t)
         with lock:
             latencies.extend(mine)
@@ -95,6 +93,7 @@ def measure(sessions, header: str, threads: int, seconds: float, server_uid: int
     stop.set()
     for w in workers:
         w.join()
+    writer.close(timeout=60)  # requests count once their usage and audit entry are written
     elapsed = time.perf_counter() - start
     server_ms = 1000 * (server_cpu_seconds(server_uid) - cpu) / max(1, len(latencies))
     latencies.sort()
@@ -108,7 +107,9 @@ def bench(name: str, url: str, concurrency: list[int], seconds: float, server_ui
     with sessions() as db:
         _, secret = create_key(db, name="bench", scopes=["generate"])
     header = f"Bearer {secret}"
-    one_request(sessions, header, InFlight())  # warm the pool and the caches
+    warm = UsageWriter(sessions)
+    one_request(sessions, header, InFlight(), warm)  # warm the pool and the caches
+    warm.close()
     base = None
     for threads in concurrency:
         r = measure(sessions, header, threads, seconds, server_uid)
@@ -125,6 +126,15 @@ def bench(name: str, url: str, concurrency: list[int], seconds: float, server_ui
     hold = statistics.median(audit)
     print(f"{name:<11} one audit append holds the chain {1000 * hold:.2f} ms: at most {1 / hold:.0f} appends/s "
           "across every replica")
+    per_entry = []
+    for _ in range(20):  # as the usage writer appends under load: many requests' entries to one transaction
+        with sessions() as db:
+            t = time.perf_counter()
+            write(db, [Finished(0, "key_bench", "completions", "tang-poet@1", 64, 0, "春眠不觉晓")] * 32)
+            db.commit()
+            per_entry.append((time.perf_counter() - t) / 32)
+    hold = statistics.median(per_entry)
+    print(f"{name:<11} in batches of 32 an entry holds it {1000 * hold:.2f} ms: at most {1 / hold:.0f} appends/s")
     engine.dispose()
 
 

@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 from fastapi import Depends, Request
-from sqlalchemy import select
 
 from atelier.api.deps import current_key
 from atelier.api.errors import APIError
-from atelier.storage.db import ApiKey, Usage
-from atelier.storage.usage import InFlight, verdict
+from atelier.storage.db import ApiKey
+from atelier.storage.usage import InFlight, admit
 from atelier.storage.usage_writer import Finished, UsageWriter
 
 
@@ -52,22 +51,17 @@ def metered(route: str, *, images_param: str | None = None):
                 images = int((await request.json()).get(images_param, 1))
             except (ValueError, AttributeError, TypeError):
                 images = 1
-        # Check and record with nothing awaited in between, so this process's requests count each other;
-        # across replicas the key's row is locked until the request is recorded (PostgreSQL).
+        # Check and record with nothing awaited in between, so this process's requests count each other.
         with state.sessions() as db:
-            db.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
-            v = verdict(db, key.id, key.limits, images=images, parallel=state.inflight.count(key.id),
-                        unwritten=state.usage_writer.pending(key.id))
-            request.state.ratelimit_headers = v.headers or {}
-            if not v.allowed:
-                request.state.ratelimit_headers["retry-after"] = str(v.retry_after)
-                raise APIError(429, v.message, type="rate_limit_error" if v.code == "rate_limit_exceeded"
-                               else "insufficient_quota", code=v.code)
-            row = Usage(key_id=key.id, route=route)
-            db.add(row)
-            db.commit()
+            v, usage_id = admit(db, key.id, key.limits, route, images=images, parallel=state.inflight.count(key.id),
+                                unwritten=state.usage_writer.pending(key.id))
+        request.state.ratelimit_headers = v.headers or {}
+        if not v.allowed:
+            request.state.ratelimit_headers["retry-after"] = str(v.retry_after)
+            raise APIError(429, v.message, type="rate_limit_error" if v.code == "rate_limit_exceeded"
+                           else "insufficient_quota", code=v.code)
         state.inflight.enter(key.id)
-        meter = Meter(state.usage_writer, key.id, row.id, state.inflight, route)
+        meter = Meter(state.usage_writer, key.id, usage_id, state.inflight, route)
         request.state.meter = meter
         return meter
 

@@ -18,6 +18,13 @@ AUDIT_LOCK = 0x61756474  # the PostgreSQL advisory lock that serialises appends 
 
 def record(db: Session, *, action: str, target: str = "", key_id: str | None = None,
            detail: dict | None = None, commit: bool = True) -> AuditEntry:
+    return record_many(db, [{"action": action, "target": target, "key_id": key_id, "detail": detail}],
+                       commit=commit)[0]
+
+
+def record_many(db: Session, items: list[dict], *, commit: bool = True) -> list[AuditEntry]:
+    """Append entries (dicts of `record`'s arguments) in order. The chain is locked, and its head read
+    and signed, once for all of them: the usage writer appends a busy server's entries this way."""
     mac_key = db.info.get("audit_key")
     if db.get_bind().dialect.name == "postgresql":
         # Writers on every replica take turns until this transaction ends, so each links to the entry
@@ -29,23 +36,28 @@ def record(db: Session, *, action: str, target: str = "", key_id: str | None = N
     # the new entry's link then names an entry that is not before it.
     prev = head.last_hash if head is not None else \
         db.scalar(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS
-    at = utcnow()
-    detail, target = redact_obj(detail or {}), redact(target).text  # no personal data in the log
-    keyed = mac_key
-    entry = AuditEntry(at=at, key_id=key_id, action=action, target=target, detail=detail, prev_hash=prev,
-                       hash=chain_digest(prev, at, key_id, action, target, detail, keyed))
-    db.add(entry)
-    db.flush()  # the entry's id
-    if keyed is not None and head is None:  # the first keyed entry: earlier ones stay as they were
+    entries = []
+    for item in items:
+        at = utcnow()
+        detail, target = redact_obj(item.get("detail") or {}), redact(item.get("target", "")).text  # no personal data
+        key_id, action = item.get("key_id"), item["action"]
+        entry = AuditEntry(at=at, key_id=key_id, action=action, target=target, detail=detail, prev_hash=prev,
+                           hash=chain_digest(prev, at, key_id, action, target, detail, mac_key))
+        entries.append(entry)
+        prev = entry.hash
+    db.add_all(entries)
+    db.flush()  # the entries' ids
+    if mac_key is not None and head is None:  # the first keyed entries: earlier ones stay as they were
         count = db.scalar(select(func.count(AuditEntry.id)))
-        head = AuditHead(id=1, last_id=entry.id, last_hash="", entries=count - 1, keyed_from=entry.id, mac="")
+        head = AuditHead(id=1, last_id=entries[0].id, last_hash="", entries=count - len(entries),
+                         keyed_from=entries[0].id, mac="")
         db.add(head)
     if head is not None:
-        head.last_id, head.last_hash, head.entries = entry.id, entry.hash, head.entries + 1
+        head.last_id, head.last_hash, head.entries = entries[-1].id, entries[-1].hash, head.entries + len(entries)
         head.mac = head_mac(mac_key, head.last_id, head.last_hash, head.entries, head.keyed_from)
     if commit:
         db.commit()
-    return entry
+    return entries
 
 
 def verify(db: Session) -> dict:

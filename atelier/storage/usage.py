@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from atelier.storage.db import Usage, utcnow
+from atelier.storage.db import ApiKey, Usage, utcnow
 
 LIMITS = ("rpm", "tpm", "images_per_day", "tokens_per_month", "max_parallel")
 
@@ -97,6 +97,25 @@ def verdict(db: Session, key_id: str, limits: dict | None, *, images: int = 0, p
             return Verdict(False, "insufficient_quota", f"this key used {used} tokens this month; its quota is "
                            f"{limits['tokens_per_month']} a month", 3600, headers)
     return Verdict(True, headers=headers)
+
+
+def admit(db: Session, key_id: str, limits: dict | None, route: str, *, images: int = 0, parallel: int = 0,
+          unwritten: tuple[int, int] = (0, 0)) -> tuple[Verdict, int | None]:
+    """The start of a metered request: its key's verdict and, when allowed, its usage row, committed at
+    once so that requests after it count it. Returns (verdict, the usage row's id or None).
+
+    With PostgreSQL the key's row is locked from the check to the commit, so replicas take turns (SQLite
+    has no row locks: its writers take turns on the whole database)."""
+    if db.get_bind().dialect.name != "sqlite":
+        db.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())
+    v = verdict(db, key_id, limits, images=images, parallel=parallel, unwritten=unwritten)
+    if not v.allowed:
+        db.rollback()
+        return v, None
+    usage = Usage.__table__  # a plain insert: the ORM's unit of work took twice as long
+    usage_id = db.execute(usage.insert().values(key_id=key_id, route=route).returning(usage.c.id)).scalar_one()
+    db.commit()
+    return v, usage_id
 
 
 def summary(db: Session, key_id: str | None, since: datetime) -> list[dict]:
