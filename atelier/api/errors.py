@@ -12,11 +12,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atelier.safety.crypto import SealError
+from atelier.storage.db import DATABASE_DOWN
 
 log = logging.getLogger("atelier.api")
 
@@ -36,9 +35,6 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-# The database went away (restarted, network lost, pool exhausted): the request could not be served
-# now, and the same request a moment later may be. psycopg's and SQLite's errors both arrive as these.
-DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def database_unavailable(exc: Exception) -> APIError:

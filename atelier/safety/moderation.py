@@ -289,14 +289,14 @@ class Growing:
     def __init__(self, moderator: Moderator):
         self.moderator = moderator
         self.length = 0  # characters of the original text so far
-        self._norm: list[str] = []
+        self._norm = ""
         self._origin: list[int] = []
         self._space = False
 
     def extend(self, more: str) -> Result:
         before = len(self._norm)
         chars, origin, self._space = _normalise_from(more, self.length, self._space)
-        self._norm += chars
+        self._norm += "".join(chars)
         self._origin += origin
         self.length += len(more)
-        return self.moderator._hits("".join(self._norm), self._origin, before)
+        return self.moderator._hits(self._norm, self._origin, before)

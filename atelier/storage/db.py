@@ -13,11 +13,18 @@ from pathlib import Path
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# The database went away (restarted, network lost, pool exhausted): what failed could succeed a moment
+# later. psycopg's and SQLite's errors both arrive as these.
+DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 
 
 class Base(DeclarativeBase):
@@ -239,7 +246,6 @@ def make_engine(url: str, *, upgrade: bool = True, pool_size: int = 20, max_over
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
-    from sqlalchemy.exc import OperationalError
 
     try:
         if upgrade:

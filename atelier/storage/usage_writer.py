@@ -29,15 +29,13 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam
-from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
 
 from atelier.storage import audit
-from atelier.storage.db import Usage
+from atelier.storage.db import DATABASE_DOWN, Usage
 
 log = logging.getLogger("atelier.usage")
 
 RETRY_MAX_S = 5.0
-UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)  # a retry may cure these
 
 
 @dataclass
@@ -152,7 +150,7 @@ class UsageWriter:
                     write(db, batch)
                     db.commit()
                 return
-            except UNREACHABLE as e:
+            except DATABASE_DOWN as e:  # a retry may cure these
                 if self._stopping:
                     return
                 log.warning("database unavailable (%s); retrying %d usage records in %.2f s",
