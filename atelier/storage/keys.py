@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from atelier.safety.keys import KEY_PREFIX, hash_secret, validate_scopes
@@ -37,9 +37,12 @@ def create_key(db: Session, *, name: str = "", scopes: list[str], secret: str | 
     return key, secret
 
 
+_KEY_BY_HASH = select(ApiKey).where(ApiKey.hash == bindparam("hash"))  # every request's: built once
+
+
 def find_key(db: Session, *, secret: str) -> ApiKey | None:
     """The active key with this secret, or None (unknown or revoked)."""
-    key = db.scalar(select(ApiKey).where(ApiKey.hash == hash_secret(secret)))
+    key = db.scalar(_KEY_BY_HASH, {"hash": hash_secret(secret)})
     if key is None or key.revoked_at is not None:
         return None
     return key

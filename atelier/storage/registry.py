@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, contains_eager
 
 from atelier.storage import audit
@@ -74,6 +74,14 @@ def get_model(db: Session, *, name: str) -> Model:
     return model
 
 
+# The two queries every generation runs, built once: building a statement costs more than SQLite running it.
+_VERSION = (select(Version).join(Version.model).options(contains_eager(Version.model))
+            .where(Model.name == bindparam("name")))
+_VERSION_BY_NUMBER = _VERSION.where(Version.number == bindparam("number"))
+_VERSION_BY_ALIAS = (_VERSION.join(Alias, (Alias.model_id == Model.id) & (Alias.version_number == Version.number))
+                     .where(Alias.name == bindparam("alias")))
+
+
 def resolve(db: Session, *, ref: str) -> Version:
     """The version a reference points at (a plain name means the `latest` alias), with its model.
 
@@ -81,13 +89,11 @@ def resolve(db: Session, *, ref: str) -> Version:
     aliases and versions are read only to say what exists when the reference names nothing.
     """
     r = parse_ref(ref)
-    query = select(Version).join(Version.model).options(contains_eager(Version.model)).where(Model.name == r.name)
     alias = r.alias or "latest"
     if r.version is not None:
-        version = db.scalar(query.where(Version.number == r.version))
+        version = db.scalar(_VERSION_BY_NUMBER, {"name": r.name, "number": r.version})
     else:
-        version = db.scalar(query.join(Alias, (Alias.model_id == Model.id) & (Alias.version_number == Version.number))
-                            .where(Alias.name == alias))
+        version = db.scalar(_VERSION_BY_ALIAS, {"name": r.name, "alias": alias})
     if version is not None:
         return version
     model = get_model(db, name=r.name)  # NotFound when the model itself does not exist

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from atelier.storage.db import ApiKey, Usage, utcnow
@@ -46,10 +46,16 @@ class Verdict:
     headers: dict | None = None
 
 
+# The statements every metered request runs, built once (building one costs more than SQLite running it).
+_SINCE = (select(func.count(Usage.id), func.coalesce(func.sum(Usage.tokens), 0), func.coalesce(func.sum(Usage.images), 0),
+                 func.min(Usage.at))
+          .where(Usage.key_id == bindparam("key_id"), Usage.at >= bindparam("start")))
+_LOCK_KEY = select(ApiKey.id).where(ApiKey.id == bindparam("key_id")).with_for_update()
+_NEW_USAGE = Usage.__table__.insert().returning(Usage.__table__.c.id)  # a plain insert, without the ORM's unit of work
+
+
 def _since(db: Session, key_id: str, start: datetime):
-    row = db.execute(select(func.count(Usage.id), func.coalesce(func.sum(Usage.tokens), 0),
-                            func.coalesce(func.sum(Usage.images), 0), func.min(Usage.at))
-                     .where(Usage.key_id == key_id, Usage.at >= start)).one()
+    row = db.execute(_SINCE, {"key_id": key_id, "start": start}).one()
     return int(row[0]), int(row[1]), int(row[2]), row[3]
 
 
@@ -107,13 +113,12 @@ def admit(db: Session, key_id: str, limits: dict | None, route: str, *, images: 
     With PostgreSQL the key's row is locked from the check to the commit, so replicas take turns (SQLite
     has no row locks: its writers take turns on the whole database)."""
     if db.get_bind().dialect.name != "sqlite":
-        db.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())
+        db.execute(_LOCK_KEY, {"key_id": key_id})
     v = verdict(db, key_id, limits, images=images, parallel=parallel, unwritten=unwritten)
     if not v.allowed:
         db.rollback()
         return v, None
-    usage = Usage.__table__  # a plain insert, without the ORM's unit of work
-    usage_id = db.execute(usage.insert().values(key_id=key_id, route=route).returning(usage.c.id)).scalar_one()
+    usage_id = db.execute(_NEW_USAGE, {"key_id": key_id, "route": route}).scalar_one()
     db.commit()
     return v, usage_id
 

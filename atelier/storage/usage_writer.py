@@ -57,15 +57,17 @@ class Finished:
                            "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()}}
 
 
+_USAGE = Usage.__table__  # a plain statement, built once, without the ORM's bulk-update machinery
+_USAGE_DONE = (_USAGE.update().where(_USAGE.c.id == bindparam("usage_id"))
+               .values(tokens=bindparam("n_tokens"), images=bindparam("n_images"), model=bindparam("model_ref")))
+
+
 def write(db, batch: list[Finished]) -> None:
     """Requests' usage rows and audit entries, in `db`'s transaction: one statement for the rows, the
     chain locked and its head signed once for the entries."""
     entries = [done.audit_entry() for done in batch]
-    usage = Usage.__table__  # plain statements, without the ORM's bulk-update machinery
-    db.execute(usage.update().where(usage.c.id == bindparam("usage_id"))
-               .values(tokens=bindparam("n_tokens"), images=bindparam("n_images"), model=bindparam("model_ref")),
-               [{"usage_id": d.usage_id, "n_tokens": d.tokens, "n_images": d.images, "model_ref": d.model[:200]}
-                for d in batch])
+    db.execute(_USAGE_DONE, [{"usage_id": d.usage_id, "n_tokens": d.tokens, "n_images": d.images,
+                              "model_ref": d.model[:200]} for d in batch])
     audit.record_many(db, entries, commit=False)
 
 
