@@ -50,8 +50,9 @@ async def batches(request: Request, queue: asyncio.Queue, remaining: int, is_las
     while remaining:
         if queue.empty():
             try:
-                batch = [await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)]
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(DISCONNECT_CHECK_S):  # (wait_for would wrap the get in a task)
+                    batch = [await queue.get()]
+            except TimeoutError:
                 batch = []
         else:
             batch = []

@@ -18,6 +18,7 @@ round trip each: the same tokens either way (tests/test_native.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k = also return the top k alternatives
     ignore_eos: bool = False  # keep going to max_tokens (vLLM's option; benchmarks use it)
 
-    @property
+    @cached_property  # read for every row at every step
     def plain(self) -> bool:
         """Nothing asked for but a temperature: no penalties, no truncation, no log-probabilities."""
         return (self.top_p >= 1 and self.top_k == 0 and self.min_p <= 0 and self.repetition_penalty == 1.0

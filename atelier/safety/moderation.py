@@ -63,6 +63,7 @@ log = logging.getLogger("atelier.safety")
 CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
               "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
               "violence/graphic")
+_NONE, _ZERO = dict.fromkeys(CATEGORIES, False), dict.fromkeys(CATEGORIES, 0.0)  # a clean Result's
 DEFAULT_LISTS = Path(__file__).resolve().parent / "data" / "moderation"
 
 
@@ -268,6 +269,8 @@ class Moderator:
             for m in pattern.finditer(norm):
                 if m.end() > max(m.start(), new_from):
                     matches.append(Match(category, entry, origin[m.start()], origin[m.end() - 1] + 1))
+        if not matches:  # the common case, at every token of a stream: copies, not comprehensions
+            return Result(flagged=False, categories=dict(_NONE), category_scores=dict(_ZERO), matches=[])
         matches.sort(key=lambda m: (m.start, m.end, m.category))
         # 5. a sub-category's hit flags its parent
         hit = {m.category for m in matches}
