@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="torch threads for inference; unset: half the cores, at least 1 (see inference_threads)")
     native: bool = Field(default=True, description="decode with the compiled kernels (atelier/common/native/, built by make); off: the Python paths, same results, slower")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
-    # Where generation runs (atelier/runtime/ray_serve.py): in this process, or on Ray Serve deployments
-    runtime: Literal["local", "ray"] = Field(default="local", description="local: engines in the server process; ray: text and image models served by Ray Serve deployments (pip install -e .[ray])")
+    # Where generation runs: in this process, in engine processes (atelier/runtime/engine_process.py), or on
+    # Ray Serve deployments (atelier/runtime/ray_serve.py)
+    runtime: Literal["local", "process", "ray"] = Field(default="local", description="local: engines in the server process; process: each text model's engine in a process of its own (the server's GIL left to HTTP); ray: text and image models served by Ray Serve deployments (pip install -e .[ray])")
     ray_address: str | None = Field(default=None, description="a Ray cluster to join (ray://host:10001 or auto); unset: start a local one")
     ray_max_replicas: int = Field(default=2, ge=1, description="most replicas each Ray Serve deployment autoscales to")
     ray_replica_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each replica")

@@ -1,13 +1,14 @@
 """Serving benchmark in the shape of `vllm bench serve`: the real server, streaming completions.
 
-    .venv/bin/python benchmarks/serve.py [--model tang-poet] [--concurrency 1 8 32] [--requests 32]
+    .venv/bin/python benchmarks/serve.py [--model tang-poet] [--concurrency 1 8 32] [--requests N]
                                          [--max-tokens 64] [--rate R] [--threads N]
-                                         [--database sqlite|postgresql] [--runtime local|ray]
+                                         [--database sqlite|postgresql] [--runtime local|process|ray]
 
 Starts `atelier serve` as its own process on loopback with a fresh home, then for each
 concurrency runs a closed loop (each client sends its next request when the last one ends;
 with --rate, Poisson arrivals at R requests/s instead) of streaming `/v1/completions` with
-`ignore_eos`, and prints requests/s, output tokens/s, time to first token (TTFT) p50/p99,
+`ignore_eos` (ten rounds per concurrency by default: a closed loop's first round is a burst, every
+client at once, and equal lengths keep later rounds in step), and prints requests/s, output tokens/s, time to first token (TTFT) p50/p99,
 time per output token (TPOT) p50/p99, inter-token latency (ITL) p99, and tokens/s over
 concurrency 1's. In the same run: the in-process engine (batch 1) and `transformers`
 `generate` on the same weights, and a 1-token completion's round trip against the
@@ -92,13 +93,15 @@ async def run_load(url: str, model: str, concurrency: int, requests: int, max_to
             "itl_p99": pct(itl, 0.99)}
 
 
-def round_trip(url: str, model: str, n: int = 30) -> float:
-    """Median seconds of a 1-token, non-streamed completion through the server."""
+def round_trip(url: str, model: str, store: bool, n: int = 100) -> float:
+    """Median seconds of a 1-token, non-streamed completion through the server (stored in the gallery, as
+    by default, or not)."""
     times = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as http:
         for i in range(n):
             t0 = time.perf_counter()
-            http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1, "seed": i})
+            http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1, "seed": i,
+                                               "store": store})
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -136,14 +139,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tang-poet")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 × it)")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="requests per concurrency level (default: ten rounds of it, at least 32)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s) instead of a closed loop")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server (default: the server's own, half the cores)")
     ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
                     help="the server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)")
-    ap.add_argument("--runtime", choices=("local", "ray"), default="local",
-                    help="where generation runs (ATELIER_RUNTIME): in the server, or on Ray Serve (a local cluster)")
+    ap.add_argument("--runtime", choices=("local", "process", "ray"), default="local",
+                    help="where generation runs (ATELIER_RUNTIME): in the server, in an engine process per text "
+                         "model, or on Ray Serve (a local cluster)")
     args = ap.parse_args()
     import torch
 
@@ -169,8 +174,9 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_load(url, args.model, 1, 2, 8, None))  # load the model, warm up
-            rt = round_trip(url, args.model)
-            rows = {c: asyncio.run(run_load(url, args.model, c, max(args.requests, 2 * c), args.max_tokens, args.rate))
+            rt, rt_unstored = round_trip(url, args.model, True), round_trip(url, args.model, False)
+            rows = {c: asyncio.run(run_load(url, args.model, c, args.requests or max(32, 10 * c), args.max_tokens,
+                                            args.rate))
                     for c in args.concurrency}
         finally:
             proc.terminate()
@@ -192,8 +198,9 @@ def main() -> None:
     print(f"\nin-process engine, batch 1: {local['engine_tps']:.0f} tok/s; transformers generate: "
           f"{local['hf_tps']:.0f} tok/s (engine / transformers {local['engine_tps'] / local['hf_tps']:.2f}×)")
     print(f"through the server, 1 client: {single:.0f} tok/s = {single / local['engine_tps']:.0%} of the engine's")
-    print(f"1-token completion: {rt * 1e3:.1f} ms round trip vs {local['one_token'] * 1e3:.1f} ms in process "
-          f"(+{(rt - local['one_token']) * 1e3:.1f} ms)")
+    print(f"1-token completion: {rt * 1e3:.1f} ms round trip, {rt_unstored * 1e3:.1f} ms with store=false, vs "
+          f"{local['one_token'] * 1e3:.1f} ms in process (+{(rt - local['one_token']) * 1e3:.1f} ms, "
+          f"+{(rt_unstored - local['one_token']) * 1e3:.1f} ms)")
     if len(rows) > 1:
         top = max(rows)
         print(f"{top} clients: {rows[top]['tokens/s'] / base:.1f}× one client's tokens/s; TTFT p99 "

@@ -51,17 +51,20 @@ def test_quick_start_commands_and_ci():
     assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text() and "pytest" in makefile
 
 
-@pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("bring-your-own-model.md", "byo"),
-                                          ("music.md", "music"), ("compression.md", "compression"),
-                                          ("co-writing.md", "cowrite"), ("image-to-poem.md", "picture")])
+@pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("runtime.md", "engine-process"),
+                                          ("bring-your-own-model.md", "byo"), ("music.md", "music"),
+                                          ("compression.md", "compression"), ("co-writing.md", "cowrite"),
+                                          ("image-to-poem.md", "picture")])
 def test_tutorial_runs(tmp_path, page, marker):
     """A docs/ tutorial's example prints what the page says it prints (each on its own server)."""
     from conftest import LiveServer, make_settings
 
     doc = (ROOT / "docs" / page).read_text(encoding="utf-8")
-    code = re.search(rf"<!-- doc-test: {marker} -->\s*```python\n(.*?)```", doc, re.S).group(1)
-    expected = re.search(r"It prints:\s*```text\n(.*?)```", doc, re.S).group(1)
-    with LiveServer(make_settings(tmp_path / "home", run_worker=marker == "compression")) as server:
+    example = re.search(rf"<!-- doc-test: {marker} -->\s*```python\n(.*?)```(.*)", doc, re.S)
+    code, after = example.group(1), example.group(2)
+    expected = re.search(r"It prints:\s*```text\n(.*?)```", after, re.S).group(1)
+    runtime = "process" if marker == "engine-process" else "local"
+    with LiveServer(make_settings(tmp_path / "home", run_worker=marker == "compression", runtime=runtime)) as server:
         script = tmp_path / "tutorial.py"
         script.write_text(code.replace("http://127.0.0.1:8000", server.url), encoding="utf-8")
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,

@@ -46,7 +46,12 @@ def bootstrap(settings: Settings, sessions, blobs: BlobStore) -> str | None:
 
 
 def remote_runtime(settings: Settings):
-    """Ray Serve's deployments when ATELIER_RUNTIME=ray (None: engines run in this process)."""
+    """Engine processes when ATELIER_RUNTIME=process, Ray Serve's deployments when ray (None: engines run
+    in this process)."""
+    if settings.runtime == "process":
+        from atelier.runtime.engine_process import ProcessRuntime
+
+        return ProcessRuntime(settings)
     if settings.runtime != "ray":
         return None
     try:

@@ -80,7 +80,9 @@ class ModelManager:
                  keep_alive: str | float = "5m", max_batch: int = 16, image_max_batch: int = 16,
                  image_wait_ms: float = 10.0, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
-        self.remote = remote  # a RayRuntime (runtime/ray_serve.py): text and image engines run on Ray Serve
+        # a RayRuntime (runtime/ray_serve.py: text and image engines on Ray Serve) or a ProcessRuntime
+        # (runtime/engine_process.py: text engines in child processes); None: every engine in this process
+        self.remote = remote
         self.max_loaded, self.max_memory = max_loaded, max_memory
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
@@ -214,8 +216,8 @@ class ModelManager:
         finally:
             with self._lock:
                 self._incoming -= weight
-        if self.remote is not None and family.engine in ("text", "image"):
-            engine = self.remote.engine(family.engine, family.name, folder)
+        if self.remote is not None and family.engine in self.remote.kinds:
+            engine = self.remote.engine(family.engine, family.name, folder, servable)
         elif family.engine == "text":
             engine = TextEngine(servable, self.max_batch)
         elif family.engine == "image":

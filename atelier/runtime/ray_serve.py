@@ -243,7 +243,9 @@ class RayRuntime:
                                name=IMAGE_APP, route_prefix=None)
         log.info("model runtimes on Ray Serve: %s, %s", TEXT_APP, IMAGE_APP)
 
-    def engine(self, kind: str, family: str, folder: Path):
+    kinds = ("text", "image")  # the engines it runs instead of the server
+
+    def engine(self, kind: str, family: str, folder: Path, servable=None):
         """The proxy that stands where the local runtime puts an engine."""
         if kind == "text":
             return RayTextEngine(self.text, model_id(family, folder))

@@ -31,6 +31,7 @@ import os
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -196,8 +197,11 @@ class Sequence:
 
 
 class TextEngine:
-    def __init__(self, lm, max_batch: int = 16):
+    def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None):
+        """`deliver`: where each step's events go, as [(sequence, event), …], instead of the sequences'
+        event loops (an engine process sends them to the server: runtime/engine_process.py)."""
         self.lm = lm
+        self._deliver = deliver
         self.max_batch = max_batch
         self.cache = lm.new_cache(max_batch)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -237,7 +241,11 @@ class TextEngine:
         self._thread.join(timeout=30)
         with self._wake:
             for seq in list(self.waiting) + [s for s in self.slots if s is not None]:
-                seq._emit(EngineClosed("the model was unloaded while this request was generating; retry it"))
+                closed = EngineClosed("the model was unloaded while this request was generating; retry it")
+                if self._deliver is not None:
+                    self._deliver([(seq, closed)])
+                else:
+                    seq._emit(closed)
             self.waiting.clear()
             self.slots = [None] * self.max_batch
 
@@ -269,7 +277,9 @@ class TextEngine:
         """Hand the events posted since the last send to their event loops. With `native` (the kernels,
         whose decoding step comes next) the loops that listen are woken by that step, without the GIL."""
         outgoing, self._outgoing = self._outgoing, []
-        if outgoing:
+        if outgoing and self._deliver is not None:
+            self._deliver(outgoing)
+        elif outgoing:
             closed, fds = OUTBOX.post_all([(seq.loop, seq.events, (seq.index, event)) for seq, event in outgoing])
             for seq, _ in outgoing:
                 if seq.loop in closed:  # nobody is left to read: stop writing

@@ -1,0 +1,332 @@
+"""Text engines in processes of their own (ATELIER_RUNTIME=process), as vLLM runs its engine core.
+
+In one process the event loop (HTTP, SSE chunks, moderation, the database) and a text engine's
+worker (sampling, detokenizing, stop strings) take turns on one GIL: at 32 streaming clients a
+decoding step that takes 4 ms in process took 7-8 ms in the server, waiting for the loop. Here
+each loaded text model's TextEngine runs in a child process (`python -m
+atelier.runtime.engine_process`), which loads the version's unpacked folder through its family,
+and the server keeps a proxy with the engine's `submit` and `close`:
+
+  server                                            engine process
+  ProcessTextEngine.submit ── {"op": "submit"} ──▶   TextEngine.submit
+  reader thread ──▶ OUTBOX ──▶ event loops  ◀── one frame per step ──  TextEngine (deliver=…)
+
+Frames are length-prefixed JSON over a Unix socket pair: the child sends every event of a step in
+one frame, from its worker thread, with nothing else to wait for. A sequence the server cancels
+(its client left) is cancelled in the child with the next frame that arrives. If the child dies,
+its requests end with EngineClosed (a 503 to retry) and the proxy starts a new one; unloading the
+model stops it. The server still loads the model itself for what routes do around generation
+(the tokenizer, the poetry engine's constrained decoding), as with Ray Serve.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from atelier.runtime.errors import EngineClosed
+from atelier.runtime.sampling import Sampled, SamplingParams
+from atelier.runtime.text_engine import OUTBOX, Finished, Sequence, TextChunk, TextEngine, wake
+
+log = logging.getLogger("atelier.runtime")
+
+HEADER = struct.Struct("<I")  # a frame: its length, then that many bytes of JSON
+LOAD_TIMEOUT_S = 300  # a child that neither loads its model nor fails in this long is stopped
+
+
+class Channel:
+    """Frames of JSON over a connected socket; `send` may be called from any thread."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._file = sock.makefile("rb")
+        self._lock = threading.Lock()
+
+    def send(self, obj) -> None:
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        with self._lock:
+            self.sock.sendall(HEADER.pack(len(data)) + data)
+
+    def receive(self):
+        """The next frame, or None once the other side has closed."""
+        header = self._file.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None
+        (size,) = HEADER.unpack(header)
+        data = self._file.read(size)
+        return json.loads(data) if len(data) == size else None
+
+    def close(self) -> None:
+        for closing in (self._file.close, lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
+            try:
+                closing()
+            except OSError:
+                pass
+
+
+# -- events on the wire ------------------------------------------------------------------------------
+def encode(sid: int, event) -> list:
+    if isinstance(event, TextChunk):
+        return [sid, "t", event.text, [[s.token, s.logprob, s.top] for s in event.tokens]]
+    if isinstance(event, Finished):
+        return [sid, "f", event.reason, event.prompt_tokens, event.completion_tokens]
+    if isinstance(event, EngineClosed):
+        return [sid, "c", str(event)]
+    return [sid, "e", f"{type(event).__name__}: {event}"]
+
+
+def decode(item: list):
+    kind = item[1]
+    if kind == "t":
+        return TextChunk(item[2], [Sampled(token, logprob, [tuple(t) for t in top]) for token, logprob, top in item[3]])
+    if kind == "f":
+        return Finished(item[2], item[3], item[4])
+    if kind == "c":
+        return EngineClosed(item[2])
+    return RuntimeError(item[2])
+
+
+# -- the server's side -------------------------------------------------------------------------------
+class ProcessTextEngine:
+    """TextEngine's `submit` and `close`, served by a TextEngine in a child process."""
+
+    runtime = "process"  # GET /api/ps says where a loaded model runs
+
+    def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, native: bool, context: int):
+        self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
+                     str(threads), "1" if native else "0"]
+        self.context = context
+        self.cancelled = 0  # sequences dropped because their client left
+        self._lock = threading.Lock()  # the live table, the channel, closing
+        self._live: dict[int, Sequence] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._channel, self._proc = self._spawn()
+        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _spawn(self) -> tuple[Channel, subprocess.Popen]:
+        """Start a child and wait until it has loaded the model (OSError saying why when it cannot)."""
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(self.args + [str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        channel = Channel(ours)
+        ours.settimeout(LOAD_TIMEOUT_S)
+        try:
+            hello = channel.receive()
+        except OSError:
+            hello = None
+        ours.settimeout(None)
+        if not (hello and hello.get("ready")):
+            channel.close()
+            proc.kill()
+            proc.wait()
+            why = hello.get("error") if hello else f"it exited with status {proc.returncode}"
+            raise OSError(f"the engine process could not load the model: {why}")
+        return channel, proc
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if len(seq.prompt_ids) >= self.context:
+            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
+        OUTBOX.listen(seq.loop)  # from the request's own loop: woken through its pipe
+        p = seq.params
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the model was unloaded before this request ran; retry it")
+            if self._channel is None:
+                raise EngineClosed("the model's engine process is restarting; retry the request")
+            sid = next(self._ids)
+            self._live[sid] = seq
+            message = {"op": "submit", "id": sid, "prompt_ids": list(seq.prompt_ids), "max_tokens": seq.max_tokens,
+                       "stop": list(seq.stop), "seed": seq.seed, "params": {
+                           "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
+                           "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                           "frequency_penalty": p.frequency_penalty, "logprobs": p.logprobs,
+                           "ignore_eos": p.ignore_eos}}
+            try:
+                self._channel.send(message)
+            except OSError:
+                del self._live[sid]
+                raise EngineClosed("the model's engine process stopped; retry the request") from None
+        return seq
+
+    def close(self) -> None:
+        """Stop the child; every waiting and running sequence ends with EngineClosed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            channel, proc = self._channel, self._proc
+        try:
+            channel.send({"op": "close"})  # the child fails its sequences, then exits
+        except (OSError, AttributeError):
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._reader.join(timeout=30)
+        self._fail_live("the model was unloaded while this request was generating; retry it")
+
+    def _read(self) -> None:
+        """Hand each frame's events to the event loops; cancel in the child what the server cancelled."""
+        while True:
+            try:
+                frame = self._channel.receive()
+            except (OSError, ValueError):  # closed under the read
+                frame = None
+            if frame is None:
+                if not self._restart():
+                    return
+                continue
+            posts, cancels = [], []
+            with self._lock:
+                for item in frame:
+                    seq = self._live.get(item[0])
+                    if seq is None:
+                        continue
+                    if item[1] != "t":
+                        del self._live[item[0]]
+                    posts.append((seq.loop, seq.events, (seq.index, decode(item))))
+                for sid, seq in list(self._live.items()):
+                    if seq.cancelled:
+                        cancels.append(sid)
+                        del self._live[sid]
+            if cancels:
+                self.cancelled += len(cancels)
+                try:
+                    self._channel.send({"op": "cancel", "ids": cancels})
+                except OSError:
+                    pass
+            closed, fds = OUTBOX.post_all(posts)
+            wake(fds)
+            with self._lock:
+                for seq in self._live.values():
+                    if seq.loop in closed:  # nobody is left to read: cancelled with the next frame
+                        seq.cancel()
+
+    def _restart(self) -> bool:
+        """The child has gone: fail its requests, and start another unless the engine is closing."""
+        code = self._proc.wait()
+        with self._lock:
+            self._channel.close()
+            closing = self._closed
+            if not closing:
+                self._channel = None
+        if closing:
+            return False
+        log.error("the engine process for %s exited (status %s); starting another", Path(self.args[4]).name, code)
+        self._fail_live("the model's engine process stopped while this request was generating; retry it")
+        try:
+            channel, proc = self._spawn()
+        except OSError as e:
+            log.error("%s", e)
+            with self._lock:
+                self._closed = True
+            return False
+        with self._lock:
+            self._channel, self._proc = channel, proc
+        return True
+
+    def _fail_live(self, why: str) -> None:
+        with self._lock:
+            live, self._live = self._live, {}
+        closed, fds = OUTBOX.post_all([(s.loop, s.events, (s.index, EngineClosed(why))) for s in live.values()])
+        wake(fds)
+
+
+class ProcessRuntime:
+    """ATELIER_RUNTIME=process: text engines in child processes; images stay in the server."""
+
+    kinds = ("text",)
+
+    def __init__(self, settings):
+        from atelier.config import inference_threads
+
+        self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
+
+    def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
+        return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads, native=self.native,
+                                 context=servable.context)
+
+    def close(self) -> None:
+        pass  # each engine stops its own child when its model is unloaded
+
+
+# -- the child's side ----------------------------------------------------------------------------------
+def serve(channel: Channel, engine_for) -> None:
+    """Read submissions and cancellations until the server closes the channel or says close."""
+    live: dict[int, Sequence] = {}
+
+    def deliver(events: list) -> None:  # from the engine's worker: one frame per step
+        frame = []
+        for seq, event in events:
+            frame.append(encode(seq.index, event))
+            if not isinstance(event, TextChunk):
+                live.pop(seq.index, None)
+        try:
+            channel.send(frame)
+        except OSError:
+            pass  # the server has gone: the read below ends
+
+    engine: TextEngine = engine_for(deliver)
+    try:
+        while (message := channel.receive()) is not None and message["op"] != "close":
+            if message["op"] == "cancel":
+                for sid in message["ids"]:
+                    seq = live.pop(sid, None)
+                    if seq is not None:
+                        seq.cancel()
+                continue
+            seq = Sequence(index=message["id"], prompt_ids=message["prompt_ids"],
+                           params=SamplingParams(**message["params"]), max_tokens=message["max_tokens"],
+                           stop=message["stop"], seed=message["seed"], loop=None, events=None)
+            live[seq.index] = seq
+            try:
+                engine.submit(seq)
+            except (ValueError, EngineClosed) as e:
+                live.pop(seq.index, None)
+                deliver([(seq, e)])
+    finally:
+        engine.close()
+
+
+def main(argv: list[str]) -> int:
+    family, folder, max_batch, threads, native_on, fd = argv
+    channel = Channel(socket.socket(fileno=int(fd)))
+    try:
+        import torch
+
+        from atelier.common import native
+        from atelier.families import FAMILIES
+
+        torch.set_num_threads(int(threads))
+        native.use(native_on == "1")
+        lm = FAMILIES[family].load(Path(folder))
+    except Exception as e:  # noqa: BLE001 — said to the server, which answers the request with a 503
+        channel.send({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    channel.send({"ready": True})
+    serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver))
+    channel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""ATELIER_RUNTIME=process: each text model's engine in a child process (atelier/runtime/engine_process.py),
+through the real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, make_settings
+
+PROMPT = "春眠不觉晓，"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(make_settings(tmp_path_factory.mktemp("home"), runtime="process", max_tokens_limit=150)) as s:
+        yield s
+
+
+def engine_of(server):
+    loaded = server.app.state.manager.get_loaded("tang-poet", 1)
+    return loaded.engine if loaded is not None else None
+
+
+def completion(server, **extra) -> httpx.Response:
+    body = {"model": "tang-poet", "prompt": PROMPT, "max_tokens": 16, "seed": 5, "temperature": 0.9} | extra
+    return admin_http(server).post("/v1/completions", json=body)
+
+
+def test_the_engine_process_writes_what_the_local_engine_writes(server, tmp_path):
+    with LiveServer(make_settings(tmp_path / "local", runtime="local")) as local:
+        want = completion(local, n=2).json()
+        want_stream = admin_openai(local).completions.create(model="tang-poet", prompt=PROMPT, max_tokens=12, seed=9,
+                                                            stream=True)
+        want_text = "".join(c.choices[0].text for c in want_stream if c.choices)
+    got = completion(server, n=2).json()
+    assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+    assert got["usage"] == want["usage"] and all(c["text"] for c in got["choices"])
+    stream = admin_openai(server).completions.create(model="tang-poet", prompt=PROMPT, max_tokens=12, seed=9,
+                                                     stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want_text
+    engine = engine_of(server)
+    assert engine.pid != os.getpid() and engine._proc.poll() is None
+    ps = admin_http(server).get("/api/ps").json()["data"]
+    assert [m["runtime"] for m in ps if m["name"] == "tang-poet"] == ["process"]
+
+
+def test_a_prompt_past_the_context_is_refused_before_the_process(server):
+    r = completion(server, prompt="春" * 400, max_tokens=1)
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "max_tokens")
+
+
+def test_a_client_that_leaves_is_cancelled_in_the_process(server):
+    completion(server)  # loaded
+    engine = engine_of(server)
+    before = engine.cancelled
+    body = {"model": "tang-poet", "prompt": "春", "max_tokens": 150, "n": 4, "temperature": 2.0, "stream": True,
+            "seed": 1}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first token
+    deadline = time.time() + 10
+    while engine.cancelled == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.cancelled - before >= 1, "the engine process kept generating for a client that left"
+    assert completion(server).status_code == 200
+
+
+def test_a_request_running_when_its_process_dies_gets_an_error_and_the_next_one_is_served(server):
+    want = completion(server).json()["choices"][0]["text"]
+    engine = engine_of(server)
+    first_pid = engine.pid
+    body = {"model": "tang-poet", "prompt": "春", "max_tokens": 150, "temperature": 2.0, "stream": True, "seed": 2}
+    lines = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and not lines:
+                os.kill(first_pid, signal.SIGSTOP)  # stopped at once, then killed: it cannot finish first
+                os.kill(first_pid, signal.SIGKILL)
+            if line.startswith("data: "):
+                lines.append(line[6:])
+    errors = [json.loads(x)["error"] for x in lines if x.startswith('{"error"')]
+    assert errors and errors[0]["code"] == "model_unloaded" and lines[-1] == "[DONE]"
+    # The proxy starts another process; until it has loaded the model, requests get a 503 to retry.
+    deadline = time.time() + 120
+    while (r := completion(server)).status_code == 503 and time.time() < deadline:
+        assert r.json()["error"]["code"] == "model_unloaded"
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert engine.pid != first_pid
+
+
+def test_unloading_the_model_stops_its_process(server):
+    completion(server)
+    proc = engine_of(server)._proc
+    assert admin_http(server).post("/api/models/tang-poet@1/unload").json()["unloaded"] is True
+    proc.wait(timeout=30)
+    assert engine_of(server) is None and proc.returncode is not None
