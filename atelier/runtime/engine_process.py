@@ -21,6 +21,7 @@ model stops it. The server still loads the model itself for what routes do aroun
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -142,7 +143,11 @@ class ProcessTextEngine:
     def submit(self, seq: Sequence) -> Sequence:
         if len(seq.prompt_ids) >= self.context:
             raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
-        OUTBOX.listen(seq.loop)  # from the request's own loop: woken through its pipe
+        try:
+            if asyncio.get_running_loop() is seq.loop:
+                OUTBOX.listen(seq.loop)  # from the request's own loop: woken through its pipe
+        except RuntimeError:  # submitted from outside any loop: woken through call_soon_threadsafe
+            pass
         p = seq.params
         with self._lock:
             if self._closed:
@@ -240,8 +245,13 @@ class ProcessTextEngine:
                 self._closed = True
             return False
         with self._lock:
-            self._channel, self._proc = channel, proc
-        return True
+            closing = self._closed  # unloaded while the new child was loading: it goes too
+            if not closing:
+                self._channel, self._proc = channel, proc
+        if closing:
+            channel.close()  # the child reads the end of its input and exits
+            proc.wait()
+        return not closing
 
     def _fail_live(self, why: str) -> None:
         with self._lock:
