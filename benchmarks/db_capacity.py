@@ -36,7 +36,7 @@ from atelier.storage.db import make_engine, make_sessionmaker  # noqa: E402
 from atelier.storage.audit import record  # noqa: E402
 from atelier.storage.keys import create_key  # noqa: E402
 from atelier.storage.usage import InFlight, admit  # noqa: E402
-from atelier.storage.usage_writer import Finished, UsageWriter, write  # noqa: E402
+from atelier.storage.usage_writer import Served, UsageWriter, write  # noqa: E402
 
 
 def one_request(sessions, header: str, inflight: InFlight, writer: UsageWriter) -> None:
@@ -51,7 +51,7 @@ def one_request(sessions, header: str, inflight: InFlight, writer: UsageWriter) 
         key_id = key.id
     inflight.enter(key_id)
     inflight.leave(key_id)  # the meter's close: the rest is the writer's
-    writer.submit(Finished(usage_id, key_id, "completions", "tang-poet@1", 64, 0, "春眠不觉晓"))
+    writer.submit(Served(usage_id, key_id, "completions", "tang-poet@1", 64, 0, "春眠不觉晓"))
 
 
 def server_cpu_seconds(uid: int | None) -> float:
@@ -130,7 +130,7 @@ def bench(name: str, url: str, concurrency: list[int], seconds: float, server_ui
     for _ in range(20):  # as the usage writer appends under load: many requests' entries to one transaction
         with sessions() as db:
             t = time.perf_counter()
-            write(db, [Finished(0, "key_bench", "completions", "tang-poet@1", 64, 0, "春眠不觉晓")] * 32)
+            write(db, [Served(0, "key_bench", "completions", "tang-poet@1", 64, 0, "春眠不觉晓")] * 32)
             db.commit()
             per_entry.append((time.perf_counter() - t) / 32)
     hold = statistics.median(per_entry)

@@ -13,7 +13,7 @@ from atelier.storage import audit
 from atelier.storage.db import AuditEntry, Usage, make_engine, make_sessionmaker
 from atelier.storage.keys import create_key
 from atelier.storage.usage import verdict
-from atelier.storage.usage_writer import Finished, UsageWriter
+from atelier.storage.usage_writer import Served, UsageWriter
 
 
 @pytest.fixture()
@@ -42,8 +42,8 @@ def started(sessions, key_id: str, n: int) -> list[int]:
         return [r.id for r in rows]
 
 
-def finished(usage_id: int, key_id: str, tokens: int = 7, prompt: str = "春眠") -> Finished:
-    return Finished(usage_id, key_id, "completions", "tang-poet@1", tokens, 0, prompt)
+def finished(usage_id: int, key_id: str, tokens: int = 7, prompt: str = "春眠") -> Served:
+    return Served(usage_id, key_id, "completions", "tang-poet@1", tokens, 0, prompt)
 
 
 def test_many_requests_are_written_in_batches_and_the_audit_chain_stays_whole(db_path):

@@ -17,7 +17,7 @@ from atelier.api.deps import current_key
 from atelier.api.errors import APIError
 from atelier.storage.db import ApiKey
 from atelier.storage.usage import InFlight, admit
-from atelier.storage.usage_writer import Finished, UsageWriter
+from atelier.storage.usage_writer import Served, UsageWriter
 
 
 class Meter:
@@ -36,7 +36,7 @@ class Meter:
             return
         self._closed = True
         self.inflight.leave(self.key_id)
-        self.writer.submit(Finished(self.usage_id, self.key_id, self.route, self.model, self.tokens, self.images,
+        self.writer.submit(Served(self.usage_id, self.key_id, self.route, self.model, self.tokens, self.images,
                                     self.prompt))
 
 

@@ -39,7 +39,7 @@ RETRY_MAX_S = 5.0
 
 
 @dataclass
-class Finished:
+class Served:
     """One request's end: what its usage row gets, and what its audit entry says."""
 
     usage_id: int
@@ -62,7 +62,7 @@ _USAGE_DONE = (_USAGE.update().where(_USAGE.c.id == bindparam("usage_id"))
                .values(tokens=bindparam("n_tokens"), images=bindparam("n_images"), model=bindparam("model_ref")))
 
 
-def write(db, batch: list[Finished]) -> None:
+def write(db, batch: list[Served]) -> None:
     """Requests' usage rows and audit entries, in `db`'s transaction: one statement for the rows, the
     chain locked and its head signed once for the entries."""
     entries = [done.audit_entry() for done in batch]
@@ -75,14 +75,14 @@ class UsageWriter:
     def __init__(self, sessions):
         self._sessions = sessions
         self._cond = threading.Condition()
-        self._queue: list[Finished] = []
+        self._queue: list[Served] = []
         self._pending: dict[str, list[int]] = {}  # key id -> [tokens, images, requests] handed over, not written
         self._submitted = self._written = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="atelier-usage-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, done: Finished) -> None:
+    def submit(self, done: Served) -> None:
         with self._cond:
             self._queue.append(done)
             self._submitted += 1
@@ -142,7 +142,7 @@ class UsageWriter:
                         del self._pending[done.key_id]
                 self._cond.notify_all()
 
-    def _write(self, batch: list[Finished]) -> None:
+    def _write(self, batch: list[Served]) -> None:
         """All of `batch` in one transaction, retried while the database is unreachable. A record the
         database refuses for what it holds is logged and dropped, so it cannot hold up the others."""
         delay = 0.05
