@@ -62,3 +62,17 @@ def test_the_outbox_wakes_a_listening_loop_through_its_pipe_and_refuses_a_closed
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         outbox.post(loop, asyncio.Queue(), "late")
+
+
+def test_a_character_model_writes_the_same_text_from_its_table_of_pieces():
+    """chargpt's `token_pieces` (each token's own text) stand in for decoding a window of ids twice per token:
+    the same text either way; a special token's piece is nothing, as decode drops it."""
+    lm = tiny_lm()
+    assert len(lm.token_pieces) == len(lm.tokenizer) and lm.token_pieces[lm.tokenizer.eos_id] == ""
+    requests = [("春眠", 12, 1), ("夜来风", 20, 2)]
+    with_table = engine_texts(lm, requests, max_batch=2)
+    lm.token_pieces = None  # the engine takes the window path
+    try:
+        assert engine_texts(lm, requests, max_batch=2) == with_table
+    finally:
+        del lm.token_pieces

@@ -93,6 +93,7 @@ class TextServable(Protocol):
     context: int  # positions per sequence, prompt included
     eos_ids: list[int]  # any of them ends a sequence
     banned_ids: list[int]  # never sampled (padding, unknown, …)
+    # optional: token_pieces: list[str], each token's text when it never depends on its neighbours (chargpt)
 
     def encode(self, text: str, chat: bool = False) -> list[int]: ...  # 1. request → work (chat: rendered template)
     def chat_prompt(self, messages: list[dict]) -> str: ...  # [{"role", "content"}] → the prompt, as text

@@ -202,6 +202,7 @@ class TextEngine:
         event loops (an engine process sends them to the server: runtime/engine_process.py)."""
         self.lm = lm
         self._deliver = deliver
+        self._pieces = getattr(lm, "token_pieces", None)  # each token's own text, when it never joins others
         self.max_batch = max_batch
         self.cache = lm.new_cache(max_batch)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -379,7 +380,10 @@ class TextEngine:
     def _detokenize(self, seq: Sequence) -> str:
         """The text the newest token completes (as text-generation-inference does it): decode a short
         window of ids with and without the new ones, and take the difference once it does not end in
-        U+FFFD (the decoder's mark for bytes of a character still incomplete)."""
+        U+FFFD (the decoder's mark for bytes of a character still incomplete). A model whose tokens are
+        whole characters each (`token_pieces`, chargpt's) gives its token's text at once."""
+        if self._pieces is not None:
+            return self._pieces[seq.generated[-1]]
         ids = seq.generated
         before = self.lm.decode(ids[seq.prefix_offset:seq.read_offset])
         after = self.lm.decode(ids[seq.prefix_offset:])
