@@ -45,7 +45,7 @@ class Plan:
 
 def _check_common(body: SamplingFields, settings) -> None:
     for name, default in UNSUPPORTED.items():
-        value = getattr(body, name, None) if name in body.model_fields else (body.model_extra or {}).get(name)
+        value = getattr(body, name, None) if name in type(body).model_fields else (body.model_extra or {}).get(name)
         if value is not None and value != default:
             raise bad_request(f"{name} is not supported by Atelier", param=name, code="unsupported_parameter")
     if body.n > settings.max_n:
