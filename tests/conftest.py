@@ -156,6 +156,18 @@ def client(server):
 # -- images: a server with tiny random image models registered (fast, deterministic) -------
 
 
+def leave_a_stream_early(live: LiveServer, max_tokens: int = 100) -> None:
+    """Start 4 long streamed completions and leave after the first token (at temperature 2 <eos> is all
+    but never drawn, so they would take a while)."""
+    body = {"model": "tang-poet", "prompt": "春", "max_tokens": max_tokens, "n": 4, "temperature": 2.0,
+            "stream": True, "seed": 1}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                break
+
+
 def audit_entries(http) -> list[dict]:
     """Every audit entry, page by page (the session's server has audited other tests' work too)."""
     entries, after = [], 0

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, make_settings
+from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, leave_a_stream_early, make_settings
 
 PROMPT = "春眠不觉晓，"
 
@@ -58,13 +58,7 @@ def test_a_client_that_leaves_is_cancelled_in_the_process(server):
     completion(server)  # loaded
     engine = engine_of(server)
     before = engine.cancelled
-    body = {"model": "tang-poet", "prompt": "春", "max_tokens": 150, "n": 4, "temperature": 2.0, "stream": True,
-            "seed": 1}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                break  # leave after the first token
+    leave_a_stream_early(server, max_tokens=150)
     deadline = time.time() + 10
     while engine.cancelled == before and time.time() < deadline:
         time.sleep(0.05)
