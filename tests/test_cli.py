@@ -268,10 +268,11 @@ def test_ps_shows_a_loaded_model_and_when_it_goes(server):
     assert "loaded tang-poet@1" in r.output
     r = invoke(server, "ps")
     assert r.exit_code == 0, r.output
-    for col in ("MODEL", "FAMILY", "TASK", "SIZE", "IN USE", "UNTIL"):
+    for col in ("MODEL", "FAMILY", "TASK", "SIZE", "RUNTIME", "DECODING", "IN USE", "UNTIL"):
         assert col in r.output
     line = next(l for l in r.output.splitlines() if "tang-poet@1" in l)
     assert "chargpt" in line and "text-generation" in line and "MB" in line and "minutes from now" in line
+    assert re.search(r"MB\s+local\s+(native|python)\s", line), line
     assert re.search(r"\d+ of \d+ loaded, [\d.]+ [kM]B of (unlimited|[\d.]+ [kM]B) memory", r.output), r.output
     r = invoke(server, "models", "load", "tang-poet@1", "--keep-alive=-1")
     assert r.exit_code == 0, r.output

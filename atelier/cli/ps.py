@@ -32,15 +32,16 @@ def _in_use(value) -> str:
 
 
 def ps(url: UrlOpt = None, api_key: KeyOpt = None):
-    """Loaded models: size, requests in flight, and when each will be unloaded."""
+    """Loaded models: size, where each runs (ATELIER_RUNTIME) and decodes, requests in flight, and when each
+    will be unloaded."""
     out = call("GET", "/api/ps", url, api_key).json()
     now = time.time()
     table = Table(box=None)
-    for col in ("MODEL", "FAMILY", "TASK", "SIZE", "DECODING", "IN USE", "UNTIL"):
+    for col in ("MODEL", "FAMILY", "TASK", "SIZE", "RUNTIME", "DECODING", "IN USE", "UNTIL"):
         table.add_column(col)
     for m in out["data"]:
-        table.add_row(m["model"], m["family"], m["task"], _size(m["size_bytes"]), m.get("decoding", ""),
-                      _in_use(m.get("in_use")), _until(m.get("expires_at"), now))
+        table.add_row(m["model"], m["family"], m["task"], _size(m["size_bytes"]), m.get("runtime", ""),
+                      m.get("decoding", ""), _in_use(m.get("in_use")), _until(m.get("expires_at"), now))
     console.print(table)
     cap = out.get("max_model_memory")
     console.print(f"{len(out['data'])} of {out['max_loaded_models']} loaded, "
