@@ -32,14 +32,25 @@ def completion(server, **extra) -> httpx.Response:
 
 
 def test_the_engine_process_writes_what_the_local_engine_writes(server, tmp_path):
+    """Texts, log-probabilities, stop sequences, finish reasons and usage cross the socket unchanged."""
+    extras = [{"n": 2}, {"logprobs": 2, "max_tokens": 6}, {"stop": ["。", "，"], "max_tokens": 40, "n": 3}]
+    chat = {"model": "tang-poet", "messages": [{"role": "user", "content": "春眠不觉晓，"}], "max_tokens": 10,
+            "seed": 3, "logprobs": True, "top_logprobs": 2}
     with LiveServer(make_settings(tmp_path / "local", runtime="local")) as local:
-        want = completion(local, n=2).json()
+        want = [completion(local, **extra).json() for extra in extras]
+        want_chat = admin_http(local).post("/v1/chat/completions", json=chat).json()
         want_stream = admin_openai(local).completions.create(model="tang-poet", prompt=PROMPT, max_tokens=12, seed=9,
                                                             stream=True)
         want_text = "".join(c.choices[0].text for c in want_stream if c.choices)
-    got = completion(server, n=2).json()
-    assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
-    assert got["usage"] == want["usage"] and all(c["text"] for c in got["choices"])
+    for extra, w in zip(extras, want):
+        got = completion(server, **extra).json()
+        assert [(c["text"], c["finish_reason"], c["logprobs"]) for c in got["choices"]] == \
+            [(c["text"], c["finish_reason"], c["logprobs"]) for c in w["choices"]]
+        assert got["usage"] == w["usage"] and all(c["text"] for c in got["choices"])
+    got_chat = admin_http(server).post("/v1/chat/completions", json=chat).json()
+    assert got_chat["choices"][0]["message"] == want_chat["choices"][0]["message"]
+    assert got_chat["choices"][0]["logprobs"] == want_chat["choices"][0]["logprobs"]
+    assert any(c["finish_reason"] == "stop" for c in want[2]["choices"])  # the stops did stop something
     stream = admin_openai(server).completions.create(model="tang-poet", prompt=PROMPT, max_tokens=12, seed=9,
                                                      stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == want_text
