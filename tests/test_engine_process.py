@@ -108,3 +108,12 @@ def test_unloading_the_model_stops_its_process(server):
     assert admin_http(server).post("/api/models/tang-poet@1/unload").json()["unloaded"] is True
     proc.wait(timeout=30)
     assert engine_of(server) is None and proc.returncode is not None
+
+
+def test_a_process_that_cannot_load_its_model_says_why(tmp_path):
+    """The child reports its load error before it exits; the manager turns the OSError into a 503
+    model_load_failed, as for a model the server itself cannot load."""
+    from atelier.runtime.engine_process import ProcessTextEngine
+
+    with pytest.raises(OSError, match="could not load the model: .*no-such-family"):
+        ProcessTextEngine("no-such-family", tmp_path, max_batch=2, threads=1, native=False, context=8)
