@@ -35,8 +35,6 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-
-
 def database_unavailable(exc: Exception) -> APIError:
     return APIError(503, f"the database is unavailable ({type(exc).__name__}); retry shortly", type="server_error",
                     code="database_unavailable")

@@ -37,7 +37,7 @@ class Meter:
         self._closed = True
         self.inflight.leave(self.key_id)
         self.writer.submit(Served(self.usage_id, self.key_id, self.route, self.model, self.tokens, self.images,
-                                    self.prompt))
+                                  self.prompt))
 
 
 def metered(route: str, *, images_param: str | None = None):

@@ -21,7 +21,7 @@ model stops it. The server still loads the model itself for what routes do aroun
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import gc
 import itertools
 import json
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.sampling import Sampled, SamplingParams
-from atelier.runtime.text_engine import OUTBOX, Finished, Sequence, TextChunk, TextEngine, wake
+from atelier.runtime.text_engine import OUTBOX, Finished, Sequence, TextChunk, TextEngine, prepare
 
 log = logging.getLogger("atelier.runtime")
 
@@ -142,14 +142,7 @@ class ProcessTextEngine:
         return channel, proc
 
     def submit(self, seq: Sequence) -> Sequence:
-        if len(seq.prompt_ids) >= self.context:
-            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
-        try:
-            if asyncio.get_running_loop() is seq.loop:
-                OUTBOX.listen(seq.loop)  # from the request's own loop: woken through its pipe
-        except RuntimeError:  # submitted from outside any loop: woken through call_soon_threadsafe
-            pass
-        p = seq.params
+        prepare(seq, self.context)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the model was unloaded before this request ran; retry it")
@@ -158,11 +151,7 @@ class ProcessTextEngine:
             sid = next(self._ids)
             self._live[sid] = seq
             message = {"op": "submit", "id": sid, "prompt_ids": list(seq.prompt_ids), "max_tokens": seq.max_tokens,
-                       "stop": list(seq.stop), "seed": seq.seed, "params": {
-                           "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
-                           "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
-                           "frequency_penalty": p.frequency_penalty, "logprobs": p.logprobs,
-                           "ignore_eos": p.ignore_eos}}
+                       "stop": list(seq.stop), "seed": seq.seed, "params": dataclasses.asdict(seq.params)}
             try:
                 self._channel.send(message)
             except OSError:
@@ -219,12 +208,12 @@ class ProcessTextEngine:
                     self._channel.send({"op": "cancel", "ids": cancels})
                 except OSError:
                     pass
-            closed, fds = OUTBOX.post_all(posts)
-            wake(fds)
-            with self._lock:
-                for seq in self._live.values():
-                    if seq.loop in closed:  # nobody is left to read: cancelled with the next frame
-                        seq.cancel()
+            closed = OUTBOX.send(posts)
+            if closed:
+                with self._lock:
+                    for seq in self._live.values():
+                        if seq.loop in closed:  # nobody is left to read: cancelled with the next frame
+                            seq.cancel()
 
     def _restart(self) -> bool:
         """The child has gone: fail its requests, and start another unless the engine is closing."""
@@ -257,8 +246,7 @@ class ProcessTextEngine:
     def _fail_live(self, why: str) -> None:
         with self._lock:
             live, self._live = self._live, {}
-        closed, fds = OUTBOX.post_all([(s.loop, s.events, (s.index, EngineClosed(why))) for s in live.values()])
-        wake(fds)
+        OUTBOX.send([(s.loop, s.events, (s.index, EngineClosed(why))) for s in live.values()])
 
 
 class ProcessRuntime:

@@ -95,10 +95,14 @@ class Outbox:
         weakref.finalize(loop, _close_pipe, r, w)
 
     def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
-        closed, fds = self.post_all([(loop, queue, item)])
-        wake(fds)
-        if closed:
+        if self.send([(loop, queue, item)]):
             raise RuntimeError("Event loop is closed")
+
+    def send(self, events: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> set:
+        """`post_all`, with the pipes woken here; the loops that have closed."""
+        closed, fds = self.post_all(events)
+        wake(fds)
+        return closed
 
     def post_all(self, events: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> tuple[set, list[int]]:
         """Post a step's events at once, so that each loop wakes once with all of its events ready.
@@ -196,6 +200,18 @@ class Sequence:
         OUTBOX.post(self.loop, self.events, (self.index, event))
 
 
+def prepare(seq: Sequence, context: int) -> None:
+    """What an engine's `submit` does first, on the caller's thread: refuse a prompt that does not fit the
+    context (ValueError), and have the request's loop woken through its pipe when it submits from that loop."""
+    try:
+        if asyncio.get_running_loop() is seq.loop:
+            OUTBOX.listen(seq.loop)
+    except RuntimeError:  # submitted from outside any loop: woken through call_soon_threadsafe
+        pass
+    if len(seq.prompt_ids) >= context:
+        raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {context}")
+
+
 class TextEngine:
     def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None):
         """`deliver`: where each step's events go, as [(sequence, event), …], instead of the sequences'
@@ -220,13 +236,7 @@ class TextEngine:
         return self.lm.context
 
     def submit(self, seq: Sequence) -> Sequence:
-        try:
-            if asyncio.get_running_loop() is seq.loop:
-                OUTBOX.listen(seq.loop)
-        except RuntimeError:  # submitted from outside any loop: woken through call_soon_threadsafe
-            pass
-        if len(seq.prompt_ids) >= self.context:
-            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.context}")
+        prepare(seq, self.context)
         with self._wake:
             if self._closed:
                 raise EngineClosed("the model was unloaded before this request ran; retry it")
