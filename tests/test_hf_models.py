@@ -386,12 +386,23 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20] * 9]
     for rows in ([1, 2, 3, 4], [4, 0, 2, 1]):
         modules, decoder = lm.new_cache(5), lm.new_cache(5)
+        next_logits = []
         for r, p in zip(rows, prompts):
             prompt = (torch.tensor([p]), torch.tensor([r]), torch.arange(len(p))[None])
             expected = lm.forward(prompt[0], modules, *prompt[1:])  # grad on: the modules
             with torch.no_grad():  # the native prefill when the kernels are on
                 got = lm.forward(prompt[0], decoder, *prompt[1:])
             torch.testing.assert_close(got, expected.detach(), atol=1e-4, rtol=1e-4)
+            next_logits.append(expected[0, -1].detach())
+        # The engine's prefill: the prompts at once, right-padded, each one's last logits only (`last`).
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
+        last, at = torch.tensor([len(p) - 1 for p in prompts]), (torch.tensor(rows), torch.arange(width).expand(4, width))
+        via_modules = lm.forward(ids, lm.new_cache(5), *at, last=last)
+        with torch.no_grad():
+            via_decoder = lm.forward(ids, lm.new_cache(5), *at, last=last)
+        for got in (via_modules.detach(), via_decoder):
+            torch.testing.assert_close(got, torch.stack(next_logits), atol=1e-4, rtol=1e-4)
         for same_position in (False, True):
             pos = torch.tensor([[9]] * 4 if same_position else [[len(p)] for p in prompts])
             nxt = torch.tensor([[30], [31], [32], [33]])

@@ -102,6 +102,27 @@ def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_prefill_can_ask_for_its_prompts_last_logits_only():
+    """`last` (the text engine's prefill): each row's logits at its own last token, (B, vocab), as the whole
+    (B, T, vocab) would have them, natively and on the module path; the cache is written all the same."""
+    torch.manual_seed(0)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=1)).eval()
+    ids, rows, pos = torch.randint(0, 40, (3, 5)), torch.tensor([2, 0, 1]), torch.arange(5).expand(3, 5)
+    last = torch.tensor([4, 1, 2])
+    caches = [KVCache(model.config, batch=3) for _ in range(3)]
+    with torch.no_grad():
+        everything, _ = model(ids, cache=caches[0], rows=rows, pos=pos)
+        native_last, _ = model(ids, cache=caches[1], rows=rows, pos=pos, last=last)
+    modules_last, _ = model(ids, cache=caches[2], rows=rows, pos=pos, last=last)  # grad on: the modules
+    assert native_last.shape == modules_last.shape == (3, 40)
+    torch.testing.assert_close(native_last, everything[torch.arange(3), last], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(modules_last, everything[torch.arange(3), last], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].kv, caches[0].kv)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ascending"):
+        model.decoder().step(ids.reshape(-1), caches[1], rows.repeat_interleave(5), pos.reshape(-1),
+                             torch.tensor([4, 1]))
+
+
 def test_the_server_says_how_it_decodes_and_native_off_writes_the_same_completion(tmp_path):
     """GET /api/ps names each text model's decoding ("native" here, where make built the kernels);
     ATELIER_NATIVE=false serves the Python paths, and the same seeded completion."""

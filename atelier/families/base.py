@@ -98,7 +98,8 @@ class TextServable(Protocol):
     def encode(self, text: str, chat: bool = False) -> list[int]: ...  # 1. request → work (chat: rendered template)
     def chat_prompt(self, messages: list[dict]) -> str: ...  # [{"role", "content"}] → the prompt, as text
     def new_cache(self, rows: int) -> Any: ...  # a KV cache with one row per sequence slot
-    def forward(self, ids, cache, rows, pos): ...  # 2. (B, T) ids at positions pos → (B, T, vocab) logits
+    def forward(self, ids, cache, rows, pos, last=None): ...  # 2. (B, T) ids at positions pos → (B, T, vocab) logits;
+    #    with last (B,): (B, vocab), row b's token last[b] only (a prefill wants its prompts' last tokens)
     def decode(self, ids: list[int]) -> str: ...  # 3. result → text (the engine streams whole characters)
     def token_text(self, token: int) -> str: ...  # one token's text, for logprobs
 

@@ -63,8 +63,9 @@ class CharLM:
     def new_cache(self, rows: int) -> chargpt.KVCache:
         return chargpt.KVCache(self.model.config, rows)
 
-    def forward(self, ids: torch.Tensor, cache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model(ids, cache=cache, rows=rows, pos=pos)
+    def forward(self, ids: torch.Tensor, cache, rows: torch.Tensor, pos: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.model(ids, cache=cache, rows=rows, pos=pos, last=last)
         return logits
 
     def token_text(self, token: int) -> str:

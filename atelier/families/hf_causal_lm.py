@@ -13,6 +13,7 @@ Weights load from safetensors only (never pickle); the tokenizer streams whole c
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -87,6 +88,8 @@ class HFCausalLM:
         from atelier.families.hf_decoders import decoder_for
 
         self.decoder = decoder_for(self.model, self.context)  # one-token steps without the modules (or None)
+        # transformers' causal LMs can run their head for chosen positions only (a prefill's last tokens)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def _eos_ids(self, folder: Path, GenerationConfig) -> list[int]:
         ids: list[int] = []
@@ -128,20 +131,29 @@ class HFCausalLM:
 
         return SlotCache(self.layers, rows, self.context)
 
-    def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = ids.shape
         if self.decoder is not None and not torch.is_grad_enabled():
-            if ids.shape[1] == 1 and self.decoder.ready(cache):
-                return self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])[:, None]
-            if ids.shape[1] > 1 and self.decoder.native_ready(cache):  # a prefill, in C++
-                B, T = ids.shape
-                logits = self.decoder.step(ids.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1))
-                return logits.view(B, T, -1)
+            if T == 1 and self.decoder.ready(cache):
+                logits = self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])
+                return logits if last is not None else logits[:, None]
+            if T > 1 and self.decoder.native_ready(cache):  # a prefill, in C++
+                wanted = None if last is None else torch.arange(B) * T + last
+                logits = self.decoder.step(ids.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1), wanted)
+                return logits if last is not None else logits.view(B, T, -1)
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
         cache.run = as_run(rows.tolist())
         visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)
         mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)[:, None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        return out.logits
+        kwargs = {}
+        if last is not None and self._keeps_logits:  # the head for each row's last token only
+            kwargs["logits_to_keep"] = last[:, None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                         **kwargs)
+        if last is None:
+            return out.logits
+        return out.logits[:, 0] if kwargs else out.logits[torch.arange(B), last]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -162,13 +162,15 @@ class Gpt2Decoder(_Decoder):
         self.native_args = (self.wte, None, self.wpe, None, flat, [], self.ln_f[0].detach(), self.ln_f[1].detach(),
                             head, None, _detached(self.head[1]), out_in)
 
-    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) for ids (B,) in cache rows `rows` at positions `pos` (B,)."""
+    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
+             wanted: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) for ids (B,) in cache rows `rows` at positions `pos` (B,); with `wanted` (indices
+        into the B tokens, ascending), those tokens' logits only."""
         native = self._native(cache, pos)
         if native is not None:
             return native.gpt2_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                     [layer.values for layer in cache.layers], *self.native_args, self.heads,
-                                    self.eps, self.scale or 0.0, self.gelu)
+                                    self.eps, self.scale or 0.0, self.gelu, wanted)
         span, run, mask = self._begin(cache, rows, pos)
         B, C, nh = ids.shape[0], self.dim, self.heads
         norm, shape, eps = torch.layer_norm, (C,), self.eps
@@ -179,6 +181,8 @@ class Gpt2Decoder(_Decoder):
             x = torch.addmm(x + bo, y, wo)
             h = torch._C._nn.gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate=self.gelu)
             x = torch.addmm(x + bp, h, wp)
+        if wanted is not None:
+            x = x[wanted]
         return F.linear(norm(x, shape, *self.ln_f, eps), *self.head)
 
 
@@ -210,7 +214,8 @@ class LlamaDecoder(_Decoder):
         head, out_in = _native_head(self.head[0])
         self.native_args = (flat, eps, self.norm[0].detach(), head, _detached(self.head[1]), out_in)
 
-    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
+             wanted: torch.Tensor | None = None) -> torch.Tensor:
         native = self._native(cache, pos)
         if native is not None:
             cos, sin = self.rotary(self.embed[:1], pos[:, None])  # (B, 1, head_dim): one position per row
@@ -218,7 +223,7 @@ class LlamaDecoder(_Decoder):
             return native.llama_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                      [layer.values for layer in cache.layers], self.embed,
                                      cos.reshape(-1, hd).float().contiguous(), sin.reshape(-1, hd).float().contiguous(),
-                                     *self.native_args, self.heads, self.kv_heads, hd, float(self.scale))
+                                     *self.native_args, self.heads, self.kv_heads, hd, float(self.scale), wanted)
         span, run, mask = self._begin(cache, rows, pos)
         B, nh, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids]
@@ -233,4 +238,6 @@ class LlamaDecoder(_Decoder):
             x = x + _project(y, wo, bo)
             gate, up = _project(torch.rms_norm(x, (x.shape[1],), w2, e2), wgu, bgu).chunk(2, dim=-1)
             x = x + _project(F.silu(gate) * up, wd, bd)
+        if wanted is not None:
+            x = x[wanted]
         return F.linear(torch.rms_norm(x, (x.shape[1],), *self.norm), *self.head)

@@ -172,20 +172,24 @@ class CharGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, rows=None, pos=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, rows=None, pos=None, last=None):
         """Logits (B, T, vocab) for tokens idx (B, T); with targets, also the mean loss.
 
         Without a cache every row starts at position 0 (training). With a cache, `rows`
         (B,) names each sequence's cache slot and `pos` (B, T) its tokens' positions, so
-        rows of different lengths decode together (continuous batching).
+        rows of different lengths decode together (continuous batching). With `last` (B,),
+        only the logits (B, vocab) of each row's token last[b] (a prefill's next token): the
+        head runs for those tokens alone.
         """
         B, T = idx.shape
         if cache is not None and targets is None and not torch.is_grad_enabled():
             if T == 1:
-                return self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])[:, None], None
+                logits = self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])
+                return (logits if last is not None else logits[:, None]), None
             if pos is not None and Decoder.native(cache) is not None:  # a prefill, in C++
-                steps = self.decoder().step(idx.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1))
-                return steps.view(B, T, -1), None
+                wanted = None if last is None else torch.arange(B) * T + last
+                steps = self.decoder().step(idx.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1), wanted)
+                return (steps if last is not None else steps.view(B, T, -1)), None
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         if int(pos.max()) >= self.config.n_positions:
@@ -193,6 +197,8 @@ class CharGPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.h):
             x = block(x, i, cache, rows, pos)
+        if last is not None:
+            x = x[torch.arange(B), last]
         x = self.ln_f(x)
         logits = x @ self.wte.weight.T  # the LM head is tied to the token embedding
         loss = None
@@ -305,15 +311,17 @@ class Decoder:
         """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
         return sum(p._version for p in self.params)
 
-    def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, pos: torch.Tensor,
+             wanted: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) for token ids (B,) of cache rows `rows` (B,) at positions `pos` (B,): one token
-        per row, or (the native step only) a prefill's tokens, each row's in order."""
+        per row, or (the native step only) a prefill's tokens, each row's in order; with `wanted` (indices
+        into the B tokens, ascending), those tokens' logits only."""
         native = self.native(cache)
         if native is not None:
             few = self.native_int8_args is not None and ids.shape[0] <= INT8_ROWS
             return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values,
                                     *(self.native_int8_args if few else self.native_args), self.n_head, self.eps, 0.0,
-                                    "tanh")
+                                    "tanh", wanted)
         B, nh = ids.shape[0], self.n_head
         span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:
@@ -331,6 +339,8 @@ class Decoder:
             x = torch.addmm(x + bo, y.view(B, C), wo)
             h = gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate="tanh")
             x = torch.addmm(x + bp, h, wp)
+        if wanted is not None:
+            x = x[wanted]
         return norm(x, shape, *self.ln_f, eps) @ self.head
 
 

@@ -335,8 +335,9 @@ class TextEngine:
         ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in seqs])
         rows = torch.tensor([s.slot for s in seqs])
         self._send()
-        logits = self.lm.forward(ids, self.cache, rows, torch.arange(width).expand(len(seqs), width))
-        self._sample_and_accept(seqs, logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1])
+        logits = self.lm.forward(ids, self.cache, rows, torch.arange(width).expand(len(seqs), width),
+                                 last=torch.tensor(lengths) - 1)
+        self._sample_and_accept(seqs, logits)
 
     def _decode_step(self) -> None:
         for s in [s for s in self.slots if s is not None and s.cancelled]:

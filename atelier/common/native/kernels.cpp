@@ -424,6 +424,32 @@ std::vector<LayerCache> layer_caches(std::vector<Tensor>& keys, std::vector<Tens
   return caches;
 }
 
+
+
+// The tokens whose logits a step returns: `wanted` (indices into its N tokens, ascending), or all of them. A
+// prefill wants each prompt's last token only: the head is a third of a tang-poet token's arithmetic, and at an
+// imported model's vocabulary of 150 k tokens a prompt's (T, vocab) logits would take gigabytes.
+struct Wanted {
+  std::vector<int64_t> at;  // empty: every token
+  int64_t M;
+
+  Wanted(const std::optional<Tensor>& wanted, int64_t N) : M(N) {
+    if (!wanted.has_value()) return;
+    const Tensor w = wanted->contiguous();
+    TORCH_CHECK(w.scalar_type() == at::kLong && w.dim() == 1, "wanted: one int64 index per token");
+    at.assign(w.data_ptr<int64_t>(), w.data_ptr<int64_t>() + w.size(0));
+    for (size_t m = 0; m < at.size(); ++m)
+      TORCH_CHECK(at[m] >= 0 && at[m] < N && (m == 0 || at[m] > at[m - 1]), "wanted: ascending token indices");
+    M = static_cast<int64_t>(at.size());
+  }
+
+  // The wanted tokens' rows of x (N, C) moved to its first M rows (in place: at[m] ≥ m).
+  void gather(float* x, int64_t C) const {
+    for (size_t m = 0; m < at.size(); ++m)
+      if (at[m] != static_cast<int64_t>(m)) std::memcpy(x + m * C, x + at[m] * C, C * sizeof(float));
+  }
+};
+
 }  // namespace
 
 // Logits (N, vocab) for tokens ids (N,) of cache rows `rows` at positions `pos`: one new token per row when
@@ -432,14 +458,14 @@ std::vector<LayerCache> layer_caches(std::vector<Tensor>& keys, std::vector<Tens
 // attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b), matrices (in, out); the head (out, in) when
 // head_out_in. scales: empty, or one entry per tensor of `layers` — the int8 matrices' per-row scales, None
 // for the rest; wte_scale, wpe_scale, head_scale likewise. scale ≤ 0: 1/sqrt(head_dim). gelu: "tanh" or
-// "none", as torch's gelu.
+// "none", as torch's gelu. wanted: None, or the tokens (indices, ascending) whose logits to return, (M, vocab).
 Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
                  std::vector<Tensor> values, const Tensor& wte, const std::optional<Tensor>& wte_scale,
                  const Tensor& wpe, const std::optional<Tensor>& wpe_scale, const std::vector<Tensor>& layers,
                  const std::vector<std::optional<Tensor>>& scales, const Tensor& ln_f_weight,
                  const Tensor& ln_f_bias, const Tensor& head, const std::optional<Tensor>& head_scale,
                  const std::optional<Tensor>& head_bias, bool head_out_in, int64_t n_head, double eps, double scale,
-                 const std::string& gelu) {
+                 const std::string& gelu, const std::optional<Tensor>& wanted) {
   constexpr int kPerLayer = 12;
   const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = wte.size(1);
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "12 tensors per layer");
@@ -466,7 +492,8 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* tok = tokens.ids.data_ptr<int64_t>();
   const int64_t* p = tokens.pos.data_ptr<int64_t>();
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
-  Tensor logits = at::empty({N, lm_head.out}, ln_f_weight.options());
+  const Wanted keep(wanted, N);
+  Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
   py::gil_scoped_release no_gil;
   wake_armed();
   std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner), where(C);
@@ -490,20 +517,23 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
     at::gelu_(hidden_view, gelu);
     linear(hidden.data(), m[3], f(11), x.data(), N, true);
   }
-  layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), N, C, e);
-  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), N, false);
+  keep.gather(x.data(), C);
+  layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), keep.M, C, e);
+  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), keep.M, false);
   return logits;
 }
 
 // Logits (N, vocab) for tokens of the Llama family, as gpt2_step. cos, sin: (N, head_dim), each token's
 // rotary angles from the model's own rotary module. layers: 10 per block (input_layernorm w; q|k|v joined
 // (in, out) and its bias or None; o_proj and bias; post_attention_layernorm w; gate|up joined and bias;
-// down_proj and bias); eps: the two norms' epsilons per layer, then the final norm's; the head as in gpt2_step.
+// down_proj and bias); eps: the two norms' epsilons per layer, then the final norm's; the head and wanted as in
+// gpt2_step.
 Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
                   std::vector<Tensor> values, const Tensor& embed, const Tensor& cos, const Tensor& sin,
                   const std::vector<std::optional<Tensor>>& layers, const std::vector<double>& eps,
                   const Tensor& norm_weight, const Tensor& head, const std::optional<Tensor>& head_bias,
-                  bool head_out_in, int64_t n_head, int64_t n_kv, int64_t head_dim, double scale) {
+                  bool head_out_in, int64_t n_head, int64_t n_kv, int64_t head_dim, double scale,
+                  const std::optional<Tensor>& wanted) {
   constexpr int kPerLayer = 10;
   const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = embed.size(1);
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "10 entries per layer");
@@ -525,7 +555,8 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   std::vector<const float*> biases;
   for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
-  Tensor logits = at::empty({N, lm_head.out}, embed.options());
+  const Wanted keep(wanted, N);
+  Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
   py::gil_scoped_release no_gil;
   wake_armed();
   std::vector<float> x(N * C), normed(N * C), qkv(N * qkv_width), y(N * q_width), gate_up(N * 2 * inner),
@@ -550,8 +581,9 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
       }
     linear(act.data(), Matrix(*w[8], false), b[9], x.data(), N, true);
   }
-  rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), N, C, static_cast<float>(eps[2 * n_layer]));
-  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), N, false);
+  keep.gather(x.data(), C);
+  rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), keep.M, C, static_cast<float>(eps[2 * n_layer]));
+  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), keep.M, false);
   return logits;
 }
 
