@@ -52,6 +52,24 @@ def test_native_sampling_draws_the_tokens_the_python_path_draws(temps):
         assert all(token == int(logits[i].argmax()) for i, token in enumerate(got) if temps[i] == 0 and i % 2)
 
 
+def test_native_draws_follow_the_softmax_across_a_vocabulary_of_whole_and_partial_blocks():
+    """The fused draw sums 16 tokens at a time: over a vocabulary of 37 (two whole blocks and five tokens),
+    20,000 draws land on each token as often as softmax(logits / t) says, within five standard errors,
+    and never on a banned one."""
+    torch.manual_seed(1)
+    logits = torch.randn(37) * 1.5
+    banned = [4, 20, 36]
+    expected = torch.softmax(logits.index_fill(0, torch.tensor(banned), -float("inf")) / 0.8, -1)
+    generators = [torch.Generator().manual_seed(7)]
+    counts = torch.zeros(37)
+    for _ in range(20_000):
+        token = native.kernels().sample_plain(logits[None].clone(), [banned], [0.8], generators)[0]
+        counts[token] += 1
+    freq = counts / counts.sum()
+    assert counts[banned].sum() == 0
+    assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / 20_000).sqrt() + 1e-4).all()
+
+
 def test_rows_that_ask_for_more_than_a_temperature_take_the_python_path():
     """top_k, penalties and log-probabilities are the Python path's: the native draw is skipped, and the
     answer carries what was asked for."""

@@ -11,8 +11,9 @@ then OpenAI's penalties):
      draw does not depend on the other rows in the batch
 Log-probabilities reported to the client are the model's own (log-softmax after step 1).
 When no row asks for more than a temperature (the common case, and every benchmark), steps 1, 4 and 5
-are one call to the native kernels (atelier/common/native/), the same operations without a Python
-round trip each: the same tokens either way (tests/test_native.py).
+are one call to the native kernels (atelier/common/native/), fused into three passes over each row: the
+same tokens either way (tests/test_native.py), but for a draw that falls within a float's rounding of the
+boundary between two tokens (about one in 10⁵), which may take the neighbour.
 """
 
 from __future__ import annotations

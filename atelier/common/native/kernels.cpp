@@ -7,7 +7,8 @@
 //   llama_step    the same for the Llama family (Llama, Qwen2, Mistral: RMSNorm, rotary positions,
 //                 grouped-query attention, SiLU-gated MLP; hf_decoders.LlamaDecoder)
 //   sample_plain  the inverse-CDF draw of atelier/runtime/sampling.py for rows that ask for nothing but a
-//                 temperature, with the same ATen operations in the same order (so the same tokens)
+//                 temperature, fused into three passes over each row (the same tokens, but for a draw within
+//                 a float's rounding of a boundary between two)
 //
 // Why C++: at batch 1 a tang-poet step reads 16 MB of weights in about 0.6 ms, and the hundred or so tensor
 // operations around those reads cost as much again when each crosses from Python (and takes the GIL back
@@ -22,6 +23,7 @@
 #include <immintrin.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -587,9 +589,80 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   return logits;
 }
 
+namespace {
+
+// Row i's draw: the first token whose running sum of exp(logit / t − max) exceeds u · the row's total, which is
+// what softmax, cumsum and searchsorted(right=True) give, in three passes instead of three operations and their
+// tensors. The running sum goes 16 tokens at a time (each block's sum first), so the scan does not wait on one
+// chain of 7,042 additions: ATen's cumsum was a third of the draw's time, its softmax another third. Rounding
+// differs from ATen's, so a draw within a float's rounding of a boundary between two tokens may take the
+// neighbour (about one draw in 10⁵ at tang-poet's vocabulary).
+int64_t draw(float* x, int64_t vocab, float temp, float u, std::vector<float>& blocks) {
+  const int64_t nb = (vocab + 15) / 16;
+  blocks.resize(nb);
+  const bool scaled = temp != 1.f;
+#if defined(__AVX512F__)
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  __m512 top16 = none;
+  for (int64_t k = 0; k < nb; ++k) {
+    const __mmask16 live = vocab - 16 * k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (vocab - 16 * k)) - 1);
+    __m512 v = _mm512_mask_loadu_ps(none, live, x + 16 * k);
+    if (scaled) {
+      v = _mm512_div_ps(v, _mm512_set1_ps(temp));
+      _mm512_mask_storeu_ps(x + 16 * k, live, v);
+    }
+    top16 = _mm512_max_ps(top16, v);
+  }
+  const float top = _mm512_reduce_max_ps(top16);
+  const __m512 top_v = _mm512_set1_ps(top);
+  for (int64_t k = 0; k < nb; ++k) {
+    const __mmask16 live = vocab - 16 * k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (vocab - 16 * k)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(none, live, x + 16 * k);
+    const __mmask16 drawable = _mm512_cmp_ps_mask(v, none, _CMP_NEQ_UQ) & live;  // banned: exactly 0
+    const __m512 e = _mm512_maskz_mov_ps(drawable, exp16(_mm512_sub_ps(v, top_v)));
+    _mm512_mask_storeu_ps(x + 16 * k, live, e);
+    blocks[k] = _mm512_reduce_add_ps(e);
+  }
+#else
+  float top = -INFINITY;
+  for (int64_t j = 0; j < vocab; ++j) {
+    if (scaled) x[j] /= temp;
+    top = std::max(top, x[j]);
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    float sum = 0.f;
+    for (int64_t j = 16 * k; j < std::min(vocab, 16 * k + 16); ++j) {
+      x[j] = x[j] == -INFINITY ? 0.f : std::exp(x[j] - top);
+      sum += x[j];
+    }
+    blocks[k] = sum;
+  }
+#endif
+  float total = 0.f;
+  for (float block : blocks) total += block;
+  const float threshold = u * total;
+  float running = 0.f;
+  for (int64_t k = 0; k < nb; ++k) {
+    if (running + blocks[k] <= threshold) {
+      running += blocks[k];
+      continue;
+    }
+    for (int64_t j = 16 * k; j < std::min(vocab, 16 * k + 16); ++j) {
+      running += x[j];
+      if (running > threshold) return j;
+    }
+  }
+  for (int64_t j = vocab - 1; j > 0; --j)  // u · total rounded up to the total: the last token that can be drawn
+    if (x[j] > 0.f) return j;
+  return vocab - 1;
+}
+
+}  // namespace
+
 // Tokens (B,) drawn from logits (B, vocab), edited in place: banned[i]'s ids of row i never drawn; row i at
-// temperature temps[i] (0: the most likely token) with one uniform number from generators[i].
-// sampling.py's steps 1, 4 and 5 for rows without penalties, top-k, top-p, min-p or log-probabilities.
+// temperature temps[i] (0: the most likely token) with one uniform number from generators[i] (drawn from every
+// row's generator, greedy rows too, as the Python path does). sampling.py's steps 1, 4 and 5 for rows without
+// penalties, top-k, top-p, min-p or log-probabilities.
 std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<int64_t>>& banned,
                                   const std::vector<double>& temps, std::vector<at::Generator> generators) {
   check_float(logits, "logits");
@@ -597,37 +670,22 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   TORCH_CHECK(static_cast<int64_t>(banned.size()) == B && static_cast<int64_t>(temps.size()) == B &&
                   static_cast<int64_t>(generators.size()) == B,
               "one banned list, temperature and generator per row");
+  TORCH_CHECK(vocab > 0, "logits: at least one token");
   for (int64_t i = 0; i < B; ++i)
     for (int64_t id : banned[i]) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
   py::gil_scoped_release no_gil;
   float* data = logits.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t id : banned[i]) data[i * vocab + id] = -INFINITY;
-  bool scaled = false, greedy = false;
-  for (double t : temps) {
-    scaled |= (t != 0.0 && t != 1.0);
-    greedy |= (t == 0.0);
-  }
-  Tensor scaled_logits = logits;
-  if (scaled) {
-    std::vector<float> divisors(temps.begin(), temps.end());
-    for (auto& d : divisors) d = d == 0.f ? 1.f : d;
-    scaled_logits = logits / at::tensor(divisors).unsqueeze(1);
-  }
-  Tensor cdf = at::softmax(scaled_logits, -1).cumsum(-1);
-  std::vector<Tensor> draws;
-  draws.reserve(B);
-  for (auto& g : generators) draws.push_back(at::rand({1}, g));
-  Tensor u = at::cat(draws);
-  Tensor tokens = at::searchsorted(cdf, (u * cdf.select(1, vocab - 1)).unsqueeze(1), /*out_int32=*/false,
-                                   /*right=*/true)
-                      .squeeze(1)
-                      .clamp_(c10::nullopt, vocab - 1);
-  std::vector<int64_t> out(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + B);
-  if (greedy) {
-    Tensor best = logits.argmax(-1);
-    for (int64_t i = 0; i < B; ++i)
-      if (temps[i] == 0.0) out[i] = best[i].item<int64_t>();
+  std::vector<int64_t> out(B);
+  std::vector<float> blocks;
+  for (int64_t i = 0; i < B; ++i) {
+    float* row = data + i * vocab;
+    for (int64_t id : banned[i]) row[id] = -INFINITY;
+    const float u = at::rand({1}, generators[i]).item<float>();
+    if (temps[i] == 0.0) {  // the first of the most likely tokens, as argmax
+      out[i] = std::max_element(row, row + vocab) - row;
+    } else {
+      out[i] = draw(row, vocab, static_cast<float>(temps[i]), u, blocks);
+    }
   }
   return out;
 }
