@@ -5,11 +5,12 @@ database that is locked, and not held up by a record the database refuses."""
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 from sqlalchemy import create_engine, event, select
 
-from atelier.storage import audit
+from atelier.storage import audit, usage_writer
 from atelier.storage.db import AuditEntry, Usage, make_engine, make_sessionmaker
 from atelier.storage.keys import create_key
 from atelier.storage.usage import verdict
@@ -65,6 +66,33 @@ def test_many_requests_are_written_in_batches_and_the_audit_chain_stays_whole(db
             assert [e.detail["tokens"] for e in entries] == list(range(50))
             assert entries[0].detail["prompt_sha256"] != "春眠" and len(entries[0].detail["prompt_sha256"]) == 64
             assert audit.verify(db)["ok"]
+    finally:
+        writer.close()
+
+
+def test_requests_that_end_close_together_share_one_write_and_a_flush_does_not_wait_for_the_batch(
+        db_path, monkeypatch):
+    """A batch gathers for COALESCE_S after its first request (a second here): three requests ending one
+    after another are one transaction (one commit), written without anyone asking; a flush writes at once."""
+    monkeypatch.setattr(usage_writer, "COALESCE_S", 1.0)
+    sessions = sessions_for(db_path)
+    with sessions() as db:
+        key = create_key(db, scopes=["generate"])[0].id
+    ids = started(sessions, key, 4)
+    commits = []
+    event.listen(sessions.kw["bind"], "commit", lambda conn: commits.append(1))
+    writer = UsageWriter(sessions)
+    try:
+        for usage_id in ids[:3]:
+            writer.submit(finished(usage_id, key))
+        deadline = time.monotonic() + 10
+        while writer.pending(key) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert writer.pending(key) == (0, 0) and len(commits) == 1
+        writer.submit(finished(ids[3], key))
+        started_at = time.monotonic()
+        assert writer.flush(timeout=10)
+        assert time.monotonic() - started_at < 0.5 and len(commits) == 2
     finally:
         writer.close()
 
