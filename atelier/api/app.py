@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
                                      image_wait_ms=settings.image_batch_wait_ms, remote=remote_runtime(settings))
     app.state.inflight = InFlight()  # requests running per key (max_parallel)
-    app.state.usage_writer = UsageWriter(sessions)  # what finished requests served, written behind them
+    app.state.usage_writer = UsageWriter(sessions, blobs)  # what finished requests served, written behind them
     app.state.new_admin_secret = new_admin_secret
     app.state.worker = None
     errors.install(app)

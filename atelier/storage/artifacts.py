@@ -40,14 +40,21 @@ def create_artifact(db: Session, blobs: BlobStore, *, kind: str, data: bytes, mi
                     key_id: str | None = None, params: dict | None = None) -> Artifact:
     """Store `data` as a blob and record it; returns the committed row. Personal data in the parameters
     (e-mail addresses, phone, ID and card numbers, IPs: atelier/safety/redact.py) is redacted first."""
-    if kind not in KINDS:
-        raise ValueError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
-    digest = blobs.put_bytes(data)  # 1. the bytes (atomic, deduplicated)
-    art = Artifact(id=f"art_{secrets.token_hex(12)}", kind=kind, model_ref=model_ref, key_id=key_id,
-                   sha256=digest, mime=mime, size=len(data), params=redact_obj(params or {}))
+    art = stored_blob(blobs, kind=kind, data=data, mime=mime, model_ref=model_ref, key_id=key_id, params=params)
     db.add(art)  # 2. the row that points at them
     db.commit()
     return art
+
+
+def stored_blob(blobs: BlobStore, *, kind: str, data: bytes, mime: str, model_ref: str = "", key_id: str | None = None,
+                params: dict | None = None) -> Artifact:
+    """Step 1 of create_artifact: the bytes stored (atomic, deduplicated), and the row that will point at
+    them, not yet added to any session (the usage writer adds many in one transaction)."""
+    if kind not in KINDS:
+        raise ValueError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
+    digest = blobs.put_bytes(data)
+    return Artifact(id=f"art_{secrets.token_hex(12)}", kind=kind, model_ref=model_ref, key_id=key_id,
+                    sha256=digest, mime=mime, size=len(data), params=redact_obj(params or {}))
 
 
 def get_artifact(db: Session, *, artifact_id: str) -> Artifact:

@@ -9,12 +9,11 @@ import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from atelier.api import sse
-from atelier.api.deps import BlobsDep, GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
+from atelier.api.deps import GenerateKey, ManagerDep, MetricsDep, ModeratorDep, SessionDep, SessionsDep, SettingsDep
 from atelier.api.errors import APIError, bad_request
 from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_input, policy_for
@@ -25,7 +24,7 @@ from atelier.runtime.errors import EngineClosed
 from atelier.runtime.manager import Loaded, ModelManager
 from atelier.runtime.sampling import SamplingParams
 from atelier.runtime.text_engine import Finished, Sequence, TextChunk
-from atelier.storage.artifacts import create_artifact
+from atelier.storage.usage_writer import UsageWriter
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
@@ -186,8 +185,7 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
             if on_done is not None:
-                await run_in_threadpool(on_done, {i: (so_far.get(i, ""), f.reason) for i, f in finished.items()
-                                                  if i not in guard.filtered})
+                await on_done({i: (so_far.get(i, ""), f.reason) for i, f in finished.items() if i not in guard.filtered})
             if final_usage:
                 yield sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
             yield sse.DONE
@@ -249,19 +247,18 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
         raise
 
 
-def gallery(sessions, blobs, *, route: str, plan: Plan, model_ref: str, key_id: str, params: dict):
+def gallery(writer: UsageWriter, *, route: str, plan: Plan, model_ref: str, key_id: str, params: dict):
     """What stores a request's answers (index -> (text, finish_reason)) in the gallery, one artifact of kind
-    "text" per choice with every request parameter and its own seed; returns {index: artifact id}."""
-    def store(answers: dict[int, tuple[str, str]]) -> dict[int, str]:
-        ids = {}
-        with sessions() as db:
-            for index, (text, reason) in sorted(answers.items()):
-                art = create_artifact(db, blobs, kind="text", data=text.encode(), mime="text/plain; charset=utf-8",
-                                      model_ref=model_ref, key_id=key_id,
-                                      params=params | {"route": route, "index": index, "finish_reason": reason,
-                                                       "seed": (plan.seed + index) % 2**63})
-                ids[index] = art.id
-        return ids
+    "text" per choice with every request parameter and its own seed; returns {index: artifact id}. The usage
+    writer's thread writes them (atelier/storage/usage_writer.py says why), and the request waits for it."""
+    async def store(answers: dict[int, tuple[str, str]]) -> dict[int, str]:
+        order = sorted(answers.items())
+        ids = await asyncio.wrap_future(writer.store([
+            {"kind": "text", "data": text.encode(), "mime": "text/plain; charset=utf-8", "model_ref": model_ref,
+             "key_id": key_id, "params": params | {"route": route, "index": index, "finish_reason": reason,
+                                                    "seed": (plan.seed + index) % 2**63}}
+            for index, (text, reason) in order]))
+        return {index: art_id for (index, _), art_id in zip(order, ids)}
 
     return store
 
@@ -274,7 +271,7 @@ def _params(body: SamplingFields, exclude: set[str]) -> dict:
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request, db: SessionDep, settings: SettingsDep,
                             manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep, sessions: SessionsDep,
-                            blobs: BlobsDep, key: GenerateKey, meter: Meter = Depends(metered("completions"))):
+                            key: GenerateKey, meter: Meter = Depends(metered("completions"))):
     """Continue a prompt (OpenAI's legacy completions)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_input(moderator, policy_for(settings, key), [t for t in texts if isinstance(t, str)], param="prompt",
@@ -297,7 +294,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
     prompt_of = lambda index: texts[index // plan.n]  # noqa: E731
-    store = gallery(sessions, blobs, route="completions", plan=plan, model_ref=loaded.ref, key_id=key.id,
+    store = gallery(request.app.state.usage_writer, route="completions", plan=plan, model_ref=loaded.ref, key_id=key.id,
                     params=_params(body, set()) | {"seed": plan.seed}) if body.store else None
 
     if body.stream:
@@ -318,7 +315,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
-    stored = await run_in_threadpool(store, answers) if store else {}
+    stored = await store(answers) if store else {}
     choices = []
     for index in sorted(chunks):
         text, reason = answers[index]
@@ -333,7 +330,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatRequest, request: Request, db: SessionDep, settings: SettingsDep,
                                  manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                 sessions: SessionsDep, blobs: BlobsDep, key: GenerateKey,
+                                 sessions: SessionsDep, key: GenerateKey,
                                  meter: Meter = Depends(metered("chat"))):
     """Chat: the model's own chat template (a poet like tang-poet takes the last user message as a title)."""
     check_input(moderator, policy_for(settings, key), [m.text() for m in body.messages], param="messages",
@@ -375,7 +372,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
-    store = gallery(sessions, blobs, route="chat", plan=plan, model_ref=loaded.ref, key_id=key.id,
+    store = gallery(request.app.state.usage_writer, route="chat", plan=plan, model_ref=loaded.ref, key_id=key.id,
                     params=_params(body, {"messages"}) | {"messages": messages, "seed": plan.seed}) \
         if body.store else None
 
@@ -400,7 +397,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
-    stored = await run_in_threadpool(store, answers) if store else {}
+    stored = await store(answers) if store else {}
     choices = [{"index": i,
                 "message": {"role": "assistant", "content": answers[i][0]},
                 "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs and answers[i][1] != CONTENT_FILTER
@@ -413,7 +410,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
 @router.post("/engines/{model:path}/completions")
 async def create_engine_completion(model: str, request: Request, db: SessionDep, settings: SettingsDep,
                                    manager: ManagerDep, metrics: MetricsDep, moderator: ModeratorDep,
-                                   sessions: SessionsDep, blobs: BlobsDep, key: GenerateKey,
+                                   sessions: SessionsDep, key: GenerateKey,
                                    meter: Meter = Depends(metered("completions"))):
     """Clients of the openai library before 1.0 (`openai.Completion.create(engine=...)`) name the model in the path."""
     try:
@@ -428,5 +425,4 @@ async def create_engine_completion(model: str, request: Request, db: SessionDep,
         body = CompletionRequest.model_validate(raw | {"model": model})
     except ValidationError as e:
         raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
-    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, blobs, key,
-                                   meter)
+    return await create_completion(body, request, db, settings, manager, metrics, moderator, sessions, key, meter)
