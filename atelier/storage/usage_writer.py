@@ -9,8 +9,8 @@ since its last write in one transaction: one commit, one audit head update, for 
 
 Gallery artifacts (`store`) go through the same thread for the same reason: SQLite has one writer at a
 time, and a request's admission (its usage row, written on the event loop) waited for the lock behind
-every artifact committed from a worker thread of its own; at 32 streaming clients that stalled the loop
-for milliseconds at a time and cost a fifth of the throughput. Here the blobs are written first (each
+every artifact committed from a worker thread of its own (at 32 streaming clients the INSERT's p90 was
+2.4 ms, the loop stalled meanwhile; 1.4 ms this way). Here the blobs are written first (each
 fsynced, outside any transaction), then their rows join the batch's transaction, and the request that
 waits for them gets their ids once it commits. A batch with artifacts in it does not wait to gather more.
 
