@@ -5,10 +5,11 @@ database that is locked, and not held up by a record the database refuses."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select
 
 from atelier.storage import audit, usage_writer
 from atelier.storage.db import AuditEntry, Usage, make_engine, make_sessionmaker
@@ -93,6 +94,37 @@ def test_requests_that_end_close_together_share_one_write_and_a_flush_does_not_w
         started_at = time.monotonic()
         assert writer.flush(timeout=10)
         assert time.monotonic() - started_at < 0.5 and len(commits) == 2
+    finally:
+        writer.close()
+
+
+def test_appends_from_the_writer_and_from_requests_at_once_keep_one_chain(db_path):
+    """SQLite has no row locks: the usage writer's batches and entries recorded by requests (a download, a key
+    revoked) in other threads must still take turns, or two of them link to the same head and fork it."""
+    sessions = sessions_for(db_path)
+    with sessions() as db:
+        key = create_key(db, scopes=["generate"])[0].id
+    ids = started(sessions, key, 60)
+    writer = UsageWriter(sessions)
+
+    def requests_recording(n: int) -> None:
+        for i in range(n):
+            with sessions() as db:
+                audit.record(db, action="artifact.download", target=f"art_{i}", key_id=key)
+
+    try:
+        others = [threading.Thread(target=requests_recording, args=(40,)) for _ in range(2)]
+        for t in others:
+            t.start()
+        for usage_id in ids:
+            writer.submit(finished(usage_id, key))
+            time.sleep(0.001)
+        for t in others:
+            t.join()
+        assert writer.flush(timeout=30)
+        with sessions() as db:
+            assert audit.verify(db)["ok"]
+            assert db.scalar(select(func.count(AuditEntry.id))) == 60 + 80
     finally:
         writer.close()
 

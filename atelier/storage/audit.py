@@ -14,6 +14,7 @@ from atelier.safety.redact import redact, redact_obj
 from atelier.storage.db import AuditEntry, AuditHead, utcnow
 
 AUDIT_LOCK = 0x61756474  # the PostgreSQL advisory lock that serialises appends to the chain
+_SQLITE_WRITE_LOCK = text("UPDATE audit_head SET id = id WHERE id = 1")  # changes nothing; takes the write lock
 
 
 def record(db: Session, *, action: str, target: str = "", key_id: str | None = None,
@@ -26,10 +27,17 @@ def record_many(db: Session, items: list[dict], *, commit: bool = True) -> list[
     """Append entries (dicts of `record`'s arguments) in order. The chain is locked, and its head read
     and signed, once for all of them: the usage writer appends a busy server's entries this way."""
     mac_key = db.info.get("audit_key")
-    if db.get_bind().dialect.name == "postgresql":
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
         # Writers on every replica take turns until this transaction ends, so each links to the entry
         # before it and the chain never forks (the head row's lock alone misses the very first entry).
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
+    elif dialect == "sqlite":
+        # SQLite ignores FOR UPDATE, and a read outside a write transaction sees what was committed then:
+        # two connections could both read the same head and fork the chain (the usage writer appending
+        # while a request records a download did). A write first opens the write transaction, which only
+        # one connection holds at a time and which reads the newest commit.
+        db.execute(_SQLITE_WRITE_LOCK)
     head = db.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update()) if mac_key else None
     # The signed head names the last entry's hash; without one (an unkeyed chain, or its first keyed
     # entry) the last entry itself does. Linking to the head's hash keeps a deleted tail detectable:
