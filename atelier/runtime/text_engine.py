@@ -196,9 +196,6 @@ class Sequence:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def _emit(self, event) -> None:
-        OUTBOX.post(self.loop, self.events, (self.index, event))
-
 
 def prepare(seq: Sequence, context: int) -> None:
     """What an engine's `submit` does first, on the caller's thread: refuse a prompt that does not fit the
@@ -252,11 +249,8 @@ class TextEngine:
         self._thread.join(timeout=30)
         with self._wake:
             for seq in list(self.waiting) + [s for s in self.slots if s is not None]:
-                closed = EngineClosed("the model was unloaded while this request was generating; retry it")
-                if self._deliver is not None:
-                    self._deliver([(seq, closed)])
-                else:
-                    seq._emit(closed)
+                self._post(seq, EngineClosed("the model was unloaded while this request was generating; retry it"))
+            self._send()  # the worker has stopped: its outgoing list is this thread's now
             self.waiting.clear()
             self.slots = [None] * self.max_batch
 
