@@ -241,12 +241,11 @@ class UsageWriter:
                 one[0].done.set_exception(e)
 
     def _transaction(self, batch: list[Served], stores: list[tuple[ToStore, list]]) -> None:
-        ids = [[art.id for art in rows] for _, rows in stores]  # read before the commit expires the rows
         with self._sessions() as db:
             if batch:
                 write(db, batch)
             for _, rows in stores:
                 db.add_all(rows)
             db.commit()
-        for (job, _), job_ids in zip(stores, ids):
-            job.done.set_result(job_ids)
+        for job, rows in stores:
+            job.done.set_result([art.id for art in rows])  # ids given when the rows were made
