@@ -285,6 +285,11 @@ void attend_head(const float* qh, const float* keys, const float* values, int64_
 #if defined(__AVX512F__)
 constexpr int64_t kMaxVectorHead = 256;  // head_dim up to 16 registers of 16 floats
 
+// The lanes of a run of 16 that hold one of the `left` values still to go (all 16 once 16 or more are left).
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // e^x for 16 lanes, x ≤ 0 here (scores less their maximum): x = n·ln2 + r, |r| ≤ ln2/2, e^r by its degree-6
 // Taylor polynomial (error below float's rounding there), scaled by 2ⁿ with scalef, which gives 0 once
 // 2ⁿ is past float's range rather than wrapping around.
@@ -322,7 +327,7 @@ void attend_head_avx512(const float* qh, const float* keys, const float* values,
   const __m512 top_v = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < length; j += 16) {
-    const __mmask16 live = length - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - j)) - 1);
+    const __mmask16 live = lanes(length - j);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + j), top_v));
     const __m512 kept = _mm512_maskz_mov_ps(live, e);
     _mm512_mask_storeu_ps(weights + j, live, kept);
@@ -425,8 +430,6 @@ std::vector<LayerCache> layer_caches(std::vector<Tensor>& keys, std::vector<Tens
   }
   return caches;
 }
-
-
 
 // The tokens whose logits a step returns: `wanted` (indices into its N tokens, ascending), or all of them. A
 // prefill wants each prompt's last token only: the head is a third of a tang-poet token's arithmetic, and at an
@@ -605,7 +608,7 @@ int64_t draw(float* x, int64_t vocab, float temp, float u, std::vector<float>& b
   const __m512 none = _mm512_set1_ps(-INFINITY);
   __m512 top16 = none;
   for (int64_t k = 0; k < nb; ++k) {
-    const __mmask16 live = vocab - 16 * k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (vocab - 16 * k)) - 1);
+    const __mmask16 live = lanes(vocab - 16 * k);
     __m512 v = _mm512_mask_loadu_ps(none, live, x + 16 * k);
     if (scaled) {
       v = _mm512_div_ps(v, _mm512_set1_ps(temp));
@@ -616,7 +619,7 @@ int64_t draw(float* x, int64_t vocab, float temp, float u, std::vector<float>& b
   const float top = _mm512_reduce_max_ps(top16);
   const __m512 top_v = _mm512_set1_ps(top);
   for (int64_t k = 0; k < nb; ++k) {
-    const __mmask16 live = vocab - 16 * k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (vocab - 16 * k)) - 1);
+    const __mmask16 live = lanes(vocab - 16 * k);
     const __m512 v = _mm512_mask_loadu_ps(none, live, x + 16 * k);
     const __mmask16 drawable = _mm512_cmp_ps_mask(v, none, _CMP_NEQ_UQ) & live;  // banned: exactly 0
     const __m512 e = _mm512_maskz_mov_ps(drawable, exp16(_mm512_sub_ps(v, top_v)));
