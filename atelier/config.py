@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     keep_alive: str = Field(default="5m", description="how long a model stays loaded once idle: seconds or 30s / 5m / 1h; 0 unloads after each request, -1 keeps it")
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads for inference; unset: half the cores, at least 1 (see inference_threads)")
+    step_threads: int | None = Field(default=None, ge=1, description="threads one decoding step of many rows may share: the native kernels split its rows, 4 or more to each thread; unset: every core")
     native: bool = Field(default=True, description="decode with the compiled kernels (atelier/common/native/, built by make); off: the Python paths, same results, slower")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
     # Where generation runs: in this process, in engine processes (atelier/runtime/engine_process.py), or on
@@ -119,6 +120,7 @@ def inference_threads(settings: Settings) -> int:
     tang-poet decodes a token in 1.1 ms with 1 torch thread and 3.4 ms with 2, and one
     emoji-diffusion image takes 0.25 s against 0.5 s (benchmarks/text_decode.py,
     benchmarks/image_throughput.py). The other half of the cores serve HTTP, the database and
-    the other engines.
+    the other engines. A native step of many rows is the exception: it splits its rows between a few
+    threads of its own, one hand-over a step (ATELIER_STEP_THREADS, atelier/common/native/).
     """
     return settings.threads or max(1, (os.cpu_count() or 2) // 2)

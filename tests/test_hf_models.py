@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -371,7 +372,7 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
     from atelier.families.hf_causal_lm import HFCausalLM
 
     native.use(native_kernels)
-    request.addfinalizer(lambda: native.use(True))
+    request.addfinalizer(lambda: native.use(True, os.cpu_count() or 1))
 
     # Larger weights than the random init's, so that a wrong step would show in the logits.
     model = AutoModelForCausalLM.from_pretrained(folders[kind])
@@ -399,10 +400,12 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
         ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
         last, at = torch.tensor([len(p) - 1 for p in prompts]), (torch.tensor(rows), torch.arange(width).expand(4, width))
         via_modules = lm.forward(ids, lm.new_cache(5), *at, last=last)
-        with torch.no_grad():
-            via_decoder = lm.forward(ids, lm.new_cache(5), *at, last=last)
-        for got in (via_modules.detach(), via_decoder):
-            torch.testing.assert_close(got, torch.stack(next_logits), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(via_modules.detach(), torch.stack(next_logits), atol=1e-4, rtol=1e-4)
+        for threads in (1, 3):  # the native step whole, and its prompts split between three threads
+            native.use(native_kernels, threads)
+            with torch.no_grad():
+                via_decoder = lm.forward(ids, lm.new_cache(5), *at, last=last)
+            torch.testing.assert_close(via_decoder, torch.stack(next_logits), atol=1e-4, rtol=1e-4)
         for same_position in (False, True):
             pos = torch.tensor([[9]] * 4 if same_position else [[len(p)] for p in prompts])
             nxt = torch.tensor([[30], [31], [32], [33]])

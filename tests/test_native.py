@@ -212,3 +212,42 @@ def test_without_a_build_the_python_paths_run_and_the_log_says_why(tmp_path, mon
         monkeypatch.undo()
         native._load.cache_clear()
     assert native.kernels() is not None
+
+
+@pytest.fixture()
+def step_threads(request):
+    """native.use(True, n) for the duration of a test: a step may share n threads."""
+    yield lambda n: native.use(True, n)
+    native.use(True, native.os.cpu_count() or 1)
+
+
+def test_a_step_split_between_threads_computes_what_the_whole_step_does(step_threads):
+    """A step of many rows splits them between the kernels' threads (one per ROWS_PER_THREAD), whole rows to
+    each: prompts prefilled together (a row's tokens attend to keys written in the same layer) and a decoding
+    step give the logits and the cache of one thread. Rows not grouped (a row on both sides of a split) keep
+    the step whole."""
+    torch.manual_seed(2)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    decoder = model.decoder()
+    lengths = [5, 1, 7, 3, 6, 2, 4, 8]
+    rows = torch.cat([torch.full((n,), r) for r, n in zip([7, 0, 3, 5, 1, 6, 2, 4], lengths)])
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    ids = torch.randint(0, 40, rows.shape)
+    last = torch.tensor(lengths).cumsum(0) - 1
+    # two rows' tokens, later positions first: split in two, this thread would attend to keys the other had
+    # still to write
+    interleaved = (torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]), torch.tensor([2, 2, 3, 3, 0, 0, 1, 1]))
+    results = []
+    for threads in (1, 3):
+        step_threads(threads)
+        cache, apart = KVCache(model.config, 8), KVCache(model.config, 2)
+        with torch.no_grad():
+            prefill = decoder.step(ids, cache, rows, pos, wanted=last)
+            nxt = decoder.step(torch.randint(0, 40, (8,), generator=torch.Generator().manual_seed(3)), cache,
+                               torch.arange(8), torch.tensor(lengths))
+            mixed = decoder.step(ids[:8], apart, *interleaved)
+        results.append((prefill, nxt, mixed, cache.kv, apart.kv))
+    assert native.step_parts(len(ids)) == 3 and native.step_parts(8) == 2
+    for whole, split in zip(*results):
+        torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-6)
+    assert results[0][0].shape == (8, 40) and results[0][0].abs().max() > 0.1

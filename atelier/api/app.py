@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(inference_threads(settings))
-    native.use(settings.native)
+    native.use(settings.native, settings.step_threads)
     engine = make_engine(settings.db_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atelier.common.native import kernels
+from atelier.common.native import kernels, step_parts
 from atelier.common.slots import one_token_step
 from atelier.families.hf_cache import SlotCache
 
@@ -170,7 +170,7 @@ class Gpt2Decoder(_Decoder):
         if native is not None:
             return native.gpt2_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                     [layer.values for layer in cache.layers], *self.native_args, self.heads,
-                                    self.eps, self.scale or 0.0, self.gelu, wanted)
+                                    self.eps, self.scale or 0.0, self.gelu, wanted, step_parts(ids.shape[0]))
         span, run, mask = self._begin(cache, rows, pos)
         B, C, nh = ids.shape[0], self.dim, self.heads
         norm, shape, eps = torch.layer_norm, (C,), self.eps
@@ -223,7 +223,8 @@ class LlamaDecoder(_Decoder):
             return native.llama_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                      [layer.values for layer in cache.layers], self.embed,
                                      cos.reshape(-1, hd).float().contiguous(), sin.reshape(-1, hd).float().contiguous(),
-                                     *self.native_args, self.heads, self.kv_heads, hd, float(self.scale), wanted)
+                                     *self.native_args, self.heads, self.kv_heads, hd, float(self.scale), wanted,
+                                     step_parts(ids.shape[0]))
         span, run, mask = self._begin(cache, rows, pos)
         B, nh, nkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids]

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from atelier.common.native import kernels
+from atelier.common.native import kernels, step_parts
 from atelier.common.slots import one_token_step
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
@@ -321,7 +321,7 @@ class Decoder:
             few = self.native_int8_args is not None and ids.shape[0] <= INT8_ROWS
             return native.gpt2_step(ids, pos, rows, cache.layer_keys, cache.layer_values,
                                     *(self.native_int8_args if few else self.native_args), self.n_head, self.eps, 0.0,
-                                    "tanh", wanted)
+                                    "tanh", wanted, step_parts(ids.shape[0]))
         B, nh = ids.shape[0], self.n_head
         span, run, mask = one_token_step(rows, pos)
         if span > self.n_positions:

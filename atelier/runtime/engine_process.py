@@ -101,9 +101,10 @@ class ProcessTextEngine:
 
     runtime = "process"  # GET /api/ps says where a loaded model runs
 
-    def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, native: bool, context: int):
+    def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int | None,
+                 native: bool, context: int):
         self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
-                     str(threads), "1" if native else "0"]
+                     str(threads), str(step_threads or 0), "1" if native else "0"]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
         self._lock = threading.Lock()  # the live table, the channel, closing
@@ -258,10 +259,11 @@ class ProcessRuntime:
         from atelier.config import inference_threads
 
         self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
+        self.step_threads = settings.step_threads
 
     def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
-        return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads, native=self.native,
-                                 context=servable.context)
+        return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads,
+                                 step_threads=self.step_threads, native=self.native, context=servable.context)
 
     def close(self) -> None:
         pass  # each engine stops its own child when its model is unloaded
@@ -306,7 +308,7 @@ def serve(channel: Channel, engine_for) -> None:
 
 
 def main(argv: list[str]) -> int:
-    family, folder, max_batch, threads, native_on, fd = argv
+    family, folder, max_batch, threads, step_threads, native_on, fd = argv
     channel = Channel(socket.socket(fileno=int(fd)))
     try:
         import torch
@@ -315,7 +317,7 @@ def main(argv: list[str]) -> int:
         from atelier.families import FAMILIES
 
         torch.set_num_threads(int(threads))
-        native.use(native_on == "1")
+        native.use(native_on == "1", int(step_threads) or None)
         lm = FAMILIES[family].load(Path(folder))
         # What is loaded stays: the collector need not walk it again, and collects young objects less
         # often (a step makes a few hundred of them; at 32 rows a collection took about a step in 15).

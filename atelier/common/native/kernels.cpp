@@ -14,6 +14,7 @@
 // operations around those reads cost as much again when each crosses from Python (and takes the GIL back
 // from the event loop). Here the matrix products are MKL's sgemm, called directly, and the glue (embedding,
 // norms, biases, residuals, rotary positions, attention in place over the KV cache) is plain loops.
+// A step of many rows splits them between a few threads (Team), one hand-over a step.
 // A step also writes the wake-up bytes the text engine armed (arm_wake) once it has let go of the GIL, so
 // that the event loops stream the last step's tokens while this one computes.
 // Built on the machine that runs it by `make` (python -m atelier.common.native), with -march=native.
@@ -23,11 +24,18 @@
 #include <immintrin.h>
 #include <unistd.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -448,12 +456,115 @@ struct Wanted {
     M = static_cast<int64_t>(at.size());
   }
 
-  // The wanted tokens' rows of x (N, C) moved to its first M rows (in place: at[m] ≥ m).
-  void gather(float* x, int64_t C) const {
-    for (size_t m = 0; m < at.size(); ++m)
-      if (at[m] != static_cast<int64_t>(m)) std::memcpy(x + m * C, x + at[m] * C, C * sizeof(float));
+  // The logits rows [m0, m1) of the wanted tokens among tokens a…b−1.
+  std::pair<int64_t, int64_t> within(int64_t a, int64_t b) const {
+    if (at.empty()) return {a, b};
+    return {std::lower_bound(at.begin(), at.end(), a) - at.begin(),
+            std::lower_bound(at.begin(), at.end(), b) - at.begin()};
+  }
+
+  // Those tokens' rows of x (tokens a…, C wide) moved to its first rows (in place: at[m] − a ≥ m − m0).
+  void gather(float* x, int64_t C, int64_t a, std::pair<int64_t, int64_t> rows) const {
+    if (at.empty()) return;
+    for (int64_t m = rows.first; m < rows.second; ++m)
+      if (at[m] - a != m - rows.first) std::memcpy(x + (m - rows.first) * C, x + (at[m] - a) * C, C * sizeof(float));
   }
 };
+
+// Where a step's N tokens split into up to `parts` runs, one for each thread of the team: a run's cache rows
+// are its own, since a prefill's tokens attend to keys that tokens of their row write in the same layer. The
+// bounds (first 0, last N) fall between rows near equal shares of tokens; rows not grouped (one seen on both
+// sides of a bound) keep the step whole.
+std::vector<int64_t> split_rows(const int64_t* rows, int64_t N, int64_t parts, int64_t slots) {
+  std::vector<int64_t> bounds{0};
+  for (int64_t k = 1; k < parts; ++k) {
+    int64_t at = std::max(bounds.back() + 1, N * k / parts);
+    while (at < N && rows[at] == rows[at - 1]) ++at;
+    if (at >= N) break;
+    bounds.push_back(at);
+  }
+  bounds.push_back(N);
+  if (bounds.size() == 2) return bounds;
+  std::vector<int64_t> owner(slots, -1);
+  for (size_t k = 0; k + 1 < bounds.size(); ++k)
+    for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+      if (owner[rows[i]] != -1 && owner[rows[i]] != static_cast<int64_t>(k)) return {0, N};
+      owner[rows[i]] = static_cast<int64_t>(k);
+    }
+  return bounds;
+}
+
+// Helper threads that run parts of a step alongside the thread that called it. A step of many rows is
+// matrix products that one core computes near its peak (sgemm, ~190 GFLOP/s here), so a second core nearly
+// halves it; an OpenMP team for each product instead cost more than it gained (config.inference_threads),
+// and parts of whole rows need one hand-over a step, not one per product. Threads sleep between steps.
+// Engines that step at the same time (two models, two processes' worth of work) do not share it: the second
+// runs its parts one after another, as with no team.
+class Team {
+ public:
+  // fn(0) … fn(parts − 1), fn(0) on this thread; the first exception any threw is rethrown here.
+  void run(int parts, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> mine(in_use_, std::try_to_lock);
+    if (parts <= 1 || !mine.owns_lock()) {
+      for (int k = 0; k < parts; ++k) fn(k);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      if (pid_ != ::getpid()) helpers_ = 0, pid_ = ::getpid();  // a forked child has none of its parent's threads
+      for (; helpers_ < parts - 1; ++helpers_)
+        std::thread([this, id = helpers_ + 1, seen = round_] { serve(id, seen); }).detach();
+      task_ = &fn, parts_ = parts, pending_ = parts - 1, error_ = nullptr;
+      ++round_;
+    }
+    start_.notify_all();
+    std::exception_ptr error;
+    try {
+      fn(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    if (!error) error = error_;
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void serve(int id, int64_t seen) {
+    at::internal::lazy_init_num_threads();  // torch's thread count (one) here too, for sgemm and gelu
+    std::unique_lock<std::mutex> lock(m_);
+    for (;;) {
+      start_.wait(lock, [&] { return round_ != seen; });
+      seen = round_;
+      if (id >= parts_) continue;
+      const std::function<void(int)>* fn = task_;
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        (*fn)(id);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      if (error && !error_) error_ = error;
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex in_use_, m_;
+  std::condition_variable start_, done_;
+  const std::function<void(int)>* task_ = nullptr;
+  int helpers_ = 0, parts_ = 0, pending_ = 0;
+  int64_t round_ = 0;
+  pid_t pid_ = ::getpid();
+  std::exception_ptr error_;
+};
+
+Team& team() {
+  static Team* shared = new Team;  // never destroyed: its threads outlive static destruction
+  return *shared;
+}
 
 }  // namespace
 
@@ -464,13 +575,14 @@ struct Wanted {
 // head_out_in. scales: empty, or one entry per tensor of `layers` — the int8 matrices' per-row scales, None
 // for the rest; wte_scale, wpe_scale, head_scale likewise. scale ≤ 0: 1/sqrt(head_dim). gelu: "tanh" or
 // "none", as torch's gelu. wanted: None, or the tokens (indices, ascending) whose logits to return, (M, vocab).
+// parts: how many threads may share the step (the team's, split_rows), each computing whole rows' tokens.
 Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
                  std::vector<Tensor> values, const Tensor& wte, const std::optional<Tensor>& wte_scale,
                  const Tensor& wpe, const std::optional<Tensor>& wpe_scale, const std::vector<Tensor>& layers,
                  const std::vector<std::optional<Tensor>>& scales, const Tensor& ln_f_weight,
                  const Tensor& ln_f_bias, const Tensor& head, const std::optional<Tensor>& head_scale,
                  const std::optional<Tensor>& head_bias, bool head_out_in, int64_t n_head, double eps, double scale,
-                 const std::string& gelu, const std::optional<Tensor>& wanted) {
+                 const std::string& gelu, const std::optional<Tensor>& wanted, int64_t parts) {
   constexpr int kPerLayer = 12;
   const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = wte.size(1);
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "12 tensors per layer");
@@ -499,46 +611,52 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
+  const std::vector<int64_t> bounds = split_rows(r, N, parts, caches.empty() ? 0 : caches[0].slots);
   py::gil_scoped_release no_gil;
   wake_armed();
-  std::vector<float> x(N * C), normed(N * C), qkv(N * 3 * C), y(N * C), hidden(N * inner), where(C);
-  Tensor hidden_view = at::from_blob(hidden.data(), {N, inner}, ln_f_weight.options());
-  for (int64_t i = 0; i < N; ++i) {
-    embed.row(tok[i], &x[i * C]);
-    positions.row(p[i], where.data());
-    for (int64_t c = 0; c < C; ++c) x[i * C + c] += where[c];
-  }
-  for (int64_t l = 0; l < n_layer; ++l) {
-    const Tensor* w = &layers[l * kPerLayer];
-    const Matrix* m = &matrices[l * 4];
-    auto f = [&](int k) { return w[k].data_ptr<float>(); };
-    layer_norm(x.data(), normed.data(), f(0), f(1), N, C, e);
-    linear(normed.data(), m[0], f(3), qkv.data(), N, false);
-    attend(qkv.data(), 3 * C, qkv.data() + C, qkv.data() + 2 * C, 3 * C, y.data(), caches[l], r, p, N, n_head,
-           attn_scale);
-    linear(y.data(), m[1], f(5), x.data(), N, true);
-    layer_norm(x.data(), normed.data(), f(6), f(7), N, C, e);
-    linear(normed.data(), m[2], f(9), hidden.data(), N, false);
-    at::gelu_(hidden_view, gelu);
-    linear(hidden.data(), m[3], f(11), x.data(), N, true);
-  }
-  keep.gather(x.data(), C);
-  layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), keep.M, C, e);
-  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), keep.M, false);
+  auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
+    std::vector<float> x(n * C), normed(n * C), qkv(n * 3 * C), y(n * C), hidden(n * inner), where(C);
+    Tensor hidden_view = at::from_blob(hidden.data(), {n, inner}, ln_f_weight.options());
+    for (int64_t i = 0; i < n; ++i) {
+      embed.row(tok[a + i], &x[i * C]);
+      positions.row(p[a + i], where.data());
+      for (int64_t c = 0; c < C; ++c) x[i * C + c] += where[c];
+    }
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const Tensor* w = &layers[l * kPerLayer];
+      const Matrix* m = &matrices[l * 4];
+      auto f = [&](int k) { return w[k].data_ptr<float>(); };
+      layer_norm(x.data(), normed.data(), f(0), f(1), n, C, e);
+      linear(normed.data(), m[0], f(3), qkv.data(), n, false);
+      attend(qkv.data(), 3 * C, qkv.data() + C, qkv.data() + 2 * C, 3 * C, y.data(), caches[l], r + a, p + a, n,
+             n_head, attn_scale);
+      linear(y.data(), m[1], f(5), x.data(), n, true);
+      layer_norm(x.data(), normed.data(), f(6), f(7), n, C, e);
+      linear(normed.data(), m[2], f(9), hidden.data(), n, false);
+      at::gelu_(hidden_view, gelu);
+      linear(hidden.data(), m[3], f(11), x.data(), n, true);
+    }
+    const auto out = keep.within(a, a + n);
+    keep.gather(x.data(), C, a, out);
+    const int64_t M = out.second - out.first;
+    layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), M, C, e);
+    linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
+  };
+  team().run(static_cast<int>(bounds.size()) - 1, [&](int k) { run(bounds[k], bounds[k + 1] - bounds[k]); });
   return logits;
 }
 
 // Logits (N, vocab) for tokens of the Llama family, as gpt2_step. cos, sin: (N, head_dim), each token's
 // rotary angles from the model's own rotary module. layers: 10 per block (input_layernorm w; q|k|v joined
 // (in, out) and its bias or None; o_proj and bias; post_attention_layernorm w; gate|up joined and bias;
-// down_proj and bias); eps: the two norms' epsilons per layer, then the final norm's; the head and wanted as in
-// gpt2_step.
+// down_proj and bias); eps: the two norms' epsilons per layer, then the final norm's; the head, wanted and parts
+// as in gpt2_step.
 Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::vector<Tensor> keys,
                   std::vector<Tensor> values, const Tensor& embed, const Tensor& cos, const Tensor& sin,
                   const std::vector<std::optional<Tensor>>& layers, const std::vector<double>& eps,
                   const Tensor& norm_weight, const Tensor& head, const std::optional<Tensor>& head_bias,
                   bool head_out_in, int64_t n_head, int64_t n_kv, int64_t head_dim, double scale,
-                  const std::optional<Tensor>& wanted) {
+                  const std::optional<Tensor>& wanted, int64_t parts) {
   constexpr int kPerLayer = 10;
   const int64_t n_layer = static_cast<int64_t>(layers.size()) / kPerLayer, C = embed.size(1);
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kPerLayer, "10 entries per layer");
@@ -562,33 +680,42 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
+  const std::vector<int64_t> bounds = split_rows(r, N, parts, caches.empty() ? 0 : caches[0].slots);
   py::gil_scoped_release no_gil;
   wake_armed();
-  std::vector<float> x(N * C), normed(N * C), qkv(N * qkv_width), y(N * q_width), gate_up(N * 2 * inner),
-      act(N * inner);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(&x[i * C], embed.data_ptr<float>() + tok[i] * C, C * sizeof(float));
-  for (int64_t l = 0; l < n_layer; ++l) {
-    const std::optional<Tensor>* w = &layers[l * kPerLayer];
-    const float* const* b = &biases[l * kPerLayer];
-    rms_norm(x.data(), normed.data(), w[0]->data_ptr<float>(), N, C, static_cast<float>(eps[2 * l]));
-    linear(normed.data(), Matrix(*w[1], false), b[2], qkv.data(), N, false);
-    rotate(qkv.data(), N, n_head, head_dim, qkv_width, cos.data_ptr<float>(), sin.data_ptr<float>());
-    rotate(qkv.data() + q_width, N, n_kv, head_dim, qkv_width, cos.data_ptr<float>(), sin.data_ptr<float>());
-    attend(qkv.data(), qkv_width, qkv.data() + q_width, qkv.data() + q_width + kv_width, qkv_width, y.data(),
-           caches[l], r, p, N, n_head, static_cast<float>(scale));
-    linear(y.data(), Matrix(*w[3], false), b[4], x.data(), N, true);
-    rms_norm(x.data(), normed.data(), w[5]->data_ptr<float>(), N, C, static_cast<float>(eps[2 * l + 1]));
-    linear(normed.data(), Matrix(*w[6], false), b[7], gate_up.data(), N, false);
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < inner; ++j) {
-        const float g = gate_up[i * 2 * inner + j], u = gate_up[i * 2 * inner + inner + j];
-        act[i * inner + j] = g / (1.f + std::exp(-g)) * u;  // SiLU(gate) · up
-      }
-    linear(act.data(), Matrix(*w[8], false), b[9], x.data(), N, true);
-  }
-  keep.gather(x.data(), C);
-  rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), keep.M, C, static_cast<float>(eps[2 * n_layer]));
-  linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>(), keep.M, false);
+  auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
+    std::vector<float> x(n * C), normed(n * C), qkv(n * qkv_width), y(n * q_width), gate_up(n * 2 * inner),
+        act(n * inner);
+    const float* cos_a = cos.data_ptr<float>() + a * head_dim;
+    const float* sin_a = sin.data_ptr<float>() + a * head_dim;
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(&x[i * C], embed.data_ptr<float>() + tok[a + i] * C, C * sizeof(float));
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const std::optional<Tensor>* w = &layers[l * kPerLayer];
+      const float* const* b = &biases[l * kPerLayer];
+      rms_norm(x.data(), normed.data(), w[0]->data_ptr<float>(), n, C, static_cast<float>(eps[2 * l]));
+      linear(normed.data(), Matrix(*w[1], false), b[2], qkv.data(), n, false);
+      rotate(qkv.data(), n, n_head, head_dim, qkv_width, cos_a, sin_a);
+      rotate(qkv.data() + q_width, n, n_kv, head_dim, qkv_width, cos_a, sin_a);
+      attend(qkv.data(), qkv_width, qkv.data() + q_width, qkv.data() + q_width + kv_width, qkv_width, y.data(),
+             caches[l], r + a, p + a, n, n_head, static_cast<float>(scale));
+      linear(y.data(), Matrix(*w[3], false), b[4], x.data(), n, true);
+      rms_norm(x.data(), normed.data(), w[5]->data_ptr<float>(), n, C, static_cast<float>(eps[2 * l + 1]));
+      linear(normed.data(), Matrix(*w[6], false), b[7], gate_up.data(), n, false);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < inner; ++j) {
+          const float g = gate_up[i * 2 * inner + j], u = gate_up[i * 2 * inner + inner + j];
+          act[i * inner + j] = g / (1.f + std::exp(-g)) * u;  // SiLU(gate) · up
+        }
+      linear(act.data(), Matrix(*w[8], false), b[9], x.data(), n, true);
+    }
+    const auto out = keep.within(a, a + n);
+    keep.gather(x.data(), C, a, out);
+    const int64_t M = out.second - out.first;
+    rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), M, C, static_cast<float>(eps[2 * n_layer]));
+    linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
+  };
+  team().run(static_cast<int>(bounds.size()) - 1, [&](int k) { run(bounds[k], bounds[k + 1] - bounds[k]); });
   return logits;
 }
 
