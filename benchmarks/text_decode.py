@@ -1,7 +1,7 @@
 """Decode throughput: Atelier's text engine vs transformers' generate, same weights, same run.
 
     .venv/bin/python benchmarks/text_decode.py [--family chargpt|hf-causal-lm] [--model-dir DIR]
-                                               [--new-tokens 128] [--repeats 3]
+                                               [--new-tokens 128] [--repeats 3] [--step-threads N]
 
 Both sides generate exactly --new-tokens tokens per sequence (eos ignored), sampling at
 temperature 1, from the prompt 春眠不觉晓，, at batch 1, 8 and 16. transformers loads the
@@ -10,18 +10,23 @@ folder too. --family picks how Atelier loads the same folder: `chargpt` (our own
 code) or `hf-causal-lm` (a model a user imports: transformers' modules, Atelier's slot KV
 cache and scheduler) — so the second measures what an imported model gets.
 Prints tokens/s for each, the ratio ours / transformers (higher is better for us), and
-our aggregate tokens/s at batch 16 over batch 1.
+our aggregate tokens/s at batch 16 over batch 1. Both run one torch thread, transformers' fastest
+setting here (two: 3x slower); our native step of 8 or more rows may split them between
+--step-threads threads, by default every core, since nothing else runs (the server's default is
+half the cores, config.step_threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from atelier.common import native
 from atelier.config import Settings, inference_threads
 from atelier.families import get_family
 from atelier.families.shipped import SHIPPED_DIR
@@ -65,8 +70,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as the server, "
                                                                "half the cores)")
+    ap.add_argument("--step-threads", type=int, default=os.cpu_count() or 1,
+                    help="threads a native step of many rows may share (default: every core)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or inference_threads(Settings()))
+    native.use(True, args.step_threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +86,8 @@ def main() -> None:
     params = sum(p.numel() for p in hf.parameters())
 
     print(f"model {args.model_dir.name} as {args.family}: {params / 1e6:.2f} M parameters, "
-          f"{n} new tokens per sequence, {torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{n} new tokens per sequence, {torch.get_num_threads()} threads, {args.step_threads} step threads, "
+          f"best of {args.repeats}")
     print(f"{'batch':>5} | {'atelier tok/s':>13} | {'transformers tok/s':>18} | {'ratio':>5}")
     print("-" * 52)
     ours_at = {}

@@ -116,5 +116,5 @@ def test_a_process_that_cannot_load_its_model_says_why(tmp_path):
     from atelier.runtime.engine_process import ProcessTextEngine
 
     with pytest.raises(OSError, match="could not load the model: .*no-such-family"):
-        ProcessTextEngine("no-such-family", tmp_path, max_batch=2, threads=1, step_threads=None, native=False,
+        ProcessTextEngine("no-such-family", tmp_path, max_batch=2, threads=1, step_threads=1, native=False,
                           context=8)

@@ -17,7 +17,7 @@ from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
 from atelier.api.routes import models, moderations, music, poems, predict, privacy, runtime, styles, usage
 from atelier.common import native
-from atelier.config import PACKAGE_DIR, Settings, get_settings, inference_threads
+from atelier.config import PACKAGE_DIR, Settings, get_settings, inference_threads, step_threads
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker, startup_lock
 from atelier.families.shipped import ensure_shipped
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(inference_threads(settings))
-    native.use(settings.native, settings.step_threads)
+    native.use(settings.native, step_threads(settings))
     engine = make_engine(settings.db_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false

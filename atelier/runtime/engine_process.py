@@ -101,10 +101,10 @@ class ProcessTextEngine:
 
     runtime = "process"  # GET /api/ps says where a loaded model runs
 
-    def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int | None,
+    def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int,
                  native: bool, context: int):
         self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
-                     str(threads), str(step_threads or 0), "1" if native else "0"]
+                     str(threads), str(step_threads), "1" if native else "0"]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
         self._lock = threading.Lock()  # the live table, the channel, closing
@@ -256,10 +256,10 @@ class ProcessRuntime:
     kinds = ("text",)
 
     def __init__(self, settings):
-        from atelier.config import inference_threads
+        from atelier.config import inference_threads, step_threads
 
         self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
-        self.step_threads = settings.step_threads
+        self.step_threads = step_threads(settings)
 
     def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
         return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads,
@@ -317,7 +317,7 @@ def main(argv: list[str]) -> int:
         from atelier.families import FAMILIES
 
         torch.set_num_threads(int(threads))
-        native.use(native_on == "1", int(step_threads) or None)
+        native.use(native_on == "1", int(step_threads))
         lm = FAMILIES[family].load(Path(folder))
         # What is loaded stays: the collector need not walk it again, and collects young objects less
         # often (a step makes a few hundred of them; at 32 rows a collection took about a step in 15).
