@@ -122,7 +122,8 @@ def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
 
 def test_a_prefill_can_ask_for_its_prompts_last_logits_only():
     """`last` (the text engine's prefill): each row's logits at its own last token, (B, vocab), as the whole
-    (B, T, vocab) would have them, natively and on the module path; the cache is written all the same."""
+    (B, T, vocab) would have them, natively and on the module path. The native step computes each row's tokens
+    up to its last only: the cache holds what the whole prefill writes there, and nothing past it."""
     torch.manual_seed(0)
     model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=1)).eval()
     ids, rows, pos = torch.randint(0, 40, (3, 5)), torch.tensor([2, 0, 1]), torch.arange(5).expand(3, 5)
@@ -135,7 +136,10 @@ def test_a_prefill_can_ask_for_its_prompts_last_logits_only():
     assert native_last.shape == modules_last.shape == (3, 40)
     torch.testing.assert_close(native_last, everything[torch.arange(3), last], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(modules_last, everything[torch.arange(3), last], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[1].kv, caches[0].kv)
+    for row, end in zip(rows.tolist(), (last + 1).tolist()):
+        torch.testing.assert_close(caches[1].kv[:, :, row, :, :end], caches[0].kv[:, :, row, :, :end])
+        assert caches[1].kv[:, :, row, :, end:].abs().sum() == 0
+        assert end == 5 or caches[0].kv[:, :, row, :, end:5].abs().sum() > 0  # the whole prefill's padding
     with torch.no_grad(), pytest.raises(RuntimeError, match="ascending"):
         model.decoder().step(ids.reshape(-1), caches[1], rows.repeat_interleave(5), pos.reshape(-1),
                              torch.tensor([4, 1]))

@@ -22,3 +22,14 @@ def one_token_step(rows: torch.Tensor, pos: torch.Tensor) -> tuple[int, slice | 
     span = max(at) + 1
     mask = None if min(at) == span - 1 else (torch.arange(span) <= pos[:, None])[:, None, None, :]
     return span, as_run(rows.tolist()), mask
+
+
+def prompt_tokens(ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None):
+    """(ids, rows, pos, wanted) of a prefill's (B, T) tokens for one native step, flattened: with `last`
+    (B,), each row's tokens up to last[b] only (the padding after them is neither computed nor written to
+    the cache) and `wanted` the flat index of each row's last token; without, every token, wanted None."""
+    B, T = ids.shape
+    if last is None:
+        return ids.reshape(-1), rows.repeat_interleave(T), pos.reshape(-1), None
+    keep = torch.arange(T) <= last[:, None]
+    return ids[keep], rows[:, None].expand(B, T)[keep], pos[keep], torch.cumsum(last + 1, 0) - 1

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from atelier.common.native import kernels
-from atelier.common.slots import as_run
+from atelier.common.slots import as_run, prompt_tokens
 from atelier.families.base import Family, manifest, refuse_pickles
 
 if TYPE_CHECKING:
@@ -139,8 +139,8 @@ class HFCausalLM:
                 logits = self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])
                 return logits if last is not None else logits[:, None]
             if T > 1 and self.decoder.native_ready(cache):  # a prefill, in C++
-                wanted = None if last is None else torch.arange(B) * T + last
-                logits = self.decoder.step(ids.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1), wanted)
+                flat_ids, flat_rows, flat_pos, wanted = prompt_tokens(ids, rows, pos, last)
+                logits = self.decoder.step(flat_ids, cache, flat_rows, flat_pos, wanted)
                 return logits if last is not None else logits.view(B, T, -1)
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
         cache.run = as_run(rows.tolist())

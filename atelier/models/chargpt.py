@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from atelier.common.native import kernels, step_parts
-from atelier.common.slots import one_token_step
+from atelier.common.slots import one_token_step, prompt_tokens
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
 
@@ -187,8 +187,8 @@ class CharGPT(nn.Module):
                 logits = self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])
                 return (logits if last is not None else logits[:, None]), None
             if pos is not None and Decoder.native(cache) is not None:  # a prefill, in C++
-                wanted = None if last is None else torch.arange(B) * T + last
-                steps = self.decoder().step(idx.reshape(-1), cache, rows.repeat_interleave(T), pos.reshape(-1), wanted)
+                ids, rows, pos, wanted = prompt_tokens(idx, rows, pos, last)
+                steps = self.decoder().step(ids, cache, rows, pos, wanted)
                 return (steps if last is not None else steps.view(B, T, -1)), None
         if pos is None:
             pos = torch.arange(T).expand(B, T)

@@ -6,7 +6,9 @@ Every iteration of the worker:
   1. admits waiting sequences into free slots, prefilling their prompts into their slots
      together (right-padded to the longest, in chunks of PREFILL_TOKENS)
   2. decodes one token for every active sequence in a single batched forward, rows of
-     different lengths together (the cache masks keys by position)
+     different lengths together (the cache masks keys by position); with the native kernels the
+     last chunk of prompts joins this forward (a step's rows may hold a token or a prompt), so
+     admitting a request costs its prompt's tokens, not another pass over the weights
   3. samples each row with its own parameters and seeded generator, turns tokens into
      text (whole characters only: a byte-level token may end inside a UTF-8 character,
      which waits for the token that completes it), applies stop sequences, and hands text
@@ -266,8 +268,8 @@ class TextEngine:
                     return
             try:
                 with torch.inference_mode():
-                    self._admit()
-                    self._decode_step()
+                    native = kernels() if self.native_decoding else None
+                    self._decode_step(self._admit(fuse=native is not None), native)
             except Exception:  # a bug must not kill the engine: fail the active sequences
                 log.exception("text engine step failed")
                 for i, s in enumerate(self.slots):
@@ -294,10 +296,11 @@ class TextEngine:
             else:
                 wake(fds)
 
-    def _admit(self) -> None:
+    def _admit(self, fuse: bool) -> list[Sequence]:
         """1. Waiting sequences take the free slots, and their prompts are prefilled together: one
         forward for up to PREFILL_TOKENS prompt tokens (prompts right-padded to the longest), so a
-        burst of requests waits one prefill, not one per request ahead of it."""
+        burst of requests waits one prefill, not one per request ahead of it. With `fuse`, the last
+        chunk is returned unprefilled for the decoding step to take; otherwise nothing is."""
         admitted = []
         with self._wake:
             free = [i for i, s in enumerate(self.slots) if s is None]
@@ -317,8 +320,10 @@ class TextEngine:
                 self._prefill(chunk)
                 chunk, width = [], len(seq.prompt_ids)
             chunk.append(seq)
-        if chunk:
+        if chunk and not fuse:
             self._prefill(chunk)
+            chunk = []
+        return chunk
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Every prompt into its slot, then the first token of each. A padded position is written to
@@ -333,23 +338,29 @@ class TextEngine:
                                  last=torch.tensor(lengths) - 1)
         self._sample_and_accept(seqs, logits)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, joining: list[Sequence], native) -> None:
+        """2. One token for every active row, each at its own position, and (`joining`, native steps only)
+        the whole prompts of sequences just admitted: rows right-padded to the longest prompt, each row's
+        logits at its last real token (the native step computes no padding)."""
         for s in [s for s in self.slots if s is not None and s.cancelled]:
             self.cancelled += 1
             self._release(s)
-        active = [s for s in self.slots if s is not None]  # slots 0…len(active)-1
-        if not active:
+        joining = [s for s in joining if not s.cancelled]
+        new = {id(s) for s in joining}
+        active = [s for s in self.slots if s is not None and id(s) not in new]
+        if not active and not joining:
             return
-        # 2. one token for every active row, each at its own position
-        last = torch.tensor([[s.generated[-1]] for s in active])
-        pos = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in active])
-        rows = torch.tensor([s.slot for s in active])
-        native = kernels() if self.native_decoding else None
+        width = max([len(s.prompt_ids) for s in joining], default=1)
+        ids = torch.tensor([[s.generated[-1]] * width for s in active] +
+                           [s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in joining])
+        start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] + [0] * len(joining))
+        last = torch.tensor([0] * len(active) + [len(s.prompt_ids) - 1 for s in joining])
+        rows = torch.tensor([s.slot for s in active + joining])
         self._send(native)
-        logits = self.lm.forward(last, self.cache, rows, pos)
+        logits = self.lm.forward(ids, self.cache, rows, start[:, None] + torch.arange(width), last=last)
         if native is not None:
             wake(native.disarm())  # the step did not run natively after all: wake the loops now
-        self._sample_and_accept(active, logits[:, -1])
+        self._sample_and_accept(active + joining, logits)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         banned, eos = self.lm.banned_ids, list(self.lm.eos_ids)
