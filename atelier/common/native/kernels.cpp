@@ -368,8 +368,8 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
       std::memcpy(cache.keys + at, k + i * kv_stride + h * hd, bytes);
       std::memcpy(cache.values + at, v + i * kv_stride + h * hd, bytes);
     }
-  // One thread: the engines run one torch thread each (config.inference_threads), and an OpenMP team here
-  // would cost more than the attention of a few rows.
+  // One thread (the part's, when a step is split): the engines run one torch thread each
+  // (config.inference_threads), and an OpenMP team here would cost more than the attention of a few rows.
   std::vector<float> weights(cache.capacity + 16);
   for (int64_t task = 0; task < N * heads; ++task) {
     const int64_t i = task / heads, h = task % heads;
@@ -566,6 +566,13 @@ Team& team() {
   return *shared;
 }
 
+// run(a, n) for each part of a step's N tokens (split_rows: tokens a…a+n−1), on the team's threads.
+void in_parts(const int64_t* rows, int64_t N, int64_t parts, const std::vector<LayerCache>& caches,
+              const std::function<void(int64_t, int64_t)>& run) {
+  const std::vector<int64_t> bounds = split_rows(rows, N, parts, caches.empty() ? 0 : caches[0].slots);
+  team().run(static_cast<int>(bounds.size()) - 1, [&](int k) { run(bounds[k], bounds[k + 1] - bounds[k]); });
+}
+
 }  // namespace
 
 // Logits (N, vocab) for tokens ids (N,) of cache rows `rows` at positions `pos`: one new token per row when
@@ -611,7 +618,6 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
-  const std::vector<int64_t> bounds = split_rows(r, N, parts, caches.empty() ? 0 : caches[0].slots);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -642,7 +648,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
     layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), M, C, e);
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
   };
-  team().run(static_cast<int>(bounds.size()) - 1, [&](int k) { run(bounds[k], bounds[k + 1] - bounds[k]); });
+  in_parts(r, N, parts, caches, run);
   return logits;
 }
 
@@ -680,7 +686,6 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
-  const std::vector<int64_t> bounds = split_rows(r, N, parts, caches.empty() ? 0 : caches[0].slots);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -715,7 +720,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
     rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), M, C, static_cast<float>(eps[2 * n_layer]));
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
   };
-  team().run(static_cast<int>(bounds.size()) - 1, [&](int k) { run(bounds[k], bounds[k + 1] - bounds[k]); });
+  in_parts(r, N, parts, caches, run);
   return logits;
 }
 
