@@ -326,30 +326,28 @@ class TextEngine:
         return chunk
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Every prompt into its slot, then the first token of each. A padded position is written to
-        the cache past its row's prompt and masked from every real query (keys are masked by position);
-        decoding overwrites it before any query can see it."""
-        lengths = [len(s.prompt_ids) for s in seqs]
-        width = max(lengths)
-        ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in seqs])
-        rows = torch.tensor([s.slot for s in seqs])
-        self._send()
-        logits = self.lm.forward(ids, self.cache, rows, torch.arange(width).expand(len(seqs), width),
-                                 last=torch.tensor(lengths) - 1)
-        self._sample_and_accept(seqs, logits)
+        """Every prompt into its slot, then the first token of each: a step of prompts only."""
+        self._step([], seqs, None)
 
     def _decode_step(self, joining: list[Sequence], native) -> None:
         """2. One token for every active row, each at its own position, and (`joining`, native steps only)
-        the whole prompts of sequences just admitted: rows right-padded to the longest prompt, each row's
-        logits at its last real token (the native step computes no padding)."""
+        the whole prompts of sequences just admitted."""
         for s in [s for s in self.slots if s is not None and s.cancelled]:
             self.cancelled += 1
             self._release(s)
         joining = [s for s in joining if not s.cancelled]
         new = {id(s) for s in joining}
         active = [s for s in self.slots if s is not None and id(s) not in new]
-        if not active and not joining:
-            return
+        if active or joining:
+            self._step(active, joining, native)
+
+    def _step(self, active: list[Sequence], joining: list[Sequence], native) -> None:
+        """One forward: the last token of each active row at its position, and each joining prompt whole from
+        position 0, rows right-padded to the longest prompt; each row's logits at its last real token. The
+        native step computes no padding. The Python paths write a padded position to the cache past its row's
+        prompt, masked from every real query (keys are masked by position), and decoding overwrites it before
+        any query can see it; they take prompts or active rows, never both (an active row's padding could
+        pass the context). `native`: the kernels, armed to wake the event loops once they let go of the GIL."""
         width = max([len(s.prompt_ids) for s in joining], default=1)
         ids = torch.tensor([[s.generated[-1]] * width for s in active] +
                            [s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in joining])
