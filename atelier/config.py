@@ -123,7 +123,7 @@ def inference_threads(settings: Settings) -> int:
     the other engines. A native step of many rows is the exception: it splits its rows between a few
     threads of its own, one hand-over a step (ATELIER_STEP_THREADS, atelier/common/native/).
     """
-    return settings.threads or max(1, (os.cpu_count() or 2) // 2)
+    return settings.threads or half_the_cores()
 
 
 def step_threads(settings: Settings) -> int:
@@ -134,4 +134,8 @@ def step_threads(settings: Settings) -> int:
     the server on 2 cores, 32 streaming clients got 5,400 tok/s with two step threads against 6,400 with one
     (benchmarks/serve.py). benchmarks/text_decode.py, the engine alone, gives it every core.
     """
-    return settings.step_threads or max(1, (os.cpu_count() or 2) // 2)
+    return settings.step_threads or half_the_cores()
+
+
+def half_the_cores() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)

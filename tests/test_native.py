@@ -1,5 +1,7 @@
 """The native kernels (atelier/common/native/): built by make, and the same results as the Python paths."""
 
+import os
+
 import pytest
 import torch
 from conftest import engine_texts
@@ -222,7 +224,7 @@ def test_without_a_build_the_python_paths_run_and_the_log_says_why(tmp_path, mon
 def step_threads(request):
     """native.use(True, n) for the duration of a test: a step may share n threads."""
     yield lambda n: native.use(True, n)
-    native.use(True, native.os.cpu_count() or 1)
+    native.use(True, os.cpu_count() or 1)  # the module's own default
 
 
 def test_a_step_split_between_threads_computes_what_the_whole_step_does(step_threads):
