@@ -71,6 +71,39 @@ def test_many_requests_are_written_in_batches_and_the_audit_chain_stays_whole(db
         writer.close()
 
 
+def test_requests_of_a_key_without_limits_get_their_rows_when_they_end(db_path):
+    """Metering writes nothing when a key without limits starts a request (storage/usage.py admit): the
+    writer inserts its row, dated when it started, in the same batch as the rows it updates."""
+    from datetime import timedelta
+
+    from atelier.storage.db import utcnow
+    from atelier.storage.usage import admit
+
+    sessions = sessions_for(db_path)
+    with sessions() as db:
+        limited, free = create_key(db, scopes=["generate"], limits={"rpm": 100})[0].id, \
+            create_key(db, scopes=["generate"])[0].id
+        assert admit(db, free, None, "completions")[1] is None
+        assert db.scalar(select(func.count(Usage.id))) == 0  # nothing written for the free key's start
+        limited_id = admit(db, limited, {"rpm": 100}, "completions")[1]
+        assert limited_id is not None
+    began = utcnow() - timedelta(seconds=3)
+    writer = UsageWriter(sessions)
+    try:
+        writer.submit(finished(limited_id, limited, tokens=5))
+        for tokens in (1, 2):
+            writer.submit(Served(None, free, "completions", "tang-poet@1", tokens, 0, "春眠", began))
+        assert writer.flush(timeout=30)
+        with sessions() as db:
+            rows = list(db.scalars(select(Usage).order_by(Usage.id)))
+            assert [(u.key_id, u.tokens, u.model) for u in rows] == [
+                (limited, 5, "tang-poet@1"), (free, 1, "tang-poet@1"), (free, 2, "tang-poet@1")]
+            assert all(abs((u.at - began).total_seconds()) < 0.01 for u in rows[1:])
+            assert len(list(db.scalars(select(AuditEntry).where(AuditEntry.action == "generate")))) == 3
+            assert audit.verify(db)["ok"]
+    finally:
+        writer.close()
+
 def test_requests_that_end_close_together_share_one_write_and_a_flush_does_not_wait_for_the_batch(
         db_path, monkeypatch):
     """A batch gathers for COALESCE_S after its first request (a second here): three requests ending one

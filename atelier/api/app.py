@@ -27,7 +27,7 @@ from atelier.storage.usage_writer import UsageWriter
 from atelier.storage.blobs import BlobStore, open_blobs
 from atelier.runtime.manager import ModelManager
 from atelier.storage import audit as audit_log
-from atelier.storage.keys import create_key, list_keys
+from atelier.storage.keys import KeyCache, create_key, list_keys
 
 log = logging.getLogger("atelier")
 
@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Creative models as a service, in OpenAI's dialect.")
     app.state.settings = settings
     app.state.sessions = sessions
+    app.state.keys = app_keys = KeyCache(sessions, settings.key_cache_s)  # the keys requests name, for a moment
     app.state.blobs = blobs
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,
@@ -115,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(lambda app: body_limit(app, settings.max_body_bytes, settings.max_upload_bytes,
                                               timeout_s=settings.body_timeout_s))
-    app.add_middleware(lambda app: key_gate(app, sessions))  # before the body limit: a keyless body is never read
+    app.add_middleware(lambda app: key_gate(app, app_keys))  # before the body limit: a keyless body is never read
     app.add_middleware(lambda app, metrics=app.state.metrics: metrics.middleware(app))
     app.add_middleware(security_headers.studio_headers)
     app.add_middleware(metering.usage_middleware)

@@ -18,7 +18,7 @@ from atelier.runtime.manager import ModelManager
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import ApiKey
 from atelier.safety.keys import has_scope
-from atelier.storage.keys import find_key
+from atelier.storage.keys import KeyCache
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -86,7 +86,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ModeratorDep = Annotated[Moderator, Depends(get_moderator)]
 
 
-def key_from_header(db: Session, header: str) -> ApiKey:
+def key_from_header(keys: KeyCache, header: str) -> ApiKey:
     """The active key an `Authorization: Bearer <key>` header names; a 401 saying what is wrong otherwise.
     The one reading of the header: the routes' dependency, the gate before bodies and /readyz use it."""
     scheme, _, secret = header.partition(" ")
@@ -96,17 +96,18 @@ def key_from_header(db: Session, header: str) -> ApiKey:
     if scheme.lower() != "bearer" or not secret.strip():
         raise APIError(401, "malformed Authorization header: expected 'Bearer <key>'",
                        type="authentication_error", code="invalid_api_key")
-    key = find_key(db, secret=secret.strip())
+    key = keys.find(secret.strip())
     if key is None:
         raise APIError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
     return key
 
 
 def request_key(request: Request, db: Session) -> ApiKey:
-    """The caller's key: the one limits.key_gate already read for this request, else the header's."""
-    gate_key = getattr(request.state, "gate_key", None)
-    key = db.merge(gate_key, load=False) if gate_key is not None else \
-        key_from_header(db, request.headers.get("authorization", ""))
+    """The caller's key, in the request's session: the one limits.key_gate already found for this request,
+    else the header's."""
+    found = getattr(request.state, "gate_key", None) or \
+        key_from_header(request.app.state.keys, request.headers.get("authorization", ""))
+    key = db.merge(found, load=False)
     request.state.key_id = key.id
     return key
 

@@ -94,18 +94,18 @@ PROTECTED = ("/v1/", "/api/")
 WITH_BODY = (b"POST", b"PUT", b"PATCH")
 
 
-def key_gate(app, sessions):
+def key_gate(app, keys):
     """A request with a body to a route that needs a key is answered 401 before its body is read, when it
-    has no key or a key that is not valid (the route itself still checks the key's scopes)."""
+    has no key or a key that is not valid (the route itself still checks the key's scopes). `keys`: the
+    server's KeyCache."""
     async def asgi(scope, receive, send):
         if scope["type"] != "http" or scope["method"].encode() not in WITH_BODY or \
                 not scope["path"].startswith(PROTECTED):
             return await app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
         try:
-            with sessions() as db:
-                # The route's own key check (deps.current_key) takes this one instead of reading it again.
-                scope.setdefault("state", {})["gate_key"] = key_from_header(db, header)
+            # The route's own key check (deps.current_key) takes this one instead of reading it again.
+            scope.setdefault("state", {})["gate_key"] = key_from_header(keys, header)
         except APIError as e:
             return await reply_error(send, e.status, e.body(), close=True)
         except DATABASE_DOWN as e:

@@ -2,7 +2,7 @@
 
   1. `metered(route)`, a dependency: checks the caller's key against its limits — a 429 in
      OpenAI's shape (`rate_limit_exceeded` or `insufficient_quota`, with Retry-After) when over
-     one — and records the request at once, so concurrent requests count each other
+     one — and, for a key with limits, records the request at once, so concurrent requests count each other
   2. the route adds what it served to `meter` (tokens, images, the model)
   3. `usage_middleware` hands that to the usage writer when the response is over (streams included;
      atelier/storage/usage_writer.py writes it behind the response) and puts OpenAI's x-ratelimit-*
@@ -15,15 +15,15 @@ from fastapi import Depends, Request
 
 from atelier.api.deps import current_key
 from atelier.api.errors import APIError
-from atelier.storage.db import ApiKey
+from atelier.storage.db import ApiKey, utcnow
 from atelier.storage.usage import InFlight, admit
 from atelier.storage.usage_writer import Served, UsageWriter
 
 
 class Meter:
-    def __init__(self, writer: UsageWriter, key_id: str, usage_id: int, inflight: InFlight, route: str):
+    def __init__(self, writer: UsageWriter, key_id: str, usage_id: int | None, inflight: InFlight, route: str):
         self.writer, self.key_id, self.usage_id, self.inflight = writer, key_id, usage_id, inflight
-        self.route = route
+        self.route, self.started = route, utcnow()
         self.tokens = self.images = 0
         self.model = ""
         self.prompt = ""  # hashed into the audit entry, never stored
@@ -37,7 +37,7 @@ class Meter:
         self._closed = True
         self.inflight.leave(self.key_id)
         self.writer.submit(Served(self.usage_id, self.key_id, self.route, self.model, self.tokens, self.images,
-                                  self.prompt))
+                                  self.prompt, self.started))
 
 
 def metered(route: str, *, images_param: str | None = None):

@@ -110,8 +110,12 @@ def admit(db: Session, key_id: str, limits: dict | None, route: str, *, images: 
     """The start of a metered request: its key's verdict and, when allowed, its usage row, committed at
     once so that requests after it count it. Returns (verdict, the usage row's id or None).
 
-    With PostgreSQL the key's row is locked from the check to the commit, so replicas take turns (SQLite
-    has no row locks: its writers take turns on the whole database)."""
+    A key without limits has nothing to check and nobody counts its requests as they start: no statement
+    runs, and its row is inserted when the request ends, by the usage writer (a write less on every request's
+    way to the model). With PostgreSQL the key's row is locked from the check to the commit, so replicas take
+    turns (SQLite has no row locks: its writers take turns on the whole database)."""
+    if not limits:
+        return Verdict(True, headers={}), None
     if db.get_bind().dialect.name != "sqlite":
         db.execute(_LOCK_KEY, {"key_id": key_id})
     v = verdict(db, key_id, limits, images=images, parallel=parallel, unwritten=unwritten)

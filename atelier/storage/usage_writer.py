@@ -2,7 +2,8 @@
 and the request's audit entry; and the gallery artifacts of text completions, which their request waits for.
 
 A request's usage row is inserted when it starts (atelier/api/metering.py), so concurrent requests and
-replicas count each other's requests at once. What it served is only known at its end. Writing that on
+replicas count each other's requests at once; a key without limits has no one counting, and its
+requests' rows are inserted here, at their end. What a request served is only known at its end. Writing that on
 the event loop cost each request about a millisecond after its last byte, and 32 streams' worth kept the
 loop busy; so the end is handed to this writer's thread, which writes everything that has piled up
 since its last write in one transaction: one commit, one audit head update, for any number of requests.
@@ -26,7 +27,7 @@ What that keeps:
     request after it the writer's GIL time.
   - A process killed outright loses what it had not written yet: requests that ended in the last few tens
     of milliseconds, as it loses the requests still running. Their usage rows, written at their start,
-    remain, with what they were given up front.
+    remain, with what they were given up front (a key without limits: no row).
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import bindparam
 
 from atelier.storage import audit
 from atelier.storage.artifacts import stored_blob
-from atelier.storage.db import DATABASE_DOWN, Usage
+from atelier.storage.db import DATABASE_DOWN, Usage, utcnow
 
 log = logging.getLogger("atelier.usage")
 
@@ -59,13 +61,14 @@ BATCH_MAX = 256
 class Served:
     """One request's end: what its usage row gets, and what its audit entry says."""
 
-    usage_id: int
+    usage_id: int | None  # None: no row yet (a key without limits), inserted with the rest
     key_id: str
     route: str
     model: str
     tokens: int
     images: int
     prompt: str  # hashed into the audit entry, never stored
+    at: datetime | None = None  # when the request started: a row inserted at its end is dated then
 
     def audit_entry(self) -> dict:
         # Every generation leaves a trace: who, which model@version, how much, and the prompt's hash.
@@ -86,14 +89,20 @@ class ToStore:
 _USAGE = Usage.__table__  # a plain statement, built once, without the ORM's bulk-update machinery
 _USAGE_DONE = (_USAGE.update().where(_USAGE.c.id == bindparam("usage_id"))
                .values(tokens=bindparam("n_tokens"), images=bindparam("n_images"), model=bindparam("model_ref")))
+_USAGE_NEW = _USAGE.insert()
 
 
 def write(db, batch: list[Served]) -> None:
     """Requests' usage rows and audit entries, in `db`'s transaction: one statement for the rows, the
     chain locked and its head signed once for the entries."""
     entries = [done.audit_entry() for done in batch]
-    db.execute(_USAGE_DONE, [{"usage_id": d.usage_id, "n_tokens": d.tokens, "n_images": d.images,
-                              "model_ref": d.model[:200]} for d in batch])
+    started = [d for d in batch if d.usage_id is not None]
+    if started:
+        db.execute(_USAGE_DONE, [{"usage_id": d.usage_id, "n_tokens": d.tokens, "n_images": d.images,
+                                  "model_ref": d.model[:200]} for d in started])
+    if len(started) < len(batch):
+        db.execute(_USAGE_NEW, [{"key_id": d.key_id, "at": d.at or utcnow(), "route": d.route, "model": d.model[:200],
+                                 "tokens": d.tokens, "images": d.images} for d in batch if d.usage_id is None])
     audit.record_many(db, entries, commit=False)
 
 
@@ -233,7 +242,7 @@ class UsageWriter:
             try:
                 self._transaction([done], [])
             except Exception as e:  # noqa: BLE001 - logged, and the writer goes on
-                log.error("dropped the usage record of request %d (%s): %s", done.usage_id, type(e).__name__, e)
+                log.error("dropped the usage record of request %s (%s): %s", done.usage_id, type(e).__name__, e)
         for one in stores:
             try:
                 self._transaction([], [one])

@@ -26,7 +26,7 @@ def readyz(request: Request, db: SessionDep):
     except Exception as e:  # noqa: BLE001 — any database failure means not ready
         raise APIError(503, f"database unavailable: {type(e).__name__}", type="server_error", code="not_ready")
     worker, loaded = request.app.state.worker, request.app.state.manager.loaded()
-    if not _reads(request, db):
+    if not _reads(request):
         # Anyone may probe readiness, but which (private) models are loaded is a key holder's business.
         return {"status": "ready", "loaded_models": len(loaded),
                 "worker": {"alive": worker.status()["alive"]} if worker else None}
@@ -34,10 +34,10 @@ def readyz(request: Request, db: SessionDep):
             "worker": worker.status() if worker else None}
 
 
-def _reads(request: Request, db) -> bool:
+def _reads(request: Request) -> bool:
     """Whether the request carries a valid key with the read scope (a missing or bad key is no error here)."""
     try:
-        return has_scope(key_from_header(db, request.headers.get("authorization", "")), "read")
+        return has_scope(key_from_header(request.app.state.keys, request.headers.get("authorization", "")), "read")
     except APIError:
         return False
 
