@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1, description="database connections each process keeps open (the server; its worker keeps a quarter)")
     db_max_overflow: int = Field(default=80, ge=0, description="more connections each process may open under load")
     admin_key: str | None = Field(default=None, description="on first start, use this as the admin key instead of a random one")
-    key_cache_s: float = Field(default=2.0, ge=0, description="how long the server remembers a key it has read; a key revoked through another replica or the CLI stops working within this (0: read every request's key)")
+    lookup_cache_s: float = Field(default=2.0, ge=0, description="how long the server remembers what every request looks up: the key it names, the version its model name resolves to; a change through another replica, the job worker or the CLI shows within this (0: look up every time)")
     log_level: str = Field(default="info", description="debug | info | warning | error")
 
     # Encryption at rest (atelier/safety/crypto.py): blobs sealed with AES-256-GCM

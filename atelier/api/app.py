@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     torch.set_num_threads(inference_threads(settings))
     native.use(settings.native, step_threads(settings))
     engine = make_engine(settings.db_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
-    sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings))
+    sessions = make_sessionmaker(engine, audit_key=audit_mac_key(settings), remember_s=settings.lookup_cache_s)
     blobs = open_blobs(settings)  # sealed with the data key unless ATELIER_ENCRYPT_AT_REST=false
     # Shown once by `atelier serve` (never logged); only its hash is stored. Replicas starting together
     # over one PostgreSQL take turns, so there is one admin key and one version of each shipped model.
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Creative models as a service, in OpenAI's dialect.")
     app.state.settings = settings
     app.state.sessions = sessions
-    app.state.keys = app_keys = KeyCache(sessions, settings.key_cache_s)  # the keys requests name, for a moment
+    app.state.keys = app_keys = KeyCache(sessions, settings.lookup_cache_s)  # the keys requests name, for a moment
     app.state.blobs = blobs
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,

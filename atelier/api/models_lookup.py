@@ -14,14 +14,15 @@ from atelier.runtime.errors import EngineClosed, ModelTooLarge, WrongTask
 from atelier.runtime.manager import Loaded, ModelManager, parse_keep_alive
 from atelier.storage.db import Version
 from atelier.storage.ownership import can_see_model, can_see_version
-from atelier.storage.registry import NotFound, resolve
+from atelier.storage.registry import NotFound, resolve, resolve_remembered
 
 
-def resolve_version(db: Session, ref: str, param: str = "model", *, key) -> Version:
+def resolve_version(db: Session, ref: str, param: str = "model", *, key, remembered: bool = False) -> Version:
     """The version `ref` names, if `key` may see it; a model or fine-tune of another key's is a 404
-    exactly like one that does not exist (atelier/storage/ownership.py)."""
+    exactly like one that does not exist (atelier/storage/ownership.py). `remembered`: maybe as resolved
+    a moment ago, in no session (storage/registry.py resolve_remembered), for routes that only read it."""
     try:
-        version = resolve(db, ref=ref)
+        version = resolve_remembered(db, ref=ref) if remembered else resolve(db, ref=ref)
     except NotFound as e:
         raise not_found(f"{e}", param=param, code="model_not_found") from None
     except ValueError as e:
@@ -48,7 +49,7 @@ async def acquire(manager: ModelManager, db: Session, ref: str, *, key, tasks: t
     """The model `ref` loaded and held for this request: 404 unknown, 400 wrong task, 503 not loadable.
     Loading can take seconds, so it runs in a worker thread, never on the event loop."""
     check_keep_alive(keep_alive)
-    version = resolve_version(db, ref, param, key=key)
+    version = resolve_version(db, ref, param, key=key, remembered=True)
     try:
         return manager.acquire_loaded(version, tasks=tasks) or await run_in_threadpool(manager.acquire, version,
                                                                                        tasks=tasks)

@@ -77,7 +77,7 @@ def keys_list(home: HomeOpt = None):
 
 @app.command("revoke")
 def keys_revoke(key_id: str, home: HomeOpt = None):
-    """Revoke a key by id; it stops working at once."""
+    """Revoke a key by id; a running server refuses it within ATELIER_LOOKUP_CACHE_S (2 s)."""
     from atelier.storage import audit
     from atelier.storage.keys import revoke_key
 

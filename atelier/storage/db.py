@@ -339,6 +339,13 @@ def _add_missing_columns(conn: Connection) -> None:
     conn.commit()
 
 
-def make_sessionmaker(engine: Engine, *, audit_key: bytes | None = None) -> sessionmaker:
-    """Sessions over `engine`; `audit_key` keys the audit chain (atelier/safety/audit.py) written through them."""
-    return sessionmaker(bind=engine, expire_on_commit=False, info={"audit_key": audit_key})
+def make_sessionmaker(engine: Engine, *, audit_key: bytes | None = None, remember_s: float | None = None) -> sessionmaker:
+    """Sessions over `engine`; `audit_key` keys the audit chain (atelier/safety/audit.py) written through them.
+    With `remember_s` (the server's), the versions model names resolve to are remembered that long
+    (storage/registry.py resolve_remembered)."""
+    sessions = sessionmaker(bind=engine, expire_on_commit=False, info={"audit_key": audit_key})
+    if remember_s is not None:
+        from atelier.storage.remembered import Remembered
+
+        sessions.kw["info"]["versions"] = Remembered(sessions, (Model, Version, Alias), remember_s)
+    return sessions

@@ -6,17 +6,15 @@ Only each secret's SHA-256 is stored (atelier/safety/keys.py says why that is en
 
 from __future__ import annotations
 
-import copy
 import secrets
-import threading
-import time
 
-from sqlalchemy import bindparam, inspect, select
-from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from atelier.safety.keys import KEY_PREFIX, hash_secret, validate_scopes
 from atelier.safety.redact import redact
 from atelier.storage.db import ApiKey, utcnow
+from atelier.storage.remembered import Remembered
 from atelier.storage.usage import check_limits
 
 
@@ -53,49 +51,20 @@ def find_key(db: Session, *, secret: str) -> ApiKey | None:
 
 
 class KeyCache:
-    """Active keys by secret, remembered for `ttl_s` seconds: every request names its key, and reading it
-    from the database was a session and a query on the event loop's way to the model (0.15 ms alone,
-    0.3 ms among other requests). What it hands out are detached copies, which a request merges into its
-    own session.
+    """Active keys by secret, remembered for a moment (atelier/storage/remembered.py): every request names
+    its key. What it hands out are keys of no session, which a request merges into its own."""
 
-    A key revoked or changed through this server is forgotten at once (`forget`, called by those routes);
-    one revoked elsewhere (another replica, `atelier keys revoke`) stops working within `ttl_s`, as with
-    LiteLLM's key cache. An unknown or revoked secret is never remembered: a caller trying secrets makes
-    every try a query, and cannot fill this memory. ttl_s 0: every request reads the database."""
-
-    def __init__(self, sessions: sessionmaker, ttl_s: float, max_keys: int = 1024):
-        self._sessions, self.ttl_s, self.max_keys = sessions, ttl_s, max_keys
-        self._keys: dict[str, tuple[ApiKey, float]] = {}  # secret's hash -> (the key, when to read it again)
-        self._lock = threading.Lock()
+    def __init__(self, sessions: sessionmaker, ttl_s: float):
+        self._sessions = sessions
+        self.remembered = Remembered(sessions, (ApiKey,), ttl_s)
 
     def find(self, secret: str) -> ApiKey | None:
-        """The active key with this secret (a detached copy), or None (unknown or revoked)."""
-        digest = hash_secret(secret)
-        hit = self._keys.get(digest)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        with self._sessions() as db:
-            key = find_key(db, secret=secret)
-            found = _detached_copy(key) if key is not None else None
-        with self._lock:
-            if found is None or not self.ttl_s:
-                self._keys.pop(digest, None)
-                return found
-            if len(self._keys) >= self.max_keys:
-                self._keys.pop(next(iter(self._keys)))  # the longest remembered
-            self._keys[digest] = (found, time.monotonic() + self.ttl_s)
-        return found
+        """The active key with this secret, or None (unknown or revoked)."""
+        def read() -> ApiKey | None:
+            with self._sessions() as db:  # closing it leaves the key loaded and in no session
+                return find_key(db, secret=secret)
 
-    def forget(self) -> None:
-        with self._lock:
-            self._keys.clear()
-
-
-def _detached_copy(key: ApiKey) -> ApiKey:
-    """`key`'s columns in an instance of no session, which `Session.merge(load=False)` takes as it is."""
-    out = ApiKey(**{a.key: copy.deepcopy(getattr(key, a.key)) for a in inspect(ApiKey).column_attrs})
-    make_transient_to_detached(out)
-    return out
+        return self.remembered.get(hash_secret(secret), read)
 
 
 def list_keys(db: Session) -> list[ApiKey]:

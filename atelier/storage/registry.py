@@ -106,6 +106,22 @@ def resolve(db: Session, *, ref: str) -> Version:
                    f"{', '.join(str(v.number) for v in model.versions) or 'none'}")
 
 
+def resolve_remembered(db: Session, *, ref: str) -> Version:
+    """`resolve`, remembered for a moment where db's sessions remember versions (the server's: every
+    generation names its model; storage/remembered.py): a version of no session, its model loaded, to read."""
+    versions = db.info.get("versions")
+    if versions is None:
+        return resolve(db, ref=ref)
+
+    def read() -> Version:
+        version = resolve(db, ref=ref)
+        db.expunge(version)
+        db.expunge(version.model)
+        return version
+
+    return versions.get(ref, read)
+
+
 def list_models(db: Session) -> list[Model]:
     return list(db.scalars(select(Model).order_by(Model.name)))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.api.deps import AdminKey, SessionDep
@@ -66,7 +66,7 @@ def list_all(db: SessionDep, key: AdminKey):
 
 
 @router.patch("/{key_id}")
-def update(key_id: str, body: KeyUpdate, request: Request, db: SessionDep, key: AdminKey):
+def update(key_id: str, body: KeyUpdate, db: SessionDep, key: AdminKey):
     """Change a key's rate limits and quotas, or its moderation policy (from its next request)."""
     target = db.get(ApiKey, key_id)
     if target is None:
@@ -81,14 +81,13 @@ def update(key_id: str, body: KeyUpdate, request: Request, db: SessionDep, key: 
     if "moderation" in body.model_fields_set:
         target.moderation = body.moderation
     db.commit()
-    request.app.state.keys.forget()
     audit.record(db, action="key.update", target=key_id, key_id=key.id,
                  detail={"limits": target.limits or {}, "moderation": target.moderation})
     return key_public(target)
 
 
 @router.delete("/{key_id}")
-def revoke(key_id: str, request: Request, db: SessionDep, key: AdminKey):
+def revoke(key_id: str, db: SessionDep, key: AdminKey):
     """Revoke a key at once; refuses to revoke the last active admin key."""
     target = db.get(ApiKey, key_id)
     if target is None:
@@ -97,6 +96,5 @@ def revoke(key_id: str, request: Request, db: SessionDep, key: AdminKey):
         raise APIError(409, "refusing to revoke the last active admin key; create another admin key first",
                        param="key_id", code="last_admin_key")
     revoked = revoke_key(db, key_id=key_id)
-    request.app.state.keys.forget()
     audit.record(db, action="key.revoke", target=key_id, key_id=key.id)
     return key_public(revoked) | {"deleted": True}
