@@ -104,3 +104,34 @@ def test_completions_and_chat_answers_go_to_the_gallery_unless_store_is_false(ht
                                                    "max_tokens": 8, "seed": 3}).json()
     art = http.get(f"/api/artifacts/{chat['choices'][0]['artifact_id']}").json()
     assert art["params"]["messages"] == [{"role": "user", "content": "春江"}]
+
+
+def test_a_completions_artifact_is_written_behind_its_response_and_found_at_once(tmp_path):
+    """The answer does not wait for its artifact's fsyncs and commit (atelier/storage/usage_writer.py), yet
+    the id it gives is there for the next request: reading artifacts waits for those being stored."""
+    import threading
+
+    import httpx
+
+    from conftest import ADMIN_KEY, LiveServer, make_settings
+
+    with LiveServer(make_settings(tmp_path)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as http:
+        blobs, gate = server.app.state.blobs, threading.Event()
+        put_bytes = blobs.put_bytes
+
+        def held_put_bytes(data: bytes) -> str:  # the blob store's write, held until the answer is in
+            gate.wait(timeout=30)
+            return put_bytes(data)
+
+        blobs.put_bytes = held_put_bytes
+        body = {"model": "tang-poet", "prompt": "秋风", "max_tokens": 4, "seed": 5}
+        answer = http.post("/v1/completions", json=body).json()["choices"][0]
+        with server.app.state.sessions() as db:
+            assert db.get(Artifact, answer["artifact_id"]) is None  # answered before it was written
+        threading.Timer(0.3, gate.set).start()
+        art = http.get(f"/api/artifacts/{answer['artifact_id']}").json()  # waits for the write
+        assert art["id"] == answer["artifact_id"] and art["params"]["seed"] == 5
+        assert http.get(f"/api/artifacts/{answer['artifact_id']}/content").text == answer["text"]
+        listed = http.get("/api/artifacts", params={"kind": "text"}).json()["data"]
+        assert listed[0]["id"] == answer["artifact_id"]

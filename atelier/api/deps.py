@@ -38,6 +38,16 @@ async def get_written_db(request: Request) -> AsyncIterator[Session]:
         yield db
 
 
+async def get_stored_db(request: Request) -> AsyncIterator[Session]:
+    """A session for reading artifacts: first, those being stored behind the responses that named them are
+    written (atelier/storage/usage_writer.py), so an id a response gave is there."""
+    writer = request.app.state.usage_writer
+    if writer.storing():
+        await run_in_threadpool(writer.flush)
+    with request.app.state.sessions() as db:
+        yield db
+
+
 async def get_sessions(request: Request) -> sessionmaker:
     """The session factory, for work that outlives the request's own session (threads, streams)."""
     return request.app.state.sessions
@@ -79,6 +89,7 @@ async def get_moderator(request: Request) -> Moderator:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
 WrittenSessionDep = Annotated[Session, Depends(get_written_db)]
+StoredSessionDep = Annotated[Session, Depends(get_stored_db)]
 SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]

@@ -46,14 +46,18 @@ def create_artifact(db: Session, blobs: BlobStore, *, kind: str, data: bytes, mi
     return art
 
 
+def new_artifact_id() -> str:
+    return f"art_{secrets.token_hex(12)}"
+
+
 def stored_blob(blobs: BlobStore, *, kind: str, data: bytes, mime: str, model_ref: str = "", key_id: str | None = None,
-                params: dict | None = None) -> Artifact:
+                params: dict | None = None, artifact_id: str | None = None) -> Artifact:
     """Step 1 of create_artifact: the bytes stored (atomic, deduplicated), and the row that will point at
-    them, not yet added to any session (the usage writer adds many in one transaction)."""
+    them, not yet added to any session (the usage writer adds many in one transaction, under the ids it gave)."""
     if kind not in KINDS:
         raise ValueError(f"artifact kind {kind!r} is not one of {', '.join(KINDS)}")
     digest = blobs.put_bytes(data)
-    return Artifact(id=f"art_{secrets.token_hex(12)}", kind=kind, model_ref=model_ref, key_id=key_id,
+    return Artifact(id=artifact_id or new_artifact_id(), kind=kind, model_ref=model_ref, key_id=key_id,
                     sha256=digest, mime=mime, size=len(data), params=redact_obj(params or {}))
 
 

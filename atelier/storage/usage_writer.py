@@ -12,8 +12,11 @@ Gallery artifacts (`store`) go through the same thread for the same reason: SQLi
 time, and a request's admission (its usage row, written on the event loop) waited for the lock behind
 every artifact committed from a worker thread of its own (at 32 streaming clients the INSERT's p90 was
 2.4 ms, the loop stalled meanwhile; 1.4 ms this way). Here the blobs are written first (each
-fsynced, outside any transaction), then their rows join the batch's transaction, and the request that
-waits for them gets their ids once it commits. A batch with artifacts in it does not wait to gather more.
+fsynced, outside any transaction), then their rows join the batch's transaction. They are written
+behind the response, as OpenAI stores completions, and gather with the usage records: their ids are
+given at once (waiting for the fsyncs and the commit added 2.3 ms to a stored 1-token completion, and
+held every stream's last event), and readers of artifacts in this process flush first when some are
+waiting (`storing`), so an id a response gave is found at once.
 
 What that keeps:
   - Rate limits and quotas stay exact in this process: `pending(key)` adds what is handed over but not
@@ -26,7 +29,7 @@ What that keeps:
   - A batch gathers for up to 20 ms (COALESCE_S) before it is written: one write per request cost each
     request after it the writer's GIL time.
   - A process killed outright loses what it had not written yet: requests that ended in the last few tens
-    of milliseconds, as it loses the requests still running. Their usage rows, written at their start,
+    of milliseconds, and the artifacts of the last few milliseconds, as it loses the requests still running. Their usage rows, written at their start,
     remain, with what they were given up front (a key without limits: no row).
 """
 
@@ -36,15 +39,14 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam
 
 from atelier.storage import audit
-from atelier.storage.artifacts import stored_blob
-from atelier.storage.db import DATABASE_DOWN, Usage, utcnow
+from atelier.storage.artifacts import new_artifact_id, stored_blob
+from atelier.storage.db import DATABASE_DOWN, Artifact, Usage, utcnow
 
 log = logging.getLogger("atelier.usage")
 
@@ -79,11 +81,9 @@ class Served:
 
 @dataclass
 class ToStore:
-    """Gallery artifacts one request waits for: `stored_blob`'s keyword arguments each; `done` gets their
-    ids, in order, once their rows are committed (or the exception that stopped them)."""
+    """One request's gallery artifacts: `stored_blob`'s keyword arguments each, their ids chosen."""
 
     artifacts: list[dict]
-    done: Future = field(default_factory=Future)
 
 
 _USAGE = Usage.__table__  # a plain statement, built once, without the ORM's bulk-update machinery
@@ -113,9 +113,10 @@ class UsageWriter:
         self._cond = threading.Condition()
         self._queue: list[Served] = []
         self._stores: list[ToStore] = []
-        self._due = 0.0  # when the usage records waiting are written (COALESCE_S after the first)
+        self._due = 0.0  # when the records and artifacts waiting are written (COALESCE_S after the first)
         self._pending: dict[str, list[int]] = {}  # key id -> [tokens, images, requests] handed over, not written
         self._submitted = self._written = 0
+        self._stores_submitted = self._stores_written = 0  # requests' artifacts handed over, written
         self._flushing = 0  # callers waiting in flush(): the batch being gathered goes now
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="atelier-usage-writer", daemon=True)
@@ -123,7 +124,7 @@ class UsageWriter:
 
     def submit(self, done: Served) -> None:
         with self._cond:
-            if not self._queue:
+            if not self._queue and not self._stores:
                 self._due = time.monotonic() + COALESCE_S
             self._queue.append(done)
             self._submitted += 1
@@ -133,16 +134,24 @@ class UsageWriter:
             counts[2] += 1
             self._cond.notify_all()
 
-    def store(self, artifacts: list[dict]) -> Future:
-        """Gallery artifacts (`stored_blob`'s keyword arguments), written with the next batch: a future of
-        their ids, in order."""
-        job = ToStore(artifacts)
+    def store(self, artifacts: list[dict]) -> list[str]:
+        """Gallery artifacts (`stored_blob`'s keyword arguments), written at once behind the caller: their
+        ids, in order, given now."""
+        ids = [new_artifact_id() for _ in artifacts]
+        job = ToStore([a | {"artifact_id": i} for a, i in zip(artifacts, ids)])
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is stopping")
+            if not self._queue and not self._stores:
+                self._due = time.monotonic() + COALESCE_S
             self._stores.append(job)
+            self._stores_submitted += 1
             self._cond.notify_all()
-        return job.done
+        return ids
+
+    def storing(self) -> bool:
+        """Whether artifacts handed over are not yet written (or dropped): a reader of artifacts flushes."""
+        return self._stores_written < self._stores_submitted
 
     def pending(self, key_id: str) -> tuple[int, int]:
         """(tokens, images) of this key's finished requests not yet in the database."""
@@ -154,11 +163,11 @@ class UsageWriter:
         """Wait until everything handed over so far is written; False if that took longer than `timeout`."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            target = self._submitted
+            target, stores = self._submitted, self._stores_submitted
             self._flushing += 1
             self._cond.notify_all()
             try:
-                while self._written < target:
+                while self._written < target or self._stores_written < stores:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._thread.is_alive():
                         return False
@@ -182,18 +191,18 @@ class UsageWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stores or self._stopping or self._batch_due()):
-                    self._cond.wait(self._due - time.monotonic() if self._queue else None)
+                while not (self._stopping or self._batch_due()):
+                    self._cond.wait(self._due - time.monotonic() if self._queue or self._stores else None)
                 if self._stopping:
-                    for job in self._stores:
-                        job.done.set_exception(RuntimeError("the server stopped before the artifacts were stored"))
+                    if self._stores:
+                        log.error("stopping with %d requests' artifacts unwritten", len(self._stores))
                     return
-                # Artifacts go at once, without the usage records still gathering: a request waits for them.
-                batch, self._queue = (self._queue, []) if self._batch_due() else ([], self._queue)
+                batch, self._queue = self._queue, []
                 stores, self._stores = self._stores, []
             self._write(batch, self._blobs_of(stores))
             with self._cond:
                 self._written += len(batch)
+                self._stores_written += len(stores)
                 for done in batch:
                     counts = self._pending[done.key_id]
                     counts[0] -= done.tokens
@@ -204,24 +213,26 @@ class UsageWriter:
                 self._cond.notify_all()
 
     def _batch_due(self) -> bool:
-        """Whether the usage records waiting go now: gathered for COALESCE_S, BATCH_MAX of them, or a flush."""
-        return bool(self._queue) and (self._flushing or len(self._queue) >= BATCH_MAX or time.monotonic() >= self._due)
+        """Whether what waits (usage records, artifacts) goes now: gathered for COALESCE_S, BATCH_MAX of it, or a flush."""
+        waiting = len(self._queue) + len(self._stores)
+        return bool(waiting) and (self._flushing or waiting >= BATCH_MAX or time.monotonic() >= self._due)
 
-    def _blobs_of(self, stores: list[ToStore]) -> list[tuple[ToStore, list]]:
-        """Each request's artifacts with their bytes written (outside any transaction) and their rows made;
-        a request whose bytes cannot be written gets the error now."""
+    def _blobs_of(self, stores: list[ToStore]) -> list[list[Artifact]]:
+        """Each request's artifact rows, their bytes written (outside any transaction); a request whose bytes
+        cannot be written loses its artifacts, logged."""
         ready = []
         for job in stores:
             try:
-                ready.append((job, [stored_blob(self._blobs, **a) for a in job.artifacts]))
-            except Exception as e:  # noqa: BLE001 - the request that waits for them reports it
-                job.done.set_exception(e)
+                ready.append([stored_blob(self._blobs, **a) for a in job.artifacts])
+            except Exception as e:  # noqa: BLE001 - logged, and the writer goes on
+                log.error("dropped artifacts %s (%s): %s", ", ".join(a["artifact_id"] for a in job.artifacts),
+                          type(e).__name__, e)
         return ready
 
-    def _write(self, batch: list[Served], stores: list[tuple[ToStore, list]]) -> None:
+    def _write(self, batch: list[Served], stores: list[list[Artifact]]) -> None:
         """All of `batch` and the artifacts' rows in one transaction, retried while the database is
         unreachable. A record the database refuses for what it holds is logged and dropped, so it cannot
-        hold up the others (an artifact's request gets the error)."""
+        hold up the others."""
         delay = 0.05
         while True:
             try:
@@ -229,8 +240,8 @@ class UsageWriter:
                 return
             except DATABASE_DOWN as e:  # a retry may cure these
                 if self._stopping:
-                    for job, _ in stores:
-                        job.done.set_exception(e)
+                    if stores:
+                        log.error("stopping with %d requests' artifacts unwritten: %s", len(stores), e)
                     return
                 log.warning("database unavailable (%s); retrying %d usage records and %d requests' artifacts "
                             "in %.2f s", type(e).__name__, len(batch), len(stores), delay)
@@ -243,18 +254,16 @@ class UsageWriter:
                 self._transaction([done], [])
             except Exception as e:  # noqa: BLE001 - logged, and the writer goes on
                 log.error("dropped the usage record of request %s (%s): %s", done.usage_id, type(e).__name__, e)
-        for one in stores:
+        for rows in stores:
             try:
-                self._transaction([], [one])
-            except Exception as e:  # noqa: BLE001 - its request reports it
-                one[0].done.set_exception(e)
+                self._transaction([], [rows])
+            except Exception as e:  # noqa: BLE001 - logged, and the writer goes on
+                log.error("dropped artifacts %s (%s): %s", ", ".join(a.id for a in rows), type(e).__name__, e)
 
-    def _transaction(self, batch: list[Served], stores: list[tuple[ToStore, list]]) -> None:
+    def _transaction(self, batch: list[Served], stores: list[list[Artifact]]) -> None:
         with self._sessions() as db:
             if batch:
                 write(db, batch)
-            for _, rows in stores:
+            for rows in stores:
                 db.add_all(rows)
             db.commit()
-        for job, rows in stores:
-            job.done.set_result([art.id for art in rows])  # ids given when the rows were made

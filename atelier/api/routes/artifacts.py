@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from atelier.storage import audit
-from atelier.api.deps import BlobsDep, ReadKey, SessionDep, SettingsDep, request_key
+from atelier.api.deps import BlobsDep, ReadKey, SettingsDep, StoredSessionDep, request_key
 from atelier.api.errors import APIError, bad_request, not_found
 from atelier.api.security_headers import content_disposition
 from atelier.storage.artifacts import (KINDS, artifact_public, check_signature, get_artifact, list_artifacts,
@@ -37,7 +37,7 @@ def _visible(db, artifact_id: str, key: ApiKey) -> Artifact:
 
 
 @router.get("")
-def list_all(db: SessionDep, key: ReadKey, kind: str | None = None, model: str | None = None,
+def list_all(db: StoredSessionDep, key: ReadKey, kind: str | None = None, model: str | None = None,
              key_id: str | None = None, limit: int = Query(default=20, ge=1, le=100), after: str | None = None):
     """Newest first, `limit` per page; pass the last id as `after` for the next page."""
     if kind is not None and kind not in KINDS:
@@ -56,13 +56,13 @@ def list_all(db: SessionDep, key: ReadKey, kind: str | None = None, model: str |
 
 
 @router.get("/{artifact_id}")
-def retrieve(artifact_id: str, db: SessionDep, key: ReadKey):
+def retrieve(artifact_id: str, db: StoredSessionDep, key: ReadKey):
     """One artifact with its provenance (model@version, parameters, seed, key, time, sha256)."""
     return artifact_public(_visible(db, artifact_id, key))
 
 
 @router.get("/{artifact_id}/content")
-async def content(artifact_id: str, request: Request, db: SessionDep, settings: SettingsDep, blobs: BlobsDep,
+async def content(artifact_id: str, request: Request, db: StoredSessionDep, settings: SettingsDep, blobs: BlobsDep,
                   expires: int | None = Query(None, ge=-(2**63), le=2**63 - 1), sig: str | None = None,
                   format: str | None = Query(None, description="tunes (kind melody): abc (stored), mid, wav or ogg")):
     """The artifact's bytes: with a key, or through a signed link that has not expired. A tune is stored as

@@ -185,7 +185,7 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
             if on_done is not None:
-                await on_done({i: (so_far.get(i, ""), f.reason) for i, f in finished.items() if i not in guard.filtered})
+                on_done({i: (so_far.get(i, ""), f.reason) for i, f in finished.items() if i not in guard.filtered})
             if final_usage:
                 yield sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
             yield sse.DONE
@@ -250,14 +250,14 @@ def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingField
 def gallery(writer: UsageWriter, *, route: str, plan: Plan, model_ref: str, key_id: str, params: dict):
     """What stores a request's answers (index -> (text, finish_reason)) in the gallery, one artifact of kind
     "text" per choice with every request parameter and its own seed; returns {index: artifact id}. The usage
-    writer's thread writes them (atelier/storage/usage_writer.py says why), and the request waits for it."""
-    async def store(answers: dict[int, tuple[str, str]]) -> dict[int, str]:
+    writer's thread writes them behind the response (atelier/storage/usage_writer.py says why)."""
+    def store(answers: dict[int, tuple[str, str]]) -> dict[int, str]:
         order = sorted(answers.items())
-        ids = await asyncio.wrap_future(writer.store([
+        ids = writer.store([
             {"kind": "text", "data": text.encode(), "mime": "text/plain; charset=utf-8", "model_ref": model_ref,
              "key_id": key_id, "params": params | {"route": route, "index": index, "finish_reason": reason,
                                                     "seed": (plan.seed + index) % 2**63}}
-            for index, (text, reason) in order]))
+            for index, (text, reason) in order])
         return {index: art_id for (index, _), art_id in zip(order, ids)}
 
     return store
@@ -315,7 +315,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
-    stored = await store(answers) if store else {}
+    stored = store(answers) if store else {}
     choices = []
     for index in sorted(chunks):
         text, reason = answers[index]
@@ -397,7 +397,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
 
     chunks, finished = await _collect(request, seqs, events, metrics, release)
     answers = _moderated(guard, chunks, finished)
-    stored = await store(answers) if store else {}
+    stored = store(answers) if store else {}
     choices = [{"index": i,
                 "message": {"role": "assistant", "content": answers[i][0]},
                 "logprobs": trim(_chat_logprobs(chunks[i], lm)) if body.logprobs and answers[i][1] != CONTENT_FILTER
