@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     image_tagger: str = Field(default="emoji-tagger", description="the model that turns a picture into poem keywords (image → poem)")
     image_max_batch: int = Field(default=16, ge=1, description="images sampled together per image model (micro-batching)")
     image_batch_wait_ms: float = Field(default=10.0, ge=0, description="how long a batch waits for more requests to join")
+    image_threads: int | None = Field(default=None, ge=1, description="threads one batch of images may share: one for every 4 images; unset: every core (see image_threads)")
     url_ttl_s: int = Field(default=3600, ge=1, description="lifetime of signed artifact URLs (response_format=url)")
 
     @field_validator("keep_alive")
@@ -136,6 +137,15 @@ def step_threads(settings: Settings) -> int:
     (benchmarks/serve.py). benchmarks/text_decode.py, the engine alone, gives it every core.
     """
     return settings.step_threads or half_the_cores()
+
+
+def image_threads(settings: Settings) -> int:
+    """Threads one image batch may share (ATELIER_IMAGE_THREADS), by default every core: a batch of 16
+    emoji-diffusion images is 20 forwards of 32 rows, each long enough that an OpenMP team pays (1.8× faster
+    on two threads), while serving its requests costs the event loop next to nothing. The engine gives a
+    batch one thread per IMAGES_PER_THREAD images (atelier/runtime/image_engine.py), so a lone image still
+    takes one core and leaves the other to the rest."""
+    return settings.image_threads or os.cpu_count() or 1
 
 
 def half_the_cores() -> int:

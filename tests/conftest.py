@@ -244,7 +244,7 @@ def image_server(tmp_path_factory):
 
     settings = make_settings(tmp_path_factory.mktemp("image-home"), max_body_bytes=200_000, max_image_n=4,
                              max_image_steps=50, max_image_upload_bytes=60_000, max_image_upload_pixels=300_000,
-                             image_max_batch=16, image_batch_wait_ms=50, run_worker=False)
+                             image_max_batch=16, image_batch_wait_ms=50, image_threads=2, run_worker=False)
     folders = make_tiny_image_models(tmp_path_factory.mktemp("tiny-image-models"))
     with LiveServer(settings) as s:
         with s.app.state.sessions() as db:

@@ -236,6 +236,23 @@ def test_micro_batching_gives_the_same_images(image_client, image_server):
         assert pngs(solo)[0] == got
 
 
+def test_a_batch_of_many_images_shares_threads_and_gives_the_same_images(image_client, image_server):
+    """Three requests of 4 images at once are one batch of 12 on two threads (one for every 4 images); each
+    request alone is a batch of 4 on one. The images are the same bytes."""
+    kw = dict(GEN, n=4)
+    seeds = [41, 51, 61]
+    alone = [pngs(image_client.images.generate(**kw, extra_body={"seed": s, "steps": 4})) for s in seeds]
+    engine = image_server.app.state.manager.get_loaded("tiny-diffusion", 1).engine
+    assert engine.batch_threads[-3:] == [1, 1, 1]
+    before = len(engine.batch_sizes)
+    with cf.ThreadPoolExecutor(len(seeds)) as pool:
+        together = list(pool.map(lambda s: pngs(image_client.images.generate(**kw, extra_body={"seed": s, "steps": 4})),
+                                 seeds))
+    assert together == alone
+    ran = list(zip(engine.batch_sizes[before:], engine.batch_threads[before:]))
+    assert (12, 2) in ran or (8, 2) in ran, ran  # the requests shared a batch, split between two threads
+
+
 def test_cli_image_saves_a_png_with_its_parameters(image_server, image_client, tmp_path):
     import os
     import subprocess

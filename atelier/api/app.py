@@ -17,7 +17,7 @@ from atelier.api.metrics import Metrics
 from atelier.api.routes import artifacts, audit, completions, files, fine_tuning, health, images, keys, lifecycle
 from atelier.api.routes import models, moderations, music, poems, predict, privacy, runtime, styles, usage
 from atelier.common import native
-from atelier.config import PACKAGE_DIR, Settings, get_settings, inference_threads, step_threads
+from atelier.config import PACKAGE_DIR, Settings, get_settings, image_threads, inference_threads, step_threads
 from atelier.jobs.supervisor import WorkerSupervisor
 from atelier.storage.db import make_engine, make_sessionmaker, startup_lock
 from atelier.families.shipped import ensure_shipped
@@ -96,7 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,
                                      max_memory=settings.max_model_memory, keep_alive=settings.keep_alive,
                                      max_batch=settings.max_batch, image_max_batch=settings.image_max_batch,
-                                     image_wait_ms=settings.image_batch_wait_ms, remote=remote_runtime(settings))
+                                     image_wait_ms=settings.image_batch_wait_ms, image_threads=image_threads(settings),
+                                     remote=remote_runtime(settings))
     app.state.inflight = InFlight()  # requests running per key (max_parallel)
     app.state.usage_writer = UsageWriter(sessions, blobs)  # what finished requests served, written behind them
     app.state.new_admin_secret = new_admin_secret

@@ -78,7 +78,7 @@ class Loaded:
 class ModelManager:
     def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
                  keep_alive: str | float = "5m", max_batch: int = 16, image_max_batch: int = 16,
-                 image_wait_ms: float = 10.0, remote=None):
+                 image_wait_ms: float = 10.0, image_threads: int = 1, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
         # a RayRuntime (runtime/ray_serve.py: text and image engines on Ray Serve) or a ProcessRuntime
         # (runtime/engine_process.py: text engines in child processes); None: every engine in this process
@@ -86,6 +86,7 @@ class ModelManager:
         self.max_loaded, self.max_memory = max_loaded, max_memory
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
+        self.image_threads = image_threads
         self._loaded: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
         self._loading: dict[tuple[str, int], threading.Event] = {}  # versions being loaded, by one request each
         self._incoming = 0  # bytes of weights being loaded now
@@ -221,7 +222,8 @@ class ModelManager:
         elif family.engine == "text":
             engine = TextEngine(servable, self.max_batch)
         elif family.engine == "image":
-            engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms)
+            engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms,
+                                 threads=self.image_threads)
         else:
             engine = None
         loaded = Loaded(version.model.name, version.number, family, version.model.task, servable, engine, folder,
