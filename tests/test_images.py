@@ -302,3 +302,39 @@ def test_the_prompt_helper_names_the_words_a_model_ignores_and_what_it_knows_ins
                         ({"model": "tang-poet", "prompt": "cat"}, "model")):
         bad = image_http.post("/api/images/prompt", json=body)
         assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, bad.text
+
+
+def test_a_batch_gathers_while_requests_keep_arriving(tmp_path):
+    """Requests that reach the engine a little apart (a burst, spread by the event loop's work on each) share one
+    batch: it waits max_wait_ms after each arrival, not only after the first (atelier/runtime/image_engine.py)."""
+    import asyncio
+    import time
+
+    from atelier.families import get_family
+    from atelier.runtime.image_engine import GATHER_WAITS, ImageDone, ImageEngine, ImageJob
+    from conftest import make_tiny_image_models
+
+    model = get_family("ddpm").load(make_tiny_image_models(tmp_path)["tiny-diffusion"])
+    engine = ImageEngine(model, max_batch=16, max_wait_ms=200)
+    assert GATHER_WAITS * 200 > 4 * 60 + 200  # the four arrivals below fit in the longest gathering
+
+    async def burst():
+        loop, jobs = asyncio.get_running_loop(), []
+        for i in range(5):
+            if i:
+                await asyncio.sleep(0.06)  # 240 ms from the first to the last: more than one 200 ms wait
+            jobs.append(engine.submit(ImageJob(["grinning cat face"], [i], loop, asyncio.Queue(), steps=2)))
+        done = []
+        for job in jobs:
+            while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), ImageDone):
+                assert not isinstance(event, Exception), event
+            done.append(event)
+        return done
+
+    try:
+        started = time.monotonic()
+        assert len(asyncio.run(burst())) == 5
+        assert engine.batch_sizes == [5], engine.batch_sizes
+        assert time.monotonic() - started < 60
+    finally:
+        engine.close()
