@@ -119,14 +119,19 @@ class TextModels(_Replica):
 
 @serve.deployment(name="ImageModels")
 class ImageModels(_Replica):
-    def __init__(self, threads: int | None, max_batch: int, wait_ms: float, models_per_replica: int):
+    def __init__(self, threads: int | None, max_batch: int, wait_ms: float, models_per_replica: int,
+                 image_threads: int | None = None):
+        import os
+
         super().__init__(threads)
         self.max_batch, self.wait_ms = max_batch, wait_ms
+        self.image_threads = image_threads or os.cpu_count() or 1  # unset: the replica's own cores
         self.get_model = multiplexed(self._get_model, models_per_replica)
 
     async def _get_model(self, model: str) -> _Held:
         servable = await asyncio.to_thread(_load, model)
-        return _Held(ImageEngine(servable, max_batch=self.max_batch, max_wait_ms=self.wait_ms))
+        return _Held(ImageEngine(servable, max_batch=self.max_batch, max_wait_ms=self.wait_ms,
+                                 threads=self.image_threads))
 
     async def generate(self, request: dict):
         """One request's Progress / Preview / ImageDone events, in order."""
@@ -239,7 +244,8 @@ class RayRuntime:
                               name=TEXT_APP, route_prefix=None)
         self.image = serve.run(ImageModels.options(**options).bind(settings.threads, settings.image_max_batch,
                                                                    settings.image_batch_wait_ms,
-                                                                   settings.ray_models_per_replica),
+                                                                   settings.ray_models_per_replica,
+                                                                   settings.image_threads),
                                name=IMAGE_APP, route_prefix=None)
         log.info("model runtimes on Ray Serve: %s, %s", TEXT_APP, IMAGE_APP)
 

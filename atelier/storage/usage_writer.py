@@ -1,9 +1,9 @@
 """What a finished request served, written behind its response: the usage row's tokens, images and model,
-and the request's audit entry; and the gallery artifacts of text completions, which their request waits for.
+and the request's audit entry; and the gallery artifacts of text completions, written behind theirs too.
 
 A request's usage row is inserted when it starts (atelier/api/metering.py), so concurrent requests and
 replicas count each other's requests at once; a key without limits has no one counting, and its
-requests' rows are inserted here, at their end. What a request served is only known at its end. Writing that on
+requests' rows are inserted here, at their end. What a request served is only known then. Writing that on
 the event loop cost each request about a millisecond after its last byte, and 32 streams' worth kept the
 loop busy; so the end is handed to this writer's thread, which writes everything that has piled up
 since its last write in one transaction: one commit, one audit head update, for any number of requests.
@@ -28,8 +28,8 @@ What that keeps:
     nothing is lost while the process lives. Stopping the server flushes (up to 10 s).
   - A batch gathers for up to 20 ms (COALESCE_S) before it is written: one write per request cost each
     request after it the writer's GIL time.
-  - A process killed outright loses what it had not written yet: requests that ended in the last few tens
-    of milliseconds, and the artifacts of the last few milliseconds, as it loses the requests still running. Their usage rows, written at their start,
+  - A process killed outright loses what it had not written yet: requests and artifacts of the last few
+    tens of milliseconds, as it loses the requests still running. Their usage rows, written at their start,
     remain, with what they were given up front (a key without limits: no row).
 """
 
@@ -79,13 +79,6 @@ class Served:
                            "prompt_sha256": hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()}}
 
 
-@dataclass
-class ToStore:
-    """One request's gallery artifacts: `stored_blob`'s keyword arguments each, their ids chosen."""
-
-    artifacts: list[dict]
-
-
 _USAGE = Usage.__table__  # a plain statement, built once, without the ORM's bulk-update machinery
 _USAGE_DONE = (_USAGE.update().where(_USAGE.c.id == bindparam("usage_id"))
                .values(tokens=bindparam("n_tokens"), images=bindparam("n_images"), model=bindparam("model_ref")))
@@ -112,7 +105,7 @@ class UsageWriter:
         self._blobs = blobs  # where `store`'s artifacts keep their bytes
         self._cond = threading.Condition()
         self._queue: list[Served] = []
-        self._stores: list[ToStore] = []
+        self._stores: list[list[dict]] = []  # each request's artifacts: `stored_blob`'s keyword arguments
         self._due = 0.0  # when the records and artifacts waiting are written (COALESCE_S after the first)
         self._pending: dict[str, list[int]] = {}  # key id -> [tokens, images, requests] handed over, not written
         self._submitted = self._written = 0
@@ -135,10 +128,10 @@ class UsageWriter:
             self._cond.notify_all()
 
     def store(self, artifacts: list[dict]) -> list[str]:
-        """Gallery artifacts (`stored_blob`'s keyword arguments), written at once behind the caller: their
-        ids, in order, given now."""
+        """Gallery artifacts (`stored_blob`'s keyword arguments), written with the next batch: their ids, in
+        order, given now."""
         ids = [new_artifact_id() for _ in artifacts]
-        job = ToStore([a | {"artifact_id": i} for a, i in zip(artifacts, ids)])
+        job = [a | {"artifact_id": i} for a, i in zip(artifacts, ids)]
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is stopping")
@@ -217,15 +210,15 @@ class UsageWriter:
         waiting = len(self._queue) + len(self._stores)
         return bool(waiting) and (self._flushing or waiting >= BATCH_MAX or time.monotonic() >= self._due)
 
-    def _blobs_of(self, stores: list[ToStore]) -> list[list[Artifact]]:
+    def _blobs_of(self, stores: list[list[dict]]) -> list[list[Artifact]]:
         """Each request's artifact rows, their bytes written (outside any transaction); a request whose bytes
         cannot be written loses its artifacts, logged."""
         ready = []
         for job in stores:
             try:
-                ready.append([stored_blob(self._blobs, **a) for a in job.artifacts])
+                ready.append([stored_blob(self._blobs, **a) for a in job])
             except Exception as e:  # noqa: BLE001 - logged, and the writer goes on
-                log.error("dropped artifacts %s (%s): %s", ", ".join(a["artifact_id"] for a in job.artifacts),
+                log.error("dropped artifacts %s (%s): %s", ", ".join(a["artifact_id"] for a in job),
                           type(e).__name__, e)
         return ready
 
