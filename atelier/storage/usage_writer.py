@@ -117,15 +117,14 @@ class UsageWriter:
 
     def submit(self, done: Served) -> None:
         with self._cond:
-            if not self._queue and not self._stores:
-                self._due = time.monotonic() + COALESCE_S
+            first = self._gathering()
             self._queue.append(done)
             self._submitted += 1
             counts = self._pending.setdefault(done.key_id, [0, 0, 0])
             counts[0] += done.tokens
             counts[1] += done.images
             counts[2] += 1
-            self._cond.notify_all()
+            self._arrived(first)
 
     def store(self, artifacts: list[dict]) -> list[str]:
         """Gallery artifacts (`stored_blob`'s keyword arguments), written with the next batch: their ids, in
@@ -135,12 +134,24 @@ class UsageWriter:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is stopping")
-            if not self._queue and not self._stores:
-                self._due = time.monotonic() + COALESCE_S
+            first = self._gathering()
             self._stores.append(job)
             self._stores_submitted += 1
-            self._cond.notify_all()
+            self._arrived(first)
         return ids
+
+    def _gathering(self) -> bool:
+        """Under the lock, before an arrival: whether it starts a batch (which is then due in COALESCE_S)."""
+        if self._queue or self._stores:
+            return False
+        self._due = time.monotonic() + COALESCE_S
+        return True
+
+    def _arrived(self, first: bool) -> None:
+        # The writer sleeps without a deadline while nothing waits: a batch's first arrival gives it one. The
+        # others wake it only to fill a batch: each wake cost the request the writer's turn at the GIL.
+        if first or len(self._queue) + len(self._stores) >= BATCH_MAX:
+            self._cond.notify_all()
 
     def storing(self) -> bool:
         """Whether artifacts handed over are not yet written (or dropped): a reader of artifacts flushes."""
