@@ -196,7 +196,7 @@ def test_client_disconnect_cancels_the_work(image_client, image_server):
 
     image_client.images.generate(**GEN, extra_body={"seed": 1, "steps": 2})  # the model is loaded
     engine = image_server.app.state.manager.get_loaded("tiny-diffusion", 1).engine
-    cancelled = engine.cancelled_batches
+    cancelled = engine.cancelled_jobs
     with httpx.stream("POST", image_server.url + "/v1/images/generations",
                       headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                       json={**GEN, "stream": True, "seed": 1, "steps": 50}) as resp:
@@ -204,9 +204,9 @@ def test_client_disconnect_cancels_the_work(image_client, image_server):
             if '"step": 2,' in line:
                 break  # leave after two of fifty steps
     deadline = time.time() + 10
-    while time.time() < deadline and engine.cancelled_batches == cancelled:
+    while time.time() < deadline and engine.cancelled_jobs == cancelled:
         time.sleep(0.05)
-    assert engine.cancelled_batches == cancelled + 1 and not engine.busy
+    assert engine.cancelled_jobs == cancelled + 1 and not engine.busy
     # the server keeps serving
     assert image_client.images.generate(**GEN, extra_body={"seed": 1, "steps": 2}).data
 
@@ -338,3 +338,44 @@ def test_a_batch_gathers_while_requests_keep_arriving(tmp_path):
         assert time.monotonic() - started < 60
     finally:
         engine.close()
+
+
+def test_a_request_joins_a_batch_already_running_at_its_next_step(tmp_path):
+    """A ddpm batch runs a step at a time (atelier/runtime/image_engine.py): a request arriving mid-way joins at
+    the next step with its own schedule, shares the forwards that follow, and ends when its own steps do; every
+    image is the bytes it is alone."""
+    import asyncio
+
+    from atelier.families import get_family
+    from atelier.runtime.image_engine import ImageDone, ImageEngine, ImageJob, Progress
+    from conftest import make_tiny_image_models
+
+    model = get_family("ddpm").load(make_tiny_image_models(tmp_path)["tiny-diffusion"])
+    alone = {seed: model.generate(["grinning cat face"], [seed], steps=steps, guidance=[2.5], negative_prompts=[""],
+                                  on_step=None)[0] for seed, steps in ((1, 30), (2, 4))}
+    engine = ImageEngine(model, max_batch=16, max_wait_ms=0)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        long = engine.submit(ImageJob(["grinning cat face"], [1], loop, asyncio.Queue(), steps=30, guidance=2.5))
+        while not isinstance(event := await asyncio.wait_for(long.events.get(), 60), Progress) or event.step < 3:
+            pass
+        short = engine.submit(ImageJob(["grinning cat face"], [2], loop, asyncio.Queue(), steps=4, guidance=2.5))
+        order, images = [], {}
+
+        async def finish(job, seed):
+            while not isinstance(event := await asyncio.wait_for(job.events.get(), 60), ImageDone):
+                assert not isinstance(event, Exception), event
+            order.append(seed)
+            images[seed] = event.image
+
+        await asyncio.gather(finish(long, 1), finish(short, 2))
+        return order, images
+
+    try:
+        order, images = asyncio.run(run())
+    finally:
+        engine.close()
+    assert order == [2, 1]  # the short request did not wait for the long one's 30 steps
+    assert engine.batch_sizes == [1, 1] and engine.batches_run == 30  # its 4 steps rode the long one's forwards
+    assert all(np.array_equal(images[seed], alone[seed]) for seed in (1, 2))

@@ -111,10 +111,15 @@ class ImageServable(Protocol):
     upscalers: list[str]  # how it enlarges, the default first
     sampler: str  # A1111's name for it ("DDIM", "DCGAN")
     multi_step: bool  # steps / guidance / negative prompts / previews apply
+    stepwise: bool  # it has start / denoise / images: requests join a batch already running, at its next step
 
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: list[float],
                  negative_prompts: list[str], on_step: Callable[[int, Any], None] | None) -> np.ndarray: ...
-    def preview(self, x0) -> np.ndarray: ...  # an intermediate estimate → (B, S, S, 3) uint8
+    # stepwise only: one image's sampling state; one step of many (each its x̂_0); finished ones' (B, S, S, 3) uint8
+    def start(self, prompt: str, seed: int, *, steps: int, guidance: float, negative_prompt: str) -> Any: ...
+    def denoise(self, samples: list) -> list: ...
+    def images(self, samples: list) -> np.ndarray: ...
+    def preview(self, x0) -> np.ndarray: ...  # an intermediate estimate (stepwise: a list of denoise's) → (B, S, S, 3) uint8
     def enlarge(self, image: np.ndarray, factor: int, method: str | None) -> np.ndarray: ...
     def prompt_words(self, prompt: str) -> list[dict]: ...  # [{word, known, instead}]: what the prompt helper shows
 

@@ -19,7 +19,7 @@ from atelier.training import hyperparameters
 class Gan(Enlarger):
     """A dcgan version as the image engine drives it (families/base.py: ImageServable)."""
 
-    sampler, multi_step = "DCGAN", False
+    sampler, multi_step, stepwise = "DCGAN", False, False
 
     def __init__(self, folder: Path):
         self.model, self.vocab = dcgan.from_pretrained(folder)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from atelier.families.base import Family, TrainJob
 from atelier.images.upscaling import Enlarger, image_sizes, upscalers
@@ -19,7 +20,7 @@ from atelier.training import hyperparameters
 class Diffusion(Enlarger):
     """A ddpm version as the image engine drives it (families/base.py: ImageServable)."""
 
-    sampler, multi_step = "DDIM", True
+    sampler, multi_step, stepwise = "DDIM", True, True
 
     def __init__(self, folder: Path):
         self.model, self.vocab = ddpm.from_pretrained(folder)
@@ -32,8 +33,19 @@ class Diffusion(Enlarger):
         return ddpm.generate(self.model, self.vocab, prompts, seeds, steps=steps, guidance=guidance,
                              negative_prompts=negative_prompts, on_step=on_step).numpy()
 
-    def preview(self, x0) -> np.ndarray:
-        return ddpm.to_uint8(x0).numpy()
+    def start(self, prompt, seed, *, steps, guidance, negative_prompt) -> ddpm.Sample:
+        return ddpm.start(self.model, self.vocab, prompt, seed, steps=steps, guidance=guidance,
+                          negative_prompt=negative_prompt)
+
+    def denoise(self, samples: list[ddpm.Sample]) -> list:
+        return ddpm.denoise(self.model, samples)
+
+    def images(self, samples: list[ddpm.Sample]) -> np.ndarray:
+        return ddpm.to_uint8(torch.cat([s.x for s in samples])).numpy()
+
+    def preview(self, x0: list) -> np.ndarray:
+        """`denoise`'s estimates of x_0 for some samples → (B, S, S, 3) uint8."""
+        return ddpm.to_uint8(torch.cat(x0)).numpy()
 
 
 class Ddpm(Family):

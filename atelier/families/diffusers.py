@@ -116,7 +116,7 @@ def check_folder(folder: Path) -> dict:
 class Pipeline:
     """A diffusers text-to-image pipeline as the image engine drives it (families/base.py: ImageServable)."""
 
-    multi_step = True
+    multi_step, stepwise = True, False  # the pipeline runs its own loop, one image at a time
 
     def prompt_words(self, prompt: str) -> list[dict]:
         """A pipeline's tokenizer splits any word into pieces it has: none is ignored outright."""

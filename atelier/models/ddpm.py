@@ -206,11 +206,67 @@ def initial_noise(config: DdpmConfig, seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+@dataclass
+class Sample:
+    """One image being sampled: its x_t, its prompt's and negative prompt's encodings, its guidance and its own
+    schedule. Samples at different steps of different schedules share UNet forwards (`denoise`): the image
+    engine adds requests to a batch already running (atelier/runtime/image_engine.py)."""
+
+    x: torch.Tensor  # (1, C, S, S)
+    text: torch.Tensor  # (1, text_dim)
+    null: torch.Tensor  # (1, text_dim): the negative prompt's (or the empty prompt's) encoding
+    guidance: float
+    scheduler: DDIMScheduler  # its timesteps are this sample's schedule
+    step: int = 0  # steps taken
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.scheduler.timesteps)
+
+
+@torch.no_grad()
+def start(model: EmojiDiffusion, vocab: WordVocab, prompt: str, seed: int, *, steps: int, guidance: float = 3.0,
+          negative_prompt: str = "") -> Sample:
+    """The image `prompt` and `seed` give, at x_T, before its first step."""
+    c = model.config
+    scheduler = DDIMScheduler(c.num_train_timesteps, c.beta_schedule, prediction_type=c.prediction_type)
+    scheduler.set_timesteps(steps)
+    return Sample(initial_noise(c, [seed]), model.text(vocab.batch([prompt], c.max_words)),
+                  model.text(vocab.batch([negative_prompt], c.max_words)), float(guidance), scheduler)
+
+
+@torch.no_grad()
+def denoise(model: EmojiDiffusion, samples: list[Sample]) -> list[torch.Tensor]:
+    """One step of each sample, in one UNet forward of 2 × len(samples) rows (with and without the prompt, each
+    at its own timestep), guided: v̂ = v(∅) + g · (v(prompt) − v(∅)). Returns each sample's x̂_0 (1, C, S, S).
+
+    Samples at the same step of the same schedule take the DDIM update together, as one batch does; each
+    sample's numbers are what they would be alone (atelier/common/layers.py)."""
+    B = len(samples)
+    x = torch.cat([s.x for s in samples])
+    t = torch.tensor([int(s.scheduler.timesteps[s.step]) for s in samples])
+    text = torch.cat([s.text for s in samples] + [s.null for s in samples])  # (2B, text_dim)
+    out_c, out_u = model.unet(torch.cat([x, x]), torch.cat([t, t]), text).chunk(2)
+    g = torch.tensor([s.guidance for s in samples]).view(B, 1, 1, 1)
+    guided = out_u + g * (out_c - out_u)
+    together: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        together.setdefault((len(s.scheduler.timesteps), s.step), []).append(i)
+    x0: list[torch.Tensor] = [x[:0]] * B
+    for rows in together.values():
+        first, picked = samples[rows[0]], torch.tensor(rows)
+        out = first.scheduler.step(guided[picked], first.scheduler.timesteps[first.step], x[picked])
+        for k, i in enumerate(rows):
+            samples[i].x, x0[i] = out.prev_sample[k:k + 1], out.pred_original_sample[k:k + 1]
+            samples[i].step += 1
+    return x0
+
+
 @torch.no_grad()
 def generate(model: EmojiDiffusion, vocab: WordVocab, prompts: list[str], seeds: list[int], *, steps: int = 30,
              guidance: float | list[float] = 3.0, negative_prompts: list[str] | None = None,
              on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Images for prompts (one per prompt), (B, S, S, 3) uint8.
+    """Images for prompts (one per prompt), (B, S, S, 3) uint8: `start` each, then `denoise` them together.
 
     >>> generate(model, vocab, ["smiling cat face"] * 2, seeds=[7, 8], steps=30, guidance=3.0).shape
     torch.Size([2, 32, 32, 3])
@@ -218,28 +274,18 @@ def generate(model: EmojiDiffusion, vocab: WordVocab, prompts: list[str], seeds:
     `on_step(i, x0_estimate)` is called after step i (1-based) with the current x̂_0 in
     [−1, 1] (for previews and progress); raising from it stops sampling.
     """
-    c, B = model.config, len(prompts)
+    B = len(prompts)
     negative_prompts = negative_prompts or [""] * B
-    if not (len(seeds) == len(negative_prompts) == B):
-        raise ValueError("prompts, seeds and negative_prompts must have the same length")
-    g = torch.tensor([guidance] * B if isinstance(guidance, (int, float)) else guidance).view(B, 1, 1, 1)
-    # 1. encode prompts one at a time (a sample's numbers must not depend on its batch)
-    cond = torch.cat([model.text(vocab.batch([p], c.max_words)) for p in prompts])
-    uncond = torch.cat([model.text(vocab.batch([p], c.max_words)) for p in negative_prompts])
-    text = torch.cat([cond, uncond])  # (2B, text_dim)
-    scheduler = DDIMScheduler(c.num_train_timesteps, c.beta_schedule, prediction_type=c.prediction_type)
-    scheduler.set_timesteps(steps)
-    x = initial_noise(c, seeds)
-    for i, t in enumerate(scheduler.timesteps, start=1):
-        # 2. predict v (or ε) with and without the prompt, in one forward of 2B rows, and guide
-        out_c, out_u = model.unet(torch.cat([x, x]), torch.full((2 * B,), int(t)), text).chunk(2)
-        guided = out_u + g * (out_c - out_u)
-        # 3. x_t → x_{t−1}
-        out = scheduler.step(guided, t, x)
-        x = out.prev_sample
+    guidance = [guidance] * B if isinstance(guidance, (int, float)) else guidance
+    if not (len(seeds) == len(negative_prompts) == len(guidance) == B):
+        raise ValueError("prompts, seeds, guidance and negative_prompts must have the same length")
+    samples = [start(model, vocab, p, s, steps=steps, guidance=g, negative_prompt=n)
+               for p, s, g, n in zip(prompts, seeds, guidance, negative_prompts)]
+    for i in range(1, steps + 1):
+        x0 = denoise(model, samples)
         if on_step is not None:
-            on_step(i, out.pred_original_sample)
-    return to_uint8(x)
+            on_step(i, torch.cat(x0))
+    return to_uint8(torch.cat([s.x for s in samples]))
 
 
 # -- saving and loading -----------------------------------------------------------------
@@ -274,5 +320,5 @@ def from_pretrained(directory: str | Path) -> tuple[EmojiDiffusion, WordVocab]:
     return model.eval(), WordVocab.load(directory / VOCAB_FILE)
 
 
-__all__ = ["DdpmConfig", "EmojiDiffusion", "diffusion_loss", "generate", "initial_noise", "save_pretrained",
-           "from_pretrained", "to_uint8"]
+__all__ = ["DdpmConfig", "EmojiDiffusion", "Sample", "denoise", "diffusion_loss", "generate", "initial_noise",
+           "save_pretrained", "from_pretrained", "start", "to_uint8"]

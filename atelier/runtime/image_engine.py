@@ -7,13 +7,17 @@ One engine per loaded image model, with one worker thread. A request is a list o
      share its batch (same model; for a multi-step model the same number of steps), and as
      long again after each one that joins (a burst arrives over tens of milliseconds), for
      at most GATHER_WAITS × `max_wait_ms` in all, until the batch holds `max_batch` images
-  2. samples the whole batch at once (ddpm: every denoising step is one UNet forward of
-     2 × images rows, prompt and negative prompt; dcgan: one generator forward), on one thread
-     for every IMAGES_PER_THREAD images up to `threads` (an OpenMP team of this thread's own:
-     torch's threads elsewhere stay as they are)
+  2. samples the batch, on one thread for every IMAGES_PER_THREAD images up to `threads` (an
+     OpenMP team of this thread's own: torch's threads elsewhere stay as they are).
+     A stepwise model (ddpm) runs it a step at a time, each step one UNet forward of
+     2 × images rows (prompt and negative prompt, each image at its own timestep), and
+     requests that arrive meanwhile join at the next step with their own number of steps, up
+     to `max_batch` images: a request never waits for a running batch to end. Other models
+     (dcgan: one generator forward; an imported diffusers pipeline: its own loop) sample the
+     whole batch at once
   3. hands each request its progress, previews and final images as they come
-A request whose client has gone is cancelled: its events stop, and a batch whose requests
-are all cancelled stops at the next step.
+A request whose client has gone is cancelled: its events stop, a stepwise batch drops its
+images at the next step, and a whole batch whose requests are all cancelled stops there.
 
 Batching does not change results: each image's noise comes from its own seeded generator
 and the model files make every sample's arithmetic independent of its batch (see
@@ -78,6 +82,7 @@ class ImageJob:
     guidance: float = 3.0
     previews: int = 0  # partial images per image, at evenly spaced steps
     cancelled: bool = False
+    finished: bool = False  # its images are handed over: nothing more is sent to it
     preview_steps: set[int] = field(default_factory=set)
 
     def cancel(self) -> None:
@@ -107,10 +112,10 @@ class ImageEngine:
         self._queue: deque[ImageJob] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.batches_run = 0  # observability (tests, metrics): how many batched forwards were run
-        self.batch_sizes: list[int] = []
-        self.batch_threads: list[int] = []  # the threads each batch ran on
-        self.cancelled_batches = 0
+        self.batches_run = 0  # observability (tests, metrics): how many batched forwards (or steps) were run
+        self.batch_sizes: list[int] = []  # images each batch took (stepwise: each group that joined together)
+        self.batch_threads: list[int] = []  # the threads it first ran on
+        self.cancelled_jobs = 0  # requests whose sampling stopped because their client left
         self.busy = False
         self._running: list[ImageJob] = []
         self._thread = threading.Thread(target=self._worker, name="image-engine", daemon=True)
@@ -135,14 +140,16 @@ class ImageEngine:
             self._queue.clear()
             running = list(self._running)
             self._cond.notify_all()
-        for job in running:  # the batch stops at its next step (on_step sees every job cancelled)
-            job.emit(EngineClosed("the model was unloaded while this request was generating; retry it"))
-            job.cancel()
+        for job in running:  # the batch stops at its next step (every job in it cancelled)
+            if not job.finished:
+                job.emit(EngineClosed("the model was unloaded while this request was generating; retry it"))
+                job.cancel()
         self._thread.join(timeout=30)
 
     # -- worker ---------------------------------------------------------------------------
     def _key(self, job: ImageJob):
-        return job.steps if self.model.multi_step else None
+        """Requests with the same key may share a batch: a whole-batch multi-step model's need the same steps."""
+        return job.steps if self.model.multi_step and not self.model.stepwise else None
 
     def _take_batch(self) -> list[ImageJob] | None:
         with self._cond:
@@ -172,22 +179,79 @@ class ImageEngine:
             return batch
 
     def _worker(self) -> None:
+        run = self._run_stepwise if self.model.stepwise else self._run
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
             self.busy, self._running = True, batch
             try:
-                self._run(batch)
+                run(batch)
             except _AllCancelled:
-                self.cancelled_batches += 1
+                self.cancelled_jobs += len(batch)
                 log.info("image batch cancelled (every client left)")
             except Exception as e:  # noqa: BLE001 — reported to each waiting request
                 log.exception("image generation failed")
-                for job in batch:
+                for job in self._running:
                     job.emit(e)
             finally:
                 self.busy, self._running = False, []
+
+    def _threads(self, images: int) -> int:
+        return min(self.threads, max(1, images // IMAGES_PER_THREAD))
+
+    def _run_stepwise(self, batch: list[ImageJob]) -> None:
+        """Sample `batch` a step at a time; requests that arrive meanwhile join at the next step (each at its
+        own first step), up to `max_batch` images. A request's images end when its own schedule does."""
+        rows: list[tuple[ImageJob, int, object]] = []  # (request, which of its images, its sampling state)
+        joined: list[ImageJob] = batch
+
+        while joined or rows:
+            for job in joined:
+                rows += [(job, n, self.model.start(p, s, steps=job.steps, guidance=job.guidance,
+                                                   negative_prompt=job.negative_prompt))
+                         for n, (p, s) in enumerate(zip(job.prompts, job.seeds))]
+            if joined:
+                self.batch_sizes.append(sum(len(j.seeds) for j in joined))
+                self.batch_threads.append(self._threads(len(rows)))
+            left = [r for r in rows if not r[0].cancelled]
+            self.cancelled_jobs += len({id(r[0]) for r in rows} - {id(r[0]) for r in left})
+            rows = left
+            if rows:
+                self.batches_run += 1
+                with openmp_threads(self._threads(len(rows))):
+                    x0 = self.model.denoise([state for _, _, state in rows])
+                self._hand_over(rows, x0)
+                rows = [r for r in rows if not r[2].done]
+            with self._cond:  # whoever waits now joins, without waiting for more
+                joined, count = [], len(rows)
+                for job in list(self._queue):
+                    if self._closed or count + len(job.seeds) > self.max_batch:
+                        break
+                    self._queue.remove(job)
+                    if not job.cancelled:
+                        joined.append(job)
+                        count += len(job.seeds)
+                self._running = list({id(r[0]): r[0] for r in rows}.values()) + joined
+
+    def _hand_over(self, rows: list[tuple], x0: list) -> None:
+        """After a step: each request's progress, previews at its preview steps, and its images once done."""
+        jobs: dict[int, list[int]] = {}
+        for k, (job, _, _) in enumerate(rows):
+            jobs.setdefault(id(job), []).append(k)
+        for ks in jobs.values():
+            job, state = rows[ks[0]][0], rows[ks[0]][2]
+            job.emit(Progress(state.step, job.steps))
+            if state.step in job.preview_steps:
+                previews = self.model.preview([x0[k] for k in ks])
+                for m, k in enumerate(ks):
+                    job.emit(Preview(rows[k][1], state.step, job.steps, sorted(job.preview_steps).index(state.step),
+                                     previews[m]))
+            if state.done:
+                images = self.model.images([rows[k][2] for k in ks])
+                job.finished = True  # before its last events: close() must not send it anything after them
+                for m, k in enumerate(ks):
+                    job.emit(ImageDone(rows[k][1], images[m]))
 
     def _run(self, batch: list[ImageJob]) -> None:
         prompts = [p for j in batch for p in j.prompts]
@@ -214,7 +278,7 @@ class ImageEngine:
                     for n in range(len(j.seeds)):
                         j.emit(Preview(n, i, steps, k, previews[off + n]))
 
-        threads = min(self.threads, max(1, len(seeds) // IMAGES_PER_THREAD))
+        threads = self._threads(len(seeds))
         self.batch_threads.append(threads)
         with openmp_threads(threads):
             images = self.model.generate(prompts, seeds, steps=steps, guidance=guidance, negative_prompts=negatives,
@@ -223,6 +287,7 @@ class ImageEngine:
             for j in batch:
                 j.emit(Progress(1, 1))
         for j, off in zip(batch, offsets):
+            j.finished = True
             for n in range(len(j.seeds)):
                 j.emit(ImageDone(n, images[off + n]))
 
