@@ -23,6 +23,10 @@ def elsewhere(server):
     return make_sessionmaker(create_engine(server.app.state.sessions.kw["bind"].url))
 
 
+def as_key(server, secret: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+
+
 def until_changed(ask, before, ttl_s: float):
     """Ask until the answer is no longer `before`: it must change within the cache's time (plus slack)."""
     changed_at, deadline = time.monotonic(), time.monotonic() + ttl_s + 5
@@ -33,10 +37,9 @@ def until_changed(ask, before, ttl_s: float):
 
 
 def test_a_key_revoked_elsewhere_stops_working_within_the_cache_time_and_through_the_server_at_once(tmp_path):
-    with LiveServer(make_settings(tmp_path, lookup_cache_s=1.0)) as server, \
-            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
+    with LiveServer(make_settings(tmp_path, lookup_cache_s=1.0)) as server, as_key(server, ADMIN_KEY) as admin:
         made = admin.post("/api/keys", json={"scopes": ["generate"]}).json()
-        user = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {made['key']}"}, timeout=60)
+        user = as_key(server, made["key"])
         assert user.post("/v1/completions", json=ASK).status_code == 200
         with elsewhere(server)() as db:  # as `atelier keys revoke` does
             revoke_key(db, key_id=made["id"])
@@ -46,15 +49,14 @@ def test_a_key_revoked_elsewhere_stops_working_within_the_cache_time_and_through
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         # Through the server's own route: at once.
         other = admin.post("/api/keys", json={"scopes": ["generate"]}).json()
-        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other['key']}"}, timeout=60)
+        client = as_key(server, other["key"])
         assert client.post("/v1/completions", json=ASK).status_code == 200
         assert admin.delete(f"/api/keys/{other['id']}").status_code == 200
         assert client.post("/v1/completions", json=ASK).status_code == 401
 
 
 def test_an_alias_moved_through_the_server_holds_at_once_and_moved_elsewhere_within_the_cache_time(tmp_path):
-    with LiveServer(make_settings(tmp_path, lookup_cache_s=60.0)) as server, \
-            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
+    with LiveServer(make_settings(tmp_path, lookup_cache_s=60.0)) as server, as_key(server, ADMIN_KEY) as admin:
         served = lambda: admin.post("/v1/completions", json=ASK).json()["model"]  # noqa: E731
         assert admin.post("/api/models/tang-poet@1/quantize", json={"method": "int8", "alias": "int8"}).status_code == 200
         assert served() == "tang-poet@1"  # remembered from here on
@@ -69,10 +71,9 @@ def test_an_alias_moved_through_the_server_holds_at_once_and_moved_elsewhere_wit
 
 
 def test_limits_changed_by_an_admin_hold_from_the_next_request_and_unknown_secrets_are_not_kept(tmp_path):
-    with LiveServer(make_settings(tmp_path, lookup_cache_s=60.0)) as server, \
-            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
+    with LiveServer(make_settings(tmp_path, lookup_cache_s=60.0)) as server, as_key(server, ADMIN_KEY) as admin:
         made = admin.post("/api/keys", json={"scopes": ["generate"]}).json()
-        user = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {made['key']}"}, timeout=60)
+        user = as_key(server, made["key"])
         assert user.post("/v1/completions", json=ASK).status_code == 200
         assert admin.patch(f"/api/keys/{made['id']}", json={"limits": {"rpm": 1}}).status_code == 200
         r = user.post("/v1/completions", json=ASK)
