@@ -11,7 +11,7 @@ POSTGRES := /usr/bin/pg_ctlcluster
 # The API tests that run a second time against a real PostgreSQL (the first pass uses SQLite).
 PG_TESTS := tests/test_api.py tests/test_registry.py tests/test_migrations.py tests/test_tenancy.py \
 	tests/test_quotas.py tests/test_audit_chain.py tests/test_jobs.py tests/test_job_retries.py \
-	tests/test_lifecycle.py tests/test_artifacts.py tests/test_privacy_at_rest.py tests/test_moderation_policy.py
+	tests/test_lifecycle.py tests/test_artifacts.py tests/test_privacy_at_rest.py tests/test_moderation_policy.py tests/test_remembered.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The studio's Music tab engraves with abcjs, served by Atelier itself (no CDN at run time): one file
 # from npm's tarball, checked against its sha256, kept out of git (atelier/studio/vendor/ is ignored).
