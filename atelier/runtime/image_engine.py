@@ -226,10 +226,12 @@ class ImageEngine:
             with self._cond:  # whoever waits now joins, without waiting for more
                 joined, count = [], len(rows)
                 for job in list(self._queue):
-                    if self._closed or count + len(job.seeds) > self.max_batch:
+                    if job.cancelled:
+                        self._queue.remove(job)
+                    elif self._closed or count + len(job.seeds) > self.max_batch:
                         break
-                    self._queue.remove(job)
-                    if not job.cancelled:
+                    else:
+                        self._queue.remove(job)
                         joined.append(job)
                         count += len(job.seeds)
                 self._running = list({id(r[0]): r[0] for r in rows}.values()) + joined
