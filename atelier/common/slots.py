@@ -33,3 +33,16 @@ def prompt_tokens(ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, last
         return ids.reshape(-1), rows.repeat_interleave(T), pos.reshape(-1), None
     keep = torch.arange(T) <= last[:, None]
     return ids[keep], rows[:, None].expand(B, T)[keep], pos[keep], torch.cumsum(last + 1, 0) - 1
+
+
+def stepped(step, cache, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None):
+    """A forward's logits from a decoder's `step(ids, cache, rows, pos, wanted)`, one call for its (B, T)
+    tokens: one token a row, or a prefill's flattened (prompt_tokens). (B, T, vocab); with `last` (B,),
+    each row's token last[b] only, (B, vocab)."""
+    B, T = ids.shape
+    if T == 1:  # each row's only token is its last
+        logits = step(ids[:, 0], cache, rows, pos[:, 0], None)
+    else:
+        flat_ids, flat_rows, flat_pos, wanted = prompt_tokens(ids, rows, pos, last)
+        logits = step(flat_ids, cache, flat_rows, flat_pos, wanted)
+    return logits if last is not None else logits.view(B, T, -1)

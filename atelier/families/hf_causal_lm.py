@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from atelier.common.native import kernels
-from atelier.common.slots import as_run, prompt_tokens
+from atelier.common.slots import as_run, stepped
 from atelier.families.base import Family, manifest, refuse_pickles
 
 if TYPE_CHECKING:
@@ -134,14 +134,9 @@ class HFCausalLM:
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
                 last: torch.Tensor | None = None) -> torch.Tensor:
         B, T = ids.shape
-        if self.decoder is not None and not torch.is_grad_enabled():
-            if T == 1 and self.decoder.ready(cache):
-                logits = self.decoder.step(ids[:, 0], cache, rows, pos[:, 0])
-                return logits if last is not None else logits[:, None]
-            if T > 1 and self.decoder.native_ready(cache):  # a prefill, in C++
-                flat_ids, flat_rows, flat_pos, wanted = prompt_tokens(ids, rows, pos, last)
-                logits = self.decoder.step(flat_ids, cache, flat_rows, flat_pos, wanted)
-                return logits if last is not None else logits.view(B, T, -1)
+        if self.decoder is not None and not torch.is_grad_enabled() and (  # one token a row, or a prefill in C++
+                (T == 1 and self.decoder.ready(cache)) or (T > 1 and self.decoder.native_ready(cache))):
+            return stepped(self.decoder.step, cache, ids, rows, pos, last)
         cache.rows, cache.pos, cache.seen = rows, pos, int(pos.max()) + 1
         cache.run = as_run(rows.tolist())
         visible = torch.arange(cache.seen)[None, None, :] <= pos[:, :, None]  # (B, T, seen)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from atelier.common.native import kernels, step_parts
-from atelier.common.slots import one_token_step, prompt_tokens
+from atelier.common.slots import one_token_step, stepped
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
 
@@ -183,13 +183,8 @@ class CharGPT(nn.Module):
         """
         B, T = idx.shape
         if cache is not None and targets is None and not torch.is_grad_enabled():
-            if T == 1:
-                logits = self.decoder().step(idx[:, 0], cache, rows, pos[:, 0])
-                return (logits if last is not None else logits[:, None]), None
-            if pos is not None and Decoder.native(cache) is not None:  # a prefill, in C++
-                ids, rows, pos, wanted = prompt_tokens(idx, rows, pos, last)
-                steps = self.decoder().step(ids, cache, rows, pos, wanted)
-                return (steps if last is not None else steps.view(B, T, -1)), None
+            if T == 1 or (pos is not None and Decoder.native(cache) is not None):  # one token a row, or native prefill
+                return stepped(self.decoder().step, cache, idx, rows, pos, last), None
         if pos is None:
             pos = torch.arange(T).expand(B, T)
         if int(pos.max()) >= self.config.n_positions:
