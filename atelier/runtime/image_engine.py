@@ -34,6 +34,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -95,6 +96,14 @@ class ImageJob:
 
 class _AllCancelled(Exception):
     pass
+
+
+class _Sampling(NamedTuple):
+    """One image of a stepwise batch: its request, which of the request's images it is, and its state."""
+
+    job: ImageJob
+    index: int
+    state: object  # the model's (ddpm.Sample)
 
 
 def preview_steps(steps: int, previews: int) -> list[int]:
@@ -203,26 +212,26 @@ class ImageEngine:
     def _run_stepwise(self, batch: list[ImageJob]) -> None:
         """Sample `batch` a step at a time; requests that arrive meanwhile join at the next step (each at its
         own first step), up to `max_batch` images. A request's images end when its own schedule does."""
-        rows: list[tuple[ImageJob, int, object]] = []  # (request, which of its images, its sampling state)
+        rows: list[_Sampling] = []
         joined: list[ImageJob] = batch
 
         while joined or rows:
             for job in joined:
-                rows += [(job, n, self.model.start(p, s, steps=job.steps, guidance=job.guidance,
-                                                   negative_prompt=job.negative_prompt))
+                rows += [_Sampling(job, n, self.model.start(p, s, steps=job.steps, guidance=job.guidance,
+                                                            negative_prompt=job.negative_prompt))
                          for n, (p, s) in enumerate(zip(job.prompts, job.seeds))]
             if joined:
                 self.batch_sizes.append(sum(len(j.seeds) for j in joined))
                 self.batch_threads.append(self._threads(len(rows)))
-            left = [r for r in rows if not r[0].cancelled]
-            self.cancelled_jobs += len({id(r[0]) for r in rows} - {id(r[0]) for r in left})
+            left = [r for r in rows if not r.job.cancelled]
+            self.cancelled_jobs += len({id(r.job) for r in rows} - {id(r.job) for r in left})
             rows = left
             if rows:
                 self.batches_run += 1
                 with openmp_threads(self._threads(len(rows))):
-                    x0 = self.model.denoise([state for _, _, state in rows])
+                    x0 = self.model.denoise([r.state for r in rows])
                 self._hand_over(rows, x0)
-                rows = [r for r in rows if not r[2].done]
+                rows = [r for r in rows if not r.state.done]
             with self._cond:  # whoever waits now joins, without waiting for more
                 joined, count = [], len(rows)
                 for job in list(self._queue):
@@ -234,26 +243,26 @@ class ImageEngine:
                         self._queue.remove(job)
                         joined.append(job)
                         count += len(job.seeds)
-                self._running = list({id(r[0]): r[0] for r in rows}.values()) + joined
+                self._running = list({id(r.job): r.job for r in rows}.values()) + joined
 
-    def _hand_over(self, rows: list[tuple], x0: list) -> None:
+    def _hand_over(self, rows: list[_Sampling], x0: list) -> None:
         """After a step: each request's progress, previews at its preview steps, and its images once done."""
         jobs: dict[int, list[int]] = {}
-        for k, (job, _, _) in enumerate(rows):
-            jobs.setdefault(id(job), []).append(k)
+        for k, r in enumerate(rows):
+            jobs.setdefault(id(r.job), []).append(k)
         for ks in jobs.values():
-            job, state = rows[ks[0]][0], rows[ks[0]][2]
-            job.emit(Progress(state.step, job.steps))
-            if state.step in job.preview_steps:
+            job, step = rows[ks[0]].job, rows[ks[0]].state.step
+            job.emit(Progress(step, job.steps))
+            if step in job.preview_steps:
                 previews = self.model.preview([x0[k] for k in ks])
                 for m, k in enumerate(ks):
-                    job.emit(Preview(rows[k][1], state.step, job.steps, sorted(job.preview_steps).index(state.step),
+                    job.emit(Preview(rows[k].index, step, job.steps, sorted(job.preview_steps).index(step),
                                      previews[m]))
-            if state.done:
-                images = self.model.images([rows[k][2] for k in ks])
+            if rows[ks[0]].state.done:
+                images = self.model.images([rows[k].state for k in ks])
                 job.finished = True  # before its last events: close() must not send it anything after them
                 for m, k in enumerate(ks):
-                    job.emit(ImageDone(rows[k][1], images[m]))
+                    job.emit(ImageDone(rows[k].index, images[m]))
 
     def _run(self, batch: list[ImageJob]) -> None:
         prompts = [p for j in batch for p in j.prompts]
