@@ -145,8 +145,12 @@ def image_threads(settings: Settings) -> int:
     on two threads), while serving its requests costs the event loop next to nothing. The engine gives a
     batch one thread per IMAGES_PER_THREAD images (atelier/runtime/image_engine.py), so a lone image still
     takes one core and leaves the other to the rest."""
-    return settings.image_threads or os.cpu_count() or 1
+    return settings.image_threads or every_core()
 
 
 def half_the_cores() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def every_core() -> int:
+    return os.cpu_count() or 1

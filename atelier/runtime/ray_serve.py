@@ -121,11 +121,11 @@ class TextModels(_Replica):
 class ImageModels(_Replica):
     def __init__(self, threads: int | None, max_batch: int, wait_ms: float, models_per_replica: int,
                  image_threads: int | None = None):
-        import os
+        from atelier.config import every_core
 
         super().__init__(threads)
         self.max_batch, self.wait_ms = max_batch, wait_ms
-        self.image_threads = image_threads or os.cpu_count() or 1  # unset: the replica's own cores
+        self.image_threads = image_threads or every_core()  # unset: the replica's own cores, as config.image_threads
         self.get_model = multiplexed(self._get_model, models_per_replica)
 
     async def _get_model(self, model: str) -> _Held:
