@@ -54,7 +54,7 @@ $(ABCJS):
 	cp "$$tmp/package/dist/abcjs-basic-min.js" $@
 
 # A failed build prints why and leaves the Python paths in charge (the stamp still records the attempt).
-$(NATIVE): atelier/common/native/kernels.cpp $(STAMP)
+$(NATIVE): atelier/common/native/kernels.cpp atelier/common/native/mkl_vendor.c $(STAMP)
 	$(BIN)/python -m atelier.common.native
 	touch $@
 

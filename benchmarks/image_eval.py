@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import atelier  # noqa: F401 — first, before torch: MKL's AVX-512 kernels on AMD processors too (atelier/__init__.py)
 import numpy as np
 import torch
 import torch.nn as nn

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+import atelier  # noqa: F401 — first, before torch: MKL's AVX-512 kernels on AMD processors too (atelier/__init__.py)
 import torch
 
 from atelier.models.chargpt import from_pretrained

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import atelier  # noqa: F401 — first, before torch: MKL's AVX-512 kernels on AMD processors too (atelier/__init__.py)
 import torch
 import torch.nn.functional as F
 

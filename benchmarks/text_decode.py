@@ -24,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+import atelier  # noqa: F401 — first, before torch: MKL's AVX-512 kernels on AMD processors too (atelier/__init__.py)
 import torch
 
 from atelier.common import native

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import atelier  # noqa: F401 — first, before torch: MKL's AVX-512 kernels on AMD processors too (atelier/__init__.py)
 import torch
 from rich.progress import Progress
 

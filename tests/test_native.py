@@ -29,6 +29,28 @@ def test_they_can_be_turned_off(python_paths):
     assert native.kernels() is None
 
 
+def _mkl_branch(env: dict) -> int:
+    """The code branch MKL picks in a fresh `import atelier, torch` (mkl_serv_cbwr_get_auto_branch: 2 is its
+    compatible branch, AVX-512's are 10 and up)."""
+    import subprocess
+    import sys
+
+    probe = ("import atelier, ctypes, os, torch; "
+             "lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), 'lib', 'libtorch_cpu.so')); "
+             "print(lib.mkl_serv_cbwr_get_auto_branch())")
+    return int(subprocess.run([sys.executable, "-c", probe], env=os.environ | env, capture_output=True, text=True,
+                              check=True, timeout=120).stdout)
+
+
+@pytest.mark.skipif("AuthenticAMD" not in open("/proc/cpuinfo").read(4096) or " avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="MKL answers Intel's processors with its AVX-512 kernels already")
+def test_mkl_runs_its_avx512_kernels_on_amd_processors_that_have_them():
+    assert native.MKL_VENDOR_LIBRARY.exists(), "run `make` (or python -m atelier.common.native)"
+    kept = _mkl_branch({"ATELIER_MKL_VENDOR_CHECK": "keep"})
+    unlocked = _mkl_branch({})
+    assert kept < 10 <= unlocked, (kept, unlocked)
+
+
 def _draw(logits, params, banned, seed):
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(params))]
     return [s.token for s in sample_rows(logits.clone(), params, banned=banned, prompt_ids=[[1]] * len(params),

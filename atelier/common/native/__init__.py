@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 BUILD_DIR = Path(__file__).with_name("build")
+MKL_VENDOR_SOURCE = Path(__file__).with_name("mkl_vendor.c")
+MKL_VENDOR_LIBRARY = BUILD_DIR / "libatelier_mkl_vendor.so"
 # -march=native: built where it runs. The reassociation flags let g++ vectorise the attention's dot
 # products and sums; no -ffast-math, whose finite-math assumption would not hold for masked logits.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -49,7 +51,41 @@ def build(verbose: bool = False) -> ModuleType:
     for old in BUILD_DIR.glob("atelier_kernels_*.so"):  # builds of earlier sources
         if old.stem != module_name():
             old.unlink()
+    build_mkl_vendor()
     return load(module_name(), [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(BUILD_DIR), verbose=verbose)
+
+
+def build_mkl_vendor() -> Path:
+    """Compile mkl_vendor.c (a C compiler from PATH: cc, as Python's own extensions use)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:  # then renamed: a half-written library never loads
+        out = Path(tmp) / MKL_VENDOR_LIBRARY.name
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(out), str(MKL_VENDOR_SOURCE)], check=True)
+        os.replace(out, MKL_VENDOR_LIBRARY)
+    return MKL_VENDOR_LIBRARY
+
+
+def unlock_mkl() -> bool:
+    """Let MKL run the kernels of the instruction sets an AMD processor has (mkl_vendor.c says why); True when
+    it will. Only before torch is loaded (MKL binds the answer once): atelier/__init__.py calls it.
+    ATELIER_MKL_VENDOR_CHECK=keep leaves MKL's own choice."""
+    if "torch" in sys.modules or os.environ.get("ATELIER_MKL_VENDOR_CHECK") == "keep" or not MKL_VENDOR_LIBRARY.exists():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            if "AuthenticAMD" not in f.read(4096):
+                return False  # Intel's processors are answered yes already
+    except OSError:
+        return False
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(MKL_VENDOR_LIBRARY), mode=os.RTLD_GLOBAL)  # global: found before libtorch's own
+    except OSError:
+        return False
+    return True
 
 
 def use(enabled: bool, step_threads: int | None = None) -> None:
