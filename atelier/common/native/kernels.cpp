@@ -291,8 +291,6 @@ void attend_head(const float* qh, const float* keys, const float* values, int64_
 }
 
 #if defined(__AVX512F__)
-constexpr int64_t kMaxVectorHead = 256;  // head_dim up to 16 registers of 16 floats
-
 // The lanes of a run of 16 that hold one of the `left` values still to go (all 16 once 16 or more are left).
 inline __mmask16 lanes(int64_t left) {
   return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
@@ -317,39 +315,101 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// attend_head with the query held in registers, 16 scores' exponentials at a time, and the output summed
-// in registers: at a batch of 16–32 rows the attention was a fifth of a step in plain loops.
-void attend_head_avx512(const float* qh, const float* keys, const float* values, int64_t length, int64_t hd,
-                        float scale, float* weights, float* out) {
-  const int64_t nv = hd / 16;
-  __m512 qv[kMaxVectorHead / 16];
-  for (int64_t v = 0; v < nv; ++v) qv[v] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * v), _mm512_set1_ps(scale));
-  float top = -INFINITY;
-  for (int64_t j = 0; j < length; ++j) {
-    const float* kj = keys + j * hd;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-    for (int64_t v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kj + 16 * v), acc);
-    weights[j] = _mm512_reduce_add_ps(acc);
-    top = std::max(top, weights[j]);
+// Sixteen dot products' sums at once: lane p of the result is the sum of the lanes of a[slot16(p)], where
+// slot16(p) = 4·(p % 4) + p / 4 (the shuffles' tree below ends in that 4×4 transposition, so the caller files
+// its vectors by slot and gets its sums in order). Four levels of shuffles and adds: 15 adds for 16 sums,
+// where one _mm512_reduce_add_ps each cost 4 adds and 4 shuffles with a chain of latency behind them.
+inline int slot16(int p) { return 4 * (p % 4) + p / 4; }
+
+inline __m512 sum16(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit chunks: [a0+a2, a1+a3 | b0+b2, b1+b3]
+    t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)  // one 128-bit chunk per vector of a: 4 partial sums each
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // within chunks: 2 partial sums each
+    w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
+
+// attend_head for a head of NV × 16 floats, the query and the output in registers: scores 16 positions at
+// a time (sum16), their exponentials 16 at a time, and the weighted values summed in independent sets of
+// registers (one set waited on its own previous sum: four cycles a position). At a batch of 16 rows this
+// attention took a quarter of a tang-poet step with one reduction per score and the sums in arrays.
+template <int NV>
+void attend_head_avx512(const float* qh, const float* keys, const float* values, int64_t length, float scale,
+                        float* weights, float* out) {
+  constexpr int64_t hd = 16 * NV;
+  __m512 qv[NV];
+  for (int v = 0; v < NV; ++v) qv[v] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * v), _mm512_set1_ps(scale));
+  __m512 top_v = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < length; j += 16) {
+    const int64_t left = std::min<int64_t>(16, length - j);
+    __m512 dots[16];
+    for (int p = 0; p < 16; ++p) {
+      if (p < left) {
+        const float* kp = keys + (j + p) * hd;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+        for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kp + 16 * v), acc);
+        dots[slot16(p)] = acc;
+      } else {
+        dots[slot16(p)] = _mm512_setzero_ps();
+      }
+    }
+    const __mmask16 live = lanes(left);
+    const __m512 scores = sum16(dots);
+    _mm512_mask_storeu_ps(weights + j, live, scores);
+    top_v = _mm512_mask_max_ps(top_v, live, top_v, scores);
   }
-  const __m512 top_v = _mm512_set1_ps(top);
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top_v));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < length; j += 16) {
     const __mmask16 live = lanes(length - j);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + j), top_v));
-    const __m512 kept = _mm512_maskz_mov_ps(live, e);
-    _mm512_mask_storeu_ps(weights + j, live, kept);
-    sum = _mm512_add_ps(sum, kept);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + j), top)));
+    _mm512_mask_storeu_ps(weights + j, live, e);
+    sum = _mm512_add_ps(sum, e);
   }
   const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  __m512 ov[kMaxVectorHead / 16];
-  for (int64_t v = 0; v < nv; ++v) ov[v] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < length; ++j) {
+  constexpr int kSets = NV <= 2 ? 4 : NV <= 4 ? 2 : 1;  // registers: kSets × NV sums beside the NV queries
+  __m512 ov[kSets][NV];
+  for (int s = 0; s < kSets; ++s)
+    for (int v = 0; v < NV; ++v) ov[s][v] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + kSets <= length; j += kSets)
+    for (int s = 0; s < kSets; ++s) {
+      const float* vj = values + (j + s) * hd;
+      const __m512 w = _mm512_set1_ps(weights[j + s]);
+      for (int v = 0; v < NV; ++v) ov[s][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * v), ov[s][v]);
+    }
+  for (; j < length; ++j) {
     const float* vj = values + j * hd;
     const __m512 w = _mm512_set1_ps(weights[j]);
-    for (int64_t v = 0; v < nv; ++v) ov[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * v), ov[v]);
+    for (int v = 0; v < NV; ++v) ov[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * v), ov[0][v]);
   }
-  for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(ov[v], inv));
+  for (int v = 0; v < NV; ++v) {
+    __m512 total = ov[0][v];
+    for (int s = 1; s < kSets; ++s) total = _mm512_add_ps(total, ov[s][v]);
+    _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(total, inv));
+  }
+}
+
+// The vector kernel for heads of hd floats, or null (the plain loops).
+using HeadKernel = void (*)(const float*, const float*, const float*, int64_t, float, float*, float*);
+HeadKernel vector_head_kernel(int64_t hd) {
+  switch (hd) {
+    case 16: return attend_head_avx512<1>;
+    case 32: return attend_head_avx512<2>;
+    case 48: return attend_head_avx512<3>;
+    case 64: return attend_head_avx512<4>;
+    case 80: return attend_head_avx512<5>;
+    case 96: return attend_head_avx512<6>;
+    case 128: return attend_head_avx512<8>;
+    case 256: return attend_head_avx512<16>;
+    default: return nullptr;
+  }
 }
 #endif
 
@@ -371,6 +431,9 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
   // One thread (the part's, when a step is split): the engines run one torch thread each
   // (config.inference_threads), and an OpenMP team here would cost more than the attention of a few rows.
   std::vector<float> weights(cache.capacity + 16);
+#if defined(__AVX512F__)
+  const HeadKernel vector_head = vector_head_kernel(hd);
+#endif
   for (int64_t task = 0; task < N * heads; ++task) {
     const int64_t i = task / heads, h = task % heads;
     const float* qh = q + i * q_stride + h * hd;
@@ -378,8 +441,8 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
     const float* values = cache.values + cache.offset(rows[i], h / group, 0);
     float* out = y + i * heads * hd + h * hd;
 #if defined(__AVX512F__)
-    if (hd % 16 == 0 && hd <= kMaxVectorHead) {
-      attend_head_avx512(qh, keys, values, pos[i] + 1, hd, scale, weights.data(), out);
+    if (vector_head != nullptr) {
+      vector_head(qh, keys, values, pos[i] + 1, scale, weights.data(), out);
       continue;
     }
 #endif
