@@ -388,7 +388,8 @@ class TextEngine:
             self._finish(seq, "length")
             return
         # Hold back a tail that could still become a stop sequence.
-        hold = max((k for stop in seq.stop for k in range(1, len(stop)) if seq.text.endswith(stop[:k])), default=0)
+        hold = max((k for stop in seq.stop for k in range(1, len(stop)) if seq.text.endswith(stop[:k])),
+                   default=0) if seq.stop else 0
         self._flush(seq, len(seq.text) - hold)
 
     def _detokenize(self, seq: Sequence) -> str:
