@@ -124,11 +124,14 @@ def run_job(job_id: str, *, settings: Settings, sessions, blobs: BlobStore, shut
             with sessions() as db:
                 db.get(Job, job.id).trained_tokens = work.trained_tokens
                 db.commit()
-        if folder is None:  # stopped
-            with sessions() as db:
-                if db.get(Job, job_id).cancel_requested:
-                    store.finish(db, job, "cancelled")
-                    store.add_event(db, job_id, "job cancelled")
+        with sessions() as db:
+            # Stopped by a cancellation, or one that came as training ended (the flag is read once a second):
+            # the caller was told "cancelled", so nothing is registered.
+            if db.get(Job, job_id).cancel_requested:
+                store.finish(db, job, "cancelled")
+                store.add_event(db, job_id, "job cancelled")
+                return
+        if folder is None:  # stopped by shutdown: resumed from its checkpoint
             return
         # 5. register
         sink.stage("registering the new version")
