@@ -25,7 +25,7 @@ from atelier.safety.crypto import audit_mac_key
 from atelier.storage.usage import InFlight
 from atelier.storage.usage_writer import UsageWriter
 from atelier.storage.blobs import BlobStore, open_blobs
-from atelier.runtime.manager import ModelManager
+from atelier.runtime.manager import ModelManager, settle_heap
 from atelier.storage import audit as audit_log
 from atelier.storage.keys import KeyCache, create_key, list_keys
 
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_worker:
             app.state.worker = WorkerSupervisor(settings)
             app.state.worker.start()
+        settle_heap()  # what the server built at start stays: out of the collector's passes (runtime/manager.py)
         yield
         if app.state.worker is not None:
             app.state.worker.stop()
