@@ -12,7 +12,8 @@ client at once, and equal lengths keep later rounds in step), and prints request
 time per output token (TPOT) p50/p99, inter-token latency (ITL) p99, and tokens/s over
 concurrency 1's. In the same run: the in-process engine (batch 1, as many requests one after another as the server's first concurrency gets) and `transformers`
 `generate` on the same weights, and a 1-token completion's round trip against the
-in-process call. No assertions: the figures are for people (issue "Performance").
+in-process call, and what the most clients compute against this machine's fp32 matmul peak on one core,
+measured in the same run. No assertions: the figures are for people (issue "Performance").
 """
 
 from __future__ import annotations
@@ -145,7 +146,27 @@ def in_process(model: str, max_tokens: int, requests: int) -> dict:
     theirs(hf, ids, 1, 8)
     hf_tps = max(theirs(hf, ids, 1, max_tokens) for _ in range(3))
     return {"engine_tps": engine_tps, "one_token": statistics.median(one_token), "hf_tps": hf_tps,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "flop_per_token": 2 * sum(p.numel() for p in hf.parameters()),
+            "peak_gflops": matmul_peak()}
+
+
+def matmul_peak() -> float:
+    """This machine's fp32 matmul on one core, GFLOP/s: the best of 512×512 by 512×512 products (MKL's sgemm,
+    what the engine's products run on)."""
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with torch.inference_mode():
+        for _ in range(5):
+            torch.mm(a, b)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(30))
+    return 2 * 512 ** 3 / best / 1e9
+
+
+def _timed(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -218,6 +239,11 @@ def main() -> None:
         top = max(rows)
         print(f"{top} clients: {rows[top]['tokens/s'] / base:.1f}× one client's tokens/s; TTFT p99 "
               f"{rows[top]['ttft_p99'] / rows[args.concurrency[0]]['ttft_p50']:.1f}× the single-client TTFT")
+    top = max(rows)
+    gflops = rows[top]["tokens/s"] * local["flop_per_token"] / 1e9
+    print(f"{top} clients compute {gflops:.0f} GFLOP/s (2 per parameter per token): {gflops / local['peak_gflops']:.0%} "
+          f"of one core's measured fp32 matmul peak ({local['peak_gflops']:.0f} GFLOP/s), "
+          f"{gflops / local['peak_gflops'] / (os.cpu_count() or 1):.0%} of the {os.cpu_count()} cores'")
 
 
 if __name__ == "__main__":
