@@ -16,7 +16,7 @@ idle while in use (an operator's unload or a memory need can still take it).
 What a loaded model is made of lives as long as it stays loaded, and so does what the server built at
 start: both are kept out of the garbage collector's full passes (`settle_heap`). One pass over the
 server's 280 k objects (torch, FastAPI, SQLAlchemy, the models) held the event loop for 160 ms, every
-request in flight with it: the 170-180 ms TTFT p99 of some 32-client runs of benchmarks/serve.py.
+request in flight with it: the 170-210 ms TTFT p99 of some 32-client runs of benchmarks/serve.py.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def settle_heap() -> None:
 
 
 def release_heap() -> None:
-    """After an unload: give every frozen object back to the collector, so that the unloaded model's cycles (an
-    engine and its worker thread refer to each other) are freed, then settle again."""
+    """After an unload: give every frozen object back to the collector, so that reference cycles among what the
+    unloaded model left behind are freed, then settle again."""
     gc.unfreeze()
     settle_heap()
+
 
 CANNOT = {"text-generation": "cannot generate text", "image-generation": "cannot generate images",
           "style-transfer": "does not do style transfer; use model='style-transfer'",
