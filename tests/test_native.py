@@ -131,11 +131,11 @@ def test_the_engine_writes_the_same_text_either_way():
     assert fast == slow and all(fast)
 
 
-@pytest.mark.parametrize("n_embd, n_head", [(32, 4), (64, 4), (64, 2), (48, 1), (128, 2)])
+@pytest.mark.parametrize("n_embd, n_head", [(32, 4), (64, 4), (64, 2), (48, 1), (128, 2), (192, 1)])
 def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
     """Prompts prefilled in one native call (rows of different lengths, right-padded as the engine pads them)
     leave the logits and the cache the module path leaves. Heads of 8 take the attention's plain loops; heads
-    of 16, 32, 48 and 64 its AVX-512 ones, where the CPU has them (-march=native), which take 16 positions at
+    of 16, 32, 48, 64 and 192 its AVX-512 ones (every multiple of 16 up to 256 has one), where the CPU has them (-march=native), which take 16 positions at
     a time: 21 of them are a whole run and a part."""
     torch.manual_seed(0)
     model = CharGPT(ChargptConfig(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -36,6 +37,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -396,20 +398,17 @@ void attend_head_avx512(const float* qh, const float* keys, const float* values,
   }
 }
 
-// The vector kernel for heads of hd floats, or null (the plain loops).
+// The vector kernel for heads of hd floats, or null (the plain loops): one for every multiple of 16 up to 256.
 using HeadKernel = void (*)(const float*, const float*, const float*, int64_t, float, float*, float*);
+
+template <size_t... I>
+constexpr std::array<HeadKernel, sizeof...(I)> head_kernels(std::index_sequence<I...>) {
+  return {attend_head_avx512<I + 1>...};
+}
+
 HeadKernel vector_head_kernel(int64_t hd) {
-  switch (hd) {
-    case 16: return attend_head_avx512<1>;
-    case 32: return attend_head_avx512<2>;
-    case 48: return attend_head_avx512<3>;
-    case 64: return attend_head_avx512<4>;
-    case 80: return attend_head_avx512<5>;
-    case 96: return attend_head_avx512<6>;
-    case 128: return attend_head_avx512<8>;
-    case 256: return attend_head_avx512<16>;
-    default: return nullptr;
-  }
+  static constexpr auto kernels = head_kernels(std::make_index_sequence<16>());
+  return hd > 0 && hd % 16 == 0 && hd <= 256 ? kernels[hd / 16 - 1] : nullptr;
 }
 #endif
 
