@@ -235,11 +235,10 @@ def main() -> None:
     print(f"1-token completion: {rt * 1e3:.1f} ms round trip, {rt_unstored * 1e3:.1f} ms with store=false, vs "
           f"{local['one_token'] * 1e3:.1f} ms in process (+{(rt - local['one_token']) * 1e3:.1f} ms, "
           f"+{(rt_unstored - local['one_token']) * 1e3:.1f} ms)")
+    top = max(rows)
     if len(rows) > 1:
-        top = max(rows)
         print(f"{top} clients: {rows[top]['tokens/s'] / base:.1f}× one client's tokens/s; TTFT p99 "
               f"{rows[top]['ttft_p99'] / rows[args.concurrency[0]]['ttft_p50']:.1f}× the single-client TTFT")
-    top = max(rows)
     gflops = rows[top]["tokens/s"] * local["flop_per_token"] / 1e9
     print(f"{top} clients compute {gflops:.0f} GFLOP/s (2 per parameter per token): {gflops / local['peak_gflops']:.0%} "
           f"of one core's measured fp32 matmul peak ({local['peak_gflops']:.0f} GFLOP/s), "

@@ -104,6 +104,7 @@ def test_requests_of_a_key_without_limits_get_their_rows_when_they_end(db_path):
     finally:
         writer.close()
 
+
 def test_requests_that_end_close_together_share_one_write_and_a_flush_does_not_wait_for_the_batch(
         db_path, monkeypatch):
     """A batch gathers for COALESCE_S after its first request (a second here): three requests ending one
