@@ -279,6 +279,10 @@ def test_image_stream_previews_then_png_then_gallery_provenance(page, image_serv
     assert page.locator("#gallery-grid .tile:not(.kind-poem)").count() == 0
     page.select_option("#gallery-filters [name=kind]", "image")
     page.select_option("#gallery-model", "tiny-diffusion")
+    # The artifact's tile is in the grid before the filter's page arrives too: wait for the page itself, a
+    # grid of tiny-diffusion's tiles only (a filter that kept others times out here).
+    page.wait_for_function("""() => { const bs = [...document.querySelectorAll('#gallery-grid .tile b')];
+        return bs.length > 0 && bs.every(b => b.textContent === 'tiny-diffusion@1'); }""")
     page.wait_for_selector(f"#gallery-grid .tile[data-id='{artifact}']")
     models = page.eval_on_selector_all("#gallery-grid .tile b", "bs => bs.map(b => b.textContent)")
     assert models and set(models) == {"tiny-diffusion@1"}
