@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together per text model (continuous batching)")
     threads: int | None = Field(default=None, ge=1, description="torch threads for inference; unset: half the cores, at least 1 (see inference_threads)")
     step_threads: int | None = Field(default=None, ge=1, description="threads one decoding step of many rows may share: the native kernels split its rows, 4 or more to each thread; unset: half the cores, at least 1 (see step_threads)")
+    kv_cache_dtype: Literal["float32", "float16"] = Field(default="float32", description="what a text engine's KV cache holds: float32 (the same tokens as transformers' generate on the same weights, and on every path of ours, to a float's rounding) or float16 (half the bytes its attention reads: at 16-32 rows a tang-poet step takes about 0.8 of the time; keys and values rounded to float16 on every path, as llama.cpp and Ollama keep theirs by default; sampled tokens can part from a float32 run after a few dozen)")
     native: bool = Field(default=True, description="decode with the compiled kernels (atelier/common/native/, built by make); off: the Python paths, same results, slower")
     shipped_models: bool = Field(default=True, description="register the shipped models (tang-poet) on start")
     # Where generation runs: in this process, in engine processes (atelier/runtime/engine_process.py), or on

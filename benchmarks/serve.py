@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serve.py [--model tang-poet] [--concurrency 1 8 32] [--requests N]
                                          [--max-tokens 64] [--rate R] [--threads N]
                                          [--database sqlite|postgresql] [--runtime local|process|ray]
+                                         [--kv-cache-dtype float32|float16]
 
 Starts `atelier serve` as its own process on loopback with a fresh home, then for each
 concurrency runs a closed loop (each client sends its next request when the last one ends;
@@ -115,7 +116,7 @@ async def round_trip(url: str, model: str, store: bool, n: int = 100) -> float:
     return statistics.median(times)
 
 
-def in_process(model: str, max_tokens: int, requests: int) -> dict:
+def in_process(model: str, max_tokens: int, requests: int, kv_dtype: str = "float32") -> dict:
     """The engine without HTTP (batch 1 tokens/s, a 1-token call) and transformers generate, same weights."""
     import torch
     from text_decode import ours, theirs
@@ -127,7 +128,7 @@ def in_process(model: str, max_tokens: int, requests: int) -> dict:
 
     folder = SHIPPED_DIR / model
     lm = get_family("chargpt").load(folder)
-    engine = TextEngine(lm, max_batch=16)
+    engine = TextEngine(lm, max_batch=16, kv_dtype=kv_dtype)
     ids = lm.encode(PROMPT)
     asyncio.run(ours(engine, ids, 1, 8))
     # As one client through the server is measured: its requests one after another, all tokens over the wall
@@ -183,13 +184,16 @@ def main() -> None:
     ap.add_argument("--runtime", choices=("local", "process", "ray"), default="local",
                     help="where generation runs (ATELIER_RUNTIME): in the server, in an engine process per text "
                          "model, or on Ray Serve (a local cluster)")
+    ap.add_argument("--kv-cache-dtype", choices=("float32", "float16"), default="float32",
+                    help="what the engines' KV caches hold, here and in the server (ATELIER_KV_CACHE_DTYPE)")
     args = ap.parse_args()
     import torch
 
     from atelier.config import Settings, inference_threads
 
     torch.set_num_threads(args.threads or inference_threads(Settings()))  # as the server sets its own
-    local = in_process(args.model, args.max_tokens, args.requests or max(32, 10 * args.concurrency[0]))
+    local = in_process(args.model, args.max_tokens, args.requests or max(32, 10 * args.concurrency[0]),
+                       args.kv_cache_dtype)
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
         env = os.environ | {"ATELIER_HOME": home, "ATELIER_PORT": str(port), "ATELIER_ADMIN_KEY": ADMIN_KEY,
@@ -198,6 +202,7 @@ def main() -> None:
         if args.threads:
             env["ATELIER_THREADS"] = str(args.threads)
         env["ATELIER_RUNTIME"] = args.runtime
+        env["ATELIER_KV_CACHE_DTYPE"] = args.kv_cache_dtype
         postgres = None
         if args.database == "postgresql":
             from postgres import Postgres
@@ -220,7 +225,7 @@ def main() -> None:
     base = rows[args.concurrency[0]]["tokens/s"]
     mode = f"Poisson {args.rate} req/s" if args.rate else "closed loop"
     print(f"\n{args.model}, {args.max_tokens} tokens per request, streaming, {mode}, {local['threads']} threads, "
-          f"{args.database}, runtime {args.runtime}")
+          f"{args.database}, runtime {args.runtime}, {args.kv_cache_dtype} KV cache")
     print(f"{'clients':>7} | {'req/s':>6} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
           f"{'TPOT p99':>8} | {'ITL p99':>7} | {'× c=1':>5}")
     print("-" * 92)

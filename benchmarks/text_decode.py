@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/text_decode.py [--family chargpt|hf-causal-lm] [--model-dir DIR]
                                                [--new-tokens 128] [--repeats 3] [--step-threads N]
+                                               [--kv-cache-dtype float32|float16]
 
 Both sides generate exactly --new-tokens tokens per sequence (eos ignored), sampling at
 temperature 1, from the prompt 春眠不觉晓，, at batch 1, 8 and 16. transformers loads the
@@ -13,7 +14,8 @@ Prints tokens/s for each, the ratio ours / transformers (higher is better for us
 our aggregate tokens/s at batch 16 over batch 1. Both run one torch thread, transformers' fastest
 setting here (two: 3x slower); our native step of 8 or more rows may split them between
 --step-threads threads, by default every core, since nothing else runs (the server's default is
-half the cores, config.step_threads).
+half the cores, config.step_threads). --kv-cache-dtype: what our KV cache holds (ATELIER_KV_CACHE_DTYPE;
+float32 by default, as the server's).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main() -> None:
                                                                "half the cores)")
     ap.add_argument("--step-threads", type=int, default=os.cpu_count() or 1,
                     help="threads a native step of many rows may share (default: every core)")
+    ap.add_argument("--kv-cache-dtype", choices=("float32", "float16"), default="float32",
+                    help="what our engine's KV cache holds (ATELIER_KV_CACHE_DTYPE)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or inference_threads(Settings()))
     native.use(True, args.step_threads)
@@ -81,13 +85,14 @@ def main() -> None:
 
     hf = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
     lm = get_family(args.family).load(args.model_dir)  # as the server runs it
-    engine = TextEngine(lm, max_batch=16)
+    engine = TextEngine(lm, max_batch=16, kv_dtype=args.kv_cache_dtype)
     prompt_ids = lm.encode(PROMPT)
     n = min(args.new_tokens, lm.context - len(prompt_ids))
     params = sum(p.numel() for p in hf.parameters())
 
     print(f"model {args.model_dir.name} as {args.family}: {params / 1e6:.2f} M parameters, "
           f"{n} new tokens per sequence, {torch.get_num_threads()} threads, {args.step_threads} step threads, "
+          f"{args.kv_cache_dtype} KV cache, "
           f"best of {args.repeats}")
     print(f"{'batch':>5} | {'atelier tok/s':>13} | {'transformers tok/s':>18} | {'ratio':>5}")
     print("-" * 52)

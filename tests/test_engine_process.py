@@ -118,3 +118,19 @@ def test_a_process_that_cannot_load_its_model_says_why(tmp_path):
     with pytest.raises(OSError, match="could not load the model: .*no-such-family"):
         ProcessTextEngine("no-such-family", tmp_path, max_batch=2, threads=1, step_threads=1, native=False,
                           context=8)
+
+
+def test_a_float16_kv_cache_reaches_the_engine_process(server, tmp_path):
+    """ATELIER_KV_CACHE_DTYPE=float16 reaches the child's engine: /api/ps says what each cache holds, and
+    tang-poet's greedy completion is the float32 server's (its choices are wider apart than float16's
+    rounding of the keys moves them)."""
+    body = {"model": "tang-poet", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    want = admin_http(server).post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with LiveServer(make_settings(tmp_path / "home", runtime="process", kv_cache_dtype="float16")) as half:
+        got = admin_http(half).post("/v1/completions", json=body).json()["choices"][0]["text"]
+        ps = {m["name"]: m for m in admin_http(half).get("/api/ps").json()["data"]}
+        assert ps["tang-poet"]["kv_cache"] == "float16" and ps["tang-poet"]["runtime"] == "process"
+        assert engine_of(half).kv_dtype == "float16"
+    assert {m["name"]: m["kv_cache"] for m in admin_http(server).get("/api/ps").json()["data"]}["tang-poet"] == \
+        "float32"
+    assert len(want) == 40 and got == want

@@ -154,6 +154,42 @@ def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_embd, n_head", [(32, 4), (48, 1), (192, 1)])
+def test_a_float16_cache_is_written_and_read_as_the_module_path_does(n_embd, n_head):
+    """ATELIER_KV_CACHE_DTYPE=float16: the native step writes keys and values rounded to float16 (as the module
+    path's .to(float16)) and attends over those floats, in the plain loops (heads of 8) and the AVX-512 ones.
+    The two paths compute a key a float's rounding apart, which float16's rounding can put an ulp apart: so the
+    logits agree to about 1e-5, not 1e-6."""
+    torch.manual_seed(0)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()
+    T = 21
+    ids = torch.randint(0, 40, (2, T))
+    rows, pos = torch.tensor([3, 1]), torch.arange(T).expand(2, T)
+    modules, native_16, python_16 = (KVCache(model.config, batch=4, dtype=torch.float16) for _ in range(3))
+    full = KVCache(model.config, batch=4)
+    assert model.decoder().native(native_16) is not None  # the kernels take a float16 cache
+    expected, _ = model(ids, cache=modules, rows=rows, pos=pos)  # grad on: the modules
+    with torch.no_grad():
+        got, _ = model(ids, cache=native_16, rows=rows, pos=pos)
+        model(ids, cache=full, rows=rows, pos=pos)
+        model(ids, cache=python_16, rows=rows, pos=pos)
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)
+    assert native_16.kv.dtype == torch.float16
+    torch.testing.assert_close(native_16.kv.float(), full.kv.half().float(), atol=1e-3, rtol=1e-3)  # rounded
+    assert not torch.equal(native_16.kv.float(), full.kv)  # and not kept whole
+    nxt, at = torch.tensor([[5], [9]]), torch.tensor([[T], [T]])
+    with torch.no_grad():
+        a, _ = model(nxt, cache=native_16, rows=rows, pos=at)
+        native.use(False)
+        try:
+            c, _ = model(nxt, cache=python_16, rows=rows, pos=at)  # the Python decoder's step
+        finally:
+            native.use(True)
+    b, _ = model(nxt, cache=modules, rows=rows, pos=at)
+    torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(c, b, atol=5e-5, rtol=1e-4)
+
+
 def test_a_prefill_can_ask_for_its_prompts_last_logits_only():
     """`last` (the text engine's prefill): each row's logits at its own last token, (B, vocab), as the whole
     (B, T, vocab) would have them, natively and on the module path. The native step computes each row's tokens

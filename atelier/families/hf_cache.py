@@ -22,8 +22,10 @@ class SlotLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys = key_states.new_zeros((self.cache.slots, key_states.shape[1], 0, key_states.shape[-1]))
-        self.values = value_states.new_zeros((self.cache.slots, value_states.shape[1], 0, value_states.shape[-1]))
+        dtype = self.cache.dtype or key_states.dtype
+        self.keys = key_states.new_zeros((self.cache.slots, key_states.shape[1], 0, key_states.shape[-1]), dtype=dtype)
+        self.values = value_states.new_zeros((self.cache.slots, value_states.shape[1], 0, value_states.shape[-1]),
+                                             dtype=dtype)
         self.is_initialized = True
 
     def _grow(self, needed: int) -> None:
@@ -41,15 +43,16 @@ class SlotLayer(CacheLayerMixin):
         if self.cache.seen > self.keys.shape[2]:
             self._grow(self.cache.seen)
         # 1. states (B, heads, T, dim) go to [row, :, position]
-        self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2)
-        self.values[rows[:, None], :, pos] = value_states.transpose(1, 2)
+        self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2).to(self.keys.dtype)
+        self.values[rows[:, None], :, pos] = value_states.transpose(1, 2).to(self.values.dtype)
         # 2. each row's buffer up to the furthest position any row has reached; the mask hides the
         #    positions after each query's own
         #    (a view when the rows are a run of consecutive slots, as the text engine keeps them)
-        seen, run = self.cache.seen, self.cache.run
+        #    (and read back as the states' dtype, where the cache holds float16)
+        seen, run, dtype = self.cache.seen, self.cache.run, key_states.dtype
         if run is not None:
-            return self.keys[run, :, :seen], self.values[run, :, :seen]
-        return self.keys[:, :, :seen][rows], self.values[:, :, :seen][rows]
+            return self.keys[run, :, :seen].to(dtype), self.values[run, :, :seen].to(dtype)
+        return self.keys[:, :, :seen][rows].to(dtype), self.values[:, :, :seen][rows].to(dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.seen, 0
@@ -62,8 +65,10 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    def __init__(self, layers: int, slots: int, length: int):
-        self.slots, self.length = slots, length
+    def __init__(self, layers: int, slots: int, length: int, dtype: torch.dtype | None = None):
+        """`dtype`: what the buffers hold (float16: the text engine's kv_dtype, for a natively decoded model);
+        None: the model's own states' dtype."""
+        self.slots, self.length, self.dtype = slots, length, dtype
         self.rows: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.seen = 0  # positions attended to in this forward: 1 + the largest position written

@@ -126,10 +126,10 @@ class HFCausalLM:
             return "modules"
         return "native" if kernels() is not None and self.decoder.float32 else "python"
 
-    def new_cache(self, rows: int) -> SlotCache:
+    def new_cache(self, rows: int, dtype: torch.dtype | None = None) -> SlotCache:
         from atelier.families.hf_cache import SlotCache  # transformers is imported only once a model loads
 
-        return SlotCache(self.layers, rows, self.context)
+        return SlotCache(self.layers, rows, self.context, dtype)
 
     def forward(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
                 last: torch.Tensor | None = None) -> torch.Tensor:

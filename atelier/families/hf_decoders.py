@@ -102,10 +102,11 @@ class _Decoder:
         """Write k, v (B, kv_heads, head_dim) at each row's position; attend q (B, heads, head_dim) over the row."""
         if span > layer.keys.shape[2]:
             layer._grow(span)
-        layer.keys[rows, :, pos] = k
-        layer.values[rows, :, pos] = v
+        layer.keys[rows, :, pos] = k.to(layer.keys.dtype)
+        layer.values[rows, :, pos] = v.to(layer.values.dtype)
         keys = layer.keys[run, :, :span] if run is not None else layer.keys[rows, :, :span]
         values = layer.values[run, :, :span] if run is not None else layer.values[rows, :, :span]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a float16 cache's floats, as they are
         y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return y.reshape(q.shape[0], -1)
 
@@ -114,15 +115,15 @@ class _Decoder:
         return all(layer.is_initialized for layer in cache.layers)
 
     def native_ready(self, cache: SlotCache) -> bool:
-        """Whether the native kernels can run on this cache (float32 weights and buffers), creating its
-        buffers as the modules would on their first update: a prefill can then run natively too."""
+        """Whether the native kernels can run on this cache (float32 weights; float32 or float16 buffers),
+        creating its buffers as the modules would on their first update: a prefill can then run natively too."""
         if kernels() is None or not self.float32:
             return False
         for layer in cache.layers:
             if not layer.is_initialized:
                 like = torch.zeros(1, self.cache_heads, 1, self.cache_head_dim)
                 layer.lazy_initialization(like, like)
-        return all(layer.keys.dtype == torch.float32 for layer in cache.layers)
+        return all(layer.keys.dtype in (torch.float32, torch.float16) for layer in cache.layers)
 
     def _native(self, cache: SlotCache, pos: torch.Tensor):
         """The native kernels when they can take this step, with every layer's buffers grown to the furthest

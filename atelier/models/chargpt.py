@@ -62,7 +62,8 @@ class ChargptConfig:
 class KVCache:
     """Key/value buffers for `batch` sequences of up to `n_positions` tokens each.
 
-    Shapes: k, v are (n_layer, batch, n_head, n_positions, head_dim). A sequence's token
+    Shapes: k, v are (n_layer, batch, n_head, n_positions, head_dim), float32 or float16 (ATELIER_KV_CACHE_DTYPE:
+    every path writes keys and values rounded to it and attends over them as floats). A sequence's token
     at position p is stored at index p of its row, so attention masks keys by position.
     Both are views of one buffer `kv` (n_layer, 2, …), so that the decoder writes a token's
     keys and values with one operation.
@@ -297,10 +298,11 @@ class Decoder:
 
     @staticmethod
     def native(cache: KVCache):
-        """The native kernels when they can step on this cache (built, on, and a float32 cache); None otherwise.
+        """The native kernels when they can step on this cache (built, on, and a float32 or float16 cache); None
+        otherwise.
         Only they take a prefill's many tokens per row: the Python path below takes one."""
         native = kernels()
-        return native if native is not None and cache.kv.dtype == torch.float32 else None
+        return native if native is not None and cache.kv.dtype in NATIVE_CACHE_DTYPES else None
 
     def weights_version(self) -> int:
         """Grows whenever a weight is written in place (an optimizer step, load_state_dict)."""
@@ -328,8 +330,9 @@ class Decoder:
         for layer, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(self.layers):
             qkv = torch.addmm(bqkv, norm(x, shape, w1, b1, eps), wqkv).view(B, 3, nh, hs)
             kv = cache.kv[layer]  # (2, slots, nh, positions, hs)
-            kv[:, rows, :, pos] = qkv[:, 1:]
+            kv[:, rows, :, pos] = qkv[:, 1:].to(kv.dtype)
             kv = kv[:, run, :, :span] if run is not None else kv[:, rows, :, :span]
+            kv = kv.to(x.dtype)  # a float16 cache is read back as the floats it holds (no copy for float32)
             y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0], kv[1], attn_mask=mask)
             x = torch.addmm(x + bo, y.view(B, C), wo)
             h = gelu(torch.addmm(bfc, norm(x, shape, w2, b2, eps), wfc), approximate="tanh")
@@ -343,6 +346,9 @@ class Decoder:
 # to read, 1.9× faster at 1 row; from 8 rows MKL's fp32 GEMM on the dequantized copies is faster than the
 # native int8 loops (benchmarks/compress_eval.py).
 INT8_ROWS = 4
+
+# The cache dtypes the native step reads and writes (ATELIER_KV_CACHE_DTYPE).
+NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
 # The matrices of a block's 12 decoder tensors, under their Hugging Face names (for the int8 ones).
 _MATRICES = {2: "attn.c_attn.weight", 4: "attn.c_proj.weight", 8: "mlp.c_fc.weight", 10: "mlp.c_proj.weight"}
 

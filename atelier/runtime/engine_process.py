@@ -102,9 +102,9 @@ class ProcessTextEngine:
     runtime = "process"  # GET /api/ps says where a loaded model runs
 
     def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int,
-                 native: bool, context: int):
+                 native: bool, context: int, kv_dtype: str = "float32"):
         self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
-                     str(threads), str(step_threads), "1" if native else "0"]
+                     str(threads), str(step_threads), "1" if native else "0", kv_dtype]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
         self._lock = threading.Lock()  # the live table, the channel, closing
@@ -140,6 +140,7 @@ class ProcessTextEngine:
             proc.wait()
             why = hello.get("error") if hello else f"it exited with status {proc.returncode}"
             raise OSError(f"the engine process could not load the model: {why}")
+        self.kv_dtype = hello["kv_cache"]  # what the child's cache holds, as it says
         return channel, proc
 
     def submit(self, seq: Sequence) -> Sequence:
@@ -259,11 +260,12 @@ class ProcessRuntime:
         from atelier.config import inference_threads, step_threads
 
         self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
-        self.step_threads = step_threads(settings)
+        self.step_threads, self.kv_dtype = step_threads(settings), settings.kv_cache_dtype
 
     def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
         return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads,
-                                 step_threads=self.step_threads, native=self.native, context=servable.context)
+                                 step_threads=self.step_threads, native=self.native, context=servable.context,
+                                 kv_dtype=self.kv_dtype)
 
     def close(self) -> None:
         pass  # each engine stops its own child when its model is unloaded
@@ -286,6 +288,7 @@ def serve(channel: Channel, engine_for) -> None:
             pass  # the server has gone: the read below ends
 
     engine: TextEngine = engine_for(deliver)
+    channel.send({"ready": True, "kv_cache": engine.kv_dtype})  # what the server's GET /api/ps says
     try:
         while (message := channel.receive()) is not None and message["op"] != "close":
             if message["op"] == "cancel":
@@ -308,7 +311,7 @@ def serve(channel: Channel, engine_for) -> None:
 
 
 def main(argv: list[str]) -> int:
-    family, folder, max_batch, threads, step_threads, native_on, fd = argv
+    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, fd = argv
     channel = Channel(socket.socket(fileno=int(fd)))
     try:
         import torch
@@ -326,8 +329,7 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 — said to the server, which answers the request with a 503
         channel.send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
-    channel.send({"ready": True})
-    serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver))
+    serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver, kv_dtype=kv_dtype))
     channel.close()
     return 0
 

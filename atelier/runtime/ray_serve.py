@@ -90,14 +90,14 @@ class _Replica:
 
 @serve.deployment(name="TextModels")
 class TextModels(_Replica):
-    def __init__(self, threads: int | None, max_batch: int, models_per_replica: int):
+    def __init__(self, threads: int | None, max_batch: int, models_per_replica: int, kv_dtype: str = "float32"):
         super().__init__(threads)
-        self.max_batch = max_batch
+        self.max_batch, self.kv_dtype = max_batch, kv_dtype
         self.get_model = multiplexed(self._get_model, models_per_replica)
 
     async def _get_model(self, model: str) -> _Held:
         lm = await asyncio.to_thread(_load, model)
-        return _Held(TextEngine(lm, self.max_batch))
+        return _Held(TextEngine(lm, self.max_batch, kv_dtype=self.kv_dtype))
 
     async def generate(self, request: dict):
         """One choice: TextChunk events, then Finished (or the engine's exception)."""
@@ -240,7 +240,8 @@ class RayRuntime:
         options = {"ray_actor_options": {"num_cpus": settings.ray_replica_cpus}, "autoscaling_config": scaling,
                    "max_ongoing_requests": 64}
         self.text = serve.run(TextModels.options(**options).bind(settings.threads, settings.max_batch,
-                                                                 settings.ray_models_per_replica),
+                                                                 settings.ray_models_per_replica,
+                                                                 settings.kv_cache_dtype),
                               name=TEXT_APP, route_prefix=None)
         self.image = serve.run(ImageModels.options(**options).bind(settings.threads, settings.image_max_batch,
                                                                    settings.image_batch_wait_ms,

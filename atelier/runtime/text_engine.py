@@ -211,22 +211,29 @@ def prepare(seq: Sequence, context: int) -> None:
         raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {context}")
 
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # ATELIER_KV_CACHE_DTYPE
+
+
 class TextEngine:
-    def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None):
+    def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None,
+                 kv_dtype: str = "float32"):
         """`deliver`: where each step's events go, as [(sequence, event), …], instead of the sequences'
-        event loops (an engine process sends them to the server: runtime/engine_process.py)."""
+        event loops (an engine process sends them to the server: runtime/engine_process.py). `kv_dtype`
+        (ATELIER_KV_CACHE_DTYPE): what the KV cache holds, "float16" or "float32"; every path writes keys and
+        values rounded to it and attends over them as floats, so they agree on either."""
         self.lm = lm
         self._deliver = deliver
         self._pieces = getattr(lm, "token_pieces", None)  # each token's own text, when it never joins others
         self.max_batch = max_batch
-        self.cache = lm.new_cache(max_batch)
+        self.kv_dtype = kv_dtype
+        self.cache = lm.new_cache(max_batch, dtype=KV_DTYPES[kv_dtype])
+        self.native_decoding = str(getattr(lm, "decoding", "")).startswith("native")
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._closed = False
         self.cancelled = 0  # sequences dropped because their client left
         self._outgoing: list[tuple[Sequence, object]] = []  # events of the worker's last step, not yet sent
-        self.native_decoding = str(getattr(lm, "decoding", "")).startswith("native")
         self._thread = threading.Thread(target=self._run, name="text-engine", daemon=True)
         self._thread.start()
 

@@ -248,34 +248,52 @@ void rms_norm(const float* x, float* y, const float* weight, int64_t N, int64_t 
   }
 }
 
-// One layer's KV cache: keys and values (slots, kv_heads, capacity, head_dim), each contiguous.
+// One layer's KV cache: keys and values (slots, kv_heads, capacity, head_dim), each contiguous, float32 or
+// float16 (ATELIER_KV_CACHE_DTYPE: half the bytes that attention reads; written rounded to nearest, as torch's
+// .to(float16), and read back exactly, so the module path over a float16 cache computes the same).
 struct LayerCache {
-  float* keys;
-  float* values;
+  void* keys;
+  void* values;
+  bool half;
   int64_t slots, kv_heads, capacity, head_dim;
 
   LayerCache(Tensor& k, Tensor& v) {
-    check_float(k, "cached keys");
-    check_float(v, "cached values");
+    TORCH_CHECK((k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf) &&
+                    v.scalar_type() == k.scalar_type() && k.is_contiguous() && v.is_contiguous() &&
+                    k.device().is_cpu() && v.device().is_cpu(),
+                "cached keys and values must be contiguous float32 or float16 CPU tensors, both the same");
     TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "keys and values: (slots, kv_heads, capacity, head_dim)");
-    keys = k.data_ptr<float>();
-    values = v.data_ptr<float>();
+    keys = k.data_ptr();
+    values = v.data_ptr();
+    half = k.scalar_type() == at::kHalf;
     slots = k.size(0), kv_heads = k.size(1), capacity = k.size(2), head_dim = k.size(3);
   }
 
   int64_t offset(int64_t slot, int64_t head, int64_t position) const {
     return ((slot * kv_heads + head) * capacity + position) * head_dim;
   }
+
+  template <typename T>
+  T* at_keys(int64_t at) const { return static_cast<T*>(keys) + at; }
+  template <typename T>
+  T* at_values(int64_t at) const { return static_cast<T*>(values) + at; }
 };
 
+// n floats into the cache's storage: copied, or rounded to float16 (to nearest, ties to even, as torch).
+inline void store(float* to, const float* from, int64_t n) { std::memcpy(to, from, n * sizeof(float)); }
+inline void store(at::Half* to, const float* from, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) to[d] = at::Half(from[d]);
+}
+
 // One query head over `length` cached positions: softmax(q · kⱼ · scale) weighting the vⱼ, into out.
-void attend_head(const float* qh, const float* keys, const float* values, int64_t length, int64_t hd, float scale,
+template <typename T>
+void attend_head(const float* qh, const T* keys, const T* values, int64_t length, int64_t hd, float scale,
                  float* weights, float* out) {
   float top = 0.f;
   for (int64_t j = 0; j < length; ++j) {
-    const float* kj = keys + j * hd;
+    const T* kj = keys + j * hd;
     float s = 0.f;
-    for (int64_t d = 0; d < hd; ++d) s += qh[d] * kj[d];
+    for (int64_t d = 0; d < hd; ++d) s += qh[d] * static_cast<float>(kj[d]);
     weights[j] = s * scale;
     top = (j == 0 || weights[j] > top) ? weights[j] : top;
   }
@@ -286,9 +304,9 @@ void attend_head(const float* qh, const float* keys, const float* values, int64_
   }
   std::fill(out, out + hd, 0.f);
   for (int64_t j = 0; j < length; ++j) {
-    const float* vj = values + j * hd;
+    const T* vj = values + j * hd;
     const float w = weights[j] / total;
-    for (int64_t d = 0; d < hd; ++d) out[d] += w * vj[d];
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * static_cast<float>(vj[d]);
   }
 }
 
@@ -321,6 +339,12 @@ inline __m512 exp16(__m512 x) {
 // slot16(p) = 4·(p % 4) + p / 4 (the shuffles' tree below ends in that 4×4 transposition, so the caller files
 // its vectors by slot and gets its sums in order). Four levels of shuffles and adds: 15 adds for 16 sums,
 // where one _mm512_reduce_add_ps each cost 4 adds and 4 shuffles with a chain of latency behind them.
+// 16 cached floats from either storage: float16 widens exactly (vcvtph2ps).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 inline int slot16(int p) { return 4 * (p % 4) + p / 4; }
 
 inline __m512 sum16(const __m512* a) {
@@ -341,8 +365,8 @@ inline __m512 sum16(const __m512* a) {
 // a time (sum16), their exponentials 16 at a time, and the weighted values summed in independent sets of
 // registers (one set waited on its own previous sum: four cycles a position). At a batch of 16 rows this
 // attention took a quarter of a tang-poet step with one reduction per score and the sums in arrays.
-template <int NV>
-void attend_head_avx512(const float* qh, const float* keys, const float* values, int64_t length, float scale,
+template <int NV, typename T>
+void attend_head_avx512(const float* qh, const T* keys, const T* values, int64_t length, float scale,
                         float* weights, float* out) {
   constexpr int64_t hd = 16 * NV;
   __m512 qv[NV];
@@ -353,9 +377,9 @@ void attend_head_avx512(const float* qh, const float* keys, const float* values,
     __m512 dots[16];
     for (int p = 0; p < 16; ++p) {
       if (p < left) {
-        const float* kp = keys + (j + p) * hd;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-        for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kp + 16 * v), acc);
+        const T* kp = keys + (j + p) * hd;
+        __m512 acc = _mm512_mul_ps(qv[0], load16(kp));
+        for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], load16(kp + 16 * v), acc);
         dots[slot16(p)] = acc;
       } else {
         dots[slot16(p)] = _mm512_setzero_ps();
@@ -382,14 +406,14 @@ void attend_head_avx512(const float* qh, const float* keys, const float* values,
   int64_t j = 0;
   for (; j + kSets <= length; j += kSets)
     for (int s = 0; s < kSets; ++s) {
-      const float* vj = values + (j + s) * hd;
+      const T* vj = values + (j + s) * hd;
       const __m512 w = _mm512_set1_ps(weights[j + s]);
-      for (int v = 0; v < NV; ++v) ov[s][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * v), ov[s][v]);
+      for (int v = 0; v < NV; ++v) ov[s][v] = _mm512_fmadd_ps(w, load16(vj + 16 * v), ov[s][v]);
     }
   for (; j < length; ++j) {
-    const float* vj = values + j * hd;
+    const T* vj = values + j * hd;
     const __m512 w = _mm512_set1_ps(weights[j]);
-    for (int v = 0; v < NV; ++v) ov[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * v), ov[0][v]);
+    for (int v = 0; v < NV; ++v) ov[0][v] = _mm512_fmadd_ps(w, load16(vj + 16 * v), ov[0][v]);
   }
   for (int v = 0; v < NV; ++v) {
     __m512 total = ov[0][v];
@@ -398,16 +422,19 @@ void attend_head_avx512(const float* qh, const float* keys, const float* values,
   }
 }
 
-// The vector kernel for heads of hd floats, or null (the plain loops): one for every multiple of 16 up to 256.
-using HeadKernel = void (*)(const float*, const float*, const float*, int64_t, float, float*, float*);
+// The vector kernel for heads of hd floats stored as T, or null (the plain loops): one for every multiple of
+// 16 up to 256.
+template <typename T>
+using HeadKernel = void (*)(const float*, const T*, const T*, int64_t, float, float*, float*);
 
-template <size_t... I>
-constexpr std::array<HeadKernel, sizeof...(I)> head_kernels(std::index_sequence<I...>) {
-  return {attend_head_avx512<I + 1>...};
+template <typename T, size_t... I>
+constexpr std::array<HeadKernel<T>, sizeof...(I)> head_kernels(std::index_sequence<I...>) {
+  return {attend_head_avx512<I + 1, T>...};
 }
 
-HeadKernel vector_head_kernel(int64_t hd) {
-  static constexpr auto kernels = head_kernels(std::make_index_sequence<16>());
+template <typename T>
+HeadKernel<T> vector_head_kernel(int64_t hd) {
+  static constexpr auto kernels = head_kernels<T>(std::make_index_sequence<16>());
   return hd > 0 && hd % 16 == 0 && hd <= 256 ? kernels[hd / 16 - 1] : nullptr;
 }
 #endif
@@ -417,27 +444,28 @@ HeadKernel vector_head_kernel(int64_t hd) {
 // module path's mask lets it see), so a prompt's tokens can come in one call: a later token's key is in the
 // cache, unseen, while an earlier one attends. Query head h reads key/value head h / (heads / kv_heads).
 // q, k, v: token i's at q + i * q_stride (heads × head_dim) and k/v + i * kv_stride (kv_heads × head_dim).
-void attend(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, float* y,
-            const LayerCache& cache, const int64_t* rows, const int64_t* pos, int64_t N, int64_t heads,
-            float scale) {
-  const int64_t hd = cache.head_dim, group = heads / cache.kv_heads, bytes = hd * sizeof(float);
+template <typename T>
+void attend_stored(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, float* y,
+                   const LayerCache& cache, const int64_t* rows, const int64_t* pos, int64_t N, int64_t heads,
+                   float scale) {
+  const int64_t hd = cache.head_dim, group = heads / cache.kv_heads;
   for (int64_t i = 0; i < N; ++i)
     for (int64_t h = 0; h < cache.kv_heads; ++h) {
       const int64_t at = cache.offset(rows[i], h, pos[i]);
-      std::memcpy(cache.keys + at, k + i * kv_stride + h * hd, bytes);
-      std::memcpy(cache.values + at, v + i * kv_stride + h * hd, bytes);
+      store(cache.at_keys<T>(at), k + i * kv_stride + h * hd, hd);
+      store(cache.at_values<T>(at), v + i * kv_stride + h * hd, hd);
     }
   // One thread (the part's, when a step is split): the engines run one torch thread each
   // (config.inference_threads), and an OpenMP team here would cost more than the attention of a few rows.
   std::vector<float> weights(cache.capacity + 16);
 #if defined(__AVX512F__)
-  const HeadKernel vector_head = vector_head_kernel(hd);
+  const HeadKernel<T> vector_head = vector_head_kernel<T>(hd);
 #endif
   for (int64_t task = 0; task < N * heads; ++task) {
     const int64_t i = task / heads, h = task % heads;
     const float* qh = q + i * q_stride + h * hd;
-    const float* keys = cache.keys + cache.offset(rows[i], h / group, 0);
-    const float* values = cache.values + cache.offset(rows[i], h / group, 0);
+    const T* keys = cache.at_keys<T>(cache.offset(rows[i], h / group, 0));
+    const T* values = cache.at_values<T>(cache.offset(rows[i], h / group, 0));
     float* out = y + i * heads * hd + h * hd;
 #if defined(__AVX512F__)
     if (vector_head != nullptr) {
@@ -447,6 +475,15 @@ void attend(const float* q, int64_t q_stride, const float* k, const float* v, in
 #endif
     attend_head(qh, keys, values, pos[i] + 1, hd, scale, weights.data(), out);
   }
+}
+
+void attend(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, float* y,
+            const LayerCache& cache, const int64_t* rows, const int64_t* pos, int64_t N, int64_t heads,
+            float scale) {
+  if (cache.half)
+    attend_stored<at::Half>(q, q_stride, k, v, kv_stride, y, cache, rows, pos, N, heads, scale);
+  else
+    attend_stored<float>(q, q_stride, k, v, kv_stride, y, cache, rows, pos, N, heads, scale);
 }
 
 // Rotary positions, as transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin, where
