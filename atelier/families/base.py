@@ -98,7 +98,7 @@ class TextServable(Protocol):
     def encode(self, text: str, chat: bool = False) -> list[int]: ...  # 1. request → work (chat: rendered template)
     def chat_prompt(self, messages: list[dict]) -> str: ...  # [{"role", "content"}] → the prompt, as text
     def new_cache(self, rows: int, dtype=None) -> Any: ...  # a KV cache with one row per sequence slot,
-    #    holding float32 (None) or, where the model decodes natively, float16 (the text engine's kv_dtype)
+    #    holding what the model computes in (None) or float16 (the text engine's kv_dtype)
     def forward(self, ids, cache, rows, pos, last=None): ...  # 2. (B, T) ids at positions pos → (B, T, vocab) logits;
     #    with last (B,): (B, vocab), row b's token last[b] only (a prefill wants its prompts' last tokens)
     def decode(self, ids: list[int]) -> str: ...  # 3. result → text (the engine streams whole characters)

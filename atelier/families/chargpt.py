@@ -60,8 +60,8 @@ class CharLM:
             return "python"
         return "native-int8" if self.model.decoder().native_int8_args is not None else "native"
 
-    def new_cache(self, rows: int, dtype: torch.dtype = torch.float32) -> chargpt.KVCache:
-        return chargpt.KVCache(self.model.config, rows, dtype)
+    def new_cache(self, rows: int, dtype: torch.dtype | None = None) -> chargpt.KVCache:
+        return chargpt.KVCache(self.model.config, rows, dtype or torch.float32)
 
     def forward(self, ids: torch.Tensor, cache, rows: torch.Tensor, pos: torch.Tensor,
                 last: torch.Tensor | None = None) -> torch.Tensor:

@@ -211,7 +211,8 @@ def prepare(seq: Sequence, context: int) -> None:
         raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {context}")
 
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # ATELIER_KV_CACHE_DTYPE
+# ATELIER_KV_CACHE_DTYPE: float32 is a float32 model's own (None: the family's default, the dtype it computes in)
+KV_DTYPES = {"float32": None, "float16": torch.float16}
 
 
 class TextEngine:
