@@ -131,17 +131,23 @@ def test_the_engine_writes_the_same_text_either_way():
     assert fast == slow and all(fast)
 
 
+T = 21  # prompt tokens: the AVX-512 attention takes 16 positions at a time, so a whole run and a part
+
+
+def prefill_case(n_embd: int, n_head: int):
+    """A random two-layer model, and two prompts of T tokens for cache rows 3 and 1."""
+    torch.manual_seed(0)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()
+    return model, torch.randint(0, 40, (2, T)), torch.tensor([3, 1]), torch.arange(T).expand(2, T)
+
+
 @pytest.mark.parametrize("n_embd, n_head", [(32, 4), (64, 4), (64, 2), (48, 1), (128, 2), (192, 1)])
 def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
     """Prompts prefilled in one native call (rows of different lengths, right-padded as the engine pads them)
     leave the logits and the cache the module path leaves. Heads of 8 take the attention's plain loops; heads
-    of 16, 32, 48, 64 and 192 its AVX-512 ones (every multiple of 16 up to 256 has one), where the CPU has them (-march=native), which take 16 positions at
-    a time: 21 of them are a whole run and a part."""
-    torch.manual_seed(0)
-    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()
-    T = 21
-    ids = torch.randint(0, 40, (2, T))
-    rows, pos = torch.tensor([3, 1]), torch.arange(T).expand(2, T)
+    of 16, 32, 48, 64 and 192 its AVX-512 ones (every multiple of 16 up to 256 has one), where the CPU has them
+    (-march=native)."""
+    model, ids, rows, pos = prefill_case(n_embd, n_head)
     caches = [KVCache(model.config, batch=4) for _ in range(2)]
     expected, _ = model(ids, cache=caches[0], rows=rows, pos=pos)  # grad on: the modules
     with torch.no_grad():
@@ -159,12 +165,8 @@ def test_a_float16_cache_is_written_and_read_as_the_module_path_does(n_embd, n_h
     """ATELIER_KV_CACHE_DTYPE=float16: the native step writes keys and values rounded to float16 (as the module
     path's .to(float16)) and attends over those floats, in the plain loops (heads of 8) and the AVX-512 ones.
     The two paths compute a key a float's rounding apart, which float16's rounding can put an ulp apart: so the
-    logits agree to about 1e-5, not 1e-6."""
-    torch.manual_seed(0)
-    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()
-    T = 21
-    ids = torch.randint(0, 40, (2, T))
-    rows, pos = torch.tensor([3, 1]), torch.arange(T).expand(2, T)
+    logits agree to 5e-5 here, where float32 caches agree to 1e-5."""
+    model, ids, rows, pos = prefill_case(n_embd, n_head)
     modules, native_16, python_16 = (KVCache(model.config, batch=4, dtype=torch.float16) for _ in range(3))
     full = KVCache(model.config, batch=4)
     assert model.decoder().native(native_16) is not None  # the kernels take a float16 cache

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import torch
 
+# What the native step's caches may hold (ATELIER_KV_CACHE_DTYPE): it writes keys and values rounded to either.
+NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
+
 
 def as_run(rows: list[int]) -> slice | None:
     """The rows as a slice when they are consecutive slots (the text engine keeps its active sequences

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atelier.common.native import kernels, step_parts
-from atelier.common.slots import one_token_step
+from atelier.common.slots import NATIVE_CACHE_DTYPES, one_token_step
 from atelier.families.hf_cache import SlotCache
 
 
@@ -123,7 +123,7 @@ class _Decoder:
             if not layer.is_initialized:
                 like = torch.zeros(1, self.cache_heads, 1, self.cache_head_dim)
                 layer.lazy_initialization(like, like)
-        return all(layer.keys.dtype in (torch.float32, torch.float16) for layer in cache.layers)
+        return all(layer.keys.dtype in NATIVE_CACHE_DTYPES for layer in cache.layers)
 
     def _native(self, cache: SlotCache, pos: torch.Tensor):
         """The native kernels when they can take this step, with every layer's buffers grown to the furthest

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from atelier.common.native import kernels, step_parts
-from atelier.common.slots import one_token_step, stepped
+from atelier.common.slots import NATIVE_CACHE_DTYPES, one_token_step, stepped
 from atelier.models import int8
 from atelier.models.tokenizer import CharTokenizer
 
@@ -346,9 +346,6 @@ class Decoder:
 # to read, 1.9× faster at 1 row; from 8 rows MKL's fp32 GEMM on the dequantized copies is faster than the
 # native int8 loops (benchmarks/compress_eval.py).
 INT8_ROWS = 4
-
-# The cache dtypes the native step reads and writes (ATELIER_KV_CACHE_DTYPE).
-NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
 # The matrices of a block's 12 decoder tensors, under their Hugging Face names (for the int8 ones).
 _MATRICES = {2: "attn.c_attn.weight", 4: "attn.c_proj.weight", 8: "mlp.c_fc.weight", 10: "mlp.c_proj.weight"}
 

@@ -335,16 +335,16 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Sixteen dot products' sums at once: lane p of the result is the sum of the lanes of a[slot16(p)], where
-// slot16(p) = 4·(p % 4) + p / 4 (the shuffles' tree below ends in that 4×4 transposition, so the caller files
-// its vectors by slot and gets its sums in order). Four levels of shuffles and adds: 15 adds for 16 sums,
-// where one _mm512_reduce_add_ps each cost 4 adds and 4 shuffles with a chain of latency behind them.
 // 16 cached floats from either storage: float16 widens exactly (vcvtph2ps).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// Sixteen dot products' sums at once: lane p of the result is the sum of the lanes of a[slot16(p)], where
+// slot16(p) = 4·(p % 4) + p / 4 (the shuffles' tree below ends in that 4×4 transposition, so the caller files
+// its vectors by slot and gets its sums in order). Four levels of shuffles and adds: 15 adds for 16 sums,
+// where one _mm512_reduce_add_ps each cost 4 adds and 4 shuffles with a chain of latency behind them.
 inline int slot16(int p) { return 4 * (p % 4) + p / 4; }
 
 inline __m512 sum16(const __m512* a) {
