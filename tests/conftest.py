@@ -214,6 +214,34 @@ def engine_texts(lm, requests: list[tuple[str, int, int]], *, max_batch: int = 8
         return pool.submit(asyncio.run, run()).result()
 
 
+def engine_answers(engine, requests: list[tuple[list[int], str, int, int]]) -> list[tuple[list[int], object]]:
+    """(tokens, Finished) for (prompt ids, owner, max_tokens, seed) requests submitted to `engine` at once."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Finished, Sequence, TextChunk
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        with engine._wake:  # admitted together
+            for i, (ids, owner, n, seed) in enumerate(requests):
+                engine.submit(Sequence(index=i, prompt_ids=ids, params=SamplingParams(ignore_eos=True), max_tokens=n,
+                                       stop=[], seed=seed, loop=loop, events=events, owner=owner))
+        out: list = [[[], None] for _ in requests]
+        while any(f is None for _, f in out):
+            i, event = await asyncio.wait_for(events.get(), 30)
+            if isinstance(event, TextChunk):
+                out[i][0] += [s.token for s in event.tokens]
+            else:
+                assert isinstance(event, Finished), event
+                out[i][1] = event
+        return [tuple(o) for o in out]
+
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own (the studio's browser tests keep one in this thread)
+        return pool.submit(asyncio.run, run()).result(60)
+
+
 def make_tiny_image_models(root: Path) -> dict[str, Path]:
     """Folders of a tiny ddpm (with a tiny ×2 upscaler) and a tiny dcgan (seeded random weights, perturbed so
     every layer matters)."""

@@ -134,3 +134,32 @@ def test_a_float16_kv_cache_reaches_the_engine_process(server, tmp_path):
     assert {m["name"]: m["kv_cache"] for m in admin_http(server).get("/api/ps").json()["data"]}["tang-poet"] == \
         "float32"
     assert len(want) == 40 and got == want
+
+
+def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(server, tmp_path):
+    """Prefix caching through the server and the engine process: a prompt that continues the last one (its
+    prompt, its completion, more) computes only what its slot lacks, as usage.prompt_tokens_details.cached_tokens
+    says, streamed too, and writes what a server without the cache writes; another key's identical request finds
+    nothing of the first key's."""
+    first = {"model": "tang-poet", "prompt": "白日依山尽，", "max_tokens": 16, "seed": 8, "ignore_eos": True}
+    with admin_http(server) as admin:
+        r1 = admin.post("/v1/completions", json=first).json()
+        second = first | {"prompt": first["prompt"] + r1["choices"][0]["text"] + "黄河", "seed": 9}
+        r2 = admin.post("/v1/completions", json=second).json()
+        assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 1 + len(first["prompt"]) + 16 - 1  # <bos>
+        r = admin.post("/api/keys", json={"name": "other", "scopes": ["generate"]})
+        assert r.status_code == 201, r.text
+    other = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {r.json()['key']}"}, timeout=60)
+    r3 = other.post("/v1/completions", json=second).json()
+    text = lambda r: r["choices"][0]["text"]  # noqa: E731
+    assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and text(r3) == text(r2)
+    chunks = admin_openai(server).completions.create(**{k: v for k, v in second.items() if k != "ignore_eos"},
+                                                     extra_body={"ignore_eos": True}, stream=True,
+                                                     stream_options={"include_usage": True})
+    usage = [c.usage for c in chunks if c.usage][0]
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # all but the last token
+    with LiveServer(make_settings(tmp_path / "off", runtime="process", prefix_cache=False)) as off:
+        for body in (first, second):
+            fresh = admin_http(off).post("/v1/completions", json=body).json()
+            assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert text(fresh) == text(r2)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, engine_texts, make_settings
+from conftest import ADMIN_KEY, LiveServer, admin_http, admin_openai, engine_answers, engine_texts, make_settings
 
 # Varied text so that frequent Han characters become single tokens and rare ones stay bytes.
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。",
@@ -424,3 +424,36 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
                 assert a.keys.dtype == b.keys.dtype == dtype
                 torch.testing.assert_close(a.keys.float(), b.keys.float(), atol=1e-5 if kv == "float32" else 2e-3,
                                            rtol=1e-5 if kv == "float32" else 2e-3)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_a_chats_next_turn_reads_the_conversation_from_the_cache(folders, kind, native_kernels):
+    """Prefix caching on an imported model: the second turn's prompt (the chat template over the first turn, its
+    answer and a new message) finds the first turn's tokens in the slot it left, as far as the template's text
+    tokenizes the same, and computes the rest at their positions; the answer is the one a whole prefill gives.
+    Native steps, and the Python paths (transformers' modules prefilling at an offset through SlotCache)."""
+    from atelier.common import native
+    from atelier.families import get_family
+    from atelier.runtime.text_engine import TextEngine
+
+    lm = get_family("hf-causal-lm").load(folders[kind])
+    first = [{"role": "system", "content": "你是诗人。"}, {"role": "user", "content": "写雪"}]
+    native.use(native_kernels)
+    try:
+        runs = []
+        for prefix_cache in (True, False):
+            engine = TextEngine(lm, 2, prefix_cache=prefix_cache)
+            p1 = lm.encode(lm.chat_prompt(first), chat=True)
+            [(t1, _)] = engine_answers(engine, [(p1, "key", 10, 1)])
+            second = first + [{"role": "assistant", "content": lm.decode(t1)}, {"role": "user", "content": "再写月"}]
+            p2 = lm.encode(lm.chat_prompt(second), chat=True)
+            [(t2, done)] = engine_answers(engine, [(p2, "key", 10, 2)])
+            engine.close()
+            runs.append((t2, done.cached_tokens))
+    finally:
+        native.use(True)
+    held = p1 + t1[:-1]
+    same = next((i for i, (a, b) in enumerate(zip(held, p2)) if a != b), min(len(held), len(p2)))
+    assert same >= len(p1) - 2 and 2 * same >= len(held)  # the template's text splits the same up to the answer
+    assert runs[0] == (runs[1][0], same) and runs[1][1] == 0

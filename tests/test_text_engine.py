@@ -7,7 +7,7 @@ of slots), and waiting sequences are admitted. None of it may change what a sequ
 
 import pytest
 import torch
-from conftest import engine_texts
+from conftest import engine_answers, engine_texts
 
 from atelier.families.chargpt import CharLM
 from atelier.models.chargpt import CharGPT, ChargptConfig
@@ -76,3 +76,59 @@ def test_a_character_model_writes_the_same_text_from_its_table_of_pieces():
         assert engine_texts(lm, requests, max_batch=2) == with_table
     finally:
         del lm.token_pieces
+
+
+def conversation(lm, *, prefix_cache: bool) -> list[tuple[list[int], int]]:
+    """(tokens, cached prompt tokens) of each request of a scripted exchange on one engine: a's turn, a's next
+    turn (its prompt: the first turn, its answer and more), the same again with another seed, b sending a's
+    prompt, then two owners' turns together and their next turns together, b's first."""
+    from atelier.runtime.text_engine import TextEngine
+
+    engine = TextEngine(lm, 4, prefix_cache=prefix_cache)
+    more = lambda text: lm.encode(text)[1:]  # noqa: E731 — without the <bos> a prompt starts with
+    results = []
+
+    def turn(*requests):
+        answers = engine_answers(engine, list(requests))
+        results.extend((tokens, done.cached_tokens) for tokens, done in answers)
+        return [tokens for tokens, _ in answers]
+
+    p1 = lm.encode("春眠")
+    (t1,) = turn((p1, "a", 6, 1))
+    p2 = p1 + t1 + more("夜来")
+    turn((p2, "a", 8, 2))
+    turn((p2, "a", 8, 3))
+    turn((p2, "b", 8, 3))
+    q1, r1 = lm.encode("床前"), lm.encode("举头")
+    tq, tr = turn((q1, "a", 12, 4), (r1, "b", 3, 5))
+    turn((r1 + tr + more("低"), "b", 5, 6), (q1 + tq + more("月"), "a", 5, 7))
+    engine.close()
+    return results
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["native", "python"])
+def test_a_next_turn_computes_only_what_its_slot_lacks_and_writes_what_a_whole_prefill_would(on):
+    """Prefix caching: a freed slot keeps its sequence's keys and values, and the same owner's next prompt that
+    starts with those tokens computes only the rest (the turn's prompt but its last token, whose logits give the
+    first new one), on the native step and the Python paths. Every seeded sample is the one an engine without the
+    cache writes; another owner never reads what a was sent."""
+    from atelier.common import native
+
+    lm = tiny_lm()
+    native.use(on)
+    try:
+        cached = conversation(lm, prefix_cache=True)
+        fresh = conversation(lm, prefix_cache=False)
+    finally:
+        native.use(True)
+    assert [tokens for tokens, _ in cached] == [tokens for tokens, _ in fresh]
+    assert all(n == 0 for _, n in fresh)
+    p1, t1, more = 3, 6, 2  # <bos>春眠; a's answer; 夜来
+    second = [n for _, n in cached]
+    assert second[:4] == [0, p1 + t1 - 1, p1 + t1 + more - 1, 0]  # b's copy of a's prompt: nothing of a's
+    # Two owners at once, then their next turns, b's admitted first: native, each finds its own slot; the Python
+    # paths copy b's rows into the lowest free slot (the active rows stay a run), which was a's, whose turn then
+    # starts afresh.
+    q1, tq, r1, tr = 3, 12, 3, 3
+    assert second[4:6] == [0, 0]
+    assert second[6:] == ([r1 + tr - 1, q1 + tq - 1] if on else [r1 + tr - 1, 0])

@@ -78,7 +78,7 @@ def encode(sid: int, event) -> list:
     if isinstance(event, TextChunk):
         return [sid, "t", event.text, [[s.token, s.logprob, s.top] for s in event.tokens]]
     if isinstance(event, Finished):
-        return [sid, "f", event.reason, event.prompt_tokens, event.completion_tokens]
+        return [sid, "f", event.reason, event.prompt_tokens, event.completion_tokens, event.cached_tokens]
     if isinstance(event, EngineClosed):
         return [sid, "c", str(event)]
     return [sid, "e", f"{type(event).__name__}: {event}"]
@@ -89,7 +89,7 @@ def decode(item: list):
     if kind == "t":
         return TextChunk(item[2], [Sampled(token, logprob, [tuple(t) for t in top]) for token, logprob, top in item[3]])
     if kind == "f":
-        return Finished(item[2], item[3], item[4])
+        return Finished(item[2], item[3], item[4], item[5])
     if kind == "c":
         return EngineClosed(item[2])
     return RuntimeError(item[2])
@@ -102,9 +102,9 @@ class ProcessTextEngine:
     runtime = "process"  # GET /api/ps says where a loaded model runs
 
     def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int,
-                 native: bool, context: int, kv_dtype: str = "float32"):
+                 native: bool, context: int, kv_dtype: str = "float32", prefix_cache: bool = True):
         self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
-                     str(threads), str(step_threads), "1" if native else "0", kv_dtype]
+                     str(threads), str(step_threads), "1" if native else "0", kv_dtype, "1" if prefix_cache else "0"]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
         self._lock = threading.Lock()  # the live table, the channel, closing
@@ -153,7 +153,8 @@ class ProcessTextEngine:
             sid = next(self._ids)
             self._live[sid] = seq
             message = {"op": "submit", "id": sid, "prompt_ids": list(seq.prompt_ids), "max_tokens": seq.max_tokens,
-                       "stop": list(seq.stop), "seed": seq.seed, "params": dataclasses.asdict(seq.params)}
+                       "stop": list(seq.stop), "seed": seq.seed, "params": dataclasses.asdict(seq.params),
+                       "owner": seq.owner}
             try:
                 self._channel.send(message)
             except OSError:
@@ -261,11 +262,12 @@ class ProcessRuntime:
 
         self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
         self.step_threads, self.kv_dtype = step_threads(settings), settings.kv_cache_dtype
+        self.prefix_cache = settings.prefix_cache
 
     def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
         return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads,
                                  step_threads=self.step_threads, native=self.native, context=servable.context,
-                                 kv_dtype=self.kv_dtype)
+                                 kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache)
 
     def close(self) -> None:
         pass  # each engine stops its own child when its model is unloaded
@@ -299,7 +301,7 @@ def serve(channel: Channel, engine_for) -> None:
                 continue
             seq = Sequence(index=message["id"], prompt_ids=message["prompt_ids"],
                            params=SamplingParams(**message["params"]), max_tokens=message["max_tokens"],
-                           stop=message["stop"], seed=message["seed"], loop=None, events=None)
+                           stop=message["stop"], seed=message["seed"], loop=None, events=None, owner=message["owner"])
             live[seq.index] = seq
             try:
                 engine.submit(seq)
@@ -311,7 +313,7 @@ def serve(channel: Channel, engine_for) -> None:
 
 
 def main(argv: list[str]) -> int:
-    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, fd = argv
+    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, prefix_cache, fd = argv
     channel = Channel(socket.socket(fileno=int(fd)))
     try:
         import torch
@@ -329,7 +331,8 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 — said to the server, which answers the request with a 503
         channel.send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
-    serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver, kv_dtype=kv_dtype))
+    serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver, kv_dtype=kv_dtype,
+                                              prefix_cache=prefix_cache == "1"))
     channel.close()
     return 0
 

@@ -100,7 +100,7 @@ class Loaded:
 class ModelManager:
     def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
                  keep_alive: str | float = "5m", max_batch: int = 16, kv_cache_dtype: str = "float32",
-                 image_max_batch: int = 16, image_wait_ms: float = 10.0, image_threads: int = 1, remote=None):
+                 prefix_cache: bool = True, image_max_batch: int = 16, image_wait_ms: float = 10.0, image_threads: int = 1, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
         # a RayRuntime (runtime/ray_serve.py: text and image engines on Ray Serve) or a ProcessRuntime
         # (runtime/engine_process.py: text engines in child processes); None: every engine in this process
@@ -108,7 +108,7 @@ class ModelManager:
         self.max_loaded, self.max_memory = max_loaded, max_memory
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
-        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_cache_dtype, self.prefix_cache = kv_cache_dtype, prefix_cache
         self.image_threads = image_threads
         self._loaded: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
         self._loading: dict[tuple[str, int], threading.Event] = {}  # versions being loaded, by one request each
@@ -244,7 +244,7 @@ class ModelManager:
         if self.remote is not None and family.engine in self.remote.kinds:
             engine = self.remote.engine(family.engine, family.name, folder, servable)
         elif family.engine == "text":
-            engine = TextEngine(servable, self.max_batch, kv_dtype=self.kv_cache_dtype)
+            engine = TextEngine(servable, self.max_batch, kv_dtype=self.kv_cache_dtype, prefix_cache=self.prefix_cache)
         elif family.engine == "image":
             engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms,
                                  threads=self.image_threads)

@@ -90,14 +90,15 @@ class _Replica:
 
 @serve.deployment(name="TextModels")
 class TextModels(_Replica):
-    def __init__(self, threads: int | None, max_batch: int, models_per_replica: int, kv_dtype: str = "float32"):
+    def __init__(self, threads: int | None, max_batch: int, models_per_replica: int, kv_dtype: str = "float32",
+                 prefix_cache: bool = True):
         super().__init__(threads)
-        self.max_batch, self.kv_dtype = max_batch, kv_dtype
+        self.max_batch, self.kv_dtype, self.prefix_cache = max_batch, kv_dtype, prefix_cache
         self.get_model = multiplexed(self._get_model, models_per_replica)
 
     async def _get_model(self, model: str) -> _Held:
         lm = await asyncio.to_thread(_load, model)
-        return _Held(TextEngine(lm, self.max_batch, kv_dtype=self.kv_dtype))
+        return _Held(TextEngine(lm, self.max_batch, kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache))
 
     async def generate(self, request: dict):
         """One choice: TextChunk events, then Finished (or the engine's exception)."""
@@ -207,7 +208,7 @@ class RayTextEngine(_Proxy):
     def submit(self, seq: Sequence) -> Sequence:
         # The replica's TextEngine checks the prompt against the context (and the route has, before it).
         payload = {"index": seq.index, "prompt_ids": list(seq.prompt_ids), "params": seq.params,
-                   "max_tokens": seq.max_tokens, "stop": list(seq.stop), "seed": seq.seed}
+                   "max_tokens": seq.max_tokens, "stop": list(seq.stop), "seed": seq.seed, "owner": seq.owner}
         self._start(seq.loop, payload, lambda event: seq.events.put_nowait((seq.index, event)),
                     lambda: seq.cancelled)
         return seq
@@ -241,7 +242,7 @@ class RayRuntime:
                    "max_ongoing_requests": 64}
         self.text = serve.run(TextModels.options(**options).bind(settings.threads, settings.max_batch,
                                                                  settings.ray_models_per_replica,
-                                                                 settings.kv_cache_dtype),
+                                                                 settings.kv_cache_dtype, settings.prefix_cache),
                               name=TEXT_APP, route_prefix=None)
         self.image = serve.run(ImageModels.options(**options).bind(settings.threads, settings.image_max_batch,
                                                                    settings.image_batch_wait_ms,

@@ -17,17 +17,26 @@ A sequence leaves its slot when it finishes or is cancelled (client gone), and a
 one takes a slot at the next iteration, so short and long requests share the batch. A step's text
 goes out just before the next forward starts (or before the worker waits for work), and a native
 forward wakes the event loops itself once it has let go of the GIL, so they turn tokens into SSE
-chunks while it runs instead of taking the GIL from the worker in the middle of its Python. The
-active sequences always hold slots 0…n-1 (the last one moves into a slot that frees, cache
-rows and all), so a decoding step reads the cache as one run of rows instead of gathering
-them. When the engine closes (its model is unloaded), every waiting and running sequence
-gets an EngineClosed event instead of hanging.
+chunks while it runs instead of taking the GIL from the worker in the middle of its Python. On the
+Python paths the active sequences hold slots 0…n-1 (the last one moves into a slot that frees, cache
+rows and all), so a decoding step reads the cache as one run of rows instead of gathering them; the
+native step takes any rows, and a freed slot stays a hole. When the engine closes (its model is
+unloaded), every waiting and running sequence gets an EngineClosed event instead of hanging.
+
+Prefix caching (ATELIER_PREFIX_CACHE, as llama.cpp's server keeps a slot's prompt and vLLM its
+blocks): a freed slot's cache rows still hold the keys and values of its last sequence's tokens, and
+a sequence admitted with the same `owner` (the API key) whose prompt starts with some of those tokens
+takes that slot and computes only the rest of its prompt (the next turn of a chat carries the whole
+conversation before it). Keys at a position depend only on the tokens up to it, so the reused ones
+are those a prefill would write, to a float's rounding (a step of one row and a prefill of many sum in
+different orders). Owners never share: a hit would tell one key, by its speed, what another sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import os
 import threading
@@ -58,6 +67,7 @@ class Finished:
     reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values were in the cache already (prefix caching)
 
 
 class Outbox:
@@ -183,7 +193,9 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: bool = False
+    owner: str | None = None  # who may reuse the cache this sequence leaves, and whose it may reuse (the key)
     # worker-side state
+    cached: int = 0  # leading prompt tokens found in its slot's cache, not computed again
     generated: list[int] = field(default_factory=list)
     sampled: list[Sampled] = field(default_factory=list)
     text: str = ""
@@ -217,11 +229,12 @@ KV_DTYPES = {"float32": None, "float16": torch.float16}
 
 class TextEngine:
     def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None,
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", prefix_cache: bool = True):
         """`deliver`: where each step's events go, as [(sequence, event), …], instead of the sequences'
         event loops (an engine process sends them to the server: runtime/engine_process.py). `kv_dtype`
         (ATELIER_KV_CACHE_DTYPE): what the KV cache holds, "float16" or "float32"; every path writes keys and
-        values rounded to it and attends over them as floats, so they agree on either."""
+        values rounded to it and attends over them as floats, so they agree on either. `prefix_cache`
+        (ATELIER_PREFIX_CACHE): reuse what freed slots hold (the module's docstring)."""
         self.lm = lm
         self._deliver = deliver
         self._pieces = getattr(lm, "token_pieces", None)  # each token's own text, when it never joins others
@@ -230,6 +243,12 @@ class TextEngine:
         self.cache = lm.new_cache(max_batch, dtype=KV_DTYPES[kv_dtype])
         self.native_decoding = str(getattr(lm, "decoding", "")).startswith("native")
         self.slots: list[Sequence | None] = [None] * max_batch
+        self.prefix_cache = prefix_cache
+        # Per free slot: (owner, tokens) whose keys and values its cache rows hold at positions 0…len-1, and
+        # when it was freed (the slot freed longest ago is the one to overwrite).
+        self._held: list[tuple[str | None, list[int]] | None] = [None] * max_batch
+        self._freed_at = [0] * max_batch
+        self._frees = itertools.count(1)
         self.waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -263,6 +282,7 @@ class TextEngine:
             self._send()  # the worker has stopped: its outgoing list is this thread's now
             self.waiting.clear()
             self.slots = [None] * self.max_batch
+            self._held = [None] * self.max_batch
 
     # -- worker -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -284,6 +304,7 @@ class TextEngine:
                     if s is not None:
                         self._post(s, RuntimeError("generation failed"))
                         self.slots[i] = None
+                self._held = [None] * self.max_batch  # a step that failed may have written anywhere
 
     def _post(self, seq: Sequence, event) -> None:
         self._outgoing.append((seq, event))
@@ -316,22 +337,53 @@ class TextEngine:
                 seq = self.waiting.popleft()
                 if seq.cancelled:
                     continue
-                seq.slot = free.pop(0)
+                seq.slot = self._take_slot(seq, free)
                 self.slots[seq.slot] = seq
                 admitted.append(seq)
         chunk: list[Sequence] = []
-        width = 0  # the longest prompt in the chunk: every row is padded to it
+        width = 0  # the longest prompt left to compute in the chunk: every row is padded to it
         for seq in admitted:
             seq.generator = torch.Generator().manual_seed(seq.seed)
-            width = max(width, len(seq.prompt_ids))
+            width = max(width, len(seq.prompt_ids) - seq.cached)
             if chunk and width * (len(chunk) + 1) > PREFILL_TOKENS:
                 self._prefill(chunk)
-                chunk, width = [], len(seq.prompt_ids)
+                chunk, width = [], len(seq.prompt_ids) - seq.cached
             chunk.append(seq)
         if chunk and not fuse:
             self._prefill(chunk)
             chunk = []
         return chunk
+
+    def _take_slot(self, seq: Sequence, free: list[int]) -> int:
+        """Take a free slot for seq (removed from `free`): the lowest (Python paths) or the one freed longest ago
+        (native, with prefix caching: the others keep their owners' last turns a while longer). With prefix
+        caching, a slot whose tokens seq's prompt continues (at least half of them: a conversation's next turn,
+        as llama.cpp's server judges a slot's prompt similar) is taken instead, the longest such match first;
+        a shared start alone (a system prompt, <bos>) is reused only where the slot taken anyway holds it.
+        seq.cached says how much of its prompt the slot holds; its last token is computed all the same (its
+        logits give the first new token). The Python paths copy those rows into their slot, keeping the active
+        rows a run."""
+        holes = self._leaves_holes()
+        slot = min(free, key=self._freed_at.__getitem__) if holes and self.prefix_cache else free[0]
+        if self.prefix_cache:
+            held = {i: self._held[i][1] for i in free if self._held[i] is not None and self._held[i][0] == seq.owner}
+            match = {i: _common_prefix(tokens, seq.prompt_ids) for i, tokens in held.items()}
+            continued = [i for i, n in match.items() if n and 2 * n >= len(held[i])]
+            source = max(continued, key=match.__getitem__) if continued else slot
+            reuse = min(match.get(source, 0), len(seq.prompt_ids) - 1)
+            if reuse > 0:
+                if holes:
+                    slot = source
+                elif source != slot:
+                    self.cache.copy_rows(torch.tensor([source]), torch.tensor([slot]), reuse)
+                seq.cached = reuse
+        free.remove(slot)
+        self._held[slot] = None
+        return slot
+
+    def _leaves_holes(self) -> bool:
+        """Whether a freed slot stays empty (the native step takes any rows) rather than taking the last row."""
+        return self.native_decoding and kernels() is not None
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Every prompt into its slot, then the first token of each: a step of prompts only."""
@@ -350,20 +402,25 @@ class TextEngine:
             self._step(active, joining, native)
 
     def _step(self, active: list[Sequence], joining: list[Sequence], native) -> None:
-        """One forward: the last token of each active row at its position, and each joining prompt whole from
-        position 0, rows right-padded to the longest prompt; each row's logits at its last real token. The
-        native step computes no padding. The Python paths write a padded position to the cache past its row's
-        prompt, masked from every real query (keys are masked by position), and decoding overwrites it before
-        any query can see it; they take prompts or active rows, never both (an active row's padding could
-        pass the context). `native`: the kernels, armed to wake the event loops once they let go of the GIL."""
-        width = max([len(s.prompt_ids) for s in joining], default=1)
+        """One forward: the last token of each active row at its position, and each joining prompt from the
+        first token its slot's cache lacks (position seq.cached, 0 but for a prefix found there), rows
+        right-padded to the longest; each row's logits at its last real token. The native step computes no
+        padding. The Python paths write a padded position to the cache past its row's prompt (at most at the
+        context's last), masked from every real query (keys are masked by position), and decoding overwrites
+        it before any query can see it; they take prompts or active rows, never both. `native`: the kernels,
+        armed to wake the event loops once they let go of the GIL."""
+        width = max([len(s.prompt_ids) - s.cached for s in joining], default=1)
         ids = torch.tensor([[s.generated[-1]] * width for s in active] +
-                           [s.prompt_ids + [s.prompt_ids[-1]] * (width - len(s.prompt_ids)) for s in joining])
-        start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] + [0] * len(joining))
-        last = torch.tensor([0] * len(active) + [len(s.prompt_ids) - 1 for s in joining])
+                           [s.prompt_ids[s.cached:] + [s.prompt_ids[-1]] * (width - len(s.prompt_ids) + s.cached)
+                            for s in joining])
+        start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] + [s.cached for s in joining])
+        last = torch.tensor([0] * len(active) + [len(s.prompt_ids) - s.cached - 1 for s in joining])
         rows = torch.tensor([s.slot for s in active + joining])
+        pos = start[:, None] + torch.arange(width)
+        if width > 1:
+            pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
         self._send(native)
-        logits = self.lm.forward(ids, self.cache, rows, start[:, None] + torch.arange(width), last=last)
+        logits = self.lm.forward(ids, self.cache, rows, pos, last=last)
         if native is not None:
             wake(native.disarm())  # the step did not run natively after all: wake the loops now
         self._sample_and_accept(active + joining, logits)
@@ -424,19 +481,21 @@ class TextEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._flush(seq, len(seq.text), final=True)
         completion = len(seq.generated)
-        self._post(seq, Finished(reason, len(seq.prompt_ids), completion))
+        self._post(seq, Finished(reason, len(seq.prompt_ids), completion, seq.cached))
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Free seq's slot. For the Python paths the active sequence in the highest slot moves into it, keeping
-        the active rows a run of slots (their steps attend over a view of the cache then, not a gathered
-        copy); the native step takes any rows, and moving one (its keys and values, 1.2 MB for tang-poet)
-        cost 0.33 ms, about every other step at 32 clients."""
+        """Free seq's slot, which keeps its tokens' keys and values for the owner's next prompt. For the Python
+        paths the active sequence in the highest slot moves into it, keeping the active rows a run of slots
+        (their steps attend over a view of the cache then, not a gathered copy), and its old slot holds its
+        tokens so far; the native step takes any rows, and moving one (its keys and values, 1.2 MB for
+        tang-poet) cost 0.33 ms, about every other step at 32 clients."""
         slot = seq.slot
         if not (0 <= slot < len(self.slots) and self.slots[slot] is seq):
             return
         self.slots[slot] = None
-        if self.native_decoding and kernels() is not None:
+        self._hold(slot, seq)
+        if self._leaves_holes():
             return
         last = max((i for i, s in enumerate(self.slots) if s is not None), default=-1)
         if last > slot:
@@ -444,3 +503,19 @@ class TextEngine:
             written = min(self.context, len(moving.prompt_ids) + len(moving.generated))
             self.cache.copy_rows(torch.tensor([last]), torch.tensor([slot]), written)
             self.slots[slot], self.slots[last], moving.slot = moving, None, slot
+            self._held[slot] = None
+            self._hold(last, moving)
+
+    def _hold(self, slot: int, seq: Sequence) -> None:
+        """Slot `slot` is free and its rows hold seq's tokens so far: its prompt, once prefilled (a first token
+        was sampled from it), and every generated token but the last (each is written by the step it feeds)."""
+        self._held[slot] = (seq.owner, seq.prompt_ids + seq.generated[:-1]) if seq.generated else None
+        self._freed_at[slot] = next(self._frees)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

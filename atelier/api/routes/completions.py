@@ -91,8 +91,9 @@ def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
     return Plan(prompts, body.n, max_tokens, body.stop_list(), seed, params)
 
 
-def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
-    """Submit every choice; choice i of the request uses seed + i."""
+def _start(plan: Plan, engine, owner: str) -> tuple[list[Sequence], asyncio.Queue]:
+    """Submit every choice; choice i of the request uses seed + i. `owner` (the key's id): whose cached prompts
+    its sequences may reuse (prefix caching, runtime/text_engine.py)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     seqs = []
@@ -101,7 +102,8 @@ def _start(plan: Plan, engine) -> tuple[list[Sequence], asyncio.Queue]:
             index = p * plan.n + j
             seqs.append(engine.submit(Sequence(index=index, prompt_ids=ids, params=plan.params,
                                                max_tokens=plan.max_tokens, stop=plan.stop,
-                                               seed=(plan.seed + index) % 2**63, loop=loop, events=events)))
+                                               seed=(plan.seed + index) % 2**63, loop=loop, events=events,
+                                               owner=owner)))
     return seqs, events
 
 
@@ -139,7 +141,8 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue,
 def _usage(finished: dict[int, Finished], plan: Plan) -> dict:
     prompt = sum(len(p) for p in plan.prompts) * plan.n
     completion = sum(f.completion_tokens for f in finished.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in finished.values())}}
 
 
 def _completion_logprobs(chunks: list, lm, offset0: int = 0) -> dict:
@@ -234,11 +237,11 @@ async def _text_model(manager: ModelManager, db, body: SamplingFields, key) -> L
     return loaded
 
 
-def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingFields, plan_fn):
+def _start_or_release(manager: ModelManager, loaded: Loaded, body: SamplingFields, plan_fn, owner: str):
     """Plan and submit; on a bad request or a closed engine, give the model back first."""
     try:
         plan = plan_fn()
-        return plan, *_start(plan, loaded.engine)
+        return plan, *_start(plan, loaded.engine, owner)
     except EngineClosed as e:
         manager.release(loaded, body.keep_alive)
         raise unloaded(e) from None
@@ -285,7 +288,8 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     loaded = await _text_model(manager, db, body, key)
     lm = loaded.servable
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
-        body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None))
+        body, texts, lm, settings, max_tokens=body.max_tokens, prompt_param="prompt", logprobs=body.logprobs or None),
+        owner=key.id)
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = "\n".join(texts)
@@ -364,7 +368,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     plan, seqs, events = _start_or_release(manager, loaded, body, lambda: _plan(
         body, [lm.chat_prompt(messages)], lm, settings, max_tokens=max_tokens, prompt_param="messages",
-        logprobs=logprobs, chat=True))
+        logprobs=logprobs, chat=True), owner=key.id)
     release = lambda: manager.release(loaded, body.keep_alive)  # noqa: E731
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = json.dumps(messages, ensure_ascii=False)
