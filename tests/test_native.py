@@ -160,6 +160,31 @@ def test_a_native_prefill_matches_the_module_path(n_embd, n_head):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_embd, n_head", [(32, 4), (64, 4), (192, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_prompt_continuing_what_its_rows_hold_attends_as_the_module_path(n_embd, n_head, dtype):
+    """16 or more tokens of one row at consecutive positions (a prompt, or what of it a slot's cache lacked)
+    attend as products: blocks of 32 tokens against every key the block's last one sees. Here 70 tokens (two
+    whole blocks and a part) continue rows 3 and 1 from positions 40 and 10: the logits and the cache are the
+    module path's, over a float32 cache and a float16 one."""
+    torch.manual_seed(0)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=128, n_embd=n_embd, n_layer=2, n_head=n_head)).eval()
+    rows, start = torch.tensor([3, 1]), torch.tensor([40, 10])
+    caches = [KVCache(model.config, batch=4, dtype=dtype) for _ in range(2)]
+    held = torch.randint(0, 40, (2, 40))
+    for cache in caches:  # what the rows hold, the same in both: the modules' prefill
+        model(held, cache=cache, rows=rows, pos=torch.arange(40).expand(2, 40))
+    ids, pos = torch.randint(0, 40, (2, 70)), start[:, None] + torch.arange(70)
+    expected, _ = model(ids, cache=caches[0], rows=rows, pos=pos)  # grad on: the modules
+    with torch.no_grad():
+        assert model.decoder().native(caches[1]) is not None
+        got, _ = model(ids, cache=caches[1], rows=rows, pos=pos)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(caches[1].kv.float(), caches[0].kv.float(), atol=1e-3 if dtype == torch.float16
+                               else 1e-6, rtol=1e-3 if dtype == torch.float16 else 1e-6)
+
+
 @pytest.mark.parametrize("n_embd, n_head", [(32, 4), (48, 1), (192, 1)])
 def test_a_float16_cache_is_written_and_read_as_the_module_path_does(n_embd, n_head):
     """ATELIER_KV_CACHE_DTYPE=float16: the native step writes keys and values rounded to float16 (as the module
