@@ -493,8 +493,8 @@ template <typename T>
 void attend_run(const float* q, int64_t q_stride, float* y, const LayerCache& cache, int64_t row, int64_t p0,
                 int64_t n, int64_t heads, float scale) {
   const int64_t hd = cache.head_dim, group = heads / cache.kv_heads, length = p0 + n;
-  std::vector<float> key_scratch, value_scratch, queries(kQueryBlock * group * hd),
-      scores(kQueryBlock * group * length), out(kQueryBlock * group * hd);
+  const int64_t rows = std::min(n, kQueryBlock) * group;  // a block's query heads
+  std::vector<float> key_scratch, value_scratch, queries(rows * hd), scores(rows * length), out(rows * hd);
   for (int64_t h = 0; h < cache.kv_heads; ++h) {
     const int64_t at = cache.offset(row, h, 0);
     const float* keys = as_floats(cache.at_keys<T>(at), length * hd, key_scratch);
