@@ -138,6 +138,9 @@ def test_write_streams_the_same_text_as_the_api(page, image_server):
     usage = page.inner_text("#write-usage")
     assert f"completion tokens\n{ref['usage']['completion_tokens']}" in usage
     assert "tang-poet@1" in usage
+    page.click(f"{form} button[type=submit]")  # the same prompt again: a slot holds its keys and values
+    page.wait_for_function("() => document.querySelector('#write-usage').innerText.includes('speed')")
+    assert "cached prompt tokens\n6" in page.inner_text("#write-usage")  # all but its last token (<bos> + 6)
 
 
 def test_write_stop_aborts_the_stream(page):

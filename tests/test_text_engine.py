@@ -126,9 +126,30 @@ def test_a_next_turn_computes_only_what_its_slot_lacks_and_writes_what_a_whole_p
     p1, t1, more = 3, 6, 2  # <bos>春眠; a's answer; 夜来
     second = [n for _, n in cached]
     assert second[:4] == [0, p1 + t1 - 1, p1 + t1 + more - 1, 0]  # b's copy of a's prompt: nothing of a's
-    # Two owners at once, then their next turns, b's admitted first: native, each finds its own slot; the Python
-    # paths copy b's rows into the lowest free slot (the active rows stay a run), which was a's, whose turn then
-    # starts afresh.
+    # Two owners' new poems at once: native, each copies the <bos> its owner's slots hold into a slot freed
+    # longest ago; the Python paths take the lowest slots, the one b's tokens were in first. Then their next
+    # turns, b's admitted first: native, each continues its own slot in place; the Python paths copy b's rows
+    # into the lowest free slot (the active rows stay a run), which was a's, whose turn then starts afresh.
     q1, tq, r1, tr = 3, 12, 3, 3
-    assert second[4:6] == [0, 0]
+    assert second[4:6] == ([1, 1] if on else [0, 0])
     assert second[6:] == ([r1 + tr - 1, q1 + tq - 1] if on else [r1 + tr - 1, 0])
+
+
+def test_the_same_prompt_again_copies_what_it_finds_and_the_conversation_keeps_its_slot():
+    """Native steps: a prompt sent again after a long answer (a regenerated reply) finds its tokens in the slot
+    of the first, copied into a slot of its own, so that slot still holds the first answer for the turn that
+    continues it. The same tokens as an engine without the cache, at every step."""
+    from atelier.runtime.text_engine import TextEngine
+
+    lm = tiny_lm()
+    p = lm.encode("春眠")
+    runs = []
+    for prefix_cache in (True, False):
+        engine = TextEngine(lm, 4, prefix_cache=prefix_cache)
+        [(first, a)] = engine_answers(engine, [(p, "a", 20, 1)])
+        [(again, b)] = engine_answers(engine, [(p, "a", 20, 2)])
+        [(_, c)] = engine_answers(engine, [(p + first + lm.encode("夜来")[1:], "a", 5, 3)])
+        engine.close()
+        runs.append(([first, again], [a.cached_tokens, b.cached_tokens, c.cached_tokens]))
+    assert runs[0][0] == runs[1][0] and runs[1][1] == [0, 0, 0]
+    assert runs[0][1] == [0, len(p) - 1, len(p) + 20 - 1]

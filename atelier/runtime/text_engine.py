@@ -27,7 +27,8 @@ Prefix caching (ATELIER_PREFIX_CACHE, as llama.cpp's server keeps a slot's promp
 blocks): a freed slot's cache rows still hold the keys and values of its last sequence's tokens, and
 a sequence admitted with the same `owner` (the API key) whose prompt starts with some of those tokens
 takes that slot and computes only the rest of its prompt (the next turn of a chat carries the whole
-conversation before it). Keys at a position depend only on the tokens up to it, so the reused ones
+conversation before it); a prompt that starts the same way without continuing it (the same prompt again,
+a shared system prompt) has those keys and values copied into its own slot instead. Keys at a position depend only on the tokens up to it, so the reused ones
 are those a prefill would write, to a float's rounding (a step of one row and a prefill of many sum in
 different orders). Owners never share: a hit would tell one key, by its speed, what another sent.
 """
@@ -357,22 +358,23 @@ class TextEngine:
     def _take_slot(self, seq: Sequence, free: list[int]) -> int:
         """Take a free slot for seq (removed from `free`): the lowest (Python paths) or the one freed longest ago
         (native, with prefix caching: the others keep their owners' last turns a while longer). With prefix
-        caching, a slot whose tokens seq's prompt continues (at least half of them: a conversation's next turn,
-        as llama.cpp's server judges a slot's prompt similar) is taken instead, the longest such match first;
-        a shared start alone (a system prompt, <bos>) is reused only where the slot taken anyway holds it.
-        seq.cached says how much of its prompt the slot holds; its last token is computed all the same (its
-        logits give the first new token). The Python paths copy those rows into their slot, keeping the active
-        rows a run."""
+        caching, the free slot of seq's owner that holds the longest start of seq's prompt gives it: in place
+        where the prompt continues at least half of what that slot holds (a conversation's next turn; native
+        steps), else copied into the slot taken (the same prompt again, a shared system prompt: the slot's own
+        tokens stay for their conversation). seq.cached says how much of its prompt it found; its last token is
+        computed all the same (its logits give the first new token). The Python paths always copy into their
+        lowest free slot, keeping the active rows a run."""
         holes = self._leaves_holes()
         slot = min(free, key=self._freed_at.__getitem__) if holes and self.prefix_cache else free[0]
         if self.prefix_cache:
             held = {i: self._held[i][1] for i in free if self._held[i] is not None and self._held[i][0] == seq.owner}
             match = {i: _common_prefix(tokens, seq.prompt_ids) for i, tokens in held.items()}
-            continued = [i for i, n in match.items() if n and 2 * n >= len(held[i])]
-            source = max(continued, key=match.__getitem__) if continued else slot
-            reuse = min(match.get(source, 0), len(seq.prompt_ids) - 1)
+            # the longest match; between equals, one the prompt continues, then the one freed last
+            source = max(match, default=None, key=lambda i: (match[i], 2 * match[i] >= len(held[i]),
+                                                             self._freed_at[i]))
+            reuse = min(match[source], len(seq.prompt_ids) - 1) if source is not None else 0
             if reuse > 0:
-                if holes:
+                if holes and 2 * match[source] >= len(held[source]):
                     slot = source
                 elif source != slot:
                     self.cache.copy_rows(torch.tensor([source]), torch.tensor([slot]), reuse)

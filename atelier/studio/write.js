@@ -64,6 +64,7 @@ export function init(ctx) {
         usageBox.replaceChildren(facts([
           ["model", model],
           ["prompt tokens", usage?.prompt_tokens],
+          ["cached prompt tokens", usage?.prompt_tokens_details?.cached_tokens],
           ["completion tokens", usage?.completion_tokens],
           ["total tokens", usage?.total_tokens],
           ["speed", usage ? `${(usage.completion_tokens / seconds).toFixed(1)} tokens/s` : undefined],
