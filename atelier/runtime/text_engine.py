@@ -25,12 +25,13 @@ unloaded), every waiting and running sequence gets an EngineClosed event instead
 
 Prefix caching (ATELIER_PREFIX_CACHE, as llama.cpp's server keeps a slot's prompt and vLLM its
 blocks): a freed slot's cache rows still hold the keys and values of its last sequence's tokens, and
-a sequence admitted with the same `owner` (the API key) whose prompt starts with some of those tokens
-takes that slot and computes only the rest of its prompt (the next turn of a chat carries the whole
-conversation before it); a prompt that starts the same way without continuing it (the same prompt again,
-a shared system prompt) has those keys and values copied into its own slot instead. Keys at a position depend only on the tokens up to it, so the reused ones
-are those a prefill would write, to a float's rounding (a step of one row and a prefill of many sum in
-different orders). Owners never share: a hit would tell one key, by its speed, what another sent.
+a sequence admitted with the same `owner` (the API key) whose prompt continues those tokens takes that
+slot and computes only the rest of its prompt (the next turn of a chat carries the whole conversation
+before it); a prompt that only starts the same way (the same prompt again, a shared system prompt) has
+the keys and values it shares copied into a slot of its own. Keys at a position depend only on the
+tokens up to it, so the reused ones are those a prefill would write, to a float's rounding (a step of
+one row and a prefill of many sum in different orders). Owners never share: a hit would tell one key,
+by its speed, what another sent.
 """
 
 from __future__ import annotations
