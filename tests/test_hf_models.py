@@ -457,3 +457,43 @@ def test_a_chats_next_turn_reads_the_conversation_from_the_cache(folders, kind, 
     same = next((i for i, (a, b) in enumerate(zip(held, p2)) if a != b), min(len(held), len(p2)))
     assert same >= len(p1) - 2 and 2 * same >= len(held)  # the template's text splits the same up to the answer
     assert runs[0] == (runs[1][0], same) and runs[1][1] == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("hidden, heads, kv_heads", [(64, 4, 1), (64, 4, 2), (128, 2, 1)])
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+def test_grouped_query_heads_decode_as_the_modules_do(folders, tmp_path, kind, hidden, heads, kv_heads, kv):
+    """Grouped-query attention (one or two key/value heads for every two or four query heads) with heads of 16 and
+    64 floats, which the native step attends in its AVX-512 loops (the fixture's heads of 8 take the plain ones):
+    one token a row at positions past a block of 16 and inside one, over 40 cached positions, gives the modules'
+    logits, over float32 and float16 caches."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from atelier.families.hf_causal_lm import HFCausalLM
+
+    config, model_class = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    torch.manual_seed(0)
+    model = model_class(config(vocab_size=420, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                               bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folders[kind] / name).read_bytes())
+    lm = HFCausalLM(tmp_path)
+    dtype = getattr(torch, kv)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if kv == "float32" else {"atol": 2e-3, "rtol": 2e-3}
+    modules, native = lm.new_cache(3, dtype), lm.new_cache(3, dtype)
+    rows, held = torch.tensor([2, 0]), torch.randint(1, 400, (2, 40))
+    for cache in (modules, native):  # what the rows hold, the same in both: the modules' prefill
+        lm.forward(held, cache, rows, torch.arange(40).expand(2, 40))
+    for pos in ([[40], [12]], [[41], [40]]):
+        nxt, at = torch.randint(1, 400, (2, 1)), torch.tensor(pos)
+        expected = lm.forward(nxt, modules, rows, at)  # grad on: the modules
+        with torch.no_grad():
+            assert lm.decoder.native_ready(native)
+            got = lm.forward(nxt, native, rows, at)
+        assert expected.abs().max() > 1
+        torch.testing.assert_close(got, expected.detach(), **tol)
