@@ -359,6 +359,20 @@ def test_prompts_of_different_lengths_prefilled_together_continue_as_they_do_alo
     assert all(together)
 
 
+def imported_loud(model, tokenizer_folder: Path, folder: Path):
+    """`model` with weights larger than a random init's (so that a wrong step shows in the logits), saved with the
+    fixture's tokenizer to `folder` and loaded through the hf-causal-lm family."""
+    from atelier.families.hf_causal_lm import HFCausalLM
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tokenizer_folder / name).read_bytes())
+    return HFCausalLM(folder)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("native_kernels", [True, False])
 @pytest.mark.parametrize("kv", ["float32", "float16"])
@@ -372,20 +386,11 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
     from transformers import AutoModelForCausalLM
 
     from atelier.common import native
-    from atelier.families.hf_causal_lm import HFCausalLM
 
     native.use(native_kernels)
     request.addfinalizer(lambda: native.use(True, os.cpu_count() or 1))
 
-    # Larger weights than the random init's, so that a wrong step would show in the logits.
-    model = AutoModelForCausalLM.from_pretrained(folders[kind])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((folders[kind] / name).read_bytes())
-    lm = HFCausalLM(tmp_path)
+    lm = imported_loud(AutoModelForCausalLM.from_pretrained(folders[kind]), folders[kind], tmp_path)
     assert lm.decoder is not None
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20] * 9]
     dtype = getattr(torch, kv)
@@ -469,20 +474,12 @@ def test_grouped_query_heads_decode_as_the_modules_do(folders, tmp_path, kind, h
     logits, over float32 and float16 caches."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from atelier.families.hf_causal_lm import HFCausalLM
-
     config, model_class = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(0)
     model = model_class(config(vocab_size=420, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
                                bos_token_id=0, eos_token_id=0))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((folders[kind] / name).read_bytes())
-    lm = HFCausalLM(tmp_path)
+    lm = imported_loud(model, folders[kind], tmp_path)
     dtype = getattr(torch, kv)
     tol = {"atol": 1e-4, "rtol": 1e-4} if kv == "float32" else {"atol": 2e-3, "rtol": 2e-3}
     modules, native = lm.new_cache(3, dtype), lm.new_cache(3, dtype)

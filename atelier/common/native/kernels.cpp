@@ -335,6 +335,18 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// w[j] ← e^(w[j] - top) for j < n, 16 at a time; their sum.
+inline float exponentiate(float* w, int64_t n, __m512 top) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = lanes(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, w + j), top)));
+    _mm512_mask_storeu_ps(w + j, live, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 // 16 cached floats from either storage: float16 widens exactly (vcvtph2ps).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::Half* p) {
@@ -390,15 +402,7 @@ void attend_head_avx512(const float* qh, const T* keys, const T* values, int64_t
     _mm512_mask_storeu_ps(weights + j, live, scores);
     top_v = _mm512_mask_max_ps(top_v, live, top_v, scores);
   }
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top_v));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < length; j += 16) {
-    const __mmask16 live = lanes(length - j);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + j), top)));
-    _mm512_mask_storeu_ps(weights + j, live, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  const __m512 inv = _mm512_set1_ps(1.f / exponentiate(weights, length, _mm512_set1_ps(_mm512_reduce_max_ps(top_v))));
   constexpr int kSets = NV <= 2 ? 4 : NV <= 4 ? 2 : 1;  // registers: kSets × NV sums beside the NV queries
   __m512 ov[kSets][NV];
   for (int s = 0; s < kSets; ++s)
@@ -457,15 +461,7 @@ inline void softmax(float* w, int64_t n) {
     const __mmask16 live = lanes(n - j);
     top_v = _mm512_mask_max_ps(top_v, live, top_v, _mm512_maskz_loadu_ps(live, w + j));
   }
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top_v));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 live = lanes(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, w + j), top)));
-    _mm512_mask_storeu_ps(w + j, live, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  const __m512 inv = _mm512_set1_ps(1.f / exponentiate(w, n, _mm512_set1_ps(_mm512_reduce_max_ps(top_v))));
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 live = lanes(n - j);
     _mm512_mask_storeu_ps(w + j, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, w + j), inv));
