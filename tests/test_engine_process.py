@@ -136,6 +136,11 @@ def test_a_float16_kv_cache_reaches_the_engine_process(server, tmp_path):
     assert len(want) == 40 and got == want
 
 
+def metric(http: httpx.Client, name: str) -> float:
+    """A counter's value from GET /metrics (Prometheus' text format)."""
+    return next(float(line.split()[-1]) for line in http.get("/metrics").text.splitlines() if line.startswith(name + " "))
+
+
 def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(server, tmp_path):
     """Prefix caching through the server and the engine process: a prompt that continues the last one (its
     prompt, its completion, more) computes only what its slot lacks, as usage.prompt_tokens_details.cached_tokens
@@ -145,8 +150,11 @@ def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(se
     with admin_http(server) as admin:
         r1 = admin.post("/v1/completions", json=first).json()
         second = first | {"prompt": first["prompt"] + r1["choices"][0]["text"] + "黄河", "seed": 9}
+        counted = lambda: metric(admin, "atelier_prompt_tokens_cached_total")  # noqa: E731
+        before = counted()
         r2 = admin.post("/v1/completions", json=second).json()
         assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 1 + len(first["prompt"]) + 16 - 1  # <bos>
+        assert counted() - before == r2["usage"]["prompt_tokens_details"]["cached_tokens"]  # and /metrics
         r = admin.post("/api/keys", json={"name": "other", "scopes": ["generate"]})
         assert r.status_code == 201, r.text
     other = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {r.json()['key']}"}, timeout=60)

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by route and status, latency, generated tokens."""
+"""Prometheus metrics: requests by route and status, latency, generated tokens, prompt tokens and how many
+of them prefix caching found (vLLM's prefix-cache queries and hits)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,17 @@ class Metrics:
         self.latency = Histogram("atelier_request_seconds", "time to the response's first byte", ["route"],
                                  registry=self.registry)
         self.generated = Counter("atelier_generated_tokens_total", "tokens generated", registry=self.registry)
+        self.prompted = Counter("atelier_prompt_tokens_total", "prompt tokens of finished text sequences",
+                                registry=self.registry)
+        self.cached = Counter("atelier_prompt_tokens_cached_total", "of those, found in a KV cache (prefix caching)",
+                              registry=self.registry)
 
     def tokens(self, n: int) -> None:
         self.generated.inc(n)
+
+    def prompt(self, tokens: int, cached: int) -> None:
+        self.prompted.inc(tokens)
+        self.cached.inc(cached)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -110,7 +110,8 @@ def _start(plan: Plan, engine, owner: str) -> tuple[list[Sequence], asyncio.Queu
 async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue, metrics):
     """Yield (index, event) until every choice has finished; cancel all if the client leaves. Text that
     arrived together for one choice comes as one chunk (one SSE event, one moderation check). Tokens are
-    counted here as they come, for /metrics and for the request's meter (api/metering.py)."""
+    counted here as they come, for /metrics and for the request's meter (api/metering.py), and each choice's
+    prompt tokens, cached or not, as it finishes."""
     meter = request.state.meter
     try:
         async for batch in sse.batches(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
@@ -121,6 +122,8 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue,
                     raise unloaded(event)
                 if isinstance(event, Exception):
                     raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+                if isinstance(event, Finished):
+                    metrics.prompt(event.prompt_tokens, event.cached_tokens)
                 if isinstance(event, TextChunk):
                     meter.tokens += len(event.tokens)
                     metrics.tokens(len(event.tokens))
