@@ -126,13 +126,14 @@ def test_a_next_turn_computes_only_what_its_slot_lacks_and_writes_what_a_whole_p
     p1, t1, more = 3, 6, 2  # <bos>春眠; a's answer; 夜来
     second = [n for _, n in cached]
     assert second[:4] == [0, p1 + t1 - 1, p1 + t1 + more - 1, 0]  # b's copy of a's prompt: nothing of a's
-    # Two owners' new poems at once: native, each copies the <bos> its owner's slots hold into a slot freed
-    # longest ago; the Python paths take the lowest slots, the one b's tokens were in first. Then their next
+    # Two owners' new poems at once: each copies the <bos> its owner's slots hold (native: into a slot freed
+    # longest ago; the Python paths: into the lowest, whose tokens move to an empty slot first). Then their next
     # turns, b's admitted first: native, each continues its own slot in place; the Python paths copy b's rows
-    # into the lowest free slot (the active rows stay a run), which was a's, whose turn then starts afresh.
+    # into the lowest free slot (the active rows stay a run), which held a's turn: with no empty slot left to
+    # move it to, a's next turn finds only a <bos> of its own elsewhere.
     q1, tq, r1, tr = 3, 12, 3, 3
-    assert second[4:6] == ([1, 1] if on else [0, 0])
-    assert second[6:] == ([r1 + tr - 1, q1 + tq - 1] if on else [r1 + tr - 1, 0])
+    assert second[4:6] == [1, 1]
+    assert second[6:] == ([r1 + tr - 1, q1 + tq - 1] if on else [r1 + tr - 1, 1])
 
 
 def test_the_same_prompt_again_copies_what_it_finds_and_the_conversation_keeps_its_slot():
@@ -153,3 +154,29 @@ def test_the_same_prompt_again_copies_what_it_finds_and_the_conversation_keeps_i
         runs.append(([first, again], [a.cached_tokens, b.cached_tokens, c.cached_tokens]))
     assert runs[0][0] == runs[1][0] and runs[1][1] == [0, 0, 0]
     assert runs[0][1] == [0, len(p) - 1, len(p) + 20 - 1]
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["native", "python"])
+def test_two_keys_taking_turns_keep_their_conversations(on):
+    """a's turn, b's turn, a's next turn: a finds its whole first turn. Native steps take the slot freed longest
+    ago; the Python paths take their lowest slot, which held a's turn, and move a's tokens to an empty slot first.
+    The same tokens as an engine without the cache."""
+    from atelier.common import native
+    from atelier.runtime.text_engine import TextEngine
+
+    lm = tiny_lm()
+    native.use(on)
+    try:
+        runs = []
+        for prefix_cache in (True, False):
+            engine = TextEngine(lm, 4, prefix_cache=prefix_cache)
+            p = lm.encode("春眠")
+            [(first, _)] = engine_answers(engine, [(p, "a", 10, 1)])
+            [(other, _)] = engine_answers(engine, [(lm.encode("床前"), "b", 10, 2)])
+            [(_, done)] = engine_answers(engine, [(p + first + lm.encode("夜来")[1:], "a", 5, 3)])
+            engine.close()
+            runs.append((first, other, done.cached_tokens))
+    finally:
+        native.use(True)
+    assert runs[0][:2] == runs[1][:2] and runs[1][2] == 0
+    assert runs[0][2] == len(p) + 10 - 1

@@ -364,7 +364,7 @@ class TextEngine:
         steps), else copied into the slot taken (the same prompt again, a shared system prompt: the slot's own
         tokens stay for their conversation). seq.cached says how much of its prompt it found; its last token is
         computed all the same (its logits give the first new token). The Python paths always copy into their
-        lowest free slot, keeping the active rows a run."""
+        lowest free slot, keeping the active rows a run, and move what that slot held to an empty one first."""
         holes = self._leaves_holes()
         slot = min(free, key=self._freed_at.__getitem__) if holes and self.prefix_cache else free[0]
         if self.prefix_cache:
@@ -374,8 +374,11 @@ class TextEngine:
             source = max(match, default=None, key=lambda i: (match[i], 2 * match[i] >= len(held[i]),
                                                              self._freed_at[i]))
             reuse = min(match[source], len(seq.prompt_ids) - 1) if source is not None else 0
+            continues = reuse > 0 and 2 * match[source] >= len(held[source])
+            if not holes and not (continues and source == slot):
+                self._keep_elsewhere(slot, free)
             if reuse > 0:
-                if holes and 2 * match[source] >= len(held[source]):
+                if holes and continues:
                     slot = source
                 elif source != slot:
                     self.cache.copy_rows(torch.tensor([source]), torch.tensor([slot]), reuse)
@@ -383,6 +386,16 @@ class TextEngine:
         free.remove(slot)
         self._held[slot] = None
         return slot
+
+    def _keep_elsewhere(self, slot: int, free: list[int]) -> None:
+        """The Python paths take their lowest free slot: what it holds (another conversation) moves to a free slot
+        that holds nothing, while there is one, rather than be overwritten."""
+        if self._held[slot] is None:
+            return
+        empty = next((i for i in free if i != slot and self._held[i] is None), None)
+        if empty is not None:
+            self.cache.copy_rows(torch.tensor([slot]), torch.tensor([empty]), len(self._held[slot][1]))
+            self._held[empty], self._freed_at[empty] = self._held[slot], self._freed_at[slot]
 
     def _leaves_holes(self) -> bool:
         """Whether a freed slot stays empty (the native step takes any rows) rather than taking the last row."""
