@@ -179,67 +179,64 @@ def audit_entries(http) -> list[dict]:
         after = page["data"][-1]["id"]
 
 
+def engine_run(engine, sequences: list) -> list[tuple[str, list[int], object]]:
+    """(text, tokens, Finished) of each Sequence (index i: the i-th; loop and events filled in here), submitted to
+    `engine` at once: the worker admits nothing until every one is queued."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atelier.runtime.text_engine import Finished, TextChunk
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        with engine._wake:
+            for seq in sequences:
+                seq.loop, seq.events = loop, events
+                engine.submit(seq)
+        out: list = [["", [], None] for _ in sequences]
+        while any(done is None for _, _, done in out):
+            i, event = await asyncio.wait_for(events.get(), 30)
+            if isinstance(event, TextChunk):
+                out[i][0] += event.text
+                out[i][1] += [s.token for s in event.tokens]
+            else:
+                assert isinstance(event, Finished), event
+                out[i][2] = event
+        return [tuple(o) for o in out]
+
+    # A loop of its own in a thread of its own: the studio tests' browser keeps one running in this thread.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result(60)
+
+
 def engine_texts(lm, requests: list[tuple[str, int, int]], *, max_batch: int = 8,
                  temperature: float = 1.0) -> list[str]:
     """The texts a TextEngine writes for (prompt, max_tokens, seed) requests submitted at once (admitted
     together, then as slots free), in order; each ends after exactly max_tokens (ignore_eos)."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
     from atelier.runtime.sampling import SamplingParams
-    from atelier.runtime.text_engine import Finished, Sequence, TextChunk, TextEngine
+    from atelier.runtime.text_engine import Sequence, TextEngine
 
-    async def run():
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        engine = TextEngine(lm, max_batch)
-        params = SamplingParams(temperature=temperature, ignore_eos=True)
-        with engine._wake:  # the worker admits nothing until every request is queued
-            for i, (prompt, n, seed) in enumerate(requests):
-                engine.submit(Sequence(index=i, prompt_ids=lm.encode(prompt), params=params, max_tokens=n, stop=[],
-                                       seed=seed, loop=loop, events=events))
-        texts, done = [""] * len(requests), 0
-        while done < len(requests):
-            i, event = await events.get()
-            if isinstance(event, TextChunk):
-                texts[i] += event.text
-            elif isinstance(event, Finished):
-                assert event.completion_tokens == requests[i][1]
-                done += 1
-        engine.close()
-        assert all(s is None for s in engine.slots)
-        return texts
-
-    # A loop of its own in a thread of its own: the studio tests' browser keeps one running in this thread.
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, run()).result()
+    engine = TextEngine(lm, max_batch)
+    params = SamplingParams(temperature=temperature, ignore_eos=True)
+    answers = engine_run(engine, [Sequence(index=i, prompt_ids=lm.encode(prompt), params=params, max_tokens=n, stop=[],
+                                           seed=seed, loop=None, events=None)
+                                  for i, (prompt, n, seed) in enumerate(requests)])
+    engine.close()
+    assert all(s is None for s in engine.slots)
+    assert [done.completion_tokens for _, _, done in answers] == [n for _, n, _ in requests]
+    return [text for text, _, _ in answers]
 
 
 def engine_answers(engine, requests: list[tuple[list[int], str, int, int]]) -> list[tuple[list[int], object]]:
     """(tokens, Finished) for (prompt ids, owner, max_tokens, seed) requests submitted to `engine` at once."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
     from atelier.runtime.sampling import SamplingParams
-    from atelier.runtime.text_engine import Finished, Sequence, TextChunk
+    from atelier.runtime.text_engine import Sequence
 
-    async def run():
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        with engine._wake:  # admitted together
-            for i, (ids, owner, n, seed) in enumerate(requests):
-                engine.submit(Sequence(index=i, prompt_ids=ids, params=SamplingParams(ignore_eos=True), max_tokens=n,
-                                       stop=[], seed=seed, loop=loop, events=events, owner=owner))
-        out: list = [[[], None] for _ in requests]
-        while any(f is None for _, f in out):
-            i, event = await asyncio.wait_for(events.get(), 30)
-            if isinstance(event, TextChunk):
-                out[i][0] += [s.token for s in event.tokens]
-            else:
-                assert isinstance(event, Finished), event
-                out[i][1] = event
-        return [tuple(o) for o in out]
-
-    with ThreadPoolExecutor(1) as pool:  # a loop of its own (the studio's browser tests keep one in this thread)
-        return pool.submit(asyncio.run, run()).result(60)
+    params = SamplingParams(ignore_eos=True)
+    answers = engine_run(engine, [Sequence(index=i, prompt_ids=ids, params=params, max_tokens=n, stop=[], seed=seed,
+                                           loop=None, events=None, owner=owner)
+                                  for i, (ids, owner, n, seed) in enumerate(requests)])
+    return [(tokens, done) for _, tokens, done in answers]
 
 
 def make_tiny_image_models(root: Path) -> dict[str, Path]:

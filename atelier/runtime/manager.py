@@ -100,7 +100,8 @@ class Loaded:
 class ModelManager:
     def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
                  keep_alive: str | float = "5m", max_batch: int = 16, kv_cache_dtype: str = "float32",
-                 prefix_cache: bool = True, image_max_batch: int = 16, image_wait_ms: float = 10.0, image_threads: int = 1, remote=None):
+                 prefix_cache: bool = True, image_max_batch: int = 16, image_wait_ms: float = 10.0,
+                 image_threads: int = 1, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
         # a RayRuntime (runtime/ray_serve.py: text and image engines on Ray Serve) or a ProcessRuntime
         # (runtime/engine_process.py: text engines in child processes); None: every engine in this process
