@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -83,15 +80,6 @@ async def conversations(url: str, model: str, n: int, max_tokens: int, new_chars
     return out
 
 
-def zipped(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                z.write(p, p.relative_to(folder).as_posix())
-    return buf.getvalue()
-
-
 def random_qwen2(folder: Path) -> Path:
     """A Qwen2 of random weights (24 M parameters) and a byte-level BPE tokenizer trained on the verse above."""
     import torch
@@ -128,11 +116,9 @@ def run(prefix_cache: bool, args) -> list[list[dict]]:
         url, model = f"http://127.0.0.1:{port}", "tang-poet"
         try:
             if args.model_dir:
-                model = "bench-lm"
-                r = httpx.post(url + "/api/models/import", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                               files={"file": ("bench-lm.zip", zipped(args.model_dir))}, data={"name": model},
-                               timeout=600)
-                r.raise_for_status()
+                model = "bench-lm"  # imported as a user imports a folder: `atelier models import`
+                subprocess.run([sys.executable, "-m", "atelier.cli", "models", "import", str(args.model_dir), "--name",
+                                model], env=env | {"ATELIER_URL": url, "ATELIER_API_KEY": ADMIN_KEY}, check=True)
             asyncio.run(conversations(url, model, 1, 4, 200))  # load the model, warm up
             return asyncio.run(conversations(url, model, args.conversations, args.answer_tokens, args.new_chars))
         finally:
