@@ -297,7 +297,7 @@ def test_kill_9_of_the_server_resumes_the_job_on_restart(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ADMIN_KEY, max_retries=0)
         f = upload(client, "crash.txt", "\n\n".join(POEMS * 3).encode())
         job = client.fine_tuning.jobs.create(model="chargpt", training_file=f.id, suffix="phoenix",
-                                             hyperparameters=TINY | {"max_steps": 200, "eval_every": 20})
+                                             hyperparameters=TINY | {"max_steps": 2000, "eval_every": 20})
         deadline = time.time() + 120
         while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline, "no checkpoint"
