@@ -76,6 +76,45 @@ def test_completion_stream(client):
     assert text == again.choices[0].text
 
 
+def http_chunks(url: str, path: str, body: dict) -> list[bytes]:
+    """The body of a POST as the server framed it: each HTTP/1.1 chunk, read off a raw socket."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                     .encode() + payload)
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return chunks
+        chunks.append(rest[:int(size, 16)])
+        rest = rest[int(size, 16) + 2:]
+
+
+def test_a_stream_ends_in_one_write(server):
+    """The last text, the finish, the usage and [DONE] go out together: one write, one wake-up of the client,
+    where each had its own (three more per request)."""
+    for path, body in (("/v1/completions", {"prompt": "江"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "秋"}]})):
+        chunks = http_chunks(server.url, path, body | {"model": "tang-poet", "max_tokens": 8, "seed": 3, "stream": True,
+                                                      "ignore_eos": True, "stream_options": {"include_usage": True}})
+        last = chunks[-1].decode()
+        assert last.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in last and '"usage"' in last, chunks
+        events = [e for c in chunks for e in c.decode().split("\n\n") if e]
+        assert len(events) > 3 and all(e.startswith("data: ") for e in events)
+
+
 def test_sampling_extras_via_extra_body(client):
     greedy = client.completions.create(model="tang-poet", prompt="月", max_tokens=12, temperature=0)
     top1 = client.completions.create(model="tang-poet", prompt="月", max_tokens=12, seed=9, extra_body={"top_k": 1})

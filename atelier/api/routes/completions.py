@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from atelier.api.moderation_policy import CONTENT_FILTER, OutputGuard, check_inp
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.poem_completion import poem_completion
 from atelier.api.schemas import UNSUPPORTED, ChatRequest, CompletionRequest, SamplingFields
+from atelier.common.ids import random_bits, token_hex
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.manager import Loaded, ModelManager
 from atelier.runtime.sampling import SamplingParams
@@ -84,7 +84,7 @@ def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
         raise bad_request(f"max_tokens={max_tokens} does not fit: the model's context is {context} tokens and the "
                           f"prompt uses {context - room}, so max_tokens must be between 1 and {room}",
                           "max_tokens", code="context_length_exceeded")
-    seed = body.seed if body.seed is not None else secrets.randbits(62)
+    seed = body.seed if body.seed is not None else random_bits(62)
     params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                             frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos)
@@ -108,8 +108,9 @@ def _start(plan: Plan, engine, owner: str) -> tuple[list[Sequence], asyncio.Queu
 
 
 async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue, metrics):
-    """Yield (index, event) until every choice has finished; cancel all if the client leaves. Text that
-    arrived together for one choice comes as one chunk (one SSE event, one moderation check). Tokens are
+    """Yield lists of (index, event), what arrived together, until every choice has finished; cancel all if
+    the client leaves. Text that arrived together for one choice comes as one chunk (one SSE event, one
+    moderation check), and a stream writes each list at once (one write, one wake-up of its client). Tokens are
     counted here as they come, for /metrics and for the request's meter (api/metering.py), and each choice's
     prompt tokens, cached or not, as it finishes."""
     meter = request.state.meter
@@ -134,8 +135,7 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue,
                         continue
                     text_at[index] = len(merged)
                 merged.append((index, event))
-            for item in merged:
-                yield item
+            yield merged
     finally:
         for s in seqs:
             s.cancel()
@@ -174,30 +174,34 @@ def _stream(request: Request, seqs, events, plan: Plan, make_chunk, final_usage:
     async def body():
         finished: dict[int, Finished] = {}
         so_far: dict[int, str] = {}
+        out: list[str] = []  # the SSE events of what arrived together: one write
         try:
-            async for index, event in _events(request, seqs, events, metrics):
-                if isinstance(event, TextChunk):
-                    if index in guard.filtered:
-                        continue
-                    so_far[index] = so_far.get(index, "") + event.text
-                    if guard.allow(index, so_far[index]):
-                        yield sse.data(make_chunk(index, event, None))
-                    else:  # the choice ends here, without the text that tripped the filter
-                        yield sse.data(make_chunk(index, None, CONTENT_FILTER))
-                else:
-                    finished[index] = event
-                    if index not in guard.filtered:
-                        yield sse.data(make_chunk(index, None, event.reason))
+            async for batch in _events(request, seqs, events, metrics):
+                for index, event in batch:
+                    if isinstance(event, TextChunk):
+                        if index in guard.filtered:
+                            continue
+                        so_far[index] = so_far.get(index, "") + event.text
+                        if guard.allow(index, so_far[index]):
+                            out.append(sse.data(make_chunk(index, event, None)))
+                        else:  # the choice ends here, without the text that tripped the filter
+                            out.append(sse.data(make_chunk(index, None, CONTENT_FILTER)))
+                    else:
+                        finished[index] = event
+                        if index not in guard.filtered:
+                            out.append(sse.data(make_chunk(index, None, event.reason)))
+                if out and len(finished) < len(seqs):  # the last batch goes with the usage and [DONE]
+                    yield "".join(out)
+                    out = []
             if len(finished) < len(seqs):
                 return  # the client left; nothing more to send
             if on_done is not None:
                 on_done({i: (so_far.get(i, ""), f.reason) for i, f in finished.items() if i not in guard.filtered})
             if final_usage:
-                yield sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)})
-            yield sse.DONE
+                out.append(sse.data(make_chunk(None, None, None) | {"choices": [], "usage": _usage(finished, plan)}))
+            yield "".join(out) + sse.DONE
         except APIError as e:
-            yield sse.data(e.body())  # OpenAI's error shape, mid-stream too
-            yield sse.DONE
+            yield "".join(out) + sse.data(e.body()) + sse.DONE  # OpenAI's error shape, mid-stream too
 
     return sse.response(body(), on_close=release)
 
@@ -217,11 +221,12 @@ async def _collect(request, seqs, events, metrics, release):
     chunks: dict[int, list[TextChunk]] = {s.index: [] for s in seqs}
     finished: dict[int, Finished] = {}
     try:
-        async for index, event in _events(request, seqs, events, metrics):
-            if isinstance(event, TextChunk):
-                chunks[index].append(event)
-            else:
-                finished[index] = event
+        async for batch in _events(request, seqs, events, metrics):
+            for index, event in batch:
+                if isinstance(event, TextChunk):
+                    chunks[index].append(event)
+                else:
+                    finished[index] = event
     finally:
         release()
     if len(finished) < len(seqs):
@@ -297,7 +302,7 @@ async def create_completion(body: CompletionRequest, request: Request, db: Sessi
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = "\n".join(texts)
     guard = OutputGuard(moderator, policy_for(settings, key), sessions=sessions, key_id=key.id, where="completions")
-    rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+    rid, created = f"cmpl-{token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
             "system_fingerprint": f"atelier-{loaded.ref}"}
     prompt_of = lambda index: texts[index // plan.n]  # noqa: E731
@@ -376,7 +381,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, db: Sessio
     meter.model, meter.tokens = loaded.ref, sum(len(p) for p in plan.prompts) * plan.n
     meter.prompt = json.dumps(messages, ensure_ascii=False)
     guard = OutputGuard(moderator, policy_for(settings, key), sessions=sessions, key_id=key.id, where="chat")
-    rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    rid, created = f"chatcmpl-{token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}"}
     trim = (lambda lp: {"content": [e | {"top_logprobs": e["top_logprobs"][:top]} for e in lp["content"]]})  # noqa: E731
     store = gallery(request.app.state.usage_writer, route="chat", plan=plan, model_ref=loaded.ref, key_id=key.id,
