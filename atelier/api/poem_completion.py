@@ -7,7 +7,6 @@ within the search budget).
 
 from __future__ import annotations
 
-import secrets
 import time
 
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ from atelier.api import sse
 from atelier.api.errors import APIError, bad_request
 from atelier.api.models_lookup import acquire
 from atelier.api.picture_poems import see_picture
+from atelier.common.ids import token_hex
 from atelier.runtime.manager import ModelManager
 
 
@@ -75,7 +75,7 @@ async def poem_completion(request: Request, body, manager: ModelManager, db, *, 
     constraints.setdefault("temperature", body.temperature)
     async with poet(manager, db, body.model, body.keep_alive, key=key) as (loaded, model, tokenizer):
         out = await run_poetry(poetry.compose, model, tokenizer, max_n=settings.max_n, **constraints)
-    rid, created = secrets.token_hex(12), int(time.time())
+    rid, created = token_hex(12), int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": sum(len(p["text"]) for p in out["poems"])}
     usage["total_tokens"] = usage["completion_tokens"]
     base = {"created": created, "model": loaded.ref, "system_fingerprint": f"atelier-{loaded.ref}",

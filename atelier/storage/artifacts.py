@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from atelier.common.ids import token_hex
 from atelier.storage.db import Artifact
 from atelier.storage.blobs import BlobStore
 from atelier.storage.registry import NotFound
@@ -47,7 +47,7 @@ def create_artifact(db: Session, blobs: BlobStore, *, kind: str, data: bytes, mi
 
 
 def new_artifact_id() -> str:
-    return f"art_{secrets.token_hex(12)}"
+    return f"art_{token_hex(12)}"
 
 
 def stored_blob(blobs: BlobStore, *, kind: str, data: bytes, mime: str, model_ref: str = "", key_id: str | None = None,

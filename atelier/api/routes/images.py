@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import secrets
 import time
 from typing import Literal
 
@@ -27,6 +26,7 @@ from atelier.api.metering import Meter, metered
 from atelier.api.moderation_policy import check_input, policy_for
 from atelier.api.models_lookup import acquire, unloaded
 from atelier.api.outputs import artifact_url, check_openai_fields, check_prompt, store_png
+from atelier.common.ids import random_bits
 from atelier.images.png import a1111_parameters, encode_png, upscale
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.image_engine import ImageDone, ImageJob, Preview, Progress
@@ -144,7 +144,7 @@ def _submit(body: ImageGenerateRequest, loaded, settings) -> tuple[ImageJob, dic
     if body.response_format == "url" and not body.store:
         raise bad_request("response_format='url' needs the image stored; drop store=false or ask for b64_json",
                           "response_format")
-    seed = body.seed if body.seed is not None else secrets.randbits(62)
+    seed = body.seed if body.seed is not None else random_bits(62)
     seeds = [(seed + i) % 2**63 for i in range(body.n)]
     try:
         job = loaded.engine.submit(ImageJob(prompts=[prompt] * body.n, seeds=seeds, loop=asyncio.get_running_loop(),
