@@ -123,8 +123,10 @@ def test_cancel_a_running_job(client, http):
 def test_kill_9_of_the_worker_resumes_from_the_checkpoint(client, http, server):
     f = upload(client, "crash.jsonl", jsonl({"text": p + "!"} for p in POEMS * 3))
     job = client.fine_tuning.jobs.create(model="chargpt", training_file=f.id, suffix="survivor",
-                                         hyperparameters=TINY | {"max_steps": 300, "eval_every": 20})
+                                         hyperparameters=TINY | {"max_steps": 500, "eval_every": 20})
     deadline = time.time() + 180
+    # 500 steps (the fixture's limit) of about a millisecond: the job must still be running when its checkpoint is
+    # seen (polled every 0.2 s) and the worker killed; with 300 it could come close to finishing first.
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert time.time() < deadline, "no checkpoint"
         time.sleep(0.2)
@@ -137,7 +139,7 @@ def test_kill_9_of_the_worker_resumes_from_the_checkpoint(client, http, server):
     assert resumed and resumed[0]["data"]["step"] >= 20
     new_worker = http.get("/readyz").json()["worker"]
     assert new_worker["pid"] != worker["pid"] and new_worker["alive"] and new_worker["restarts"] >= 1
-    assert client.models.retrieve("survivor").model_extra["latest"]["metrics"]["steps"] == 300
+    assert client.models.retrieve("survivor").model_extra["latest"]["metrics"]["steps"] == 500
 
 
 # -- bad input -------------------------------------------------------------------------
