@@ -171,3 +171,52 @@ def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(se
             fresh = admin_http(off).post("/v1/completions", json=body).json()
             assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert text(fresh) == text(r2)
+
+
+def test_frames_reach_requests_on_every_event_loop(tmp_path):
+    """The child's frames are read on the first submitting loop, straight into its requests' queues; a request
+    of another loop (here, at the same time) gets its events through OUTBOX; once the first loop has closed,
+    the next loop to submit reads them (without it, that request would wait forever: the 30 s bound fails it)."""
+    import asyncio
+    import threading
+
+    from conftest import engine_texts
+
+    from atelier.families import get_family
+    from atelier.families.shipped import SHIPPED_DIR
+    from atelier.runtime.engine_process import ProcessTextEngine
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Finished, Sequence
+
+    folder = SHIPPED_DIR / "tang-poet"
+    lm = get_family("chargpt").load(folder)
+    ids = lm.encode(PROMPT)
+    want = {n: engine_texts(lm, [(PROMPT, n, 0)], temperature=0)[0] for n in (12, 60)}
+    engine = ProcessTextEngine("chargpt", folder, max_batch=4, threads=1, step_threads=1, native=True,
+                               context=lm.context)
+
+    async def generate(n: int) -> tuple[str, int]:
+        events = asyncio.Queue()
+        engine.submit(Sequence(index=0, prompt_ids=ids, params=SamplingParams(temperature=0, ignore_eos=True),
+                               max_tokens=n, stop=[], seed=0, loop=asyncio.get_running_loop(), events=events))
+        text = ""
+        while not isinstance(event := (await asyncio.wait_for(events.get(), 30))[1], Finished):
+            text += event.text
+        return text, event.completion_tokens
+
+    try:
+        first = asyncio.new_event_loop()
+        thread = threading.Thread(target=first.run_forever, daemon=True)
+        thread.start()
+        long_one = asyncio.run_coroutine_threadsafe(generate(60), first)  # its loop reads the frames
+        while engine._home is not first:
+            time.sleep(0.01)
+        assert asyncio.run(generate(12)) == (want[12], 12)  # meanwhile, on another loop
+        assert long_one.result(timeout=60) == (want[60], 60)
+        first.call_soon_threadsafe(first.stop)
+        thread.join(timeout=10)
+        first.close()
+        assert asyncio.run(generate(12)) == (want[12], 12)  # the first loop is gone: this one reads
+    finally:
+        engine.close()
+    assert engine._proc.returncode is not None

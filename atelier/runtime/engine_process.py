@@ -9,18 +9,22 @@ and the server keeps a proxy with the engine's `submit` and `close`:
 
   server                                            engine process
   ProcessTextEngine.submit ── {"op": "submit"} ──▶   TextEngine.submit
-  reader thread ──▶ OUTBOX ──▶ event loops  ◀── one frame per step ──  TextEngine (deliver=…)
+  the event loop's reader ──▶ request queues  ◀── one frame per step ──  TextEngine (deliver=…)
 
 Frames are length-prefixed JSON over a Unix socket pair: the child sends every event of a step in
-one frame, from its worker thread, with nothing else to wait for. A sequence the server cancels
-(its client left) is cancelled in the child with the next frame that arrives. If the child dies,
-its requests end with EngineClosed (a 503 to retry) and the proxy starts a new one; unloading the
-model stops it. The server still loads the model itself for what routes do around generation
+one frame, from its worker thread, with nothing else to wait for. The server reads them on the event
+loop its requests run on (`add_reader`, as vLLM's asyncio output handler), straight into their
+queues: a reader thread cost each frame a thread's wake-up, two hand-overs of the GIL and a wake-up of
+the loop through its pipe. (Requests of another loop, in tests, get theirs through OUTBOX.) A sequence
+the server cancels (its client left) is cancelled in the child with the next frame that arrives. If the
+child dies, its requests end with EngineClosed (a 503 to retry) and the proxy starts a new one;
+unloading the model stops it. The server still loads the model itself for what routes do around generation
 (the tokenizer, the poetry engine's constrained decoding), as with Ray Serve.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import itertools
@@ -41,15 +45,17 @@ log = logging.getLogger("atelier.runtime")
 
 HEADER = struct.Struct("<I")  # a frame: its length, then that many bytes of JSON
 LOAD_TIMEOUT_S = 300  # a child that neither loads its model nor fails in this long is stopped
+RECEIVE_BYTES = 1 << 16
 
 
 class Channel:
-    """Frames of JSON over a connected socket; `send` may be called from any thread."""
+    """Frames of JSON over a connected socket; `send` may be called from any thread, and one reader at a
+    time either waits for the next frame (`receive`) or takes those that have arrived (`receive_ready`)."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._file = sock.makefile("rb")
         self._lock = threading.Lock()
+        self._pending = bytearray()  # bytes read past the last whole frame
 
     def send(self, obj) -> None:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -57,16 +63,46 @@ class Channel:
             self.sock.sendall(HEADER.pack(len(data)) + data)
 
     def receive(self):
-        """The next frame, or None once the other side has closed."""
-        header = self._file.read(HEADER.size)
-        if len(header) < HEADER.size:
+        """The next frame, waiting for it; None once the other side has closed."""
+        while (frame := self._next_frame()) is None:
+            data = self.sock.recv(RECEIVE_BYTES)
+            if not data:
+                return None
+            self._pending += data
+        return frame
+
+    def receive_ready(self) -> tuple[list, bool]:
+        """The frames that have arrived, without waiting; and whether the other side has closed."""
+        closed = False
+        while True:
+            try:
+                data = self.sock.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # reset, or closed here
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+            self._pending += data
+        frames = []
+        while (frame := self._next_frame()) is not None:
+            frames.append(frame)
+        return frames, closed
+
+    def _next_frame(self):
+        if len(self._pending) < HEADER.size:
             return None
-        (size,) = HEADER.unpack(header)
-        data = self._file.read(size)
-        return json.loads(data) if len(data) == size else None
+        (size,) = HEADER.unpack_from(self._pending)
+        if len(self._pending) < HEADER.size + size:
+            return None
+        data = bytes(self._pending[HEADER.size:HEADER.size + size])
+        del self._pending[:HEADER.size + size]
+        return json.loads(data)
 
     def close(self) -> None:
-        for closing in (self._file.close, lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
+        for closing in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
             try:
                 closing()
             except OSError:
@@ -107,13 +143,12 @@ class ProcessTextEngine:
                      str(threads), str(step_threads), "1" if native else "0", kv_dtype, "1" if prefix_cache else "0"]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
-        self._lock = threading.Lock()  # the live table, the channel, closing
+        self._lock = threading.Lock()  # the live table, the channel, the reading loop, closing
         self._live: dict[int, Sequence] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._home: asyncio.AbstractEventLoop | None = None  # the loop reading the child's frames
         self._channel, self._proc = self._spawn()
-        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
-        self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -145,6 +180,7 @@ class ProcessTextEngine:
 
     def submit(self, seq: Sequence) -> Sequence:
         prepare(seq, self.context)
+        self._read_on(seq.loop)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the model was unloaded before this request ran; retry it")
@@ -168,66 +204,132 @@ class ProcessTextEngine:
             if self._closed:
                 return
             self._closed = True
-            channel, proc = self._channel, self._proc
-        try:
-            channel.send({"op": "close"})  # the child fails its sequences, then exits
-        except (OSError, AttributeError):
-            pass
+            channel, proc, home = self._channel, self._proc, self._home
+        if channel is not None:
+            try:
+                channel.send({"op": "close"})  # the child fails its sequences, then exits
+            except OSError:
+                pass
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        self._reader.join(timeout=30)
+        if channel is not None:
+            self._take(channel, None)  # its last frames, whichever thread this is (the loop may be gone)
+            self._unwatch(home, channel)
         self._fail_live("the model was unloaded while this request was generating; retry it")
 
-    def _read(self) -> None:
-        """Hand each frame's events to the event loops; cancel in the child what the server cancelled."""
-        while True:
+    # -- reading, on the event loop ------------------------------------------------------------------
+    def _read_on(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Read the child's frames on `loop` unless a loop that is still open does: the first to submit, and
+        the next one once that has closed (a test's)."""
+        if loop is None:
+            return
+        with self._lock:
+            if self._home is not None and not self._home.is_closed():
+                return
+            self._home, channel = loop, self._channel
+        if channel is not None:
+            self._on_loop(loop, self._watch, loop, channel)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+        with self._lock:
+            if channel is not self._channel or self._closed:
+                return
+        loop.add_reader(channel.sock.fileno(), self._readable, loop, channel)
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop | None, channel: Channel) -> None:
+        """Stop reading `channel` on `loop`, then close it (a closed socket must leave the selector first)."""
+        def stop():
             try:
-                frame = self._channel.receive()
-            except (OSError, ValueError):  # closed under the read
-                frame = None
-            if frame is None:
-                if not self._restart():
-                    return
-                continue
-            posts, cancels = [], []
-            with self._lock:
+                loop.remove_reader(channel.sock.fileno())
+            except (ValueError, OSError):  # closed already
+                pass
+            channel.close()
+
+        if loop is None or loop.is_closed() or not self._on_loop(loop, stop):
+            channel.close()
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+        """Run fn(*args) in `loop`'s thread: now if this is it, else soon; False if the loop has closed."""
+        try:
+            if asyncio.get_running_loop() is loop:
+                fn(*args)
+                return True
+        except RuntimeError:
+            pass
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:
+            return False
+
+    def _readable(self, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+        if self._take(channel, loop):
+            return
+        try:
+            loop.remove_reader(channel.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        with self._lock:
+            gone = channel is self._channel and not self._closed
+        if gone:  # the child died: restarting waits for it and loads a model, so not on the loop
+            threading.Thread(target=self._restart, args=(channel,), name="engine-process-restart",
+                             daemon=True).start()
+
+    def _take(self, channel: Channel, loop: asyncio.AbstractEventLoop | None) -> bool:
+        """Hand the frames that have arrived to their requests (those of `loop`, the one running this, into
+        their queues; others through OUTBOX); cancel in the child what the server cancelled. False once the
+        child has closed its end."""
+        with self._lock:
+            try:
+                frames, closed = channel.receive_ready()
+            except ValueError:  # not JSON: a child gone wrong
+                frames, closed = [], True
+            here, posts, cancels = [], [], []
+            for frame in frames:
                 for item in frame:
                     seq = self._live.get(item[0])
                     if seq is None:
                         continue
                     if item[1] != "t":
                         del self._live[item[0]]
-                    posts.append((seq.loop, seq.events, (seq.index, decode(item))))
+                    event = (seq.index, decode(item))
+                    if seq.loop is loop:
+                        here.append((seq.events, event))
+                    else:
+                        posts.append((seq.loop, seq.events, event))
+            if frames:
                 for sid, seq in list(self._live.items()):
                     if seq.cancelled:
                         cancels.append(sid)
                         del self._live[sid]
-            if cancels:
-                self.cancelled += len(cancels)
-                try:
-                    self._channel.send({"op": "cancel", "ids": cancels})
-                except OSError:
-                    pass
-            closed = OUTBOX.send(posts)
-            if closed:
-                with self._lock:
-                    for seq in self._live.values():
-                        if seq.loop in closed:  # nobody is left to read: cancelled with the next frame
-                            seq.cancel()
+        for queue, event in here:
+            queue.put_nowait(event)
+        if cancels:
+            self.cancelled += len(cancels)
+            try:
+                channel.send({"op": "cancel", "ids": cancels})
+            except OSError:
+                pass
+        gone = OUTBOX.send(posts) if posts else set()
+        if gone:
+            with self._lock:
+                for seq in self._live.values():
+                    if seq.loop in gone:  # nobody is left to read: cancelled with the next frame
+                        seq.cancel()
+        return not closed
 
-    def _restart(self) -> bool:
+    def _restart(self, channel: Channel) -> None:
         """The child has gone: fail its requests, and start another unless the engine is closing."""
         code = self._proc.wait()
         with self._lock:
-            self._channel.close()
-            closing = self._closed
-            if not closing:
-                self._channel = None
-        if closing:
-            return False
+            if self._closed or channel is not self._channel:
+                return
+            self._channel = None
+        channel.close()
         log.error("the engine process for %s exited (status %s); starting another", Path(self.args[4]).name, code)
         self._fail_live("the model's engine process stopped while this request was generating; retry it")
         try:
@@ -236,15 +338,17 @@ class ProcessTextEngine:
             log.error("%s", e)
             with self._lock:
                 self._closed = True
-            return False
+            return
         with self._lock:
             closing = self._closed  # unloaded while the new child was loading: it goes too
             if not closing:
                 self._channel, self._proc = channel, proc
+            home = self._home
         if closing:
             channel.close()  # the child reads the end of its input and exits
             proc.wait()
-        return not closing
+        elif home is not None and not home.is_closed():
+            self._on_loop(home, self._watch, home, channel)
 
     def _fail_live(self, why: str) -> None:
         with self._lock:
