@@ -5,6 +5,8 @@ engine moves the sequence in the highest slot into the freed one (so the active 
 of slots), and waiting sequences are admitted. None of it may change what a sequence writes.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import engine_answers, engine_texts
@@ -34,9 +36,10 @@ def test_finishing_moving_and_admitting_sequences_leave_each_text_as_alone():
     assert [len(t) for t in together] == [n for _, n, _ in requests]
 
 
-def test_the_outbox_wakes_a_listening_loop_through_its_pipe_and_refuses_a_closed_one():
-    """Events posted from another thread reach a loop that listens (woken by a byte on its pipe, as the
-    native step writes it) and one that does not (call_soon_threadsafe); a closed loop is refused."""
+def test_the_outbox_wakes_a_listening_loop_through_its_eventfd_and_refuses_a_closed_one():
+    """Events posted from another thread reach a loop that listens (woken through an eventfd on Linux, whose
+    wake-up is not a pipe's "sync" one: atelier/runtime/text_engine.py Outbox) and one that does not
+    (call_soon_threadsafe); a closed loop is refused."""
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +52,8 @@ def test_the_outbox_wakes_a_listening_loop_through_its_pipe_and_refuses_a_closed
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         if listen:
             outbox.listen(loop)
-            assert loop in outbox._pipes
+            r, w = outbox._pipes[loop]
+            assert r == w and os.readlink(f"/proc/self/fd/{r}") == "anon_inode:[eventfd]"
         threading.Thread(target=lambda: [outbox.post(loop, queue, i) for i in range(3)]).start()
         return [await asyncio.wait_for(queue.get(), 5) for _ in range(3)]
 

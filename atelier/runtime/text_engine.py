@@ -41,6 +41,7 @@ import bisect
 import itertools
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -80,11 +81,18 @@ class Outbox:
     32 streams, that is 32 hand-overs per decoding step. Here a loop is woken only when its
     first event arrives; the events that follow before it drains ride along.
 
-    A loop that `listen`s (the text engine's callers do) is woken through a pipe of its own
-    instead: `post_all` returns the pipes to write a byte to, so that an engine can leave the
-    write to its native decoding step. Written there, without the GIL, the loop turns the events
-    into chunks while the step computes, instead of the engine waiting for the loop to give the
-    GIL back (about 0.1 ms a token at batch 1, a tenth of it).
+    A loop that `listen`s (the text engine's callers do) is woken through a descriptor of its own
+    instead: `post_all` returns those to write to, so that an engine can leave the write to its
+    native decoding step. Written there, without the GIL, the loop turns the events into chunks
+    while the step computes, instead of the engine waiting for the loop to give the GIL back
+    (about 0.1 ms a token at batch 1, a tenth of it).
+
+    The descriptor is an eventfd where there is one (Linux), else a pipe. A pipe's write wakes its
+    reader as a "sync" wake-up (the writer is taken to be about to sleep), and Linux then queues
+    the woken thread on the writer's CPU when that runs one task: the loop went to the core the
+    engine's step was computing on, while the other was free. An eventfd's wake-up lets the loop
+    run where it ran, or on an idle core (streamed 64-token completions, one client, alternating
+    servers: 4 % less time each).
     """
 
     def __init__(self):
@@ -93,17 +101,19 @@ class Outbox:
         self._pipes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (read fd, write fd)
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From the loop's own thread: wake this loop through a pipe from now on."""
+        """From the loop's own thread: wake this loop through an eventfd (or a pipe) from now on."""
         if loop in self._pipes or loop.is_closed():
             return
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
+        if hasattr(os, "eventfd"):
+            r = w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
         try:
             loop.add_reader(r, self._on_wake, loop, r)
         except NotImplementedError:  # a loop without readers (Windows' proactor): its self-pipe it is
-            os.close(r)
-            os.close(w)
+            _close_pipe(r, w)
             return
         self._pipes[loop] = (r, w)
         weakref.finalize(loop, _close_pipe, r, w)
@@ -159,18 +169,21 @@ class Outbox:
 
 
 def _close_pipe(r: int, w: int) -> None:
-    for fd in (r, w):
+    for fd in {r, w}:
         try:
             os.close(fd)
         except OSError:
             pass
 
 
+WAKE = (1).to_bytes(8, sys.byteorder)  # an eventfd's counter takes 8 bytes; a pipe reads them as any others
+
+
 def wake(fds: list[int]) -> None:
-    """Write the wake-up byte to each pipe (a full pipe has a wake-up waiting already)."""
+    """Write a wake-up to each descriptor (a full pipe, or a counter at its limit, has one waiting already)."""
     for fd in fds:
         try:
-            os.write(fd, b"\0")
+            os.write(fd, WAKE)
         except (BlockingIOError, OSError):
             pass
 

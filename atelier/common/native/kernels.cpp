@@ -50,13 +50,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-// Pipes to write one byte to once the next step has let go of the GIL (arm_wake): the text engine's
-// event loops, woken to stream the last step's tokens while this one computes.
+// Descriptors (eventfds, or pipes) to write a wake-up to once the next step has let go of the GIL (arm_wake):
+// the text engine's event loops, woken to stream the last step's tokens while this one computes.
 thread_local std::vector<int> armed;
 
 void wake_armed() {
-  const char byte = 0;
-  for (int fd : armed) [[maybe_unused]] auto written = ::write(fd, &byte, 1);  // a full pipe is awake already
+  const uint64_t one = 1;  // an eventfd's counter takes 8 bytes; a pipe reads them as any others
+  for (int fd : armed) [[maybe_unused]] auto written = ::write(fd, &one, sizeof one);  // a full pipe is awake
   armed.clear();
 }
 
