@@ -174,7 +174,8 @@ def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(se
 
 
 def test_frames_reach_requests_on_every_event_loop(tmp_path):
-    """The child's frames are read on the first submitting loop, straight into its requests' queues; a request
+    """The child's frames are read on the first submitting loop, straight into its requests' queues (woken by an
+    eventfd the child counts them on); a request
     of another loop (here, at the same time) gets its events through OUTBOX; once the first loop has closed,
     the next loop to submit reads them (without it, that request would wait forever: the 30 s bound fails it)."""
     import asyncio
@@ -194,6 +195,10 @@ def test_frames_reach_requests_on_every_event_loop(tmp_path):
     want = {n: engine_texts(lm, [(PROMPT, n, 0)], temperature=0)[0] for n in (12, 60)}
     engine = ProcessTextEngine("chargpt", folder, max_batch=4, threads=1, step_threads=1, native=True,
                                context=lm.context)
+    # The loop watches the eventfd the child counts its frames on, and the child's pidfd for its end; not the
+    # socket, whose wake-ups would queue the loop on the engine's core.
+    assert {os.readlink(f"/proc/self/fd/{fd}") for fd in engine._channel.watched} == \
+        {"anon_inode:[eventfd]", "anon_inode:[pidfd]"}
 
     async def generate(n: int) -> tuple[str, int]:
         events = asyncio.Queue()

@@ -15,7 +15,8 @@ Frames are length-prefixed JSON over a Unix socket pair: the child sends every e
 one frame, from its worker thread, with nothing else to wait for. The server reads them on the event
 loop its requests run on (`add_reader`, as vLLM's asyncio output handler), straight into their
 queues: a reader thread cost each frame a thread's wake-up, two hand-overs of the GIL and a wake-up of
-the loop through its pipe. (Requests of another loop, in tests, get theirs through OUTBOX.) A sequence
+the loop through its pipe. The child counts each frame on an eventfd, which the loop watches with the
+child's pidfd (Linux; the socket elsewhere): see Channel for why not the socket. (Requests of another loop, in tests, get theirs through OUTBOX.) A sequence
 the server cancels (its client left) is cancelled in the child with the next frame that arrives. If the
 child dies, its requests end with EngineClosed (a 503 to retry) and the proxy starts a new one;
 unloading the model stops it. The server still loads the model itself for what routes do around generation
@@ -30,6 +31,7 @@ import gc
 import itertools
 import json
 import logging
+import os
 import socket
 import struct
 import subprocess
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.sampling import Sampled, SamplingParams
-from atelier.runtime.text_engine import OUTBOX, Finished, Sequence, TextChunk, TextEngine, prepare
+from atelier.runtime.text_engine import OUTBOX, WAKE, Finished, Sequence, TextChunk, TextEngine, prepare
 
 log = logging.getLogger("atelier.runtime")
 
@@ -50,10 +52,19 @@ RECEIVE_BYTES = 1 << 16
 
 class Channel:
     """Frames of JSON over a connected socket; `send` may be called from any thread, and one reader at a
-    time either waits for the next frame (`receive`) or takes those that have arrived (`receive_ready`)."""
+    time either waits for the next frame (`receive`) or takes those that have arrived (`receive_ready`).
 
-    def __init__(self, sock: socket.socket):
+    `signal`: an eventfd to count each frame sent on (the child's side). The server's loop then watches
+    that eventfd and the child's pidfd (`watched`) rather than the socket: a socket's write wakes its
+    reader as a "sync" wake-up, which Linux queues on the writer's CPU when that runs one task, and the
+    engine's step was that task (see OUTBOX in runtime/text_engine.py)."""
+
+    def __init__(self, sock: socket.socket, signal: int | None = None):
         self.sock = sock
+        self.signal = signal
+        self.watched: tuple[int, ...] = (sock.fileno(),)  # readable when frames, or the end, may be waiting
+        self.counter: int | None = None  # the eventfd among them, cleared before each read
+        self.owned: tuple[int, ...] = ()  # descriptors closed with the channel
         self._lock = threading.Lock()
         self._pending = bytearray()  # bytes read past the last whole frame
 
@@ -61,6 +72,11 @@ class Channel:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         with self._lock:
             self.sock.sendall(HEADER.pack(len(data)) + data)
+            if self.signal is not None:
+                try:
+                    os.write(self.signal, WAKE)
+                except OSError:
+                    pass
 
     def receive(self):
         """The next frame, waiting for it; None once the other side has closed."""
@@ -73,6 +89,11 @@ class Channel:
 
     def receive_ready(self) -> tuple[list, bool]:
         """The frames that have arrived, without waiting; and whether the other side has closed."""
+        if self.counter is not None:  # cleared first: a frame sent after this read counts again
+            try:
+                os.read(self.counter, 8)
+            except OSError:  # 0: nothing counted since the last read
+                pass
         closed = False
         while True:
             try:
@@ -102,11 +123,13 @@ class Channel:
         return json.loads(data)
 
     def close(self) -> None:
-        for closing in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
+        for closing in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close,
+                        *(lambda fd=fd: os.close(fd) for fd in self.owned)):
             try:
                 closing()
             except OSError:
                 pass
+        self.owned = ()
 
 
 # -- events on the wire ------------------------------------------------------------------------------
@@ -157,12 +180,26 @@ class ProcessTextEngine:
     def _spawn(self) -> tuple[Channel, subprocess.Popen]:
         """Start a child and wait until it has loaded the model (OSError saying why when it cannot)."""
         ours, theirs = socket.socketpair()
+        counter = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
+        given = (theirs.fileno(),) + ((counter,) if counter is not None else ())
         try:
-            proc = subprocess.Popen(self.args + [str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(self.args + [str(theirs.fileno()), str(-1 if counter is None else counter)],
+                                    pass_fds=given, stdin=subprocess.DEVNULL)
+        except BaseException:
+            if counter is not None:
+                os.close(counter)
+            raise
         finally:
             theirs.close()
         channel = Channel(ours)
+        if counter is not None:
+            channel.owned = (counter,)
+            try:  # the child's end: the loop watches its pidfd (Linux 5.3) for it, not the socket
+                exited = os.pidfd_open(proc.pid)
+            except (AttributeError, OSError):
+                pass
+            else:
+                channel.watched, channel.counter, channel.owned = (counter, exited), counter, (counter, exited)
         ours.settimeout(LOAD_TIMEOUT_S)
         try:
             hello = channel.receive()
@@ -237,15 +274,13 @@ class ProcessTextEngine:
         with self._lock:
             if channel is not self._channel or self._closed:
                 return
-        loop.add_reader(channel.sock.fileno(), self._readable, loop, channel)
+        for fd in channel.watched:
+            loop.add_reader(fd, self._readable, loop, channel)
 
     def _unwatch(self, loop: asyncio.AbstractEventLoop | None, channel: Channel) -> None:
         """Stop reading `channel` on `loop`, then close it (a closed socket must leave the selector first)."""
         def stop():
-            try:
-                loop.remove_reader(channel.sock.fileno())
-            except (ValueError, OSError):  # closed already
-                pass
+            self._stop_reading(loop, channel)
             channel.close()
 
         if loop is None or loop.is_closed() or not self._on_loop(loop, stop):
@@ -266,13 +301,18 @@ class ProcessTextEngine:
         except RuntimeError:
             return False
 
+    @staticmethod
+    def _stop_reading(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+        for fd in channel.watched:
+            try:
+                loop.remove_reader(fd)
+            except (ValueError, OSError):  # closed already
+                pass
+
     def _readable(self, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
         if self._take(channel, loop):
             return
-        try:
-            loop.remove_reader(channel.sock.fileno())
-        except (ValueError, OSError):
-            pass
+        self._stop_reading(loop, channel)
         with self._lock:
             gone = channel is self._channel and not self._closed
         if gone:  # the child died: restarting waits for it and loads a model, so not on the loop
@@ -417,8 +457,8 @@ def serve(channel: Channel, engine_for) -> None:
 
 
 def main(argv: list[str]) -> int:
-    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, prefix_cache, fd = argv
-    channel = Channel(socket.socket(fileno=int(fd)))
+    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, prefix_cache, fd, counter = argv
+    channel = Channel(socket.socket(fileno=int(fd)), signal=None if counter == "-1" else int(counter))
     try:
         import torch
 
