@@ -225,3 +225,35 @@ def test_frames_reach_requests_on_every_event_loop(tmp_path):
     finally:
         engine.close()
     assert engine._proc.returncode is not None
+
+
+def test_an_engine_process_leaves_when_its_server_is_killed():
+    """A server killed outright (kill -9) closes its end of the socket; the child, waiting for the server's next
+    frame, reads the end and exits instead of holding its model's memory. (A child that waited on an eventfd of
+    the server's, tried and not kept, would have waited forever.)"""
+    import subprocess
+    import sys
+
+    code = ("import time\n"
+            "from atelier.families.shipped import SHIPPED_DIR\n"
+            "from atelier.runtime.engine_process import ProcessTextEngine\n"
+            "e = ProcessTextEngine('chargpt', SHIPPED_DIR / 'tang-poet', max_batch=2, threads=1, step_threads=1,"
+            " native=True, context=8)\n"
+            "print(e.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(server.stdout.readline())
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait()
+
+    def running() -> bool:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running()
