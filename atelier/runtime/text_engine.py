@@ -228,7 +228,8 @@ class Sequence:
 
 def prepare(seq: Sequence, context: int) -> None:
     """What an engine's `submit` does first, on the caller's thread: refuse a prompt that does not fit the
-    context (ValueError), and have the request's loop woken through its pipe when it submits from that loop."""
+    context (ValueError), and have the request's loop woken through its eventfd (or pipe) when it submits
+    from that loop."""
     try:
         if asyncio.get_running_loop() is seq.loop:
             OUTBOX.listen(seq.loop)
