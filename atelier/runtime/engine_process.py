@@ -16,11 +16,12 @@ one frame, from its worker thread, with nothing else to wait for. The server rea
 loop its requests run on (`add_reader`, as vLLM's asyncio output handler), straight into their
 queues: a reader thread cost each frame a thread's wake-up, two hand-overs of the GIL and a wake-up of
 the loop through its pipe. The child counts each frame on an eventfd, which the loop watches with the
-child's pidfd (Linux; the socket elsewhere): see Channel for why not the socket. (Requests of another loop, in tests, get theirs through OUTBOX.) A sequence
-the server cancels (its client left) is cancelled in the child with the next frame that arrives. If the
-child dies, its requests end with EngineClosed (a 503 to retry) and the proxy starts a new one;
-unloading the model stops it. The server still loads the model itself for what routes do around generation
-(the tokenizer, the poetry engine's constrained decoding), as with Ray Serve.
+child's pidfd (Linux; the socket elsewhere): see Channel for why not the socket. (Requests of another
+loop, in tests, get theirs through OUTBOX.) A sequence the server cancels (its client left) is
+cancelled in the child with the next frame that arrives. If the child dies, its requests end with
+EngineClosed (a 503 to retry) and the proxy starts a new one; unloading the model stops it. The server
+still loads the model itself for what routes do around generation (the tokenizer, the poetry
+engine's constrained decoding), as with Ray Serve.
 """
 
 from __future__ import annotations
