@@ -168,6 +168,28 @@ def leave_a_stream_early(live: LiveServer, max_tokens: int = 100) -> None:
                 break
 
 
+def raw_exchange(server, head: bytes, body_part: bytes, wait_s: float = 10.0) -> bytes:
+    """Send a request head and a body (or only part of it) over a raw socket; what the server answers before it
+    closes the connection, an error's body has arrived, or `wait_s` passes."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(head + body_part)
+        chunks = []
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+                if b"\r\n\r\n" in b"".join(chunks) and b'"error"' in b"".join(chunks):
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
 def audit_entries(http) -> list[dict]:
     """Every audit entry, page by page (the session's server has audited other tests' work too)."""
     entries, after = [], 0

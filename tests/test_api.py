@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, audit_entries
+from conftest import ADMIN_KEY, audit_entries, raw_exchange
 
 
 def test_models_list_and_retrieve(client):
@@ -76,21 +76,14 @@ def test_completion_stream(client):
     assert text == again.choices[0].text
 
 
-def http_chunks(url: str, path: str, body: dict) -> list[bytes]:
+def http_chunks(server, path: str, body: dict) -> list[bytes]:
     """The body of a POST as the server framed it: each HTTP/1.1 chunk, read off a raw socket."""
     import json
-    import socket
-    from urllib.parse import urlsplit
 
-    where = urlsplit(url)
     payload = json.dumps(body).encode()
-    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-                     .encode() + payload)
-        raw = b""
-        while data := sock.recv(65536):
-            raw += data
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    raw = raw_exchange(server, head, payload, wait_s=30)
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower(), head
     chunks = []
@@ -107,7 +100,7 @@ def test_a_stream_ends_in_one_write(server):
     where each had its own (three more per request)."""
     for path, body in (("/v1/completions", {"prompt": "江"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "秋"}]})):
-        chunks = http_chunks(server.url, path, body | {"model": "tang-poet", "max_tokens": 8, "seed": 3, "stream": True,
+        chunks = http_chunks(server, path, body | {"model": "tang-poet", "max_tokens": 8, "seed": 3, "stream": True,
                                                       "ignore_eos": True, "stream_options": {"include_usage": True}})
         last = chunks[-1].decode()
         assert last.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in last and '"usage"' in last, chunks

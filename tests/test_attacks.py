@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import httpx
 import numpy as np
 import pytest
+from conftest import raw_exchange
 
 
 def error_of(resp: httpx.Response, status: int) -> dict:
@@ -248,27 +249,6 @@ def test_studio_sends_a_content_security_policy(server):
 
 
 # -- #10 defect 8: how requests arrive --------------------------------------------------------------
-
-
-def raw_exchange(server, head: bytes, body_part: bytes, wait_s: float = 10.0) -> bytes:
-    """Send a request head and only part of its body over a raw socket; whatever the server answers."""
-    import socket
-
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
-        s.sendall(head + body_part)
-        chunks = []
-        try:
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-                if b"\r\n\r\n" in b"".join(chunks) and b'"error"' in b"".join(chunks):
-                    break
-        except TimeoutError:
-            pass
-    return b"".join(chunks)
 
 
 def test_a_keyless_body_is_refused_before_it_is_read(server):
