@@ -37,6 +37,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -373,10 +374,20 @@ inline __m512 sum16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
+// Asks for the cache lines of p[0…n-1] ahead of their reads (a head's cached keys and values are a few KB at
+// a place of their own in a cache larger than the processor's, so each head starts its streams cold).
+template <typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
 // attend_head for a head of NV × 16 floats, the query and the output in registers: scores 16 positions at
 // a time (sum16), their exponentials 16 at a time, and the weighted values summed in independent sets of
 // registers (one set waited on its own previous sum: four cycles a position). At a batch of 16 rows this
 // attention took a quarter of a tang-poet step with one reduction per score and the sums in arrays.
+// A float16 cache's next keys and this block's values are prefetched: steps of 16 and 32 rows at 67-134
+// positions took 5-11 % less time (two builds alternating in one process); a float32 cache's did not move.
 template <int NV, typename T>
 void attend_head_avx512(const float* qh, const T* keys, const T* values, int64_t length, float scale,
                         float* weights, float* out) {
@@ -386,6 +397,10 @@ void attend_head_avx512(const float* qh, const T* keys, const T* values, int64_t
   __m512 top_v = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < length; j += 16) {
     const int64_t left = std::min<int64_t>(16, length - j);
+    if constexpr (std::is_same_v<T, at::Half>) {  // the next block's keys; this block's values, for the sums below
+      if (j + 16 < length) prefetch_span(keys + (j + 16) * hd, std::min<int64_t>(16, length - j - 16) * hd);
+      prefetch_span(values + j * hd, left * hd);
+    }
     __m512 dots[16];
     for (int p = 0; p < 16; ++p) {
       if (p < left) {
