@@ -431,6 +431,33 @@ def test_the_one_token_decoder_gives_the_modules_logits(folders, kind, native_ke
                                            rtol=1e-5 if kv == "float32" else 2e-3)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_an_imported_models_native_step_draws_as_sample_plain(folders, kind, tmp_path):
+    """The text engine's plain rows are drawn by the native step itself (draw_next): for an imported GPT-2
+    (gpt2_step) and Llama (llama_step), the tokens sample_plain draws from the step's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from atelier.common import native
+
+    lm = imported_loud(AutoModelForCausalLM.from_pretrained(folders[kind]), folders[kind], tmp_path)
+    kernels = native.kernels()
+    ids, rows, pos = torch.tensor([[5], [9], [14]]), torch.tensor([2, 0, 1]), torch.tensor([[0], [3], [6]])
+    banned, temps = [[0], [0, 1], []], [1.0, 0.5, 0.0]
+
+    def step():
+        cache = lm.new_cache(3)
+        assert lm.decoder.native_ready(cache)  # its buffers made, as a prefill makes them
+        with torch.no_grad():
+            return lm.forward(ids, cache, rows, pos, last=torch.zeros(3, dtype=torch.long))
+
+    for seed in range(5):
+        generators = [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)]
+        expected = kernels.sample_plain(step().clone(), banned, temps, generators)
+        kernels.draw_next(banned, temps, [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)])
+        step()
+        assert kernels.drawn() == expected
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("native_kernels", [True, False])
 def test_a_chats_next_turn_reads_the_conversation_from_the_cache(folders, kind, native_kernels):

@@ -102,6 +102,51 @@ def test_native_draws_follow_the_softmax_across_a_vocabulary_of_whole_and_partia
     assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / 20_000).sqrt() + 1e-4).all()
 
 
+def test_a_step_draws_its_rows_tokens_as_sample_plain_would():
+    """draw_next (the text engine's rows that ask for nothing but a temperature): the next native step draws each
+    row's token itself, the tokens sample_plain draws from the same logits with the same generators; drawn()
+    returns them once. Draws no step took (the module path ran) are dropped: None, and the next step draws
+    nothing. Draws for another number of rows are refused."""
+    torch.manual_seed(3)
+    model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(6)  # (the head is tied to it) logits neither uniform nor one-hot
+    kernels = native.kernels()
+    ids, rows, pos, last = torch.tensor([[3], [5], [7]]), torch.tensor([0, 2, 1]), torch.tensor([[0], [2], [4]]), \
+        torch.zeros(3, dtype=torch.long)
+    temps, banned = [1.0, 0.0, 0.7], [[0, 1], [0], [0, 1, 2]]
+
+    def generators(seed):
+        return [torch.Generator().manual_seed(seed + i) for i in range(3)]
+
+    def step(cache=None):
+        with torch.no_grad():
+            return model(ids, cache=cache or KVCache(model.config, 3), rows=rows, pos=pos, last=last)[0]
+
+    seen = set()
+    for trial in range(20):
+        expected = kernels.sample_plain(step().clone(), banned, temps, generators(10 * trial))
+        kernels.draw_next(banned, temps, generators(10 * trial))
+        step()
+        assert kernels.drawn() == expected
+        assert kernels.drawn() is None  # once
+        seen.add(tuple(expected))
+    assert len(seen) > 5  # the draws vary with the seeds
+    kernels.draw_next(banned, temps, generators(0))
+    native.use(False)
+    try:
+        step()
+    finally:
+        native.use(True)
+    assert kernels.drawn() is None
+    step()
+    assert kernels.drawn() is None
+    kernels.draw_next(banned[:2], temps[:2], generators(0)[:2])
+    with pytest.raises(RuntimeError, match="one banned list, temperature and generator per row"):
+        step()
+    assert kernels.drawn() is None
+
+
 def test_rows_that_ask_for_more_than_a_temperature_take_the_python_path():
     """top_k, penalties and log-probabilities are the Python path's: the native draw is skipped, and the
     answer carries what was asked for."""

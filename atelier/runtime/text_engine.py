@@ -449,18 +449,28 @@ class TextEngine:
         pos = start[:, None] + torch.arange(width)
         if width > 1:
             pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
+        seqs = active + joining
+        banned, eos = self.lm.banned_ids, list(self.lm.eos_ids)
+        banned = [banned + eos if s.params.ignore_eos else banned for s in seqs]
+        # Rows that ask for nothing but a temperature are drawn by the native step itself, in the same call
+        # without the GIL (sampling.py's native draw), so the worker takes the GIL back from the loops once a step.
+        plain, tokens = native is not None and all(s.params.plain for s in seqs), None
         self._send(native)
-        logits = self.lm.forward(ids, self.cache, rows, pos, last=last)
+        if plain:
+            native.draw_next(banned, [s.params.temperature for s in seqs], [s.generator for s in seqs])
+        try:
+            logits = self.lm.forward(ids, self.cache, rows, pos, last=last)
+        finally:
+            if plain:
+                tokens = native.drawn()  # None when the step did not run natively after all
         if native is not None:
             wake(native.disarm())  # the step did not run natively after all: wake the loops now
-        self._sample_and_accept(active + joining, logits)
-
-    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        banned, eos = self.lm.banned_ids, list(self.lm.eos_ids)
-        sampled = sample_rows(logits, [s.params for s in seqs],
-                              banned=[banned + eos if s.params.ignore_eos else banned for s in seqs],
-                              prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
-                              generators=[s.generator for s in seqs], scratch=True)
+        if tokens is not None:
+            sampled = [Sampled(token=t, logprob=0.0, top=[]) for t in tokens]
+        else:
+            sampled = sample_rows(logits, [s.params for s in seqs], banned=banned,
+                                  prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
+                                  generators=[s.generator for s in seqs], scratch=True)
         for seq, one in zip(seqs, sampled):
             self._accept(seq, one)
 

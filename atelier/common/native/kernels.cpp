@@ -8,7 +8,7 @@
 //                 grouped-query attention, SiLU-gated MLP; hf_decoders.LlamaDecoder)
 //   sample_plain  the inverse-CDF draw of atelier/runtime/sampling.py for rows that ask for nothing but a
 //                 temperature, fused into three passes over each row (the same tokens, but for a draw within
-//                 a float's rounding of a boundary between two)
+//                 a float's rounding of a boundary between two); draw_next has a step draw them itself
 //
 // Why C++: at batch 1 a tang-poet step reads 16 MB of weights in about 0.6 ms, and the hundred or so tensor
 // operations around those reads cost as much again when each crosses from Python (and takes the GIL back
@@ -59,6 +59,34 @@ void wake_armed() {
   const uint64_t one = 1;  // an eventfd's counter takes 8 bytes; a pipe reads them as any others
   for (int fd : armed) [[maybe_unused]] auto written = ::write(fd, &one, sizeof one);  // a full pipe is awake
   armed.clear();
+}
+
+// What sample_plain takes for each row of a step's logits. Given to draw_next, the next gpt2_step or
+// llama_step on this thread draws its rows' tokens itself, in the same call without the GIL (one hand-over
+// of the GIL a step instead of two: each is a wait while an event loop holds it), and drawn() returns them.
+struct Draws {
+  std::vector<std::vector<int64_t>> banned;
+  std::vector<double> temps;
+  std::vector<at::Generator> generators;
+};
+thread_local std::optional<Draws> next_draws;
+thread_local std::optional<std::vector<int64_t>> last_drawn;
+
+std::vector<int64_t> draw_rows(Tensor logits, const Draws& d);
+
+// The draws left for this step (checked against its logits while the GIL is held), or none.
+std::optional<Draws> take_draws(const Tensor& logits) {
+  std::optional<Draws> d;
+  d.swap(next_draws);
+  last_drawn.reset();
+  if (!d.has_value()) return d;
+  const int64_t B = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(static_cast<int64_t>(d->temps.size()) == B && static_cast<int64_t>(d->banned.size()) == B &&
+                  static_cast<int64_t>(d->generators.size()) == B,
+              "draw_next: one banned list, temperature and generator per row of the step's logits");
+  for (const auto& ids : d->banned)
+    for (int64_t id : ids) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
+  return d;
 }
 
 void check_float(const Tensor& t, const char* what) {
@@ -830,6 +858,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
+  const std::optional<Draws> draws = take_draws(logits);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -861,6 +890,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
   };
   in_parts(r, N, parts, caches, run);
+  if (draws.has_value()) last_drawn = draw_rows(logits, *draws);
   return logits;
 }
 
@@ -898,6 +928,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
+  const std::optional<Draws> draws = take_draws(logits);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -933,6 +964,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
   };
   in_parts(r, N, parts, caches, run);
+  if (draws.has_value()) last_drawn = draw_rows(logits, *draws);
   return logits;
 }
 
@@ -1021,20 +1053,45 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   for (int64_t i = 0; i < B; ++i)
     for (int64_t id : banned[i]) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
   py::gil_scoped_release no_gil;
+  return draw_rows(logits, Draws{banned, temps, std::move(generators)});
+}
+
+namespace {
+
+std::vector<int64_t> draw_rows(Tensor logits, const Draws& d) {
+  const int64_t B = logits.size(0), vocab = logits.size(1);
   float* data = logits.data_ptr<float>();
   std::vector<int64_t> out(B);
   std::vector<float> blocks;
   for (int64_t i = 0; i < B; ++i) {
     float* row = data + i * vocab;
-    for (int64_t id : banned[i]) row[id] = -INFINITY;
-    const float u = at::rand({1}, generators[i]).item<float>();
-    if (temps[i] == 0.0) {  // the first of the most likely tokens, as argmax
+    for (int64_t id : d.banned[i]) row[id] = -INFINITY;
+    const float u = at::rand({1}, d.generators[i]).item<float>();
+    if (d.temps[i] == 0.0) {  // the first of the most likely tokens, as argmax
       out[i] = std::max_element(row, row + vocab) - row;
     } else {
-      out[i] = draw(row, vocab, static_cast<float>(temps[i]), u, blocks);
+      out[i] = draw(row, vocab, static_cast<float>(d.temps[i]), u, blocks);
     }
   }
   return out;
+}
+
+}  // namespace
+
+// The next gpt2_step or llama_step on this thread draws a token for each row of its logits, as sample_plain
+// with these arguments would (the logits are edited in place as there); drawn() returns them.
+void draw_next(std::vector<std::vector<int64_t>> banned, std::vector<double> temps,
+               std::vector<at::Generator> generators) {
+  next_draws = Draws{std::move(banned), std::move(temps), std::move(generators)};
+  last_drawn.reset();
+}
+
+// The tokens the last step drew (draw_next), or None when no step took the draws (they are dropped).
+std::optional<std::vector<int64_t>> drawn() {
+  next_draws.reset();
+  std::optional<std::vector<int64_t>> tokens;
+  tokens.swap(last_drawn);
+  return tokens;
 }
 
 // The pipes the next gpt2_step or llama_step on this thread writes to, and those it has not written to
@@ -1049,6 +1106,8 @@ std::vector<int> disarm() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("arm_wake", &arm_wake);
+  m.def("draw_next", &draw_next);
+  m.def("drawn", &drawn);
   m.def("disarm", &disarm);
   m.def("gpt2_step", &gpt2_step);
   m.def("llama_step", &llama_step);
