@@ -450,10 +450,12 @@ def test_an_imported_models_native_step_draws_as_sample_plain(folders, kind, tmp
         with torch.no_grad():
             return lm.forward(ids, cache, rows, pos, last=torch.zeros(3, dtype=torch.long))
 
+    def generators(seed):
+        return [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)]
+
     for seed in range(5):
-        generators = [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)]
-        expected = kernels.sample_plain(step().clone(), banned, temps, generators)
-        kernels.draw_next(banned, temps, [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)])
+        expected = kernels.sample_plain(step().clone(), banned, temps, generators(seed))
+        kernels.draw_next(banned, temps, generators(seed))
         step()
         assert kernels.drawn() == expected
 

@@ -450,8 +450,8 @@ class TextEngine:
         if width > 1:
             pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
         seqs = active + joining
-        banned, eos = self.lm.banned_ids, list(self.lm.eos_ids)
-        banned = [banned + eos if s.params.ignore_eos else banned for s in seqs]
+        never, eos = self.lm.banned_ids, list(self.lm.eos_ids)
+        banned = [never + eos if s.params.ignore_eos else never for s in seqs]
         # Rows that ask for nothing but a temperature are drawn by the native step itself, in the same call
         # without the GIL (sampling.py's native draw), so the worker takes the GIL back from the loops once a step.
         plain, tokens = native is not None and all(s.params.plain for s in seqs), None
