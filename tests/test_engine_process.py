@@ -175,9 +175,9 @@ def test_a_continued_prompt_reads_what_the_last_one_left_and_only_for_its_key(se
 
 def test_frames_reach_requests_on_every_event_loop(tmp_path):
     """The child's frames are read on the first submitting loop, straight into its requests' queues (woken by an
-    eventfd the child counts them on); a request
-    of another loop (here, at the same time) gets its events through OUTBOX; once the first loop has closed,
-    the next loop to submit reads them (without it, that request would wait forever: the 30 s bound fails it)."""
+    eventfd the child counts them on); a request of another loop (here, at the same time) gets its events
+    through OUTBOX; once the first loop has closed, the next loop to submit reads them (without it, that
+    request would wait forever: the 30 s bound fails it)."""
     import asyncio
     import threading
 

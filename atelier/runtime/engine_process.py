@@ -64,10 +64,17 @@ class Channel:
         self.sock = sock
         self.signal = signal
         self.watched: tuple[int, ...] = (sock.fileno(),)  # readable when frames, or the end, may be waiting
-        self.counter: int | None = None  # the eventfd among them, cleared before each read
+        self.counter: int | None = None  # the eventfd among them, cleared before each read (count_on)
         self.owned: tuple[int, ...] = ()  # descriptors closed with the channel
         self._lock = threading.Lock()
         self._pending = bytearray()  # bytes read past the last whole frame
+
+    def count_on(self, counter: int, exited: int | None) -> None:
+        """The server's side: the child counts its frames on eventfd `counter`; with the child's pidfd `exited`
+        (Linux 5.3) the loop watches those two instead of the socket. Both are closed with the channel."""
+        self.owned = (counter,) if exited is None else (counter, exited)
+        if exited is not None:
+            self.watched, self.counter = (counter, exited), counter
 
     def send(self, obj) -> None:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -194,13 +201,11 @@ class ProcessTextEngine:
             theirs.close()
         channel = Channel(ours)
         if counter is not None:
-            channel.owned = (counter,)
-            try:  # the child's end: the loop watches its pidfd (Linux 5.3) for it, not the socket
+            try:  # the child's end: the loop watches its pidfd for it, not the socket
                 exited = os.pidfd_open(proc.pid)
             except (AttributeError, OSError):
-                pass
-            else:
-                channel.watched, channel.counter, channel.owned = (counter, exited), counter, (counter, exited)
+                exited = None
+            channel.count_on(counter, exited)
         ours.settimeout(LOAD_TIMEOUT_S)
         try:
             hello = channel.receive()

@@ -70,6 +70,17 @@ struct Draws {
   std::vector<std::vector<int64_t>> banned;
   std::vector<double> temps;
   std::vector<at::Generator> generators;
+
+  // One entry of each per row of `logits` (B, vocab), and banned ids within the vocabulary.
+  void check(const Tensor& logits, const char* who) const {
+    const int64_t B = logits.size(0), vocab = logits.size(1);
+    TORCH_CHECK(static_cast<int64_t>(banned.size()) == B && static_cast<int64_t>(temps.size()) == B &&
+                    static_cast<int64_t>(generators.size()) == B,
+                who, ": one banned list, temperature and generator per row of the logits");
+    TORCH_CHECK(vocab > 0, "logits: at least one token");
+    for (const auto& ids : banned)
+      for (int64_t id : ids) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
+  }
 };
 thread_local std::optional<Draws> next_draws;
 thread_local std::optional<std::vector<int64_t>> last_drawn;
@@ -81,13 +92,7 @@ std::optional<Draws> take_draws(const Tensor& logits) {
   std::optional<Draws> d;
   d.swap(next_draws);
   last_drawn.reset();
-  if (!d.has_value()) return d;
-  const int64_t B = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(static_cast<int64_t>(d->temps.size()) == B && static_cast<int64_t>(d->banned.size()) == B &&
-                  static_cast<int64_t>(d->generators.size()) == B,
-              "draw_next: one banned list, temperature and generator per row of the step's logits");
-  for (const auto& ids : d->banned)
-    for (int64_t id : ids) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
+  if (d.has_value()) d->check(logits, "draw_next");
   return d;
 }
 
@@ -1068,18 +1073,13 @@ int64_t draw(float* x, int64_t vocab, float temp, float u, std::vector<float>& b
 // temperature temps[i] (0: the most likely token) with one uniform number from generators[i] (drawn from every
 // row's generator, greedy rows too, as the Python path does). sampling.py's steps 1, 4 and 5 for rows without
 // penalties, top-k, top-p, min-p or log-probabilities.
-std::vector<int64_t> sample_plain(Tensor logits, const std::vector<std::vector<int64_t>>& banned,
-                                  const std::vector<double>& temps, std::vector<at::Generator> generators) {
+std::vector<int64_t> sample_plain(Tensor logits, std::vector<std::vector<int64_t>> banned, std::vector<double> temps,
+                                  std::vector<at::Generator> generators) {
   check_float(logits, "logits");
+  const Draws d{std::move(banned), std::move(temps), std::move(generators)};
+  d.check(logits, "sample_plain");
   const int64_t B = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(static_cast<int64_t>(banned.size()) == B && static_cast<int64_t>(temps.size()) == B &&
-                  static_cast<int64_t>(generators.size()) == B,
-              "one banned list, temperature and generator per row");
-  TORCH_CHECK(vocab > 0, "logits: at least one token");
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t id : banned[i]) TORCH_CHECK(id >= 0 && id < vocab, "banned id ", id, " out of range");
   py::gil_scoped_release no_gil;
-  const Draws d{banned, temps, std::move(generators)};
   float* data = logits.data_ptr<float>();
   std::vector<int64_t> out(B);
   std::vector<float> blocks;
