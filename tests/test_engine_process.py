@@ -136,6 +136,26 @@ def test_a_float16_kv_cache_reaches_the_engine_process(server, tmp_path):
     assert len(want) == 40 and got == want
 
 
+def test_a_prefill_chunk_reaches_the_engine_process(server, tmp_path):
+    """ATELIER_PREFILL_CHUNK reaches the child's engine (/api/ps says how many prompt tokens it computes an
+    iteration), and a long prompt prefilled 8 tokens at a time, beside a short one, gives the seeded completion a
+    whole prefill gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"model": "tang-poet", "prompt": prompt, "max_tokens": 30, "seed": seed, "ignore_eos": True}
+              for prompt, seed in ((PROMPT * 12, 3), (PROMPT, 4))]
+    text = lambda live, body: admin_http(live).post("/v1/completions", json=body).json()["choices"][0]["text"]  # noqa: E731
+    want = [text(server, body) for body in bodies]
+    with LiveServer(make_settings(tmp_path / "home", runtime="process", prefill_chunk=8)) as chunked:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda body: text(chunked, body), bodies))
+        ps = {m["name"]: m for m in admin_http(chunked).get("/api/ps").json()["data"]}
+        assert ps["tang-poet"]["prefill_chunk"] == 8 and engine_of(chunked).prefill_chunk == 8
+    assert {m["name"]: m["prefill_chunk"] for m in admin_http(server).get("/api/ps").json()["data"]}["tang-poet"] \
+        == 256
+    assert got == want and all(len(t) == 30 for t in got)
+
+
 def metric(http: httpx.Client, name: str) -> float:
     """A counter's value from GET /metrics (Prometheus' text format)."""
     return next(float(line.split()[-1]) for line in http.get("/metrics").text.splitlines() if line.startswith(name + " "))

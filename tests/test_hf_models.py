@@ -523,3 +523,17 @@ def test_grouped_query_heads_decode_as_the_modules_do(folders, tmp_path, kind, h
             got = lm.forward(nxt, native, rows, at)
         assert expected.abs().max() > 1
         torch.testing.assert_close(got, expected.detach(), **tol)
+
+
+def test_a_kv_cache_reserves_its_whole_context_and_holds_memory_only_where_rows_have_written():
+    """An imported model's KV cache takes every slot's whole context at once, in memory the OS commits as it
+    is written: a gigabyte reserved holds next to nothing, what a row writes is there, the rest reads zeros."""
+    from atelier.families.hf_cache import reserve
+
+    resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+    before = resident()
+    keys = reserve((32, 2, 32768, 64), torch.float32)  # 32 slots of a 32 k-position context: 1 GiB
+    assert keys.shape == (32, 2, 32768, 64) and resident() - before < 64 << 20
+    keys[3, :, :100] = 1.0
+    assert float(keys[3, :, :100].sum()) == 2 * 100 * 64 and float(keys[5, :, :1000].abs().max()) == 0
+    assert resident() - before < 64 << 20

@@ -52,7 +52,7 @@ def test_quick_start_commands_and_ci():
 
 
 @pytest.mark.parametrize("page, marker", [("runtime.md", "runtime"), ("runtime.md", "engine-process"),
-                                          ("runtime.md", "prefix-cache"),
+                                          ("runtime.md", "prefix-cache"), ("runtime.md", "prefill-chunk"),
                                           ("bring-your-own-model.md", "byo"), ("music.md", "music"),
                                           ("compression.md", "compression"), ("co-writing.md", "cowrite"),
                                           ("image-to-poem.md", "picture")])

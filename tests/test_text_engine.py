@@ -184,3 +184,122 @@ def test_two_keys_taking_turns_keep_their_conversations(on):
         native.use(True)
     assert runs[0][:2] == runs[1][:2] and runs[1][2] == 0
     assert runs[0][2] == len(p) + 10 - 1
+
+
+def with_prefill_chunk(lm, chunk: int, requests: list[tuple[list[int], str, int, int]], max_batch: int = 3):
+    from atelier.runtime.text_engine import TextEngine
+
+    engine = TextEngine(lm, max_batch, prefill_chunk=chunk)
+    try:
+        return [(tokens, done.prompt_tokens, done.cached_tokens) for tokens, done in engine_answers(engine, requests)]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["native", "python"])
+def test_prompts_prefilled_in_parts_write_what_whole_prefills_would(on):
+    """Chunked prefill: with 4 prompt tokens an iteration, long prompts go in over several (a burst of them one
+    after another, one admitted once a slot frees, a conversation's next turn from what its slot holds), and
+    every seeded sample is the one whole prefills give; so is the cache they leave for the owner's next turn."""
+    from atelier.common import native
+    from atelier.runtime.text_engine import PREFILL_CHUNK
+
+    lm = tiny_lm()
+    first, second = lm.encode(POEMS[0]), lm.encode(POEMS[1][:15])
+    requests = [(first, "a", 10, 1), (lm.encode("春眠"), "b", 20, 2), (second, "c", 12, 3), (lm.encode("夜来"), "d", 8, 4)]
+    native.use(on)
+    try:
+        runs = []
+        for chunk in (4, PREFILL_CHUNK):
+            answers = with_prefill_chunk(lm, chunk, requests)
+            turn = first + answers[0][0][:-1] + lm.encode("举头")[1:]  # a's next turn, with a prompt of 9 new tokens
+            runs.append(answers + with_prefill_chunk(lm, chunk, [(first, "a", 5, 1), (turn, "a", 6, 5)], 2))
+    finally:
+        native.use(True)
+    assert runs[0] == runs[1]
+    assert [prompt for _, prompt, _ in runs[0][:4]] == [len(first), 3, len(second), 3]
+
+
+def tokens_around_a_long_prompt(lm, chunk: int) -> str:
+    """A (a 3-token prompt, 40 tokens) and B (a 25-token prompt, 1 token) submitted together: their tokens in the
+    order they arrive, "A" or "B" each (a step's events go out in its rows' order)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Finished, Sequence, TextChunk, TextEngine
+
+    engine = TextEngine(lm, 2, prefill_chunk=chunk)
+    params = SamplingParams(ignore_eos=True)
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        with engine._wake:  # admitted together
+            for i, (prompt, n) in enumerate([("春眠", 40), (POEMS[0], 1)]):
+                engine.submit(Sequence(index=i, prompt_ids=lm.encode(prompt), params=params, max_tokens=n, stop=[],
+                                       seed=i, loop=loop, events=events))
+        order, finished = "", 0
+        while finished < 2:
+            index, event = await asyncio.wait_for(events.get(), 30)
+            if isinstance(event, TextChunk):
+                order += "AB"[index] * len(event.tokens)
+            else:
+                assert isinstance(event, Finished), event
+                finished += 1
+        return order
+
+    try:
+        with ThreadPoolExecutor(1) as pool:  # a loop of its own, as engine_run's
+            return pool.submit(asyncio.run, run()).result(60)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["native", "python"])
+def test_running_sequences_go_on_decoding_while_a_long_prompt_is_prefilled(on):
+    """With 2 prompt tokens an iteration, B's 25-token prompt goes in over 13 iterations after A's, each of which
+    gives A a token, so 13 of A's come before B's first; with the default, both prompts go in at once, and A's
+    first token comes with B's."""
+    from atelier.common import native
+    from atelier.runtime.text_engine import PREFILL_CHUNK
+
+    lm = tiny_lm()
+    native.use(on)
+    try:
+        chunked, whole = (tokens_around_a_long_prompt(lm, chunk) for chunk in (2, PREFILL_CHUNK))
+    finally:
+        native.use(True)
+    assert chunked.index("B") == 13 and whole.index("B") == 1, (chunked, whole)
+    assert chunked.count("A") == whole.count("A") == 40
+
+
+def test_the_prefill_chunk_is_a_number_of_tokens_between_1_and_prefill_tokens(tmp_path):
+    """ATELIER_PREFILL_CHUNK out of range stops the server's start, naming the setting; so does the engine."""
+    from pydantic import ValidationError
+
+    from atelier.config import Settings
+    from atelier.runtime.text_engine import PREFILL_CHUNK, PREFILL_TOKENS, TextEngine
+
+    assert Settings(home=tmp_path).prefill_chunk == PREFILL_CHUNK  # the server's default is the engine's
+    for bad in (0, PREFILL_TOKENS + 1):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            TextEngine(tiny_lm(), 2, prefill_chunk=bad)
+        with pytest.raises(ValidationError, match="prefill_chunk"):
+            Settings(home=tmp_path, prefill_chunk=bad)
+    assert Settings(home=tmp_path, prefill_chunk=PREFILL_TOKENS).prefill_chunk == PREFILL_TOKENS
+
+
+def test_a_prompt_of_no_tokens_is_refused_before_it_reaches_a_step():
+    """A text the model's tokenizer makes nothing of (an imported tokenizer that knows none of its characters)
+    would have no logits to follow: submit refuses it, as it refuses one the context cannot hold."""
+    from atelier.runtime.sampling import SamplingParams
+    from atelier.runtime.text_engine import Sequence, TextEngine
+
+    engine = TextEngine(tiny_lm(), 2)
+    try:
+        for ids, why in (([], "no tokens"), ([1] * 64, "does not fit")):
+            with pytest.raises(ValueError, match=why):
+                engine.submit(Sequence(index=0, prompt_ids=ids, params=SamplingParams(), max_tokens=1, stop=[],
+                                       seed=0, loop=None, events=None))
+    finally:
+        engine.close()

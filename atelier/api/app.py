@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.manager = ModelManager(blobs, settings.home_dir / "versions", max_loaded=settings.max_loaded_models,
                                      max_memory=settings.max_model_memory, keep_alive=settings.keep_alive,
                                      max_batch=settings.max_batch, kv_cache_dtype=settings.kv_cache_dtype,
-                                     prefix_cache=settings.prefix_cache,
+                                     prefix_cache=settings.prefix_cache, prefill_chunk=settings.prefill_chunk,
                                      image_max_batch=settings.image_max_batch,
                                      image_wait_ms=settings.image_batch_wait_ms, image_threads=image_threads(settings),
                                      remote=remote_runtime(settings))

@@ -7,8 +7,30 @@ model first loads, not when the server starts.
 
 from __future__ import annotations
 
+import logging
+import math
+import mmap
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+log = logging.getLogger(__name__)
+
+
+def reserve(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of `shape` in memory the OS commits a page at a time, as it is first written (an anonymous
+    mapping; a page never written reads as zeros and holds none): a cache reserves its whole context at once
+    and holds memory for the positions its rows have reached, each row its own. Allocating positions as rows
+    reached them, doubling, copied the whole cache each time: a long prompt taking a 24 M-parameter model's 32
+    slots to 1,024 positions held every stream up for 0.18 s, and 1.5 times the cache's memory meanwhile."""
+    count = math.prod(shape)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    try:
+        return torch.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize), flags=flags), dtype=dtype,
+                                count=count).view(shape)
+    except OSError as e:  # a kernel that commits every mapped byte (vm.overcommit_memory=2), or too little room
+        log.warning("KV cache of %.1f GB allocated whole (%s)", count * dtype.itemsize / 1e9, e)
+        return torch.zeros(shape, dtype=dtype)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -22,26 +44,17 @@ class SlotLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Every slot's buffers for the whole context, reserved (`reserve`): memory as positions are reached."""
         dtype = self.cache.dtype or key_states.dtype
-        self.keys = key_states.new_zeros((self.cache.slots, key_states.shape[1], 0, key_states.shape[-1]), dtype=dtype)
-        self.values = value_states.new_zeros((self.cache.slots, value_states.shape[1], 0, value_states.shape[-1]),
-                                             dtype=dtype)
+        self.keys = reserve((self.cache.slots, key_states.shape[1], self.cache.length, key_states.shape[-1]), dtype)
+        self.values = reserve((self.cache.slots, value_states.shape[1], self.cache.length, value_states.shape[-1]),
+                              dtype)
         self.is_initialized = True
-
-    def _grow(self, needed: int) -> None:
-        """Positions are allocated as sequences reach them (doubling, up to the context), so a model
-        with a long context holds memory for what its sequences use, not for all of it."""
-        size = min(self.cache.length, max(needed, 2 * self.keys.shape[2], 64))
-        extra = size - self.keys.shape[2]
-        pad = lambda t: torch.cat([t, t.new_zeros((*t.shape[:2], extra, t.shape[3]))], dim=2)  # noqa: E731
-        self.keys, self.values = pad(self.keys), pad(self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows, pos = self.cache.rows, self.cache.pos  # (B,), (B, T)
-        if self.cache.seen > self.keys.shape[2]:
-            self._grow(self.cache.seen)
         # 1. states (B, heads, T, dim) go to [row, :, position]
         self.keys[rows[:, None], :, pos] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[rows[:, None], :, pos] = value_states.transpose(1, 2).to(self.values.dtype)

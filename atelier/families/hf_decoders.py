@@ -100,8 +100,6 @@ class _Decoder:
     @staticmethod
     def _attend(layer, rows, pos, span, run, mask, q, k, v, scale, gqa):
         """Write k, v (B, kv_heads, head_dim) at each row's position; attend q (B, heads, head_dim) over the row."""
-        if span > layer.keys.shape[2]:
-            layer._grow(span)
         layer.keys[rows, :, pos] = k.to(layer.keys.dtype)
         layer.values[rows, :, pos] = v.to(layer.values.dtype)
         keys = layer.keys[run, :, :span] if run is not None else layer.keys[rows, :, :span]
@@ -125,17 +123,11 @@ class _Decoder:
                 layer.lazy_initialization(like, like)
         return all(layer.keys.dtype in NATIVE_CACHE_DTYPES for layer in cache.layers)
 
-    def _native(self, cache: SlotCache, pos: torch.Tensor):
-        """The native kernels when they can take this step, with every layer's buffers grown to the furthest
-        position; None otherwise."""
+    def _native(self, cache: SlotCache):
+        """The native kernels when they can take this step; None otherwise."""
         if not self.native_ready(cache):
             return None
-        native = kernels()
-        span = int(pos.max()) + 1
-        for layer in cache.layers:
-            if span > layer.keys.shape[2]:
-                layer._grow(span)
-        return native
+        return kernels()
 
 
 GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -167,7 +159,7 @@ class Gpt2Decoder(_Decoder):
              wanted: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) for ids (B,) in cache rows `rows` at positions `pos` (B,); with `wanted` (indices
         into the B tokens, ascending), those tokens' logits only."""
-        native = self._native(cache, pos)
+        native = self._native(cache)
         if native is not None:
             return native.gpt2_step(ids, pos, rows, [layer.keys for layer in cache.layers],
                                     [layer.values for layer in cache.layers], *self.native_args, self.heads,
@@ -217,7 +209,7 @@ class LlamaDecoder(_Decoder):
 
     def step(self, ids: torch.Tensor, cache: SlotCache, rows: torch.Tensor, pos: torch.Tensor,
              wanted: torch.Tensor | None = None) -> torch.Tensor:
-        native = self._native(cache, pos)
+        native = self._native(cache)
         if native is not None:
             cos, sin = self.rotary(self.embed[:1], pos[:, None])  # (B, 1, head_dim): one position per row
             hd = self.head_dim

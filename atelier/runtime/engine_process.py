@@ -42,7 +42,7 @@ from pathlib import Path
 
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.sampling import Sampled, SamplingParams
-from atelier.runtime.text_engine import OUTBOX, WAKE, Finished, Sequence, TextChunk, TextEngine, prepare
+from atelier.runtime.text_engine import OUTBOX, PREFILL_CHUNK, WAKE, Finished, Sequence, TextChunk, TextEngine, prepare
 
 log = logging.getLogger("atelier.runtime")
 
@@ -169,9 +169,11 @@ class ProcessTextEngine:
     runtime = "process"  # GET /api/ps says where a loaded model runs
 
     def __init__(self, family: str, folder: Path, *, max_batch: int, threads: int, step_threads: int,
-                 native: bool, context: int, kv_dtype: str = "float32", prefix_cache: bool = True):
+                 native: bool, context: int, kv_dtype: str = "float32", prefix_cache: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.args = [sys.executable, "-m", "atelier.runtime.engine_process", family, str(folder), str(max_batch),
-                     str(threads), str(step_threads), "1" if native else "0", kv_dtype, "1" if prefix_cache else "0"]
+                     str(threads), str(step_threads), "1" if native else "0", kv_dtype, "1" if prefix_cache else "0",
+                     str(prefill_chunk)]
         self.context = context
         self.cancelled = 0  # sequences dropped because their client left
         self._lock = threading.Lock()  # the live table, the channel, the reading loop, closing
@@ -219,6 +221,7 @@ class ProcessTextEngine:
             why = hello.get("error") if hello else f"it exited with status {proc.returncode}"
             raise OSError(f"the engine process could not load the model: {why}")
         self.kv_dtype = hello["kv_cache"]  # what the child's cache holds, as it says
+        self.prefill_chunk = hello["prefill_chunk"]  # and the most prompt tokens it computes an iteration
         return channel, proc
 
     def submit(self, seq: Sequence) -> Sequence:
@@ -412,12 +415,13 @@ class ProcessRuntime:
 
         self.max_batch, self.threads, self.native = settings.max_batch, inference_threads(settings), settings.native
         self.step_threads, self.kv_dtype = step_threads(settings), settings.kv_cache_dtype
-        self.prefix_cache = settings.prefix_cache
+        self.prefix_cache, self.prefill_chunk = settings.prefix_cache, settings.prefill_chunk
 
     def engine(self, kind: str, family: str, folder: Path, servable) -> ProcessTextEngine:
         return ProcessTextEngine(family, folder, max_batch=self.max_batch, threads=self.threads,
                                  step_threads=self.step_threads, native=self.native, context=servable.context,
-                                 kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache)
+                                 kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache,
+                                 prefill_chunk=self.prefill_chunk)
 
     def close(self) -> None:
         pass  # each engine stops its own child when its model is unloaded
@@ -440,7 +444,8 @@ def serve(channel: Channel, engine_for) -> None:
             pass  # the server has gone: the read below ends
 
     engine: TextEngine = engine_for(deliver)
-    channel.send({"ready": True, "kv_cache": engine.kv_dtype})  # what the server's GET /api/ps says
+    channel.send({"ready": True, "kv_cache": engine.kv_dtype,  # what the server's GET /api/ps says
+                  "prefill_chunk": engine.prefill_chunk})
     try:
         while (message := channel.receive()) is not None and message["op"] != "close":
             if message["op"] == "cancel":
@@ -463,7 +468,8 @@ def serve(channel: Channel, engine_for) -> None:
 
 
 def main(argv: list[str]) -> int:
-    family, folder, max_batch, threads, step_threads, native_on, kv_dtype, prefix_cache, fd, counter = argv
+    (family, folder, max_batch, threads, step_threads, native_on, kv_dtype, prefix_cache, prefill_chunk, fd,
+     counter) = argv
     channel = Channel(socket.socket(fileno=int(fd)), signal=None if counter == "-1" else int(counter))
     try:
         import torch
@@ -482,7 +488,7 @@ def main(argv: list[str]) -> int:
         channel.send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
     serve(channel, lambda deliver: TextEngine(lm, int(max_batch), deliver=deliver, kv_dtype=kv_dtype,
-                                              prefix_cache=prefix_cache == "1"))
+                                              prefix_cache=prefix_cache == "1", prefill_chunk=int(prefill_chunk)))
     channel.close()
     return 0
 

@@ -34,7 +34,7 @@ from atelier.common.durations import parse_keep_alive
 from atelier.families import FAMILIES, Family
 from atelier.runtime.errors import ModelTooLarge, WrongTask
 from atelier.runtime.image_engine import ImageEngine
-from atelier.runtime.text_engine import TextEngine
+from atelier.runtime.text_engine import PREFILL_CHUNK, TextEngine
 from atelier.storage.blobs import BlobStore
 from atelier.storage.db import Version
 from atelier.storage.registry import version_folder
@@ -94,13 +94,15 @@ class Loaded:
                 "loaded_at": int(self.loaded_at), "last_used": int(self.last_used), "in_use": self.in_use,
                 "expires_at": None if self.expires_at is None else int(self.expires_at)} \
             | ({"decoding": self.servable.decoding} if hasattr(self.servable, "decoding") else {}) \
-            | ({"kv_cache": self.engine.kv_dtype} if hasattr(self.engine, "kv_dtype") else {})
+            | ({"kv_cache": self.engine.kv_dtype} if hasattr(self.engine, "kv_dtype") else {}) \
+            | ({"prefill_chunk": self.engine.prefill_chunk} if hasattr(self.engine, "prefill_chunk") else {})
 
 
 class ModelManager:
     def __init__(self, blobs: BlobStore, cache_root: Path, *, max_loaded: int = 3, max_memory: int | None = None,
                  keep_alive: str | float = "5m", max_batch: int = 16, kv_cache_dtype: str = "float32",
-                 prefix_cache: bool = True, image_max_batch: int = 16, image_wait_ms: float = 10.0,
+                 prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK, image_max_batch: int = 16,
+                 image_wait_ms: float = 10.0,
                  image_threads: int = 1, remote=None):
         self.blobs, self.cache_root = blobs, Path(cache_root)
         # a RayRuntime (runtime/ray_serve.py: text and image engines on Ray Serve) or a ProcessRuntime
@@ -109,7 +111,7 @@ class ModelManager:
         self.max_loaded, self.max_memory = max_loaded, max_memory
         self.default_keep_alive = parse_keep_alive(keep_alive)
         self.max_batch, self.image_max_batch, self.image_wait_ms = max_batch, image_max_batch, image_wait_ms
-        self.kv_cache_dtype, self.prefix_cache = kv_cache_dtype, prefix_cache
+        self.kv_cache_dtype, self.prefix_cache, self.prefill_chunk = kv_cache_dtype, prefix_cache, prefill_chunk
         self.image_threads = image_threads
         self._loaded: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
         self._loading: dict[tuple[str, int], threading.Event] = {}  # versions being loaded, by one request each
@@ -245,7 +247,8 @@ class ModelManager:
         if self.remote is not None and family.engine in self.remote.kinds:
             engine = self.remote.engine(family.engine, family.name, folder, servable)
         elif family.engine == "text":
-            engine = TextEngine(servable, self.max_batch, kv_dtype=self.kv_cache_dtype, prefix_cache=self.prefix_cache)
+            engine = TextEngine(servable, self.max_batch, kv_dtype=self.kv_cache_dtype, prefix_cache=self.prefix_cache,
+                                prefill_chunk=self.prefill_chunk)
         elif family.engine == "image":
             engine = ImageEngine(servable, max_batch=self.image_max_batch, max_wait_ms=self.image_wait_ms,
                                  threads=self.image_threads)

@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from atelier.runtime.errors import EngineClosed
 from atelier.runtime.image_engine import ImageDone, ImageEngine, ImageJob
-from atelier.runtime.text_engine import Finished, Sequence, TextEngine
+from atelier.runtime.text_engine import PREFILL_CHUNK, Finished, Sequence, TextEngine
 
 log = logging.getLogger("atelier.runtime")
 
@@ -91,14 +91,16 @@ class _Replica:
 @serve.deployment(name="TextModels")
 class TextModels(_Replica):
     def __init__(self, threads: int | None, max_batch: int, models_per_replica: int, kv_dtype: str = "float32",
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         super().__init__(threads)
         self.max_batch, self.kv_dtype, self.prefix_cache = max_batch, kv_dtype, prefix_cache
+        self.prefill_chunk = prefill_chunk
         self.get_model = multiplexed(self._get_model, models_per_replica)
 
     async def _get_model(self, model: str) -> _Held:
         lm = await asyncio.to_thread(_load, model)
-        return _Held(TextEngine(lm, self.max_batch, kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache))
+        return _Held(TextEngine(lm, self.max_batch, kv_dtype=self.kv_dtype, prefix_cache=self.prefix_cache,
+                                prefill_chunk=self.prefill_chunk))
 
     async def generate(self, request: dict):
         """One choice: TextChunk events, then Finished (or the engine's exception)."""
@@ -242,7 +244,8 @@ class RayRuntime:
                    "max_ongoing_requests": 64}
         self.text = serve.run(TextModels.options(**options).bind(settings.threads, settings.max_batch,
                                                                  settings.ray_models_per_replica,
-                                                                 settings.kv_cache_dtype, settings.prefix_cache),
+                                                                 settings.kv_cache_dtype, settings.prefix_cache,
+                                                                 settings.prefill_chunk),
                               name=TEXT_APP, route_prefix=None)
         self.image = serve.run(ImageModels.options(**options).bind(settings.threads, settings.image_max_batch,
                                                                    settings.image_batch_wait_ms,

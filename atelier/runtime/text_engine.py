@@ -3,18 +3,23 @@
 One engine per loaded text model, with one worker thread. Requests become *sequences*
 (one per choice of `n`); each active sequence owns a row ("slot") of a shared KV cache.
 Every iteration of the worker:
-  1. admits waiting sequences into free slots, prefilling their prompts into their slots
-     together (right-padded to the longest, in chunks of PREFILL_TOKENS)
+  1. admits waiting sequences into free slots, and computes up to `prefill_chunk` tokens of the
+     prompts not yet in their slots (ATELIER_PREFILL_CHUNK, first come first served), together
+     (right-padded to the longest on the Python paths, in forwards of up to PREFILL_TOKENS)
   2. decodes one token for every active sequence in a single batched forward, rows of
      different lengths together (the cache masks keys by position); with the native kernels the
-     last chunk of prompts joins this forward (a step's rows may hold a token or a prompt), so
+     prompts' tokens join this forward (a step's rows may hold a token or part of a prompt), so
      admitting a request costs its prompt's tokens, not another pass over the weights
   3. samples each row with its own parameters and seeded generator, turns tokens into
      text (whole characters only: a byte-level token may end inside a UTF-8 character,
      which waits for the token that completes it), applies stop sequences, and hands text
      to the waiting request
 A sequence leaves its slot when it finishes or is cancelled (client gone), and a waiting
-one takes a slot at the next iteration, so short and long requests share the batch. A step's text
+one takes a slot at the next iteration, so short and long requests share the batch. A prompt longer
+than what an iteration computes is prefilled over several (chunked prefill, as vLLM's scheduler and
+llama.cpp's server do it): its first token comes from its last part, and meanwhile the active
+sequences go on decoding a token an iteration instead of waiting for the whole prompt (a 1,900-token
+prompt of a 24 M-parameter model took 0.6 s in one forward, every stream's next token with it). A step's text
 goes out just before the next forward starts (or before the worker waits for work), and a native
 forward wakes the event loops itself once it has let go of the GIL, so they turn tokens into SSE
 chunks while it runs instead of taking the GIL from the worker in the middle of its Python. On the
@@ -57,6 +62,9 @@ from atelier.runtime.sampling import Sampled, SamplingParams, sample_rows
 log = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 4096  # prompt tokens (padding included) prefilled in one forward
+# Prompt tokens an iteration computes, by default: 256 of a 24 M-parameter model took 70 ms here, as long as
+# streams beside a long prompt waited at most (benchmarks/chunked_prefill.py), for 6 % more time to its first token
+PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -211,6 +219,8 @@ class Sequence:
     owner: str | None = None  # who may reuse the cache this sequence leaves, and whose it may reuse (the key)
     # worker-side state
     cached: int = 0  # leading prompt tokens found in its slot's cache, not computed again
+    prefilled: int = 0  # leading prompt tokens whose keys and values its slot holds (found there or computed)
+    upto: int = 0  # the prompt's tokens before this are what the step it joins computes (from `prefilled`)
     generated: list[int] = field(default_factory=list)
     sampled: list[Sampled] = field(default_factory=list)
     text: str = ""
@@ -237,6 +247,8 @@ def prepare(seq: Sequence, context: int) -> None:
         pass
     if len(seq.prompt_ids) >= context:
         raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {context}")
+    if not seq.prompt_ids:
+        raise ValueError("a prompt of no tokens: its logits would have nothing to follow")
 
 
 # ATELIER_KV_CACHE_DTYPE: float32 is a float32 model's own (None: the family's default, the dtype it computes in)
@@ -245,12 +257,16 @@ KV_DTYPES = {"float32": None, "float16": torch.float16}
 
 class TextEngine:
     def __init__(self, lm, max_batch: int = 16, deliver: Callable[[list], None] | None = None,
-                 kv_dtype: str = "float32", prefix_cache: bool = True):
+                 kv_dtype: str = "float32", prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         """`deliver`: where each step's events go, as [(sequence, event), …], instead of the sequences'
         event loops (an engine process sends them to the server: runtime/engine_process.py). `kv_dtype`
         (ATELIER_KV_CACHE_DTYPE): what the KV cache holds, "float16" or "float32"; every path writes keys and
         values rounded to it and attends over them as floats, so they agree on either. `prefix_cache`
-        (ATELIER_PREFIX_CACHE): reuse what freed slots hold (the module's docstring)."""
+        (ATELIER_PREFIX_CACHE): reuse what freed slots hold (the module's docstring). `prefill_chunk`
+        (ATELIER_PREFILL_CHUNK): the most prompt tokens an iteration computes (1 to PREFILL_TOKENS)."""
+        if not 1 <= prefill_chunk <= PREFILL_TOKENS:
+            raise ValueError(f"prefill_chunk must be between 1 and {PREFILL_TOKENS}, not {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.lm = lm
         self._deliver = deliver
         self._pieces = getattr(lm, "token_pieces", None)  # each token's own text, when it never joins others
@@ -266,6 +282,7 @@ class TextEngine:
         self._freed_at = [0] * max_batch
         self._frees = itertools.count(1)
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []  # admitted, in slots, their prompts not all computed: first come first
         self._wake = threading.Condition()
         self._closed = False
         self.cancelled = 0  # sequences dropped because their client left
@@ -297,6 +314,7 @@ class TextEngine:
                 self._post(seq, EngineClosed("the model was unloaded while this request was generating; retry it"))
             self._send()  # the worker has stopped: its outgoing list is this thread's now
             self.waiting.clear()
+            self.prefilling.clear()
             self.slots = [None] * self.max_batch
             self._held = [None] * self.max_batch
 
@@ -320,6 +338,7 @@ class TextEngine:
                     if s is not None:
                         self._post(s, RuntimeError("generation failed"))
                         self.slots[i] = None
+                self.prefilling.clear()
                 self._held = [None] * self.max_batch  # a step that failed may have written anywhere
 
     def _post(self, seq: Sequence, event) -> None:
@@ -342,11 +361,12 @@ class TextEngine:
                 wake(fds)
 
     def _admit(self, fuse: bool) -> list[Sequence]:
-        """1. Waiting sequences take the free slots, and their prompts are prefilled together: one
-        forward for up to PREFILL_TOKENS prompt tokens (prompts right-padded to the longest), so a
-        burst of requests waits one prefill, not one per request ahead of it. With `fuse`, the last
-        chunk is returned unprefilled for the decoding step to take; otherwise nothing is."""
-        admitted = []
+        """1. Waiting sequences take the free slots, and up to `prefill_chunk` tokens of the prompts not yet
+        computed are (first come first served; the rest of a prompt waits for the next iteration), so a burst
+        of requests waits one prefill, not one per request ahead of it, and a long prompt holds the active
+        sequences up for a chunk at a time. With `fuse` (native steps, which compute no padding) they are
+        returned for the decoding step to take; otherwise they are prefilled here, right-padded to the longest
+        in forwards of up to PREFILL_TOKENS tokens, and nothing is returned."""
         with self._wake:
             free = [i for i, s in enumerate(self.slots) if s is None]
             while free and self.waiting:
@@ -354,21 +374,32 @@ class TextEngine:
                 if seq.cancelled:
                     continue
                 seq.slot = self._take_slot(seq, free)
+                seq.prefilled = seq.cached
+                seq.generator = torch.Generator().manual_seed(seq.seed)
                 self.slots[seq.slot] = seq
-                admitted.append(seq)
+                self.prefilling.append(seq)
+        budget, joining = self.prefill_chunk, []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            if seq.cancelled:
+                continue
+            seq.upto = seq.prefilled + min(len(seq.prompt_ids) - seq.prefilled, budget)
+            budget -= seq.upto - seq.prefilled
+            joining.append(seq)
+        if fuse:
+            return joining
         chunk: list[Sequence] = []
-        width = 0  # the longest prompt left to compute in the chunk: every row is padded to it
-        for seq in admitted:
-            seq.generator = torch.Generator().manual_seed(seq.seed)
-            width = max(width, len(seq.prompt_ids) - seq.cached)
+        width = 0  # the most tokens a row of the chunk computes: every row is padded to it
+        for seq in joining:
+            width = max(width, seq.upto - seq.prefilled)
             if chunk and width * (len(chunk) + 1) > PREFILL_TOKENS:
                 self._prefill(chunk)
-                chunk, width = [], len(seq.prompt_ids) - seq.cached
+                chunk, width = [], seq.upto - seq.prefilled
             chunk.append(seq)
-        if chunk and not fuse:
+        if chunk:
             self._prefill(chunk)
-            chunk = []
-        return chunk
+        return []
 
     def _take_slot(self, seq: Sequence, free: list[int]) -> int:
         """Take a free slot for seq (removed from `free`): the lowest (Python paths) or the one freed longest ago
@@ -416,45 +447,55 @@ class TextEngine:
         return self.native_decoding and kernels() is not None
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Every prompt into its slot, then the first token of each: a step of prompts only."""
+        """Each prompt's next part into its slot, then the first token of each whose last part that was: a step
+        of prompts only."""
         self._step([], seqs, None)
 
     def _decode_step(self, joining: list[Sequence], native) -> None:
         """2. One token for every active row, each at its own position, and (`joining`, native steps only)
-        the whole prompts of sequences just admitted."""
+        this iteration's part of the prompts being prefilled."""
         for s in [s for s in self.slots if s is not None and s.cancelled]:
             self.cancelled += 1
             self._release(s)
         joining = [s for s in joining if not s.cancelled]
-        new = {id(s) for s in joining}
-        active = [s for s in self.slots if s is not None and id(s) not in new]
+        active = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt_ids)]
         if active or joining:
             self._step(active, joining, native)
 
     def _step(self, active: list[Sequence], joining: list[Sequence], native) -> None:
-        """One forward: the last token of each active row at its position, and each joining prompt from the
-        first token its slot's cache lacks (position seq.cached, 0 but for a prefix found there), rows
-        right-padded to the longest; each row's logits at its last real token. The native step computes no
-        padding. The Python paths write a padded position to the cache past its row's prompt (at most at the
-        context's last), masked from every real query (keys are masked by position), and decoding overwrites
-        it before any query can see it; they take prompts or active rows, never both. `native`: the kernels,
+        """One forward: the last token of each active row at its position, and each joining prompt's tokens from
+        the first its slot's cache lacks (position seq.prefilled: 0 but for a prefix found there or a part
+        computed before) up to seq.upto, rows right-padded to the longest; each row's logits at its last real
+        token, sampled where that ends its prompt or is a decoded one. The native step computes no padding. The
+        Python paths write a padded position to the cache past its row's part (at most at the context's last),
+        masked from every real query (keys are masked by position), and the next part or decoding overwrites it
+        before any query can see it; they take prompts or active rows, never both. `native`: the kernels,
         armed to wake the event loops once they let go of the GIL."""
-        width = max([len(s.prompt_ids) - s.cached for s in joining], default=1)
+        width = max([s.upto - s.prefilled for s in joining], default=1)
+        parts = [s.prompt_ids[s.prefilled:s.upto] for s in joining]
         ids = torch.tensor([[s.generated[-1]] * width for s in active] +
-                           [s.prompt_ids[s.cached:] + [s.prompt_ids[-1]] * (width - len(s.prompt_ids) + s.cached)
-                            for s in joining])
-        start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] + [s.cached for s in joining])
-        last = torch.tensor([0] * len(active) + [len(s.prompt_ids) - s.cached - 1 for s in joining])
-        rows = torch.tensor([s.slot for s in active + joining])
+                           [part + [part[-1]] * (width - len(part)) for part in parts])
+        start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] +
+                             [s.prefilled for s in joining])
+        last = torch.tensor([0] * len(active) + [s.upto - s.prefilled - 1 for s in joining])
+        every = active + joining
+        rows = torch.tensor([s.slot for s in every])
         pos = start[:, None] + torch.arange(width)
         if width > 1:
             pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
-        seqs = active + joining
+        # The rows that give a token: all but a prompt's part that is not its last (its row's logits are dropped).
+        keep = [i for i, s in enumerate(every) if i < len(active) or s.upto == len(s.prompt_ids)]
+        seqs = [every[i] for i in keep]
+        for s in joining:
+            s.prefilled = s.upto
+        self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids) and not s.cancelled]
         never, eos = self.lm.banned_ids, list(self.lm.eos_ids)
         banned = [never + eos if s.params.ignore_eos else never for s in seqs]
         # Rows that ask for nothing but a temperature are drawn by the native step itself, in the same call
         # without the GIL (sampling.py's native draw), so the worker takes the GIL back from the loops once a step.
-        plain, tokens = native is not None and all(s.params.plain for s in seqs), None
+        # A step with a prompt's part that gives no token is drawn after it (the native draw takes every row).
+        plain = native is not None and len(seqs) == len(every) and all(s.params.plain for s in seqs)
+        tokens = None
         self._send(native)
         if plain:
             native.draw_next(banned, [s.params.temperature for s in seqs], [s.generator for s in seqs])
@@ -465,9 +506,12 @@ class TextEngine:
                 tokens = native.drawn()  # None when the step did not run natively after all
         if native is not None:
             wake(native.disarm())  # the step did not run natively after all: wake the loops now
+        sampled = []
         if tokens is not None:
             sampled = [Sampled(token=t, logprob=0.0, top=[]) for t in tokens]
-        else:
+        elif seqs:
+            if len(seqs) < len(every):
+                logits = logits[keep]
             sampled = sample_rows(logits, [s.params for s in seqs], banned=banned,
                                   prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
                                   generators=[s.generator for s in seqs], scratch=True)

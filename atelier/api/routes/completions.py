@@ -70,6 +70,9 @@ def _plan(body: SamplingFields, texts: list[str], lm, settings, *,
             raise bad_request(f"{prompt_param} has {len(text)} characters; the limit is {settings.max_prompt_chars} "
                               "(ATELIER_MAX_PROMPT_CHARS)", prompt_param, code="prompt_too_long")
         ids = lm.encode(text, chat=chat)
+        if not ids:
+            raise bad_request(f"{prompt_param} is no tokens to this model's tokenizer", prompt_param,
+                              code="empty_prompt")
         if len(ids) >= context:
             raise bad_request(f"{prompt_param} is {len(ids)} tokens; this model's context is {context} tokens",
                               prompt_param, code="context_length_exceeded")
