@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conftest import ADMIN_KEY, free_port, serve_process  # noqa: E402
 from prefix_cache import LINES, random_qwen2  # noqa: E402
-from serve import client_session, pct  # noqa: E402
+from serve import client_session, pct, sse_chunks  # noqa: E402
 
 
 async def streamed(client, url: str, model: str, prompt: str, max_tokens: int, seed: int
@@ -48,10 +47,7 @@ async def streamed(client, url: str, model: str, prompt: str, max_tokens: int, s
     arrivals, prompt_tokens = [(time.perf_counter(), 0)], 0
     async with client.post(url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 prompt_tokens = chunk["usage"]["prompt_tokens"]
             for choice in chunk["choices"]:

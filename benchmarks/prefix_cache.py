@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conftest import ADMIN_KEY, free_port, serve_process  # noqa: E402
-from serve import client_session  # noqa: E402
+from serve import client_session, sse_chunks  # noqa: E402
 
 LINES = ["床前明月光，", "疑是地上霜。", "举头望明月，", "低头思故乡。", "白日依山尽，", "黄河入海流。", "欲穷千里目，",
          "更上一层楼。"]
@@ -47,10 +46,7 @@ async def turn(client, url: str, model: str, prompt: str, max_tokens: int, seed:
         if r.status == 400:
             return None
         r.raise_for_status()
-        async for line in r.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk["choices"]:

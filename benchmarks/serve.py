@@ -56,6 +56,14 @@ def client_session(concurrency: int) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
+async def sse_chunks(response: aiohttp.ClientResponse):
+    """The JSON chunks of a streamed completion, as they arrive (`one` below looks at lines without parsing
+    them: it shares the machine with the server it measures)."""
+    async for line in response.content:
+        if line.startswith(b"data: {"):
+            yield json.loads(line[6:])
+
+
 async def one(client: aiohttp.ClientSession, url: str, model: str, max_tokens: int, seed: int) -> dict:
     """One streamed completion: when each chunk of text arrived, and how many tokens it held in all (the
     server sends what it has at once, so a chunk may carry several tokens when its client falls behind)."""
