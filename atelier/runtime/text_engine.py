@@ -478,24 +478,25 @@ class TextEngine:
         start = torch.tensor([len(s.prompt_ids) + len(s.generated) - 1 for s in active] +
                              [s.prefilled for s in joining])
         last = torch.tensor([0] * len(active) + [s.upto - s.prefilled - 1 for s in joining])
-        every = active + joining
+        seqs = every = active + joining
         rows = torch.tensor([s.slot for s in every])
         pos = start[:, None] + torch.arange(width)
         if width > 1:
             pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
-        # The rows that give a token: all but a prompt's part that is not its last (its row's logits are dropped).
-        keep = [i for i, s in enumerate(every) if i < len(active) or s.upto == len(s.prompt_ids)]
-        seqs = [every[i] for i in keep]
-        for s in joining:
-            s.prefilled = s.upto
-        self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids) and not s.cancelled]
+        partial = None  # the row of a prompt's part that is not its last (the chunk ran out): it gives no token
+        if joining:
+            partial = next((i for i, s in enumerate(joining, len(active)) if s.upto < len(s.prompt_ids)), None)
+            if partial is not None:
+                seqs = every[:partial] + every[partial + 1:]
+            for s in joining:
+                s.prefilled = s.upto
+            self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids) and not s.cancelled]
         never, eos = self.lm.banned_ids, list(self.lm.eos_ids)
         banned = [never + eos if s.params.ignore_eos else never for s in seqs]
         # Rows that ask for nothing but a temperature are drawn by the native step itself, in the same call
         # without the GIL (sampling.py's native draw), so the worker takes the GIL back from the loops once a step.
-        # A step with a prompt's part that gives no token is drawn after it (the native draw takes every row).
-        plain = native is not None and len(seqs) == len(every) and all(s.params.plain for s in seqs)
-        tokens = None
+        # A step with a row that gives no token draws after it (the native draw takes every row).
+        plain, tokens = native is not None and partial is None and all(s.params.plain for s in seqs), None
         self._send(native)
         if plain:
             native.draw_next(banned, [s.params.temperature for s in seqs], [s.generator for s in seqs])
@@ -510,8 +511,8 @@ class TextEngine:
         if tokens is not None:
             sampled = [Sampled(token=t, logprob=0.0, top=[]) for t in tokens]
         elif seqs:
-            if len(seqs) < len(every):
-                logits = logits[keep]
+            if partial is not None:
+                logits = torch.cat([logits[:partial], logits[partial + 1:]])
             sampled = sample_rows(logits, [s.params for s in seqs], banned=banned,
                                   prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
                                   generators=[s.generator for s in seqs], scratch=True)
