@@ -1,5 +1,7 @@
 """The OpenAI dialect through the real server, with the official openai SDK."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -135,6 +137,28 @@ def test_health_ready_and_metrics(http, server):
     assert httpx.get(server.url + "/metrics").status_code == 401
     text = http.get("/metrics").text
     assert "atelier_requests_total" in text and "atelier_generated_tokens_total" in text
+
+
+def test_metrics_time_each_choice_to_its_first_token_and_between_its_tokens(http, client):
+    """/metrics, per text model: each choice's time to its first token from the request's arrival, and a chunk of
+    k tokens after a gap as k gaps of gap / k (vLLM's time_to_first_token and inter_token_latency), streamed or not."""
+    def counts() -> dict[str, float]:
+        lines = [line for line in http.get("/metrics").text.splitlines() if 'model="tang-poet@1"' in line]
+        return {f"{name}_{part}": sum(float(line.split()[-1]) for line in lines
+                                      if line.startswith(f"atelier_{name}_seconds_{part}{{"))
+                for name in ("time_to_first_token", "inter_token_latency") for part in ("count", "sum")}
+
+    before = counts()
+    start = time.perf_counter()
+    chunks = list(client.completions.create(model="tang-poet", prompt="春眠", max_tokens=10, n=2, seed=3, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    client.completions.create(model="tang-poet", prompt="春眠", max_tokens=5, seed=4, extra_body={"ignore_eos": True})
+    wall = time.perf_counter() - start
+    after = counts()
+    grew = {name: after[name] - before[name] for name in after}
+    assert len(chunks) > 2
+    assert grew["time_to_first_token_count"] == 3 and 0 < grew["time_to_first_token_sum"] < 3 * wall
+    assert grew["inter_token_latency_count"] == 2 * 9 + 4 and 0 < grew["inter_token_latency_sum"] < 3 * wall
 
 
 def test_keys_scopes_and_audit(http, server):

@@ -115,8 +115,11 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue,
     the client leaves. Text that arrived together for one choice comes as one chunk (one SSE event, one
     moderation check), and a stream writes each list at once (one write, one wake-up of its client). Tokens are
     counted here as they come, for /metrics and for the request's meter (api/metering.py), and each choice's
-    prompt tokens, cached or not, as it finishes."""
+    prompt tokens, cached or not, as it finishes; /metrics also has the time from the request's arrival to each
+    choice's first token, and between its tokens, as they reach the server."""
     meter = request.state.meter
+    arrived = getattr(request.state, "arrived", None) or time.perf_counter()
+    last: dict[int, float] = {}  # choice -> when its latest text arrived
     try:
         async for batch in sse.batches(request, events, len(seqs), lambda item: isinstance(item[1], Finished)):
             merged: list[tuple[int, object]] = []
@@ -138,6 +141,16 @@ async def _events(request: Request, seqs: list[Sequence], events: asyncio.Queue,
                         continue
                     text_at[index] = len(merged)
                 merged.append((index, event))
+            now, firsts, gaps, together = time.perf_counter(), [], [], 0
+            for index, event in merged:
+                if isinstance(event, TextChunk) and event.tokens:
+                    if index in last:
+                        gaps.append(now - last[index])
+                    else:
+                        firsts.append(now - arrived)
+                    together += len(event.tokens) - 1
+                    last[index] = now
+            metrics.token_times(meter.model, firsts, gaps, together)
             yield merged
     finally:
         for s in seqs:
