@@ -87,14 +87,36 @@ thread_local std::optional<std::vector<int64_t>> last_drawn;
 
 int64_t draw_row(float* row, int64_t vocab, const Draws& d, int64_t i, std::vector<float>& blocks);
 
-// The draws left for this step (checked against its logits while the GIL is held), or none.
-std::optional<Draws> take_draws(const Tensor& logits) {
-  std::optional<Draws> d;
-  d.swap(next_draws);
-  last_drawn.reset();
-  if (d.has_value()) d->check(logits, "draw_next");
-  return d;
-}
+// A step's draws: those draw_next left for it (taken, and checked against its logits, while the GIL is held),
+// each part of the step drawing its own rows' tokens once it has their logits, kept for drawn() at the end.
+class StepDraws {
+ public:
+  explicit StepDraws(const Tensor& logits) : data_(logits.data_ptr<float>()), vocab_(logits.size(1)) {
+    draws_.swap(next_draws);
+    last_drawn.reset();
+    if (draws_.has_value()) {
+      draws_->check(logits, "draw_next");
+      tokens_.resize(logits.size(0));
+    }
+  }
+
+  // Rows first…end−1, from any thread (the parts' rows do not overlap).
+  void draw(int64_t first, int64_t end) {
+    if (!draws_.has_value()) return;
+    std::vector<float> blocks;
+    for (int64_t m = first; m < end; ++m) tokens_[m] = draw_row(data_ + m * vocab_, vocab_, *draws_, m, blocks);
+  }
+
+  void keep() {
+    if (draws_.has_value()) last_drawn = std::move(tokens_);
+  }
+
+ private:
+  float* data_;
+  int64_t vocab_;
+  std::optional<Draws> draws_;
+  std::vector<int64_t> tokens_;
+};
 
 void check_float(const Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
@@ -877,8 +899,7 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
   const int64_t* r = tokens.rows.data_ptr<int64_t>();
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, ln_f_weight.options());
-  const std::optional<Draws> draws = take_draws(logits);
-  std::vector<int64_t> drawn_here(draws.has_value() ? keep.M : 0);
+  StepDraws draws(logits);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -908,14 +929,10 @@ Tensor gpt2_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std::
     const int64_t M = out.second - out.first;
     layer_norm(x.data(), normed.data(), ln_f_weight.data_ptr<float>(), ln_f_bias.data_ptr<float>(), M, C, e);
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
-    if (draws.has_value()) {  // each part draws its own rows' tokens
-      std::vector<float> blocks;
-      for (int64_t m = out.first; m < out.second; ++m)
-        drawn_here[m] = draw_row(logits.data_ptr<float>() + m * lm_head.out, lm_head.out, *draws, m, blocks);
-    }
+    draws.draw(out.first, out.second);  // each part draws its own rows' tokens
   };
   in_parts(r, N, parts, caches, run);
-  if (draws.has_value()) last_drawn = std::move(drawn_here);
+  draws.keep();
   return logits;
 }
 
@@ -953,8 +970,7 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
   for (const auto& t : layers) biases.push_back(data_or_null(t));  // read at the bias entries only
   const Wanted keep(wanted, N);
   Tensor logits = at::empty({keep.M, lm_head.out}, embed.options());
-  const std::optional<Draws> draws = take_draws(logits);
-  std::vector<int64_t> drawn_here(draws.has_value() ? keep.M : 0);
+  StepDraws draws(logits);
   py::gil_scoped_release no_gil;
   wake_armed();
   auto run = [&](int64_t a, int64_t n) {  // tokens a…a+n−1
@@ -988,14 +1004,10 @@ Tensor llama_step(const Tensor& ids, const Tensor& pos, const Tensor& rows, std:
     const int64_t M = out.second - out.first;
     rms_norm(x.data(), normed.data(), norm_weight.data_ptr<float>(), M, C, static_cast<float>(eps[2 * n_layer]));
     linear(normed.data(), lm_head, lm_bias, logits.data_ptr<float>() + out.first * lm_head.out, M, false);
-    if (draws.has_value()) {  // each part draws its own rows' tokens
-      std::vector<float> blocks;
-      for (int64_t m = out.first; m < out.second; ++m)
-        drawn_here[m] = draw_row(logits.data_ptr<float>() + m * lm_head.out, lm_head.out, *draws, m, blocks);
-    }
+    draws.draw(out.first, out.second);  // each part draws its own rows' tokens
   };
   in_parts(r, N, parts, caches, run);
-  if (draws.has_value()) last_drawn = std::move(drawn_here);
+  draws.keep();
   return logits;
 }
 
