@@ -483,11 +483,11 @@ class TextEngine:
         pos = start[:, None] + torch.arange(width)
         if width > 1:
             pos.clamp_(max=self.context - 1)  # padding only: a prompt ends before the context does
-        partial = None  # the row of a prompt's part that is not its last (the chunk ran out): it gives no token
         if joining:
-            partial = next((i for i, s in enumerate(joining, len(active)) if s.upto < len(s.prompt_ids)), None)
-            if partial is not None:
-                seqs = every[:partial] + every[partial + 1:]
+            # The chunk can run out only inside the last prompt it takes (first come first served): that row's
+            # part is then not its prompt's last, and gives no token.
+            if joining[-1].upto < len(joining[-1].prompt_ids):
+                seqs = every[:-1]
             for s in joining:
                 s.prefilled = s.upto
             self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids) and not s.cancelled]
@@ -496,7 +496,8 @@ class TextEngine:
         # Rows that ask for nothing but a temperature are drawn by the native step itself, in the same call
         # without the GIL (sampling.py's native draw), so the worker takes the GIL back from the loops once a step.
         # A step with a row that gives no token draws after it (the native draw takes every row).
-        plain, tokens = native is not None and partial is None and all(s.params.plain for s in seqs), None
+        plain = native is not None and len(seqs) == len(every) and all(s.params.plain for s in seqs)
+        tokens = None
         self._send(native)
         if plain:
             native.draw_next(banned, [s.params.temperature for s in seqs], [s.generator for s in seqs])
@@ -511,8 +512,8 @@ class TextEngine:
         if tokens is not None:
             sampled = [Sampled(token=t, logprob=0.0, top=[]) for t in tokens]
         elif seqs:
-            if partial is not None:
-                logits = torch.cat([logits[:partial], logits[partial + 1:]])
+            if len(seqs) < len(every):
+                logits = logits[:-1]
             sampled = sample_rows(logits, [s.params for s in seqs], banned=banned,
                                   prompt_ids=[s.prompt_ids for s in seqs], generated=[s.generated for s in seqs],
                                   generators=[s.generator for s in seqs], scratch=True)
