@@ -140,8 +140,9 @@ def test_health_ready_and_metrics(http, server):
 
 
 def test_metrics_time_each_choice_to_its_first_token_and_between_its_tokens(http, client):
-    """/metrics, per text model: each choice's time to its first token from the request's arrival, and a chunk of
-    k tokens after a gap as k gaps of gap / k (vLLM's time_to_first_token and inter_token_latency), streamed or not."""
+    """/metrics, per text model: each choice's time to its first token from the request's arrival, and the wait
+    before each later token (tokens that arrive together: the first's wait, then 0), so every token but a choice's
+    first is counted once (vLLM's time_to_first_token and inter_token_latency), streamed or not."""
     def counts() -> dict[str, float]:
         lines = [line for line in http.get("/metrics").text.splitlines() if 'model="tang-poet@1"' in line]
         return {f"{name}_{part}": sum(float(line.split()[-1]) for line in lines
